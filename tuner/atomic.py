@@ -1,0 +1,62 @@
+"""Atomic file replacement that keeps the previous version.
+
+Every file llamahost writes for a user (results, host_vars, reports) goes through :func:`write_atomic`:
+the new content is written to a temporary file in the same directory, fsynced, and renamed over the
+target, so a reader sees either the old or the new file, never half of one. The old file survives as
+``<name>.prev`` so a bad write-back can be undone by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+PREVIOUS_SUFFIX = ".prev"
+
+
+def previous_path(path: Path) -> Path:
+    """Where the version replaced by the last :func:`write_atomic` is kept."""
+    return path.with_name(path.name + PREVIOUS_SUFFIX)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, content: str | bytes, *, keep_previous: bool = True, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``content`` atomically; keep the old file as ``<name>.prev``.
+
+    The previous version is preserved with a hard link taken before the rename, so at every instant
+    either ``path`` holds the old or the new content in full.
+    """
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    data = content.encode() if isinstance(content, str) else content
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if path.exists():
+            with contextlib.suppress(FileNotFoundError):
+                mode = path.stat().st_mode & 0o7777
+            if keep_previous:
+                link_tmp = directory / f".{path.name}.prev.tmp"
+                link_tmp.unlink(missing_ok=True)
+                os.link(path, link_tmp)
+                os.replace(link_tmp, previous_path(path))
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        _fsync_directory(directory)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,53 @@
+"""The ``llamahost`` command line.
+
+Each subcommand lives in its own module under :mod:`tuner.commands` and registers itself through a
+``register(subparsers)`` function; this module only dispatches and turns a :class:`UserError` into a
+one-paragraph message and exit code 2 (the same code argparse uses for bad arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from tuner import __version__
+from tuner.errors import EXIT_USAGE, UserError
+
+EXIT_INTERRUPTED = 130
+
+# Order is the order of `llamahost --help`.
+COMMAND_MODULES = (
+    "tuner.commands.model",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamahost",
+        description="Provision, prepare and tune CPU hosts for llama.cpp.",
+    )
+    parser.add_argument("--version", action="version", version=f"llamahost {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except UserError as exc:
+        print(f"llamahost: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("llamahost: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

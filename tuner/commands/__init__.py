@@ -1,0 +1,1 @@
+"""Subcommands of ``llamahost``; each module exposes ``register(subparsers)``."""

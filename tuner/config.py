@@ -1,0 +1,240 @@
+"""One llama.cpp CPU run configuration, and its three renderings.
+
+A :class:`RunConfig` is what a trial measures, what the result file records, and what the playbook
+applies. It is rendered in exactly one place for each consumer so the three can never drift apart:
+
+* :meth:`RunConfig.server_args`: ``llama-server`` command-line flags;
+* :meth:`RunConfig.role_vars`: the ``llama_server_*`` variables of the Ansible role (host_vars);
+* the trial worker reads the fields directly into llama.cpp's context and model parameters.
+
+Values use llama.cpp's own vocabulary (``--numa distribute``, ``--load-mode mmap``, ``-fa on``) so a user
+can read a result and type it into llama-server by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal, get_args
+
+from tuner.errors import UserError
+
+NumaMode = Literal["none", "distribute", "isolate", "numactl"]
+MemoryPolicy = Literal["default", "interleave", "bind"]
+LoadMode = Literal["auto", "none", "mmap", "mlock", "mmap+mlock"]
+FlashAttn = Literal["auto", "on", "off"]
+Placement = Literal["os", "compact", "scatter"]
+
+NUMA_MODES: tuple[str, ...] = get_args(NumaMode)
+MEMORY_POLICIES: tuple[str, ...] = get_args(MemoryPolicy)
+LOAD_MODES: tuple[str, ...] = get_args(LoadMode)
+FLASH_ATTN: tuple[str, ...] = get_args(FlashAttn)
+PLACEMENTS: tuple[str, ...] = get_args(Placement)
+# KV cache element types llama.cpp accepts for -ctk/-ctv on CPU.
+CACHE_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f32")
+QUANTIZED_CACHE_TYPES = frozenset({"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"})
+
+ROLE_PREFIX = "llama_server_"
+
+
+def format_cpu_list(cpus: Iterable[int]) -> str:
+    """``[0, 1, 2, 3, 8, 10]`` -> ``"0-3,8,10"``, the kernel's and systemd's CPU list syntax."""
+    ordered = sorted(set(cpus))
+    parts: list[str] = []
+    start = prev = None
+    for cpu in ordered:
+        if start is None:
+            start = prev = cpu
+        elif prev is not None and cpu == prev + 1:
+            prev = cpu
+        else:
+            parts.append(f"{start}-{prev}" if start != prev else f"{start}")
+            start = prev = cpu
+    if start is not None:
+        parts.append(f"{start}-{prev}" if start != prev else f"{start}")
+    return ",".join(parts)
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """Parse ``"0-3,8,10"`` (the format of /sys/.../cpulist). Empty text is the empty set."""
+    cpus: set[int] = set()
+    text = text.strip()
+    if not text:
+        return ()
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo_s, hi_s = part.split("-", 1)
+                lo, hi = int(lo_s), int(hi_s)
+                if lo > hi or lo < 0:
+                    raise ValueError(part)
+                cpus.update(range(lo, hi + 1))
+            else:
+                value = int(part)
+                if value < 0:
+                    raise ValueError(part)
+                cpus.add(value)
+        except ValueError:
+            raise UserError(f"malformed CPU list {text!r} (bad part {part!r})",
+                            "write CPU lists like '0-7,16-23'") from None
+    return tuple(sorted(cpus))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides how fast llama.cpp runs on a CPU host, for one model."""
+
+    threads: int
+    threads_batch: int
+    batch_size: int = 2048
+    ubatch_size: int = 512
+    smt: bool = True  # whether SMT siblings may be used (descriptive; ``cpus`` is what is applied)
+    placement: Placement = "os"
+    cpus: tuple[int, ...] = ()  # affinity mask; empty = not pinned, the OS decides
+    numa: NumaMode = "none"
+    memory_policy: MemoryPolicy = "default"
+    memory_nodes: tuple[int, ...] = ()  # nodes for interleave/bind; empty = nodes of ``cpus``
+    load_mode: LoadMode = "auto"
+    flash_attn: FlashAttn = "auto"
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    # Only a live server has these (overnight tuning of a deployment).
+    parallel: int = 1
+    cont_batching: bool = True
+
+    def problems(self) -> list[str]:
+        """Why this configuration is invalid, one sentence each; empty when it is valid."""
+        out: list[str] = []
+        if self.threads < 1 or self.threads_batch < 1:
+            out.append("threads and threads_batch must be at least 1")
+        if self.ubatch_size < 1 or self.batch_size < 1:
+            out.append("batch_size and ubatch_size must be at least 1")
+        if self.ubatch_size > self.batch_size:
+            out.append(f"ubatch_size {self.ubatch_size} is larger than batch_size {self.batch_size}")
+        if self.cpus and max(self.threads, self.threads_batch) > len(self.cpus):
+            out.append(f"{max(self.threads, self.threads_batch)} threads on {len(self.cpus)} pinned CPUs "
+                       "would oversubscribe them")
+        if self.placement != "os" and not self.cpus:
+            out.append(f"placement {self.placement!r} needs a CPU list")
+        for name, allowed in (("numa", NUMA_MODES), ("memory_policy", MEMORY_POLICIES),
+                              ("load_mode", LOAD_MODES), ("flash_attn", FLASH_ATTN), ("placement", PLACEMENTS)):
+            if getattr(self, name) not in allowed:
+                out.append(f"{name} must be one of {', '.join(allowed)}")
+        for name in ("cache_type_k", "cache_type_v"):
+            if getattr(self, name) not in CACHE_TYPES:
+                out.append(f"{name} must be one of {', '.join(CACHE_TYPES)}")
+        if self.cache_type_v in QUANTIZED_CACHE_TYPES and self.flash_attn == "off":
+            out.append("a quantized V cache needs flash attention (llama.cpp refuses it otherwise)")
+        if self.numa in ("distribute", "isolate") and self.cpus:
+            out.append(f"--numa {self.numa} places threads itself; it cannot be combined with a CPU list")
+        if self.memory_policy != "default" and self.numa not in ("none", "numactl"):
+            out.append("a memory policy is applied like numactl does and pairs with numa none or numactl")
+        if self.parallel < 1:
+            out.append("parallel must be at least 1")
+        return out
+
+    def validate(self) -> RunConfig:
+        problems = self.problems()
+        if problems:
+            raise UserError("invalid llama.cpp configuration: " + "; ".join(problems),
+                            "fix the settings named above")
+        return self
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.cpus)
+
+    def effective_memory_nodes(self, cpu_nodes: tuple[int, ...]) -> tuple[int, ...]:
+        return self.memory_nodes or cpu_nodes
+
+    def key(self) -> str:
+        """A stable identity, so the same configuration is recognised across trials and hosts."""
+        return ";".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["cpus"] = format_cpu_list(self.cpus)
+        data["memory_nodes"] = format_cpu_list(self.memory_nodes)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown configuration keys: {', '.join(unknown)}",
+                            f"use only: {', '.join(sorted(known))}")
+        values = dict(data)
+        for name in ("cpus", "memory_nodes"):
+            raw = values.get(name, "")
+            values[name] = parse_cpu_list(raw) if isinstance(raw, str) else tuple(int(x) for x in raw)
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> RunConfig:
+        return replace(self, **changes)
+
+    # ---- renderings -------------------------------------------------------------------------------
+
+    def server_args(self) -> list[str]:
+        """``llama-server`` flags for this configuration (llama.cpp as vendored by the pinned build).
+
+        CPU affinity and memory policy are not llama-server flags: they are applied to the process by
+        whoever starts it (systemd ``CPUAffinity=``/``NUMAPolicy=``, or ``numactl``), see
+        :meth:`role_vars` and :mod:`tuner.trial.placement`.
+        """
+        args = [
+            "--threads", str(self.threads),
+            "--threads-batch", str(self.threads_batch),
+            "--batch-size", str(self.batch_size),
+            "--ubatch-size", str(self.ubatch_size),
+            "--flash-attn", self.flash_attn,
+            "--cache-type-k", self.cache_type_k,
+            "--cache-type-v", self.cache_type_v,
+            "--parallel", str(self.parallel),
+            "--cont-batching" if self.cont_batching else "--no-cont-batching",
+        ]
+        if self.numa != "none":
+            args += ["--numa", self.numa]
+        if self.load_mode != "auto":
+            args += ["--load-mode", self.load_mode]
+        return args
+
+    def role_vars(self) -> dict[str, Any]:
+        """The ``llama_server_*`` variables that make the Ansible role run this configuration."""
+        return {
+            f"{ROLE_PREFIX}threads": self.threads,
+            f"{ROLE_PREFIX}threads_batch": self.threads_batch,
+            f"{ROLE_PREFIX}batch_size": self.batch_size,
+            f"{ROLE_PREFIX}ubatch_size": self.ubatch_size,
+            f"{ROLE_PREFIX}cpus": format_cpu_list(self.cpus),
+            f"{ROLE_PREFIX}numa": self.numa,
+            f"{ROLE_PREFIX}numa_policy": self.memory_policy,
+            f"{ROLE_PREFIX}numa_nodes": format_cpu_list(self.memory_nodes),
+            f"{ROLE_PREFIX}load_mode": self.load_mode,
+            f"{ROLE_PREFIX}flash_attn": self.flash_attn,
+            f"{ROLE_PREFIX}cache_type_k": self.cache_type_k,
+            f"{ROLE_PREFIX}cache_type_v": self.cache_type_v,
+            f"{ROLE_PREFIX}parallel": self.parallel,
+            f"{ROLE_PREFIX}cont_batching": self.cont_batching,
+        }
+
+    @classmethod
+    def from_role_vars(cls, variables: Mapping[str, Any], *, smt: bool = True) -> RunConfig:
+        """Read the configuration a host runs today back from its role variables (the baseline)."""
+        data: dict[str, Any] = {}
+        for name in ("threads", "threads_batch", "batch_size", "ubatch_size", "numa", "load_mode",
+                     "flash_attn", "cache_type_k", "cache_type_v", "parallel", "cont_batching"):
+            key = f"{ROLE_PREFIX}{name}"
+            if key in variables:
+                data[name] = variables[key]
+        cpus = str(variables.get(f"{ROLE_PREFIX}cpus", "") or "")
+        data["cpus"] = parse_cpu_list(cpus)
+        data["placement"] = "compact" if data["cpus"] else "os"
+        data["memory_policy"] = variables.get(f"{ROLE_PREFIX}numa_policy", "default")
+        data["memory_nodes"] = parse_cpu_list(str(variables.get(f"{ROLE_PREFIX}numa_nodes", "") or ""))
+        data["smt"] = smt
+        if "threads" not in data:
+            raise UserError(f"{ROLE_PREFIX}threads is not set", "set it in host_vars or group_vars")
+        data.setdefault("threads_batch", data["threads"])
+        return cls(**data).validate()
