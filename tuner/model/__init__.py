@@ -1,0 +1,1 @@
+"""Model intake: GGUF validation and metadata, checksums, and the embedded default model."""

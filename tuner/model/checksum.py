@@ -1,0 +1,59 @@
+"""SHA-256 of model files, remembered across runs.
+
+Result files and fleet study names carry the model's sha256 so results from different files are never
+compared. Hashing a 200 GB model takes minutes, so the digest is cached per (path, size, mtime) in the
+cache directory; a changed file gets a new digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tuner.atomic import write_atomic
+from tuner.paths import cache_dir
+
+CHUNK = 8 * 1024 * 1024
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cache_file() -> Path:
+    return cache_dir() / "sha256.json"
+
+
+def cached_sha256(path: Path) -> str:
+    """sha256 of ``path`` (all shards joined by '+' for a split model is the caller's business)."""
+    path = path.resolve()
+    stat = path.stat()
+    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    cache = _cache_file()
+    known: dict[str, str] = {}
+    if cache.exists():
+        try:
+            loaded = json.loads(cache.read_text())
+            if isinstance(loaded, dict):
+                known = {str(k): str(v) for k, v in loaded.items()}
+        except (OSError, ValueError):
+            known = {}  # a damaged cache only costs a re-hash
+    if key in known:
+        return known[key]
+    value = sha256_of(path)
+    known[key] = value
+    write_atomic(cache, json.dumps(known, indent=1, sort_keys=True), keep_previous=False)
+    return value
+
+
+def model_sha256(files: tuple[Path, ...]) -> str:
+    """One digest for a model: the file's own, or for a split model the digest of its shards' digests."""
+    if len(files) == 1:
+        return cached_sha256(files[0])
+    joined = "\n".join(cached_sha256(p) for p in files)
+    return hashlib.sha256(joined.encode()).hexdigest()
