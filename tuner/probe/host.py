@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,6 +43,8 @@ class Topology:
 
     cpus: tuple[Cpu, ...]
     nodes: tuple[NumaNode, ...]
+    # last-level-cache domain (Cpu.llc) -> its size in bytes, where sysfs tells it
+    llc_size_bytes: dict[int, int] = field(default_factory=dict)
 
     @property
     def logical_cpus(self) -> tuple[int, ...]:
@@ -89,6 +91,34 @@ class Topology:
         by_id = {c.id: c for c in self.cpus}
         return tuple(sorted({by_id[i].node for i in cpu_ids}))
 
+    @property
+    def nodes_with_cpus(self) -> tuple[int, ...]:
+        """Nodes that can run threads (memory-only nodes, e.g. CXL or HBM, are left out)."""
+        return tuple(n.id for n in self.nodes if n.cpus)
+
+    def primary_cpus(self) -> tuple[int, ...]:
+        """The first logical CPU of every physical core: one thread per core, no SMT sibling."""
+        return tuple(ids[0] for ids in self.cores().values())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Topology:
+        return cls(
+            cpus=tuple(Cpu(**cpu) for cpu in data["cpus"]),
+            nodes=tuple(
+                NumaNode(
+                    id=node["id"],
+                    cpus=tuple(node["cpus"]),
+                    memory_total_bytes=node["memory_total_bytes"],
+                    memory_free_bytes=node["memory_free_bytes"],
+                    hugepages_total=_int_keys(node.get("hugepages_total", {})),
+                    hugepages_free=_int_keys(node.get("hugepages_free", {})),
+                    distances=tuple(node.get("distances", ())),
+                )
+                for node in data["nodes"]
+            ),
+            llc_size_bytes=_int_keys(data.get("llc_size_bytes", {})),
+        )
+
 
 @dataclass(frozen=True)
 class KernelSettings:
@@ -103,20 +133,63 @@ class KernelSettings:
     energy_performance_preference: dict[str, int] = field(default_factory=dict)
     hugepages_total: dict[int, int] = field(default_factory=dict)  # page size KiB -> pages, host-wide
     hugepages_free: dict[int, int] = field(default_factory=dict)
-    memlock_limit_bytes: int | None = None  # None = unlimited
+    memlock_limit_bytes: int | None = None  # None = unlimited (or unknown: see memlock_limit_known)
     can_lock_memory: bool = False  # unlimited RLIMIT_MEMLOCK or CAP_IPC_LOCK
+    memlock_limit_known: bool = True  # False when /proc/self/limits could not be read
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> KernelSettings:
+        values = dict(data)
+        for name in ("hugepages_total", "hugepages_free"):
+            values[name] = _int_keys(values.get(name, {}))
+        return cls(**values)
+
+
+CONTENDED_CPU_SHARE = 0.9
 
 
 @dataclass(frozen=True)
 class BandwidthResult:
-    """Measured memory read bandwidth in GB/s (10^9 bytes per second)."""
+    """Measured memory read bandwidth in GB/s (10^9 bytes per second).
+
+    ``all_nodes_gbps`` and ``per_node_gbps`` are medians of the samples; ``threads`` is the number of
+    worker processes (one per physical core) in the all-nodes measurement and ``buffer_bytes`` the
+    buffer each of them streams over. See :mod:`tuner.probe.bandwidth`.
+    """
 
     all_nodes_gbps: float
     per_node_gbps: dict[int, float]
     threads: int
     buffer_bytes: int
-    samples_gbps: tuple[float, ...] = ()
+    samples_gbps: tuple[float, ...] = ()  # the all-nodes samples
     method: str = ""
+    per_node_samples_gbps: dict[int, tuple[float, ...]] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of the whole measurement, worker start-up included
+    measured_at: str = ""  # ISO 8601 UTC
+    # median share of their sample windows the workers spent on a CPU; well below 1: other load competed
+    cpu_share: float = 1.0
+
+    @property
+    def contended(self) -> bool:
+        """Other processes took a noticeable share of the CPUs while this was measured: it is too low."""
+        return self.cpu_share < CONTENDED_CPU_SHARE
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BandwidthResult:
+        return cls(
+            all_nodes_gbps=float(data["all_nodes_gbps"]),
+            per_node_gbps={int(k): float(v) for k, v in data["per_node_gbps"].items()},
+            threads=int(data["threads"]),
+            buffer_bytes=int(data["buffer_bytes"]),
+            samples_gbps=tuple(float(x) for x in data.get("samples_gbps", ())),
+            method=str(data.get("method", "")),
+            per_node_samples_gbps={
+                int(k): tuple(float(x) for x in v) for k, v in data.get("per_node_samples_gbps", {}).items()
+            },
+            seconds=float(data.get("seconds", 0.0)),
+            measured_at=str(data.get("measured_at", "")),
+            cpu_share=float(data.get("cpu_share", 1.0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -131,6 +204,11 @@ class HostProbe:
     memory_total_bytes: int
     memory_available_bytes: int
     bandwidth: BandwidthResult | None = None
+    architecture: str = ""  # "x86_64", "aarch64" or "unknown"
+    # CPUs this process may run on (affinity within its cpuset); None when unknown
+    allowed_cpus: tuple[int, ...] | None = None
+    # what could not be read or does not add up; unsupported hardware is reported here, not raised
+    warnings: tuple[str, ...] = ()
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The hardware facts a tuned configuration depends on. Two hosts with equal fields are
@@ -156,3 +234,28 @@ class HostProbe:
         data = asdict(self)
         data["fingerprint"] = self.fingerprint()
         return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> HostProbe:
+        """Inverse of :meth:`to_dict` (also after a JSON round trip, which turns int keys into strings)."""
+        bandwidth = data.get("bandwidth")
+        allowed = data.get("allowed_cpus")
+        return cls(
+            hostname=data["hostname"],
+            kernel_release=data["kernel_release"],
+            cpu_vendor=data["cpu_vendor"],
+            cpu_model=data["cpu_model"],
+            isa=tuple(data["isa"]),
+            topology=Topology.from_dict(data["topology"]),
+            kernel=KernelSettings.from_dict(data["kernel"]),
+            memory_total_bytes=int(data["memory_total_bytes"]),
+            memory_available_bytes=int(data["memory_available_bytes"]),
+            bandwidth=BandwidthResult.from_dict(bandwidth) if bandwidth else None,
+            architecture=str(data.get("architecture", "")),
+            allowed_cpus=tuple(allowed) if allowed is not None else None,
+            warnings=tuple(data.get("warnings", ())),
+        )
+
+
+def _int_keys(mapping: Mapping[Any, int]) -> dict[int, int]:
+    return {int(k): int(v) for k, v in mapping.items()}
