@@ -19,8 +19,7 @@ from tuner.config import format_cpu_list
 from tuner.errors import UserError
 from tuner.output import console, human_bytes, print_json, table
 from tuner.probe.bandwidth import DEFAULT_SECONDS, BandwidthError
-from tuner.probe.bandwidth_cache import cached_or_measured_bandwidth
-from tuner.probe.collect import LIVE_ROOT, read_host
+from tuner.probe.collect import LIVE_ROOT, probe_host, read_host
 from tuner.probe.host import HostProbe, KernelSettings, NumaNode, Topology
 
 
@@ -56,13 +55,14 @@ def _validate(args: argparse.Namespace) -> None:
 
 def run_probe(args: argparse.Namespace) -> int:
     _validate(args)
-    live = args.root is None
-    probe = read_host(LIVE_ROOT if live else args.root)
-    if live and not args.no_bandwidth:
+    if args.root is not None:
+        probe = read_host(args.root)
+    else:
         try:
-            bandwidth = cached_or_measured_bandwidth(probe, seconds=args.seconds, remeasure=args.remeasure)
-            probe = dataclasses.replace(probe, bandwidth=bandwidth)
+            probe = probe_host(bandwidth=not args.no_bandwidth, remeasure=args.remeasure,
+                               bandwidth_seconds=args.seconds)
         except BandwidthError as exc:  # the rest of the probe is still worth showing
+            probe = read_host(LIVE_ROOT)
             probe = dataclasses.replace(probe, warnings=(*probe.warnings, f"bandwidth not measured: {exc}"))
     if args.json:
         print_json(probe.to_dict())
