@@ -36,8 +36,14 @@ def test_every_figure_group_names_a_dated_source() -> None:
 
 def test_anchor_prices_are_quoted_and_other_sizes_derived_linearly() -> None:
     catalog = default_catalog()
-    quoted = {"c8g.24xlarge": 3.83, "r8g.24xlarge": 5.66, "c7a.24xlarge": 4.93, "r7a.24xlarge": 7.30,
-              "r7i.24xlarge": 6.35, "x2idn.32xlarge": 13.34}
+    quoted = {
+        "c8g.24xlarge": 3.83,
+        "r8g.24xlarge": 5.66,
+        "c7a.24xlarge": 4.93,
+        "r7a.24xlarge": 7.30,
+        "r7i.24xlarge": 6.35,
+        "x2idn.32xlarge": 13.34,
+    }
     for name, usd in quoted.items():
         price = catalog.get(name).prices["us-east-1"]
         assert price.usd_per_hour == usd
@@ -46,7 +52,8 @@ def test_anchor_prices_are_quoted_and_other_sizes_derived_linearly() -> None:
     assert derived.derived_from == "r7a.24xlarge"
     assert derived.source.id == DERIVED_PRICE_SOURCE
     assert derived.usd_per_hour == pytest.approx(7.30 * 16 / 96, abs=1e-4)
-    assert catalog.get("x2idn.16xlarge").prices["us-east-1"].usd_per_hour == pytest.approx(13.34 / 2, abs=1e-4)
+    half = catalog.get("x2idn.16xlarge").prices["us-east-1"]
+    assert half.usd_per_hour == pytest.approx(13.34 / 2, abs=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -61,8 +68,9 @@ def test_anchor_prices_are_quoted_and_other_sizes_derived_linearly() -> None:
         ("x2idn.16xlarge", 1, True, 32, 204.8),
     ],
 )
-def test_socket_layout_follows_from_family_data(name: str, sockets: int, whole: bool, cores: int,
-                                                bandwidth: float) -> None:
+def test_socket_layout_follows_from_family_data(
+    name: str, sockets: int, whole: bool, cores: int, bandwidth: float
+) -> None:
     size = default_catalog().get(name)
     assert size.sockets_spanned == sockets
     assert size.whole_sockets is whole
@@ -123,7 +131,9 @@ def test_a_row_with_missing_columns_is_refused(raw: dict[str, Any]) -> None:
         parse_catalog(broken)
 
 
-def test_a_user_catalog_file_is_read_and_bad_yaml_is_a_user_error(tmp_path: Path, raw: dict[str, Any]) -> None:
+def test_a_user_catalog_file_is_read_and_bad_yaml_is_a_user_error(
+    tmp_path: Path, raw: dict[str, Any]
+) -> None:
     only_r7a = copy.deepcopy(raw)
     only_r7a["families"] = {"r7a": raw["families"]["r7a"]}
     good = tmp_path / "catalog.yaml"

@@ -16,12 +16,34 @@ from tuner.model.default_model import default_model_path
 from tuner.sizing import demand_from_gguf
 from tuner.sizing.gguf_vocab import gguf_vocab_size
 
-SEVENTY_B = ["--params", "70.6e9", "--bits", "4.85", "--layers", "80", "--kv-heads", "8", "--head-dim", "128",
-             "--embd", "8192", "--vocab", "128256"]
+SEVENTY_B = [
+    "--params",
+    "70.6e9",
+    "--bits",
+    "4.85",
+    "--layers",
+    "80",
+    "--kv-heads",
+    "8",
+    "--head-dim",
+    "128",
+    "--embd",
+    "8192",
+    "--vocab",
+    "128256",
+]
 
 
-def write_gguf(path: Path, *, layers: int, kv_heads: int, head_dim: int, embd: int, vocab: int | None,
-               weights_floats: int = 64) -> Path:
+def write_gguf(
+    path: Path,
+    *,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+    embd: int,
+    vocab: int | None,
+    weights_floats: int = 64,
+) -> Path:
     """A valid GGUF with a big model's metadata and tiny tensors (weights_floats float32 values)."""
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("Synthetic")
@@ -80,8 +102,16 @@ def test_size_from_a_gguf_file_answers_in_json(tmp_path: Path, capsys: pytest.Ca
     assert report["memory_needed"]["kv_cache"] == 80 * 8 * 256 * 2 * 8192
     assert report["recommended"] == "c8g.24xlarge"  # the smallest whole socket, whatever the model
     first = report["candidates"][0]
-    assert {"fits", "placement", "bandwidth_gbs", "predicted_tg_tokens_per_second", "tokens_per_dollar",
-            "reasons", "isa", "numa_nodes"} <= set(first)
+    assert {
+        "fits",
+        "placement",
+        "bandwidth_gbs",
+        "predicted_tg_tokens_per_second",
+        "tokens_per_dollar",
+        "reasons",
+        "isa",
+        "numa_nodes",
+    } <= set(first)
 
 
 def test_the_real_small_model_gets_a_sensible_answer(capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,14 +144,21 @@ def test_efficiency_option_replaces_the_default(capsys: pytest.CaptureFixture[st
     assert measured["assumptions"]["efficiency"] == 0.7
 
     def tg(report: dict[str, Any]) -> float:
-        return float(next(c["predicted_tg_tokens_per_second"] for c in report["candidates"]
-                          if c["instance_type"] == "r7a.24xlarge"))
+        return float(
+            next(
+                c["predicted_tg_tokens_per_second"]
+                for c in report["candidates"]
+                if c["instance_type"] == "r7a.24xlarge"
+            )
+        )
 
     assert tg(measured) == pytest.approx(tg(default) * 0.7 / 0.6, rel=1e-3)
 
 
 def test_price_override_and_cap(capsys: pytest.CaptureFixture[str]) -> None:
-    code, report = run_json(capsys, *SEVENTY_B, "--family", "r7i", "--price", "r7i.24xlarge=1.5", "--max-price", "2")
+    code, report = run_json(
+        capsys, *SEVENTY_B, "--family", "r7i", "--price", "r7i.24xlarge=1.5", "--max-price", "2"
+    )
     assert code == 0
     assert report["recommended"] == "r7i.24xlarge"
     chosen = next(c for c in report["candidates"] if c["instance_type"] == "r7i.24xlarge")
@@ -129,13 +166,15 @@ def test_price_override_and_cap(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_fits_nowhere_exits_1_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "--params", "2e12", "--bits", "16", "--layers", "120", "--kv-heads", "16",
-                         "--head-dim", "128")
+    code, out, err = run(
+        capsys, "--params", "2e12", "--bits", "16", "--layers", "120", "--kv-heads", "16", "--head-dim", "128"
+    )
     assert code == 1
     assert "No size fits" in out
     assert "does not fit in any size" in err
-    code, report = run_json(capsys, "--params", "2e12", "--bits", "16", "--layers", "120", "--kv-heads", "16",
-                            "--head-dim", "128")
+    code, report = run_json(
+        capsys, "--params", "2e12", "--bits", "16", "--layers", "120", "--kv-heads", "16", "--head-dim", "128"
+    )
     assert code == 1
     assert report["recommended"] is None
     assert not any(c["fits"] for c in report["candidates"])
@@ -153,8 +192,9 @@ def test_fits_nowhere_exits_1_with_the_reason(capsys: pytest.CaptureFixture[str]
         (["--model", "/nonexistent/model.gguf"], "model file not found"),
     ],
 )
-def test_bad_input_exits_2_with_problem_and_fix(capsys: pytest.CaptureFixture[str], argv: list[str],
-                                                 message: str) -> None:
+def test_bad_input_exits_2_with_problem_and_fix(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert message in err

@@ -32,14 +32,35 @@ GIB = 1024**3
 OS_RESERVE = 2 * GIB
 
 LLAMA_70B_Q4_K_M: dict[str, Any] = {
-    "params": 70.6e9, "bits_per_weight": 4.85, "layers": 80, "kv_heads": 8, "head_dim": 128,
-    "n_embd": 8192, "n_vocab": 128256, "name": "Llama-3.1-70B Q4_K_M"}
+    "params": 70.6e9,
+    "bits_per_weight": 4.85,
+    "layers": 80,
+    "kv_heads": 8,
+    "head_dim": 128,
+    "n_embd": 8192,
+    "n_vocab": 128256,
+    "name": "Llama-3.1-70B Q4_K_M",
+}
 LLAMA_8B_Q8_0: dict[str, Any] = {
-    "params": 8.03e9, "bits_per_weight": 8.5, "layers": 32, "kv_heads": 8, "head_dim": 128,
-    "n_embd": 4096, "n_vocab": 128256, "name": "Llama-3.1-8B Q8_0"}
+    "params": 8.03e9,
+    "bits_per_weight": 8.5,
+    "layers": 32,
+    "kv_heads": 8,
+    "head_dim": 128,
+    "n_embd": 4096,
+    "n_vocab": 128256,
+    "name": "Llama-3.1-8B Q8_0",
+}
 FITS_NOWHERE: dict[str, Any] = {
-    "params": 2.0e12, "bits_per_weight": 16, "layers": 120, "kv_heads": 16, "head_dim": 128,
-    "n_embd": 16384, "n_vocab": 128256, "name": "2T BF16"}
+    "params": 2.0e12,
+    "bits_per_weight": 16,
+    "layers": 120,
+    "kv_heads": 16,
+    "head_dim": 128,
+    "n_embd": 16384,
+    "n_vocab": 128256,
+    "name": "2T BF16",
+}
 
 
 def demand(spec: dict[str, Any]) -> ModelDemand:
@@ -73,32 +94,62 @@ class Case:
 
 
 CASES = [
-    Case("70B Q4_K_M: smallest whole socket, best per dollar",
-         LLAMA_70B_Q4_K_M, 52_618_223_282, "c8g.24xlarge",
-         expected_tg=hand_tg(537.6, LLAMA_70B_Q4_K_M),
-         reason_contains="smallest size that owns a whole socket"),
-    Case("70B Q4_K_M on x86 only: Genoa beats Sapphire Rapids per dollar at equal size",
-         LLAMA_70B_Q4_K_M, 52_618_223_282, "c7a.24xlarge",
-         expected_tg=hand_tg(460.8, LLAMA_70B_Q4_K_M),
-         constraints=Constraints(architectures=("x86_64",))),
-    Case("70B Q4_K_M needing 7.5 tok/s: only a two-socket size reaches it, and it is flagged",
-         LLAMA_70B_Q4_K_M, 52_618_223_282, "c8g.48xlarge",
-         expected_tg=hand_tg(2 * 537.6, LLAMA_70B_Q4_K_M, efficiency=0.60 * 0.554),
-         constraints=Constraints(min_tokens_per_second=7.5), reason_contains="span sockets"),
-    Case("8B Q8_0: smallest whole socket",
-         LLAMA_8B_Q8_0, 13_076_417_022, "c8g.24xlarge",
-         expected_tg=hand_tg(537.6, LLAMA_8B_Q8_0)),
-    Case("8B Q8_0 under $1/h: the fastest part-socket size, cheapest among equally fast",
-         LLAMA_8B_Q8_0, 13_076_417_022, "c8g.4xlarge",
-         expected_tg=hand_tg(537.6 * 16 / 96, LLAMA_8B_Q8_0),
-         constraints=Constraints(max_hourly_price=1.0), reason_contains="part-socket"),
-    Case("8B Q8_0 under $1/h on x86",
-         LLAMA_8B_Q8_0, 13_076_417_022, "c7a.4xlarge",
-         expected_tg=hand_tg(460.8 * 16 / 96, LLAMA_8B_Q8_0),
-         constraints=Constraints(max_hourly_price=1.0, architectures=("x86_64",))),
-    Case("2T parameters at 16 bits fit nowhere", FITS_NOWHERE,
-         hand_total(FITS_NOWHERE), None,
-         reason_contains="does not fit in any size"),
+    Case(
+        "70B Q4_K_M: smallest whole socket, best per dollar",
+        LLAMA_70B_Q4_K_M,
+        52_618_223_282,
+        "c8g.24xlarge",
+        expected_tg=hand_tg(537.6, LLAMA_70B_Q4_K_M),
+        reason_contains="smallest size that owns a whole socket",
+    ),
+    Case(
+        "70B Q4_K_M on x86 only: Genoa beats Sapphire Rapids per dollar at equal size",
+        LLAMA_70B_Q4_K_M,
+        52_618_223_282,
+        "c7a.24xlarge",
+        expected_tg=hand_tg(460.8, LLAMA_70B_Q4_K_M),
+        constraints=Constraints(architectures=("x86_64",)),
+    ),
+    Case(
+        "70B Q4_K_M needing 7.5 tok/s: only a two-socket size reaches it, and it is flagged",
+        LLAMA_70B_Q4_K_M,
+        52_618_223_282,
+        "c8g.48xlarge",
+        expected_tg=hand_tg(2 * 537.6, LLAMA_70B_Q4_K_M, efficiency=0.60 * 0.554),
+        constraints=Constraints(min_tokens_per_second=7.5),
+        reason_contains="span sockets",
+    ),
+    Case(
+        "8B Q8_0: smallest whole socket",
+        LLAMA_8B_Q8_0,
+        13_076_417_022,
+        "c8g.24xlarge",
+        expected_tg=hand_tg(537.6, LLAMA_8B_Q8_0),
+    ),
+    Case(
+        "8B Q8_0 under $1/h: the fastest part-socket size, cheapest among equally fast",
+        LLAMA_8B_Q8_0,
+        13_076_417_022,
+        "c8g.4xlarge",
+        expected_tg=hand_tg(537.6 * 16 / 96, LLAMA_8B_Q8_0),
+        constraints=Constraints(max_hourly_price=1.0),
+        reason_contains="part-socket",
+    ),
+    Case(
+        "8B Q8_0 under $1/h on x86",
+        LLAMA_8B_Q8_0,
+        13_076_417_022,
+        "c7a.4xlarge",
+        expected_tg=hand_tg(460.8 * 16 / 96, LLAMA_8B_Q8_0),
+        constraints=Constraints(max_hourly_price=1.0, architectures=("x86_64",)),
+    ),
+    Case(
+        "2T parameters at 16 bits fit nowhere",
+        FITS_NOWHERE,
+        hand_total(FITS_NOWHERE),
+        None,
+        reason_contains="does not fit in any size",
+    ),
 ]
 
 
@@ -156,7 +207,9 @@ def test_each_candidate_gives_reasons_for_fit_sockets_bandwidth_and_isa() -> Non
 def test_kv_cache_type_changes_memory(cache_type: str, per_token: int) -> None:
     model = demand(LLAMA_70B_Q4_K_M)
     assert model.kv_bytes_per_token(cache_type) == per_token  # 80 x 8 x 256 x bytes per element
-    budget = memory_budget(model, Workload(context=32768, parallel=4, cache_type=cache_type), SizingAssumptions())
+    budget = memory_budget(
+        model, Workload(context=32768, parallel=4, cache_type=cache_type), SizingAssumptions()
+    )
     assert budget.kv_cache == per_token * 32768 * 4
 
 
@@ -179,8 +232,9 @@ def test_efficiency_scales_prediction_and_is_validated() -> None:
 
 def test_mixture_of_experts_streams_only_active_weights() -> None:
     dense = ModelDemand.from_parameters(params=30e9, bits_per_weight=4.5, layers=48, kv_heads=4, head_dim=128)
-    moe = ModelDemand.from_parameters(params=30e9, bits_per_weight=4.5, layers=48, kv_heads=4, head_dim=128,
-                                      active_params=3e9)
+    moe = ModelDemand.from_parameters(
+        params=30e9, bits_per_weight=4.5, layers=48, kv_heads=4, head_dim=128, active_params=3e9
+    )
     assert moe.weight_bytes == dense.weight_bytes
     assert moe.streamed_bytes_per_token == pytest.approx(dense.streamed_bytes_per_token / 10, rel=1e-6)
 
@@ -190,7 +244,9 @@ def test_constraints_that_name_nothing_real_are_refused() -> None:
     with pytest.raises(UserError, match="unknown families m5"):
         size_host(model, Workload(), default_catalog(), constraints=Constraints(families=("m5",)))
     with pytest.raises(UserError, match=r"price given for 'm5\.large'"):
-        size_host(model, Workload(), default_catalog(), constraints=Constraints(price_overrides={"m5.large": 1}))
+        size_host(
+            model, Workload(), default_catalog(), constraints=Constraints(price_overrides={"m5.large": 1})
+        )
     with pytest.raises(UserError, match="parallel 0 must be at least 1"):
         size_host(model, Workload(parallel=0), default_catalog())
     with pytest.raises(UserError, match="params must be positive"):
@@ -203,9 +259,14 @@ def test_region_without_prices_ranks_speed_only_unless_prices_are_given() -> Non
     assert not report.by_value
     assert report.by_speed
     assert report.recommended is not None  # no price cap: price is not needed to recommend
-    capped = size_host(model, Workload(), default_catalog(),
-                       constraints=Constraints(region="eu-west-1", max_hourly_price=5.0,
-                                               price_overrides={"r7a.24xlarge": 4.0}))
+    capped = size_host(
+        model,
+        Workload(),
+        default_catalog(),
+        constraints=Constraints(
+            region="eu-west-1", max_hourly_price=5.0, price_overrides={"r7a.24xlarge": 4.0}
+        ),
+    )
     assert capped.recommended is not None and capped.recommended.name == "r7a.24xlarge"
     assert [c.name for c in capped.by_value] == ["r7a.24xlarge"]
 
@@ -213,17 +274,29 @@ def test_region_without_prices_ranks_speed_only_unless_prices_are_given() -> Non
 def test_require_recommendation_and_require_fit_explain_the_fix() -> None:
     catalog = default_catalog()
     nowhere = size_host(demand(FITS_NOWHERE), Workload(), catalog)
-    with pytest.raises(UserError, match=r"the largest size considered, x2idn\.32xlarge, has 2048 GiB") as info:
+    with pytest.raises(
+        UserError, match=r"the largest size considered, x2idn\.32xlarge, has 2048 GiB"
+    ) as info:
         require_recommendation(nowhere)
     assert "smaller quantization" in str(info.value)
     model = demand(LLAMA_70B_Q4_K_M)
     strict = size_host(model, Workload(), catalog, constraints=Constraints(max_hourly_price=0.3))
     with pytest.raises(UserError, match="meets the constraints"):
         require_recommendation(strict)
-    small = evaluate(catalog.get("r7a.xlarge"), model, Workload(), assumptions=SizingAssumptions(),
-                     constraints=Constraints())
+    small = evaluate(
+        catalog.get("r7a.xlarge"),
+        model,
+        Workload(),
+        assumptions=SizingAssumptions(),
+        constraints=Constraints(),
+    )
     with pytest.raises(UserError, match=r"r7a\.xlarge has 32 GiB but Llama-3\.1-70B Q4_K_M needs 49\.0 GiB"):
         require_fit(small, model)
-    enough = evaluate(catalog.get("r7a.2xlarge"), model, Workload(), assumptions=SizingAssumptions(),
-                      constraints=Constraints())
+    enough = evaluate(
+        catalog.get("r7a.2xlarge"),
+        model,
+        Workload(),
+        assumptions=SizingAssumptions(),
+        constraints=Constraints(),
+    )
     assert require_fit(enough, model) is enough

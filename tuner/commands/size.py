@@ -220,8 +220,8 @@ def print_report(report: SizingReport, *, top: int) -> None:
     fitting = len(by_speed)
     too_small = [c for c in report.candidates if not c.fits]
     if not fitting:
-        largest = sorted(too_small, key=lambda c: -c.instance.memory_gib)[:top]
-        out.print(_ranking_table("No size fits: the largest ones", _rows(largest, None)))
+        biggest = sorted(too_small, key=lambda c: -c.instance.memory_gib)[:top]
+        out.print(_ranking_table("No size fits: the largest ones", _rows(biggest, None)))
     else:
         title = f"By predicted generation speed (top {min(top, fitting)} of {fitting} sizes that fit)"
         out.print(_ranking_table(title, _rows(by_speed[:top], report.recommended)))

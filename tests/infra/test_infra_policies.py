@@ -1,0 +1,234 @@
+"""The policy pack's checks on good and bad resources, and their wiring into pulumi_policy."""
+
+from __future__ import annotations
+
+import ast
+import json
+from typing import Any
+
+import pytest
+from infra_mocks import INFRA_DIR
+from llamahost_policies import (
+    CHECKS,
+    POLICIES,
+    check_ebs_encryption,
+    check_imdsv2,
+    check_least_privilege,
+    check_no_public_ingress,
+    check_no_public_ip,
+    violations,
+)
+from pulumi_policy import EnforcementLevel, ResourceValidationArgs
+
+INSTANCE = "aws:ec2/instance:Instance"
+GOOD_INSTANCE: dict[str, Any] = {
+    "metadataOptions": {"httpTokens": "required"},
+    "associatePublicIpAddress": False,
+    "rootBlockDevice": {"encrypted": True, "volumeType": "gp3"},
+    "ebsBlockDevices": [{"deviceName": "/dev/sdf", "encrypted": True}],
+}
+
+
+def bad(**changes: Any) -> dict[str, Any]:
+    return {**GOOD_INSTANCE, **changes}
+
+
+@pytest.mark.parametrize(
+    ("check", "resource_type", "props", "expected"),
+    [
+        # IMDSv2
+        (check_imdsv2, INSTANCE, GOOD_INSTANCE, []),
+        (check_imdsv2, INSTANCE, bad(metadataOptions={"httpTokens": "optional"}), ["'optional'"]),
+        (
+            check_imdsv2,
+            INSTANCE,
+            {k: v for k, v in GOOD_INSTANCE.items() if k != "metadataOptions"},
+            ["None"],
+        ),
+        (check_imdsv2, "aws:ec2/launchTemplate:LaunchTemplate", {"metadataOptions": {}}, ["None"]),
+        (check_imdsv2, "aws:s3/bucket:Bucket", {}, []),
+        # encryption
+        (check_ebs_encryption, INSTANCE, GOOD_INSTANCE, []),
+        (check_ebs_encryption, INSTANCE, bad(rootBlockDevice={"volumeType": "gp3"}), ["rootBlockDevice"]),
+        (
+            check_ebs_encryption,
+            INSTANCE,
+            bad(ebsBlockDevices=[{"deviceName": "/dev/sdf", "encrypted": False}]),
+            ["/dev/sdf"],
+        ),
+        (check_ebs_encryption, "aws:ebs/volume:Volume", {"encrypted": True}, []),
+        (check_ebs_encryption, "aws:ebs/volume:Volume", {}, ["encrypted is not true"]),
+        (
+            check_ebs_encryption,
+            "aws:ec2/launchTemplate:LaunchTemplate",
+            {"blockDeviceMappings": [{"deviceName": "/dev/xvda", "ebs": {"encrypted": "false"}}]},
+            ["/dev/xvda"],
+        ),
+        # public ingress
+        (
+            check_no_public_ingress,
+            "aws:ec2/securityGroup:SecurityGroup",
+            {"ingress": [{"fromPort": 8080, "toPort": 8080, "securityGroups": ["sg-1"]}]},
+            [],
+        ),
+        (
+            check_no_public_ingress,
+            "aws:ec2/securityGroup:SecurityGroup",
+            {"ingress": [{"fromPort": 22, "toPort": 22, "cidrBlocks": ["10.0.0.0/8", "0.0.0.0/0"]}]},
+            ["22-22"],
+        ),
+        (
+            check_no_public_ingress,
+            "aws:ec2/securityGroup:SecurityGroup",
+            {"ingress": [{"fromPort": 0, "toPort": 65535, "ipv6CidrBlocks": ["::/0"]}]},
+            ["::/0"],
+        ),
+        (
+            check_no_public_ingress,
+            "aws:ec2/securityGroup:SecurityGroup",
+            {"egress": [{"fromPort": 443, "toPort": 443, "cidrBlocks": ["0.0.0.0/0"]}]},
+            [],
+        ),  # egress is fine
+        (
+            check_no_public_ingress,
+            "aws:ec2/securityGroupRule:SecurityGroupRule",
+            {"type": "ingress", "fromPort": 8080, "toPort": 8080, "cidrBlocks": ["0.0.0.0/0"]},
+            ["8080"],
+        ),
+        (
+            check_no_public_ingress,
+            "aws:ec2/securityGroupRule:SecurityGroupRule",
+            {"type": "egress", "fromPort": 443, "toPort": 443, "cidrBlocks": ["0.0.0.0/0"]},
+            [],
+        ),
+        (
+            check_no_public_ingress,
+            "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
+            {"fromPort": 8080, "toPort": 8080, "cidrIpv4": "0.0.0.0/0"},
+            ["0.0.0.0/0"],
+        ),
+        # public IP
+        (check_no_public_ip, INSTANCE, GOOD_INSTANCE, []),
+        (
+            check_no_public_ip,
+            INSTANCE,
+            bad(associatePublicIpAddress=True),
+            ["associatePublicIpAddress is true"],
+        ),
+        (
+            check_no_public_ip,
+            INSTANCE,
+            {k: v for k, v in GOOD_INSTANCE.items() if k != "associatePublicIpAddress"},
+            ["not set"],
+        ),
+        (check_no_public_ip, "aws:ec2/subnet:Subnet", {"mapPublicIpOnLaunch": True}, ["mapPublicIpOnLaunch"]),
+        (check_no_public_ip, "aws:ec2/subnet:Subnet", {"mapPublicIpOnLaunch": False}, []),
+        (check_no_public_ip, "aws:ec2/eip:Eip", {"domain": "vpc"}, []),  # a NAT gateway's address
+        (check_no_public_ip, "aws:ec2/eip:Eip", {"domain": "vpc", "instance": "i-1"}, ["Elastic IP"]),
+        # IAM
+        (
+            check_least_privilege,
+            "aws:iam/rolePolicyAttachment:RolePolicyAttachment",
+            {"policyArn": "arn:aws:iam::aws:policy/AmazonSSMManagedInstanceCore"},
+            [],
+        ),
+        (
+            check_least_privilege,
+            "aws:iam/rolePolicyAttachment:RolePolicyAttachment",
+            {"policyArn": "arn:aws:iam::aws:policy/AdministratorAccess"},
+            ["AdministratorAccess"],
+        ),
+        (
+            check_least_privilege,
+            "aws:iam/rolePolicy:RolePolicy",
+            {"policy": json.dumps({"Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]})},
+            ["s3:*"],
+        ),
+        (
+            check_least_privilege,
+            "aws:iam/rolePolicy:RolePolicy",
+            {
+                "policy": json.dumps(
+                    {
+                        "Statement": [
+                            {"Effect": "Allow", "Action": "s3:GetObject", "Resource": "arn:aws:s3:::m/*"}
+                        ]
+                    }
+                )
+            },
+            [],
+        ),
+        (
+            check_least_privilege,
+            "aws:iam/role:Role",
+            {
+                "inlinePolicies": [
+                    {
+                        "policy": json.dumps(
+                            {
+                                "Statement": [
+                                    {"Sid": "All", "Effect": "Allow", "Action": "*", "Resource": ["*"]}
+                                ]
+                            }
+                        )
+                    }
+                ]
+            },
+            ["'All'"],
+        ),
+    ],
+)
+def test_checks_on_good_and_bad_resources(
+    check: Any, resource_type: str, props: dict[str, Any], expected: list[str]
+) -> None:
+    problems = check(resource_type, props)
+    assert len(problems) == len(expected), problems
+    for problem, fragment in zip(problems, expected, strict=True):
+        assert fragment in problem
+
+
+def test_violations_names_the_policy() -> None:
+    found = violations(INSTANCE, bad(associatePublicIpAddress=True, metadataOptions={}))
+    assert set(found) == {"llamahost-imdsv2-required", "llamahost-no-public-ip"}
+    assert violations(INSTANCE, GOOD_INSTANCE) == {}
+
+
+def test_policies_report_through_pulumi_policy() -> None:
+    assert [p.name for p in POLICIES] == list(CHECKS)
+    assert all(p.enforcement_level == EnforcementLevel.MANDATORY for p in POLICIES)
+    by_name = {p.name: p for p in POLICIES}
+    reported: list[str] = []
+    args = ResourceValidationArgs(
+        resource_type=INSTANCE,
+        props=bad(metadataOptions={"httpTokens": "optional"}),
+        urn="urn:pulumi:dev::llamahost::aws:ec2/instance:Instance::host-0",
+        name="host-0",
+        opts=None,
+        provider=None,
+    )  # type: ignore[arg-type]
+    validate = by_name["llamahost-imdsv2-required"].validate
+    assert callable(validate)
+    validate(args, lambda message, urn=None: reported.append(message))
+    assert reported == [
+        "host-0: metadataOptions.httpTokens is 'optional': set it to 'required' (IMDSv2 only)"
+    ]
+    reported.clear()
+    good = ResourceValidationArgs(
+        resource_type=INSTANCE, props=GOOD_INSTANCE, urn="urn", name="host-0", opts=None, provider=None
+    )  # type: ignore[arg-type]
+    for policy in POLICIES:
+        assert callable(policy.validate)
+        policy.validate(good, lambda message, urn=None: reported.append(message))
+    assert reported == []
+
+
+def test_the_pack_entry_point_registers_every_policy() -> None:
+    """`__main__.py` starts a gRPC server when run, so it is read, not imported."""
+    tree = ast.parse((INFRA_DIR / "policy" / "__main__.py").read_text())
+    calls = [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "PolicyPack"
+    ]
+    (call,) = calls
+    keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
+    assert keywords["policies"] == "list(POLICIES)"
+    assert keywords["enforcement_level"] == "EnforcementLevel.MANDATORY"
