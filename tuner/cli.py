@@ -19,7 +19,12 @@ EXIT_INTERRUPTED = 130
 
 # Order is the order of `llamahost --help`.
 COMMAND_MODULES = (
+    "tuner.commands.probe",
+    "tuner.commands.tune",
+    "tuner.commands.show",
     "tuner.commands.model",
+    "tuner.commands.size",
+    "tuner.commands.server",
 )
 
 

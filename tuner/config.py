@@ -61,8 +61,8 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     text = text.strip()
     if not text:
         return ()
-    for part in text.split(","):
-        part = part.strip()
+    for raw_part in text.split(","):
+        part = raw_part.strip()
         try:
             if "-" in part:
                 lo_s, hi_s = part.split("-", 1)

@@ -20,7 +20,8 @@ def print_json(data: Any) -> None:
 
 
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    # In a log (no terminal) long lines are kept whole rather than wrapped at 80 columns.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:

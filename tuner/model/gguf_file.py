@@ -66,9 +66,10 @@ class ModelInfo:
     def bits_per_weight(self) -> float:
         return 8.0 * self.tensor_bytes / self.n_params if self.n_params else 0.0
 
-    def kv_bytes_per_token(self, cache_type_bytes: float = 2.0) -> float:
-        """KV cache bytes one token of context costs, at ``cache_type_bytes`` per element (f16 = 2)."""
-        per_layer = self.n_head_kv * (self.head_dim_k + self.head_dim_v) * cache_type_bytes
+    def kv_bytes_per_token(self, k_bytes: float = 2.0, v_bytes: float | None = None) -> float:
+        """KV cache bytes one token of context costs, at ``k_bytes``/``v_bytes`` per element (f16 = 2)."""
+        v = k_bytes if v_bytes is None else v_bytes
+        per_layer = self.n_head_kv * (self.head_dim_k * k_bytes + self.head_dim_v * v)
         return self.n_layers * per_layer
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,63 @@
+"""``llamahost show``: a study's trials, baseline and best so far, and the proven result if there is one."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tuner.errors import UserError
+from tuner.output import console, print_json
+from tuner.paths import results_dir
+from tuner.result import load_result
+from tuner.study import baseline_trial, list_study_names, load_existing_study, open_existing_storage
+from tuner.summary import failures_table, print_result, state_counts, study_rows, trial_row, trials_table
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("show", help="trials so far, best configuration, baseline, confidence, roofline")
+    parser.add_argument("--study", help="study name (default: the only study, or the list of studies)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: the local SQLite store)")
+    parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.set_defaults(handler=run_show)
+
+
+def run_show(args: argparse.Namespace) -> int:
+    storage = open_existing_storage(args.storage)
+    name = args.study
+    if name is None:
+        names = list_study_names(storage)
+        if len(names) != 1:
+            listing = ", ".join(names) if names else "none yet"
+            raise UserError(f"pass --study NAME (studies in this storage: {listing})",
+                            "run `llamahost tune` to create one" if not names else "choose one of the names above")
+        name = names[0]
+    study = load_existing_study(name, storage)
+    result_path = results_dir() / f"{name}.yaml"
+    result = load_result(result_path) if result_path.exists() else None
+    base = baseline_trial(study)
+    complete = [r for r in study_rows(study) if r["state"] == "COMPLETE"]
+    best = max(complete, key=lambda r: r["value"] or 0.0, default=None)
+    if args.json:
+        print_json({
+            "study": name,
+            "binding": study.user_attrs,
+            "counts": state_counts(study),
+            "baseline": trial_row(base) if base else None,
+            "best": best,
+            "trials": study_rows(study),
+            "result": result,
+        })
+        return 0
+    out = console()
+    counts = ", ".join(f"{v} {k}" for k, v in sorted(state_counts(study).items()))
+    out.print(f"study [bold]{name}[/bold] on {study.user_attrs.get('hostname', '?')} "
+              f"(objective {study.user_attrs.get('objective')}): {counts}")
+    out.print(trials_table(study))
+    failures = failures_table(study)
+    if failures is not None:
+        out.print(failures)
+    if result is not None:
+        print_result(out, result)
+    else:
+        out.print("no verified result yet: a finished `llamahost tune` run writes one")
+    return 0

@@ -1,0 +1,76 @@
+"""``llamahost tune``: search llama.cpp CPU settings for a model on this host, prove the winner, write it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from tuner.durations import parse_duration
+from tuner.output import console, print_json
+from tuner.search import Interrupted
+from tuner.stats import StopRule
+from tuner.summary import print_result
+from tuner.trial.protocol import OBJECTIVES, Workload
+from tuner.tune import TuneRequest, prepare, run
+
+EXIT_INTERRUPTED = 130
+
+
+def register(sub: Any) -> None:
+    parser = sub.add_parser("tune", help="search llama.cpp settings on this host, prove and write the winner",
+                            description=__doc__)
+    parser.add_argument("--model", type=Path, help="GGUF model (default: the embedded SmolLM2-135M Q4_1)")
+    parser.add_argument("--budget", default="30m", help="total time for search and verification (default 30m)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="tg",
+                        help="tg: generation tok/s; pp: prompt tok/s; both: their geometric mean (default tg)")
+    parser.add_argument("--study", help="study name (default: derived from model, objective and host)")
+    parser.add_argument("--storage", help="Optuna storage URL (default: a SQLite file in the data directory)")
+    parser.add_argument("--output", type=Path, help="result file (default: <data dir>/results/<study>.yaml)")
+    parser.add_argument("--pp-tokens", type=int, default=512, help="prompt length of the workload (512)")
+    parser.add_argument("--tg-tokens", type=int, default=128, help="tokens generated per sample (128)")
+    parser.add_argument("--candidates", type=int, default=3, help="best trials re-measured against the baseline")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the final test")
+    parser.add_argument("--min-effect", type=float, default=0.01,
+                        help="smallest speed-up worth a configuration change (0.01 = 1%%)")
+    parser.add_argument("--max-measure", type=float, default=60.0, help="seconds of sampling per trial at most")
+    parser.add_argument("--no-kv-quant", action="store_true", help="keep the KV cache in f16 (do not search q8_0)")
+    parser.add_argument("--seed", type=int, help="sampler seed, for reproducible searches")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON at the end")
+    parser.set_defaults(handler=run_tune)
+
+
+def request_from_args(args: argparse.Namespace) -> TuneRequest:
+    return TuneRequest(
+        budget_seconds=parse_duration(args.budget, what="budget"),
+        objective=args.objective,
+        model_path=args.model,
+        study_name=args.study,
+        storage_url=args.storage,
+        output=args.output,
+        workload=Workload(pp_tokens=args.pp_tokens, tg_tokens=args.tg_tokens),
+        candidates=args.candidates,
+        alpha=args.alpha,
+        min_effect=args.min_effect,
+        search_kv_cache=not args.no_kv_quant,
+        max_measure_seconds=args.max_measure,
+        seed=args.seed,
+        stop=StopRule(),
+    )
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    request = request_from_args(args)
+    ctx = prepare(request)
+    try:
+        outcome = run(ctx)
+    except Interrupted:
+        trials = len(ctx.study.trials)
+        console().print(f"[bold]interrupted[/bold]: study {ctx.study.study_name} is intact ({trials} trials); "
+                        "run the same command again to resume", style="yellow")
+        return EXIT_INTERRUPTED
+    if args.json:
+        print_json(outcome.result)
+    else:
+        print_result(console(), outcome.result)
+    return 0

@@ -1,0 +1,221 @@
+"""The search: Optuna trials within a time budget, each one a fresh worker under a hard deadline.
+
+The budget covers the whole run. Once the baseline has been measured, the time the final interleaved
+verification will need is estimated from it and held back, so a ``--budget 30m`` run ends after about
+30 minutes with a proven answer, not a search that ate all the time.
+
+Interrupts: SIGTERM is turned into ``KeyboardInterrupt`` (Optuna only handles the latter), the running
+trial is recorded as failed with the reason "interrupted", and the study stays intact for the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.config import RunConfig
+from tuner.model.gguf_file import ModelInfo
+from tuner.progress import TuneProgress
+from tuner.space import SearchSpace
+from tuner.stats import StopRule
+from tuner.study import is_baseline, quiet_optuna
+from tuner.trial.placement import evict_page_cache
+from tuner.trial.protocol import TrialSpec, Warmup, Workload
+from tuner.trial.runner import TrialFailed, TrialOutcome, TrialStopped, run_trial
+
+SPAWN_OVERHEAD_S = 1.5  # interpreter start + llama.cpp import, measured on a 2-core guest
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """How every run measures: the same for search trials and verification runs, bar the sample counts."""
+
+    objective: str
+    workload: Workload = field(default_factory=Workload)
+    warmup: Warmup = field(default_factory=Warmup)
+    stop: StopRule = field(default_factory=StopRule)
+    max_measure_seconds: float = 60.0
+
+    def spec(self, model: ModelInfo, config: RunConfig, *, stop: StopRule | None = None) -> TrialSpec:
+        return TrialSpec(model_path=str(model.path), config=config.to_dict(), objective=self.objective,  # type: ignore[arg-type]
+                         workload=self.workload, warmup=self.warmup, stop=stop or self.stop,
+                         max_measure_seconds=self.max_measure_seconds)
+
+    def timeout_for(self, model: ModelInfo) -> float:
+        """A hard deadline no healthy run reaches: a slow disk load, a capped warm-up, capped sampling."""
+        load = 60.0 + model.size_bytes / 100e6
+        return load + 3.0 * self.max_measure_seconds + 60.0
+
+
+class Interrupted(Exception):
+    """The user (or a service manager) stopped the run; the study is intact."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    def _handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Measurer:
+    """Runs configurations in workers: the one place that knows logs, timeouts and page-cache resets."""
+
+    def __init__(self, model: ModelInfo, settings: MeasureSettings, log_dir: Path, *, multi_node: bool) -> None:
+        self.model = model
+        self.settings = settings
+        self.log_dir = log_dir
+        self.multi_node = multi_node
+        self._last_placement: tuple[Any, ...] | None = None
+        self.measuring_seconds = 0.0
+        self.runs = 0
+
+    def _reset_page_cache_if_needed(self, config: RunConfig) -> bool:
+        """Pages of an mmap'd model keep the NUMA placement of the process that first touched them.
+        When a run's placement differs from the previous run's, drop them so this run places its own."""
+        placement = (config.numa, config.memory_policy, config.memory_nodes, config.cpus, config.load_mode)
+        changed = self.multi_node and placement != self._last_placement
+        self._last_placement = placement
+        if changed:
+            evict_page_cache(self.model.files)
+        return changed
+
+    def run(self, config: RunConfig, label: str, *, stop: StopRule | None = None,
+            on_sample: Callable[[int, float], bool] | None = None) -> TrialOutcome:
+        evicted = self._reset_page_cache_if_needed(config)
+        spec = self.settings.spec(self.model, config, stop=stop)
+        try:
+            outcome = run_trial(spec, timeout_s=self.settings.timeout_for(self.model),
+                                log_path=self.log_dir / f"{label}.log", on_sample=on_sample)
+        finally:
+            self.runs += 1
+        outcome.applied["page_cache_reset"] = evicted
+        self.measuring_seconds += outcome.measuring_seconds
+        return outcome
+
+
+@dataclass
+class SearchReport:
+    trials_run: int = 0
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    interrupted: bool = False
+
+
+def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
+    summary = outcome.summary()
+    trial.set_user_attr("summary", summary.to_dict())
+    trial.set_user_attr("outcome", outcome.to_dict())
+    for metric in ("pp", "tg"):
+        metric_summary = outcome.metric_summary(metric)
+        if metric_summary is not None:
+            trial.set_user_attr(f"{metric}_tps", metric_summary.to_dict())
+
+
+class Search:
+    """Runs search trials until the search part of the budget is spent."""
+
+    def __init__(self, study: optuna.Study, space: SearchSpace, measurer: Measurer,
+                 progress: TuneProgress, *, unit: str) -> None:
+        self.study = study
+        self.space = space
+        self.measurer = measurer
+        self.progress = progress
+        self.unit = unit
+        self.report = SearchReport()
+
+    def _objective(self, trial: optuna.Trial) -> float:
+        config = self.space.draw(trial)
+        trial.set_user_attr("config", config.to_dict())
+        trial.set_user_attr("config_key", config.key())
+        baseline = is_baseline(trial)  # type: ignore[arg-type]
+        label = f"trial-{trial.number:04d}"
+        self.progress.update(f"trial {trial.number}{' (baseline)' if baseline else ''}: {_short(config)}")
+
+        def on_sample(step: int, running_median: float) -> bool:
+            trial.report(running_median, step)
+            return not baseline and trial.should_prune()
+
+        try:
+            outcome = self.measurer.run(config, label, on_sample=on_sample)
+        except TrialStopped as stopped:
+            trial.set_user_attr("pruned_at", stopped.step)
+            raise optuna.TrialPruned(str(stopped)) from None
+        except TrialFailed as failed:
+            trial.set_user_attr("failure", failed.reason)
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("failure", "interrupted")
+            raise
+        record_outcome(trial, outcome)
+        return outcome.value
+
+    def run_one(self) -> FrozenTrial:
+        with quiet_optuna():
+            self.study.optimize(self._objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
+        trial = self.study.get_trials(deepcopy=False)[-1]
+        self._log(trial)
+        return trial
+
+    def _log(self, trial: FrozenTrial) -> None:
+        self.report.trials_run += 1
+        tag = " (baseline)" if is_baseline(trial) else ""
+        config = trial.user_attrs.get("config", {})
+        if trial.state == TrialState.COMPLETE:
+            self.report.complete += 1
+            summary = trial.user_attrs["summary"]
+            self.progress.event(
+                f"trial {trial.number}{tag}: {summary['median']:.1f} {self.unit} "
+                f"[{summary['ci_low']:.1f}, {summary['ci_high']:.1f}] n={summary['n']} {_short_dict(config)}")
+        elif trial.state == TrialState.PRUNED:
+            self.report.pruned += 1
+            self.progress.event(f"trial {trial.number}{tag}: pruned (clearly slower) {_short_dict(config)}")
+        else:
+            self.report.failed += 1
+            self.progress.event(f"trial {trial.number}{tag}: FAILED - {trial.user_attrs.get('failure', '?')}")
+
+    def run_until(self, deadline: Callable[[], float], min_trial_seconds: Callable[[], float]) -> SearchReport:
+        """Trials until the time left before ``deadline()`` is shorter than a trial is expected to take."""
+        try:
+            while deadline() - time.monotonic() > min_trial_seconds():
+                self.run_one()
+        except KeyboardInterrupt:
+            self.report.interrupted = True
+            raise Interrupted from None
+        return self.report
+
+
+def _short(config: RunConfig) -> str:
+    return _short_dict(config.to_dict())
+
+
+def _short_dict(config: dict[str, Any]) -> str:
+    if not config:
+        return ""
+    parts = [f"t={config['threads']}/{config['threads_batch']}", f"b={config['batch_size']}/{config['ubatch_size']}",
+             f"place={config['placement']}" + (f"[{config['cpus']}]" if config.get("cpus") else ""),
+             f"fa={config['flash_attn']}", f"load={config['load_mode']}",
+             f"kv={config['cache_type_k']}/{config['cache_type_v']}"]
+    if config.get("numa", "none") != "none" or config.get("memory_policy", "default") != "default":
+        parts.append(f"numa={config['numa']}/{config['memory_policy']}")
+    return " ".join(parts)
+
+
+def fixed_samples(rule: StopRule, samples: int) -> StopRule:
+    """A stop rule that takes exactly ``samples`` samples (verification rounds must be alike)."""
+    return replace(rule, min_samples=samples, max_samples=samples)

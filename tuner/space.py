@@ -1,0 +1,202 @@
+"""The search space, derived from the host probe, the model and the objective.
+
+Dimensions that cannot matter are not searched, so the sampler spends its trials where they can pay:
+
+* SMT only on hosts with SMT siblings, and only when threads are pinned (unpinned threads land anywhere);
+* compact vs. scatter placement only with more than one cache or NUMA domain;
+* NUMA mode and memory policy only with more than one NUMA node;
+* generation threads only when tg is measured, batch threads and batch sizes only when pp is;
+* mlock only when this process may lock the whole model in memory.
+
+Invalid combinations are excluded by construction, never scored: the CPU mask is chosen for the larger of
+the two thread counts, ``n_ubatch <= n_batch`` holds by the order of sampling, a quantized V cache is only
+offered with flash attention on or auto, and ``--numa distribute|isolate`` (where llama.cpp pins threads
+itself) never comes with a CPU list.
+
+One function, :meth:`SearchSpace.draw`, maps choices to a :class:`RunConfig`; it is driven either by an
+Optuna trial (``suggest_*``) or by a stored parameter dict, so a configuration is rebuilt exactly as it
+was measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tuner.config import MEMORY_POLICIES, NUMA_MODES, MemoryPolicy, NumaMode, Placement, RunConfig
+from tuner.model.gguf_file import ModelInfo
+from tuner.probe.host import HostProbe
+from tuner.probe.placement import max_threads, select_cpus
+from tuner.trial.protocol import measures_pp, measures_tg
+
+UBATCH_LOG2 = (5, 10)  # 32 .. 1024
+BATCH_LOG2_MAX = 12  # 4096
+DEFAULT_BATCH = 2048
+DEFAULT_UBATCH = 512
+KV_TYPES = ("f16", "q8_0")
+
+
+class TrialLike(Protocol):
+    def suggest_int(self, name: str, low: int, high: int) -> int: ...
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One knob, whether it is searched on this host, and why - shown to the user before tuning."""
+
+    name: str
+    searched: bool
+    values: str
+    reason: str
+
+
+class _FromParams:
+    """Answers ``suggest_*`` calls from a stored parameter dict (or the baseline's)."""
+
+    def __init__(self, params: dict[str, Any], fallback: Callable[[str], Any]) -> None:
+        self.params = params
+        self.fallback = fallback
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        value = int(self.params[name]) if name in self.params else int(self.fallback(name))
+        return min(max(value, low), high)
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        value = self.params[name] if name in self.params else self.fallback(name)
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
+        return value
+
+
+class SearchSpace:
+    def __init__(self, probe: HostProbe, model: ModelInfo, objective: str, *, search_kv_cache: bool = True) -> None:
+        self.probe = probe
+        self.model = model
+        self.objective = objective
+        topo = probe.topology
+        self.physical_cores = topo.physical_core_count
+        self.logical_cpus = len(topo.cpus)
+        self.multi_node = len(topo.nodes) > 1
+        self.multi_domain = len(topo.llc_domains) > 1 or self.multi_node
+        self.has_smt = topo.has_smt
+        self.search_tg_threads = measures_tg(objective)
+        self.search_batch = measures_pp(objective)
+        self.can_mlock = probe.kernel.can_lock_memory or (
+            probe.kernel.memlock_limit_bytes is not None and probe.kernel.memlock_limit_bytes >= model.size_bytes
+        )
+        self.search_kv_cache = search_kv_cache
+        self.placements = ("os", "compact", "scatter") if self.multi_domain else ("os", "compact")
+        self.load_modes = ("auto", "none", "mlock", "mmap+mlock") if self.can_mlock else ("auto", "none")
+
+    # ---- the one mapping from choices to a configuration --------------------------------------------
+
+    def draw(self, trial: TrialLike) -> RunConfig:
+        topo = self.probe.topology
+        numa: NumaMode = trial.suggest_categorical("numa", NUMA_MODES) if self.multi_node else "none"
+        threads_pinned = numa in ("none", "numactl")
+        placement: Placement = trial.suggest_categorical("placement", self.placements) if threads_pinned else "os"
+        pinned = placement != "os"
+        smt = bool(trial.suggest_categorical("smt", (False, True))) if (pinned and self.has_smt) else self.has_smt
+        limit = max_threads(topo, smt) if pinned else self.logical_cpus
+        threads = trial.suggest_int("threads", 1, limit) if self.search_tg_threads else min(
+            self.physical_cores, limit)
+        threads_batch = trial.suggest_int("threads_batch", 1, limit) if self.search_batch else threads
+        if self.search_batch:
+            ubatch_log2 = trial.suggest_int("ubatch_log2", *UBATCH_LOG2)
+            batch_log2 = trial.suggest_int("batch_log2", ubatch_log2, BATCH_LOG2_MAX)
+            ubatch, batch = 2**ubatch_log2, 2**batch_log2
+        else:
+            ubatch, batch = DEFAULT_UBATCH, DEFAULT_BATCH
+        cpus = select_cpus(topo, max(threads, threads_batch), smt=smt, placement=placement) \
+            if placement != "os" else ()
+        memory_policy: MemoryPolicy = trial.suggest_categorical("memory_policy", MEMORY_POLICIES) \
+            if (self.multi_node and threads_pinned) else "default"
+        memory_nodes = (topo.nodes_of(cpus) if cpus else topo.node_ids) if memory_policy != "default" else ()
+        load_mode = trial.suggest_categorical("load_mode", self.load_modes)
+        flash_attn = trial.suggest_categorical("flash_attn", ("auto", "on", "off"))
+        if self.search_kv_cache:
+            cache_k = trial.suggest_categorical("cache_type_k", KV_TYPES)
+            cache_v = trial.suggest_categorical("cache_type_v", KV_TYPES) if flash_attn != "off" else "f16"
+        else:
+            cache_k = cache_v = "f16"
+        return RunConfig(
+            threads=threads, threads_batch=threads_batch, batch_size=batch, ubatch_size=ubatch, smt=smt,
+            placement=placement, cpus=tuple(cpus), numa=numa, memory_policy=memory_policy,
+            memory_nodes=tuple(memory_nodes), load_mode=load_mode, flash_attn=flash_attn,
+            cache_type_k=cache_k, cache_type_v=cache_v,
+        ).validate()
+
+    def config_from_params(self, params: dict[str, Any]) -> RunConfig:
+        """Rebuild the configuration a stored trial measured."""
+        return self.draw(_FromParams(params, self._baseline_value))
+
+    # ---- the baseline: what llama.cpp does when nobody tunes it ------------------------------------
+
+    def _baseline_value(self, name: str) -> Any:
+        """llama-server's defaults (common/common.h of the pinned llama.cpp): threads = physical cores
+        (``cpu_get_num_math``), the same for batch threads, batch 2048, ubatch 512, flash attention auto,
+        load mode auto (mmap on a CPU-only build), f16 KV cache, no NUMA mode, no pinning."""
+        return {
+            "numa": "none", "placement": "os", "smt": self.has_smt, "threads": self.physical_cores,
+            "threads_batch": self.physical_cores, "ubatch_log2": 9, "batch_log2": 11,
+            "memory_policy": "default", "load_mode": "auto", "flash_attn": "auto",
+            "cache_type_k": "f16", "cache_type_v": "f16",
+        }[name]
+
+    def baseline(self) -> RunConfig:
+        return self.config_from_params({})
+
+    def baseline_params(self) -> dict[str, Any]:
+        """The Optuna parameters that reproduce the baseline, for ``enqueue_trial``."""
+        recorder = _Recorder(self._baseline_value)
+        self.draw(recorder)
+        return recorder.params
+
+    # ---- what the user sees ------------------------------------------------------------------------
+
+    def dimensions(self) -> list[Dimension]:
+        topo = self.probe.topology
+        nodes = len(topo.nodes)
+        dims = [
+            Dimension("numa", self.multi_node, "none, distribute, isolate, numactl",
+                      f"{nodes} NUMA nodes" if self.multi_node else "one NUMA node: nothing to place"),
+            Dimension("placement", True, ", ".join(self.placements),
+                      "several cache/NUMA domains" if self.multi_domain else "one cache domain: compact = scatter"),
+            Dimension("smt", self.has_smt, "off, on",
+                      f"{topo.threads_per_core} threads per core" if self.has_smt else "no SMT siblings"),
+            Dimension("threads", self.search_tg_threads, f"1..{self.logical_cpus}",
+                      "tg is measured" if self.search_tg_threads else "only pp is measured: generation threads idle"),
+            Dimension("threads_batch", self.search_batch, f"1..{self.logical_cpus}",
+                      "pp is measured" if self.search_batch else "only tg is measured: batch threads idle"),
+            Dimension("batch/ubatch", self.search_batch, f"{2**UBATCH_LOG2[0]}..{2**BATCH_LOG2_MAX}",
+                      "pp is measured" if self.search_batch else "tg decodes one token at a time"),
+            Dimension("memory_policy", self.multi_node, "default, interleave, bind",
+                      f"{nodes} NUMA nodes" if self.multi_node else "one NUMA node"),
+            Dimension("load_mode", True, ", ".join(self.load_modes),
+                      "mlock allowed" if self.can_mlock else "memlock limit too small for this model: no mlock"),
+            Dimension("flash_attn", True, "auto, on, off", "changes the attention kernels"),
+            Dimension("kv cache type", self.search_kv_cache, ", ".join(KV_TYPES),
+                      "smaller KV reads per token" if self.search_kv_cache else "pinned to f16 (--no-kv-quant)"),
+        ]
+        return dims
+
+
+class _Recorder:
+    """Plays the baseline through :meth:`SearchSpace.draw` and records which parameters it touched."""
+
+    def __init__(self, value: Callable[[str], Any]) -> None:
+        self.value = value
+        self.params: dict[str, Any] = {}
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        self.params[name] = min(max(int(self.value(name)), low), high)
+        return int(self.params[name])
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        value = self.value(name)
+        if value not in choices:
+            raise ValueError(f"baseline {name}={value!r} is not one of {list(choices)}")
+        self.params[name] = value
+        return value

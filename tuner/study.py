@@ -1,0 +1,230 @@
+"""Optuna studies: where they are stored, what they are bound to, and how a run resumes one.
+
+A study belongs to one hardware fingerprint, one model file (sha256), one objective and one workload:
+trials measured under different conditions are not comparable, so reopening a study under different
+conditions is refused with a clear message instead of mixing numbers. These facts are stored as study
+user attributes when the study is created.
+
+Storage is an Optuna ``RDBStorage`` with heartbeats: a controller killed with SIGKILL leaves its trial
+RUNNING, and the next run (or another fleet worker) marks it FAIL after the grace period and re-queues
+it once (``RetryFailedTrialCallback``). The embedded default is one SQLite file in the user's data
+directory; PostgreSQL is the store for many hosts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.errors import UserError
+from tuner.paths import data_dir, default_storage_url
+
+HEARTBEAT_INTERVAL_S = 10
+GRACE_PERIOD_S = 30
+ROLE_ATTR = "role"
+BASELINE = "baseline"
+# Study attributes that must match for a run to continue a study.
+BINDING_ATTRS = ("host_fingerprint", "model_sha256", "objective", "workload")
+
+
+@dataclass(frozen=True)
+class StudyBinding:
+    """What a study's trials were measured on."""
+
+    host_fingerprint: str
+    model_sha256: str
+    objective: str
+    workload: dict[str, Any]
+    extra: dict[str, Any]
+
+    def attrs(self) -> dict[str, Any]:
+        return {
+            "host_fingerprint": self.host_fingerprint,
+            "model_sha256": self.model_sha256,
+            "objective": self.objective,
+            "workload": self.workload,
+            **self.extra,
+        }
+
+
+@contextlib.contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna logs every trial (failures with a traceback) and warns that heartbeats and grouped TPE are
+    experimental; llamahost reports trials itself and pins the Optuna version it was tested with."""
+    previous = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            yield
+    finally:
+        optuna.logging.set_verbosity(previous)
+
+
+def _describe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url
+
+
+def open_storage(url: str | None) -> RDBStorage:
+    """Open (and for the default, create) the study store, or raise a :class:`UserError`."""
+    if url is None:
+        data_dir().mkdir(parents=True, exist_ok=True)
+        url = default_storage_url()
+    elif url.startswith("sqlite:///"):
+        parent = Path(url.removeprefix("sqlite:///")).expanduser().parent
+        if not parent.is_dir():
+            raise UserError(f"cannot open study storage {url}: directory {parent} does not exist",
+                            "create the directory first, or omit --storage to use the default store")
+    elif not url.startswith(("sqlite:", "postgresql", "mysql")):
+        raise UserError(f"unsupported study storage URL {_describe_url(url)!r}",
+                        "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB (or omit --storage)")
+    try:
+        with quiet_optuna():
+            return RDBStorage(
+                url,
+                heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                grace_period=GRACE_PERIOD_S,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+            )
+    except Exception as exc:  # sqlalchemy raises a zoo of driver errors; all mean "cannot open"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot open study storage {_describe_url(url)}: {first_line}",
+                        "check the URL, that the database server is running and reachable, and the "
+                        "credentials") from None
+
+
+def open_existing_storage(url: str | None) -> RDBStorage:
+    """Open a store for reading; unlike :func:`open_storage` it never creates the default one."""
+    if url is None:
+        path = data_dir() / "studies.db"
+        if not path.exists():
+            raise UserError(f"no studies yet (no store at {path})", "run `llamahost tune` first")
+    return open_storage(url)
+
+
+def make_sampler(seed: int | None = None) -> optuna.samplers.BaseSampler:
+    # multivariate + group: the space is conditional (NUMA mode decides whether placement exists).
+    # constant_liar: fleet workers sampling at the same time do not all pick the same point.
+    with quiet_optuna():
+        return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
+                                          n_startup_trials=8)
+
+
+def make_pruner() -> optuna.pruners.BasePruner:
+    # Only clearly bad trials are abandoned: below the bottom quartile of earlier trials at the same
+    # sample count, after at least three samples and five finished trials.
+    return optuna.pruners.PercentilePruner(75.0, n_startup_trials=5, n_warmup_steps=2)
+
+
+def open_study(
+    name: str,
+    storage: RDBStorage,
+    binding: StudyBinding,
+    *,
+    baseline_params: dict[str, Any],
+    seed: int | None = None,
+) -> tuple[optuna.Study, bool]:
+    """Create the study (enqueuing the baseline as its first trial) or reopen it after checking that it
+    was made for this host, model, objective and workload. Returns (study, created)."""
+    with quiet_optuna():
+        try:
+            study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
+                                        sampler=make_sampler(seed), pruner=make_pruner(), load_if_exists=False)
+            created = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(seed),
+                                      pruner=make_pruner())
+            created = False
+    if created:
+        for key, value in binding.attrs().items():
+            study.set_user_attr(key, value)
+        enqueue_baseline(study, baseline_params)
+        return study, True
+    check_binding(study, binding)
+    if not any(t.user_attrs.get(ROLE_ATTR) == BASELINE for t in study.get_trials(deepcopy=False)):
+        enqueue_baseline(study, baseline_params)  # creator died between creating and enqueuing
+    return study, False
+
+
+def check_binding(study: optuna.Study, binding: StudyBinding) -> None:
+    attrs = study.user_attrs
+    if not attrs:
+        raise UserError(f"study {study.study_name!r} was not made by llamahost",
+                        "choose another --study name")
+    mine = binding.attrs()
+    for key in BINDING_ATTRS:
+        if attrs.get(key) != mine[key]:
+            what = {
+                "host_fingerprint": "a different host (hardware fingerprint)",
+                "model_sha256": "a different model file (sha256)",
+                "objective": "a different objective",
+                "workload": "a different workload",
+            }[key]
+            raise UserError(
+                f"study {study.study_name!r} was made for {what}: {attrs.get(key)} here is {mine[key]}",
+                "pass a new --study name (results from different conditions are not comparable)",
+            )
+
+
+def enqueue_baseline(study: optuna.Study, params: dict[str, Any]) -> None:
+    with quiet_optuna():
+        study.enqueue_trial(params, user_attrs={ROLE_ATTR: BASELINE}, skip_if_exists=False)
+
+
+def is_baseline(trial: FrozenTrial) -> bool:
+    return trial.user_attrs.get(ROLE_ATTR) == BASELINE
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The completed baseline trial, if any (the latest if it was retried)."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_baseline(t)]
+    return done[-1] if done else None
+
+
+def best_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    """The ``k`` best completed trials with distinct configurations, best first, baseline excluded."""
+    seen: set[str] = set()
+    best: list[FrozenTrial] = []
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    for trial in sorted(complete, key=lambda t: t.value if t.value is not None else float("-inf"), reverse=True):
+        key = str(trial.user_attrs.get("config_key", trial.params))
+        if is_baseline(trial) or key in seen:
+            continue
+        seen.add(key)
+        best.append(trial)
+        if len(best) == k:
+            break
+    return best
+
+
+def list_study_names(storage: RDBStorage) -> list[str]:
+    return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def load_existing_study(name: str, storage: RDBStorage) -> optuna.Study:
+    with quiet_optuna():
+        try:
+            return optuna.load_study(study_name=name, storage=storage)
+        except KeyError:
+            known = list_study_names(storage)
+            hint = f"known studies: {', '.join(known)}" if known else "no studies exist yet: run `llamahost tune`"
+            raise UserError(f"no study named {name!r} in this storage", hint) from None
+
+
+logging.getLogger("sqlalchemy").setLevel(logging.WARNING)

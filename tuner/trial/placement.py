@@ -1,0 +1,114 @@
+"""Put a process, and the memory it will allocate, where a trial says - before the model loads.
+
+llama.cpp has no CPU-mask option, and its ``--numa numactl`` mode expects to be started under numactl.
+A trial worker does what numactl would do, in-process and without depending on numactl being installed:
+``sched_setaffinity`` for the CPUs and the ``set_mempolicy`` system call for memory (threads created
+later, including ggml's and OpenMP's, inherit both). The model's pages in the page cache keep the
+placement of whoever touched them first, across processes; :func:`evict_page_cache` drops one file's
+pages (``POSIX_FADV_DONTNEED``, never a host-wide drop_caches) so the next load places them afresh.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+from collections.abc import Iterable
+from pathlib import Path
+
+MPOL_DEFAULT = 0
+MPOL_PREFERRED = 1
+MPOL_BIND = 2
+MPOL_INTERLEAVE = 3
+POLICY_MODES = {"default": MPOL_DEFAULT, "bind": MPOL_BIND, "interleave": MPOL_INTERLEAVE}
+MODE_NAMES = {v: k for k, v in POLICY_MODES.items()} | {MPOL_PREFERRED: "preferred"}
+
+# set_mempolicy / get_mempolicy system call numbers per architecture (asm/unistd.h).
+_SYSCALLS = {
+    "x86_64": {"set_mempolicy": 238, "get_mempolicy": 239},
+    "aarch64": {"set_mempolicy": 237, "get_mempolicy": 236},
+}
+_WORD_BITS = 8 * ctypes.sizeof(ctypes.c_ulong)
+
+
+class PlacementError(RuntimeError):
+    """The kernel refused a placement (e.g. a node without memory, or no NUMA support)."""
+
+
+def nodemask_words(nodes: Iterable[int]) -> list[int]:
+    """The ``unsigned long`` words of a kernel nodemask with the given node bits set."""
+    node_list = sorted(set(nodes))
+    if not node_list:
+        return [0]
+    if node_list[0] < 0:
+        raise ValueError("node ids must be >= 0")
+    words = [0] * (node_list[-1] // _WORD_BITS + 1)
+    for node in node_list:
+        words[node // _WORD_BITS] |= 1 << (node % _WORD_BITS)
+    return words
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _syscall_number(name: str) -> int:
+    machine = platform.machine()
+    try:
+        return _SYSCALLS[machine][name]
+    except KeyError:
+        raise PlacementError(f"{name} is not supported on {machine}") from None
+
+
+def set_memory_policy(policy: str, nodes: Iterable[int]) -> None:
+    """Apply a memory policy to the calling thread (and the threads it creates later)."""
+    if policy not in POLICY_MODES:
+        raise ValueError(f"unknown memory policy {policy!r}")
+    mode = POLICY_MODES[policy]
+    libc = _libc()
+    if mode == MPOL_DEFAULT:
+        result = libc.syscall(_syscall_number("set_mempolicy"), MPOL_DEFAULT, None, ctypes.c_ulong(0))
+    else:
+        words = nodemask_words(nodes)
+        mask = (ctypes.c_ulong * len(words))(*words)
+        # The kernel reads maxnode - 1 bits (a historic off-by-one that libnuma also works around).
+        maxnode = ctypes.c_ulong(len(words) * _WORD_BITS + 1)
+        result = libc.syscall(_syscall_number("set_mempolicy"), mode, mask, maxnode)
+    if result != 0:
+        err = ctypes.get_errno()
+        raise PlacementError(f"set_mempolicy({policy}, nodes={sorted(set(nodes))}) failed: {os.strerror(err)}")
+
+
+def current_memory_policy() -> tuple[str, tuple[int, ...]]:
+    """The calling thread's memory policy and its nodes, read back from the kernel."""
+    libc = _libc()
+    mode = ctypes.c_int(0)
+    words = 16
+    mask = (ctypes.c_ulong * words)()
+    result = libc.syscall(_syscall_number("get_mempolicy"), ctypes.byref(mode), mask,
+                          ctypes.c_ulong(words * _WORD_BITS), None, ctypes.c_ulong(0))
+    if result != 0:
+        err = ctypes.get_errno()
+        raise PlacementError(f"get_mempolicy failed: {os.strerror(err)}")
+    nodes = tuple(i * _WORD_BITS + bit for i, word in enumerate(mask) for bit in range(_WORD_BITS)
+                  if word >> bit & 1)
+    return MODE_NAMES.get(mode.value, str(mode.value)), nodes
+
+
+def pin_to_cpus(cpus: Iterable[int]) -> tuple[int, ...]:
+    """Restrict the calling process to ``cpus``; returns the mask the kernel actually applied."""
+    wanted = set(cpus)
+    if wanted:
+        os.sched_setaffinity(0, wanted)
+    return tuple(sorted(os.sched_getaffinity(0)))
+
+
+def evict_page_cache(files: Iterable[Path]) -> None:
+    """Drop these files' clean pages from the page cache so the next reader places them afresh."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

@@ -1,0 +1,295 @@
+"""``llamahost tune``: check everything, search, prove, write - in that order.
+
+Every check that can fail on bad input (model file, memory, storage, study binding) runs before the first
+trial and before anything is written, so a bad invocation costs nothing and loses nothing. Then the
+search runs within the budget, the best candidates are verified against the baseline, and the result
+file is written.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.config import RunConfig
+from tuner.errors import UserError
+from tuner.model.checksum import model_sha256
+from tuner.model.default_model import default_model_path
+from tuner.model.gguf_file import ModelInfo, check_fits_in_memory, inspect_model
+from tuner.paths import data_dir, results_dir
+from tuner.probe import probe_host
+from tuner.probe.host import HostProbe
+from tuner.progress import TuneProgress
+from tuner.result import BASELINE_STANDS, FORMAT_VERSION, IMPROVED, now_iso, version_block, write_result
+from tuner.roofline import mean_context_depth, roofline
+from tuner.search import (
+    SPAWN_OVERHEAD_S,
+    Interrupted,
+    Measurer,
+    MeasureSettings,
+    Search,
+    fixed_samples,
+    sigterm_as_interrupt,
+)
+from tuner.space import SearchSpace
+from tuner.stats import StopRule
+from tuner.study import (
+    StudyBinding,
+    baseline_trial,
+    best_trials,
+    enqueue_baseline,
+    is_baseline,
+    open_storage,
+    open_study,
+)
+from tuner.trial.protocol import Warmup, Workload
+from tuner.verify import Arm, Verification, plan_rounds, verify
+
+RESERVE_MAX_FRACTION = 0.4
+TARGET_VERIFY_ROUNDS = 5
+MIN_BUDGET_S = 30.0
+UNITS = {"tg": "tg tok/s", "pp": "pp tok/s", "both": "sqrt(pp*tg) tok/s"}
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    budget_seconds: float
+    objective: str = "tg"
+    model_path: Path | None = None
+    study_name: str | None = None
+    storage_url: str | None = None
+    output: Path | None = None
+    workload: Workload = field(default_factory=Workload)
+    candidates: int = 3
+    verify_samples: int = 5
+    alpha: float = 0.05
+    min_effect: float = 0.01
+    search_kv_cache: bool = True
+    max_measure_seconds: float = 60.0
+    seed: int | None = None
+    stop: StopRule = field(default_factory=StopRule)
+
+
+@dataclass
+class TuneContext:
+    request: TuneRequest
+    model: ModelInfo
+    model_sha256: str
+    probe: HostProbe
+    space: SearchSpace
+    study: optuna.Study
+    study_created: bool
+    settings: MeasureSettings
+    result_path: Path
+
+
+def default_study_name(model: ModelInfo, sha: str, objective: str, probe: HostProbe) -> str:
+    stem = model.path.stem.lower().replace(" ", "-")[:40]
+    return f"{stem}-{sha[:8]}-{objective}-{probe.fingerprint()[:8]}"
+
+
+def validate_request(request: TuneRequest) -> None:
+    if request.budget_seconds <= 0:
+        raise UserError("the budget must be positive", "pass e.g. --budget 30m or --budget 8h")
+    if request.budget_seconds < MIN_BUDGET_S:
+        raise UserError(f"a budget of {request.budget_seconds:.0f} s cannot measure a baseline and verify it",
+                        f"pass at least --budget {int(MIN_BUDGET_S)}s (minutes are better: --budget 10m)")
+    if request.objective not in UNITS:
+        raise UserError(f"unknown objective {request.objective!r}", "use tg, pp or both")
+    if request.candidates < 1:
+        raise UserError("--candidates must be at least 1", "pass --candidates 3")
+
+
+def prepare(request: TuneRequest) -> TuneContext:
+    """All checks, in the order a user would want to hear about problems; the study is touched last."""
+    validate_request(request)
+    request.workload.validate()
+    model_path = request.model_path if request.model_path is not None else default_model_path()
+    model = inspect_model(model_path)
+    probe = probe_host(bandwidth=True)
+    check_fits_in_memory(model, probe.memory_available_bytes)
+    sha = model_sha256(model.files)
+    space = SearchSpace(probe, model, request.objective, search_kv_cache=request.search_kv_cache)
+    storage = open_storage(request.storage_url)
+    name = request.study_name or default_study_name(model, sha, request.objective, probe)
+    binding = StudyBinding(
+        host_fingerprint=probe.fingerprint(),
+        model_sha256=sha,
+        objective=request.objective,
+        workload={"pp_tokens": request.workload.pp_tokens, "tg_tokens": request.workload.tg_tokens,
+                  "seed": request.workload.seed},
+        extra={"host": probe.fingerprint_fields(), "model_path": str(model.path), "hostname": probe.hostname},
+    )
+    study, created = open_study(name, storage, binding, baseline_params=space.baseline_params(), seed=request.seed)
+    settings = MeasureSettings(objective=request.objective, workload=request.workload, warmup=Warmup(),
+                               stop=request.stop, max_measure_seconds=request.max_measure_seconds)
+    result_path = request.output or results_dir() / f"{name}.yaml"
+    return TuneContext(request, model, sha, probe, space, study, created, settings, result_path)
+
+
+def _run_cost(outcome: dict[str, Any], verify_samples: int) -> float:
+    """Seconds one verification run will take, from a finished trial's time accounting."""
+    n = max(1, len(outcome["values"]))
+    per_sample = float(outcome["measure_seconds"]) / n
+    info = 2 * per_sample
+    fixed = float(outcome["load_seconds"]) + float(outcome["warmup_seconds"])
+    return SPAWN_OVERHEAD_S + fixed + verify_samples * per_sample + info
+
+
+@dataclass
+class TuneOutcome:
+    result: dict[str, Any]
+    result_path: Path
+    verification: Verification
+
+
+def run(ctx: TuneContext) -> TuneOutcome:
+    req = ctx.request
+    started = time.monotonic()
+    deadline = started + req.budget_seconds
+    log_dir = data_dir() / "logs" / ctx.study.study_name
+    measurer = Measurer(ctx.model, ctx.settings, log_dir, multi_node=ctx.space.multi_node)
+    unit = UNITS[req.objective]
+    title = f"tuning {ctx.model.path.name} for {req.objective} on {ctx.probe.hostname}"
+    with sigterm_as_interrupt(), TuneProgress(req.budget_seconds, title=title) as progress:
+        progress.event(f"study {ctx.study.study_name} ({'new' if ctx.study_created else 'resumed'}, "
+                       f"{len(ctx.study.trials)} trials so far)")
+        search = Search(ctx.study, ctx.space, measurer, progress, unit=unit)
+        try:
+            base = _measure_baseline(ctx, search, log_dir, deadline)
+            arms = req.candidates + 1
+            run_cost = _run_cost(base.user_attrs["outcome"], req.verify_samples)
+            reserve = min(TARGET_VERIFY_ROUNDS * arms * run_cost, RESERVE_MAX_FRACTION * req.budget_seconds)
+            trial_cost = base.user_attrs["outcome"]["wall_seconds"]
+            search.run_until(lambda: deadline - reserve, lambda: 0.5 * trial_cost)
+            progress.update("verifying")
+            verification = _verify(ctx, measurer, progress, deadline, run_cost)
+        except KeyboardInterrupt:
+            raise Interrupted from None
+        wall = time.monotonic() - started
+        result = build_result(ctx, verification, search.report.__dict__, wall, measurer.measuring_seconds)
+        write_result(ctx.result_path, result)
+        progress.event(f"result written to {ctx.result_path}")
+    return TuneOutcome(result, ctx.result_path, verification)
+
+
+def _measure_baseline(ctx: TuneContext, search: Search, log_dir: Path, deadline: float) -> FrozenTrial:
+    """The first trial of a study is the baseline; a resumed study reuses its measurement. A baseline that
+    fails twice, or fails with no budget left for another try, ends the run: with llama.cpp's defaults
+    failing, nothing can be proven against them."""
+    failures = 0
+    while (base := baseline_trial(ctx.study)) is None:
+        if not any(is_baseline(t) for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+            enqueue_baseline(ctx.study, ctx.space.baseline_params())
+        attempt_started = time.monotonic()
+        trial = search.run_one()
+        if is_baseline(trial) and trial.state == TrialState.FAIL:
+            failures += 1
+            attempt = time.monotonic() - attempt_started
+            if failures >= 2 or time.monotonic() + attempt > deadline:
+                raise UserError("the baseline configuration (llama.cpp's defaults) could not be measured: "
+                                f"{trial.user_attrs.get('failure', '?')}",
+                                f"read the trial logs in {log_dir}; on a busy host give a longer --budget or "
+                                "shorter --pp-tokens/--tg-tokens")
+    return base
+
+
+def _verify(ctx: TuneContext, measurer: Measurer, progress: TuneProgress, deadline: float,
+            run_cost: float) -> Verification:
+    req = ctx.request
+    top = best_trials(ctx.study, req.candidates)
+    candidates = [(f"trial-{t.number}", ctx.space.config_from_params(t.params), t.number) for t in top]
+    if not candidates:
+        base = baseline_trial(ctx.study)
+        assert base is not None
+        arm = Arm.from_search("baseline", ctx.space.baseline(), base.number, base.user_attrs["outcome"])
+        return Verification(baseline=arm, candidates=[], rounds=0, alpha=req.alpha, min_effect=req.min_effect)
+    rounds = plan_rounds(deadline - time.monotonic(), run_cost, len(candidates) + 1)
+    progress.event(f"verifying {len(candidates)} candidate(s) against the baseline in {rounds} interleaved rounds")
+    stop = fixed_samples(ctx.settings.stop, req.verify_samples)
+
+    def run_once(config: RunConfig, label: str) -> Any:
+        return measurer.run(config, label, stop=stop)
+
+    def on_round(done: int, total: int) -> None:
+        progress.update(f"verification round {done}/{total}")
+
+    return verify(ctx.space.baseline(), candidates, run_once, rounds=rounds, alpha=req.alpha,
+                  min_effect=req.min_effect, seed=req.seed or 0, on_round=on_round)
+
+
+def _throughput(arm: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for metric in ("pp", "tg"):
+        summary = arm.metric(metric)
+        if summary is not None:
+            out[f"{metric}_tps"] = {"median": summary.median, "ci_low": summary.ci_low, "ci_high": summary.ci_high,
+                                   "n": summary.n}
+    return out
+
+
+def build_result(ctx: TuneContext, verification: Verification, search: dict[str, Any], wall_seconds: float,
+                 measuring_seconds: float) -> dict[str, Any]:
+    winner = verification.winner
+    chosen = winner or verification.baseline
+    config = chosen.config
+    probe = ctx.probe
+    system_info = ""
+    base_trial = baseline_trial(ctx.study)
+    if base_trial is not None:
+        system_info = base_trial.user_attrs.get("outcome", {}).get("applied", {}).get("system_info", "")
+    result: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "study": ctx.study.study_name,
+        "written": now_iso(),
+        "verdict": IMPROVED if winner else BASELINE_STANDS,
+        "objective": ctx.request.objective,
+        "summary": _summary_line(verification),
+        "settings": {
+            "source": chosen.label,
+            "config": config.to_dict(),
+            "server_args": config.server_args(),
+            "role_vars": config.role_vars(),
+        },
+        "baseline": {"config": verification.baseline.config.to_dict(), **_throughput(verification.baseline)},
+        "chosen": {"label": chosen.label, **_throughput(chosen)},
+        "improvement": winner.comparison.to_dict() if winner and winner.comparison else None,
+        "candidates": [a.to_dict() for a in verification.candidates],
+        "verification": {"rounds": verification.rounds, "alpha": verification.alpha,
+                         "min_effect": verification.min_effect,
+                         "baseline_round_values": verification.baseline.round_values},
+        "host": {"fingerprint": probe.fingerprint(), "hostname": probe.hostname, **probe.fingerprint_fields()},
+        "model": {"path": str(ctx.model.path), "sha256": ctx.model_sha256, "name": ctx.model.name,
+                  "quantization": ctx.model.file_type, "size_bytes": ctx.model.size_bytes,
+                  "bytes_per_token": ctx.model.bytes_per_token},
+        "llama_cpp": version_block(system_info),
+        "workload": {"pp_tokens": ctx.request.workload.pp_tokens, "tg_tokens": ctx.request.workload.tg_tokens},
+        "search": {**search, "study_trials": len(ctx.study.trials), "wall_seconds": wall_seconds,
+                   "measuring_seconds": measuring_seconds,
+                   "measuring_fraction": measuring_seconds / wall_seconds if wall_seconds > 0 else 0.0},
+    }
+    tg = chosen.metric("tg")
+    if probe.bandwidth is not None and tg is not None:
+        depth = mean_context_depth(ctx.request.workload.pp_tokens, ctx.request.workload.tg_tokens)
+        line = roofline(probe.bandwidth.all_nodes_gbps, ctx.model, tg.median, depth=depth,
+                        cache_type_k=config.cache_type_k, cache_type_v=config.cache_type_v)
+        result["roofline"] = line.to_dict()
+    return result
+
+
+def _summary_line(verification: Verification) -> str:
+    winner = verification.winner
+    if not verification.candidates:
+        return "baseline stands: the budget left no time to measure any candidate"
+    if winner is None or winner.comparison is None:
+        return ("baseline stands: no candidate was significantly faster than llama.cpp's defaults "
+                f"({verification.rounds} interleaved rounds)")
+    c = winner.comparison
+    return (f"{winner.label} is {100 * (c.ratio - 1):+.1f}% faster than the baseline "
+            f"(95% CI {100 * (c.ci_low - 1):+.1f}% .. {100 * (c.ci_high - 1):+.1f}%, p={c.p_value:.3g}, "
+            f"{verification.rounds} interleaved rounds)")
