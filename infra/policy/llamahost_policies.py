@@ -39,9 +39,13 @@ Props = Mapping[str, Any]
 
 
 def _list(value: Any) -> list[Any]:
+    """A property that may be one value or many, as a list. The policy pack hands lists over as read-only
+    ``Sequence`` proxies (which raise on values unknown during preview), not as ``list``."""
     if value is None:
         return []
-    return list(value) if isinstance(value, list | tuple) else [value]
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes):
+        return list(value)
+    return [value]
 
 
 def _truthy(value: Any) -> bool:
@@ -77,6 +81,15 @@ def check_ebs_encryption(resource_type: str, props: Props) -> list[str]:
     return out
 
 
+def _ports(rule: Props) -> str:
+    """``22-22`` however the engine typed the numbers (protobuf makes every number a float)."""
+
+    def port(value: Any) -> str:
+        return str(int(value)) if isinstance(value, int | float) else str(value)
+
+    return f"{port(rule.get('fromPort'))}-{port(rule.get('toPort'))}"
+
+
 def _world_cidrs(rule: Props, keys: Sequence[str]) -> list[str]:
     return sorted({cidr for key in keys for cidr in _list(rule.get(key)) if cidr in WORLD})
 
@@ -88,15 +101,15 @@ def check_no_public_ingress(resource_type: str, props: Props) -> list[str]:
         for rule in _list(props.get("ingress")):
             world = _world_cidrs(rule, ("cidrBlocks", "ipv6CidrBlocks"))
             if world:
-                out.append(f"ingress {rule.get('fromPort')}-{rule.get('toPort')} from {', '.join(world)}")
+                out.append(f"ingress {_ports(rule)} from {', '.join(world)}")
     elif resource_type == SECURITY_GROUP_RULE and props.get("type") == "ingress":
         world = _world_cidrs(props, ("cidrBlocks", "ipv6CidrBlocks"))
         if world:
-            out.append(f"ingress {props.get('fromPort')}-{props.get('toPort')} from {', '.join(world)}")
+            out.append(f"ingress {_ports(props)} from {', '.join(world)}")
     elif resource_type == INGRESS_RULE:
         world = _world_cidrs(props, ("cidrIpv4", "cidrIpv6"))
         if world:
-            out.append(f"ingress {props.get('fromPort')}-{props.get('toPort')} from {', '.join(world)}")
+            out.append(f"ingress {_ports(props)} from {', '.join(world)}")
     return out
 
 

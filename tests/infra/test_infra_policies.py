@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import json
+import subprocess
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -232,3 +235,70 @@ def test_the_pack_entry_point_registers_every_policy() -> None:
     keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
     assert keywords["policies"] == "list(POLICIES)"
     assert keywords["enforcement_level"] == "EnforcementLevel.MANDATORY"
+
+
+# ---- the pack as the Pulumi CLI runs it: a gRPC analyzer server ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def analyzer() -> Iterator[Any]:
+    """Start infra/policy/__main__.py the way the CLI does and talk to it over the Analyzer gRPC API."""
+    import grpc
+    from pulumi.runtime.proto import analyzer_pb2_grpc
+
+    process = subprocess.Popen([sys.executable, "__main__.py"], cwd=INFRA_DIR / "policy",
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        port = process.stdout.readline().strip()
+        assert port.isdigit(), process.stderr.read() if process.stderr else port
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        yield analyzer_pb2_grpc.AnalyzerStub(channel)
+        channel.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def analyze(stub: Any, resource_type: str, props: dict[str, Any], name: str = "r") -> list[tuple[str, str]]:
+    from google.protobuf import json_format, struct_pb2
+    from pulumi.runtime import proto
+
+    properties = struct_pb2.Struct()
+    json_format.ParseDict(json.loads(json.dumps(props)), properties)
+    request = proto.AnalyzeRequest(type=resource_type, properties=properties, name=name,
+                                   urn=f"urn:pulumi:test::llamahost::{resource_type}::{name}")
+    return [(d.policyName, d.message) for d in stub.Analyze(request).diagnostics]
+
+
+def test_the_served_pack_rejects_bad_resources(analyzer: Any) -> None:
+    group = {"ingress": [{"protocol": "tcp", "fromPort": 22, "toPort": 22, "cidrBlocks": ["0.0.0.0/0"]},
+                         {"protocol": "tcp", "fromPort": 8080, "toPort": 8080, "securityGroups": ["sg-1"]}]}
+    found = analyze(analyzer, "aws:ec2/securityGroup:SecurityGroup", group, name="open")
+    assert [policy for policy, _ in found] == ["llamahost-no-public-ingress"]
+    assert "ingress 22-22 from 0.0.0.0/0" in found[0][1]
+    instance = bad(metadataOptions={"httpTokens": "optional"}, associatePublicIpAddress=True,
+                   ebsBlockDevices=[{"deviceName": "/dev/sdf", "encrypted": False}])
+    found = analyze(analyzer, INSTANCE, instance)
+    assert sorted(policy for policy, _ in found) == ["llamahost-ebs-encrypted", "llamahost-imdsv2-required",
+                                                    "llamahost-no-public-ip"]
+
+
+def test_the_served_pack_accepts_every_resource_of_the_program(analyzer: Any) -> None:
+    from infra_mocks import BASE_CONFIG, deploy
+
+    run = deploy({**BASE_CONFIG, "modelS3Uri": "s3://acme-models/m/"})
+    for record in run.mocks.resources:
+        assert analyze(analyzer, record.typ, record.inputs, record.name) == [], record.name
+
+
+def test_the_served_pack_works_during_preview_when_ids_are_unknown(analyzer: Any) -> None:
+    """In a preview the new client group's ID is unknown; the checks must not need it."""
+    from pulumi_policy.proxy import UNKNOWN_STRING_VALUE
+
+    group = {"ingress": [{"protocol": "tcp", "fromPort": 8080, "toPort": 8080,
+                          "securityGroups": [UNKNOWN_STRING_VALUE]}], "vpcId": UNKNOWN_STRING_VALUE}
+    assert analyze(analyzer, "aws:ec2/securityGroup:SecurityGroup", group) == []
+    instance = {**GOOD_INSTANCE, "subnetId": UNKNOWN_STRING_VALUE, "iamInstanceProfile": UNKNOWN_STRING_VALUE}
+    assert analyze(analyzer, INSTANCE, instance) == []
