@@ -7,6 +7,7 @@ type chosen and checked against EC2, the image and subnet looked up, and only th
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +111,17 @@ def network_for(settings: StackSettings, plan: HostPlan, name: str) -> tuple[Any
     return subnet.vpc_id, subnet.subnet_id, subnet.availability_zone
 
 
+def tag_value(text: str) -> str:
+    """EC2 tag values allow letters, digits, spaces and ``+ - = . _ : / @``, at most 256 characters."""
+    return re.sub(r"[^\w\s+\-=.:/@]", "_", text)[:256]
+
+
 def stack_tags(settings: StackSettings, plan: HostPlan) -> dict[str, str]:
     return {
         **settings.tags,
         "ManagedBy": "pulumi",
         "llamahost:stack": pulumi.get_stack(),
-        "llamahost:model": plan.model.name[:255],
+        "llamahost:model": tag_value(plan.model.name),
     }
 
 

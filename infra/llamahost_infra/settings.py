@@ -276,6 +276,13 @@ def _contradictions(s: StackSettings, raw: Mapping[str, str]) -> list[str]:
     return out
 
 
+def default_name_prefix(stack: str) -> str:
+    """``llamahost-<stack>`` in the characters every resource name allows (S3 bucket names are the
+    strictest: lowercase letters, digits and hyphens)."""
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", f"llamahost-{stack}".lower())
+    return cleaned[:31].rstrip("-")
+
+
 def _cidr(read: _Reader, key: str) -> str:
     """A private IPv4 network of /16 to /24, so a private and a public /26..28 subnet fit inside."""
     value = read.string(key)
@@ -307,7 +314,7 @@ def parse_settings(raw: Mapping[str, str], *, stack: str, region: str | None) ->
     name_prefix = read.string("namePrefix", NAME_PREFIX_PATTERN, "llamahost-dev")
     efficiency = read.number("efficiency")
     settings = StackSettings(
-        name_prefix=(f"llamahost-{stack}"[:31] if name_prefix is None else name_prefix).lower(),
+        name_prefix=default_name_prefix(stack) if name_prefix is None else name_prefix,
         region=region or "",
         ami_id=ami_id or "",
         model_path=read.string("model"),

@@ -17,7 +17,7 @@ from llamahost_infra.plan import (
     plan_cpu_options,
     plan_data_volume,
 )
-from llamahost_infra.settings import KEYS, parse_settings
+from llamahost_infra.settings import KEYS, default_name_prefix, parse_settings
 from ruamel.yaml import YAML
 
 from tuner.errors import UserError
@@ -236,3 +236,16 @@ def test_iam_documents_are_minimal() -> None:
     assert "Condition" not in listing
     actions = {s["Action"] for s in json.loads(model_read_policy("aws", "models", "a/b/"))["Statement"]}
     assert actions == {"s3:GetObject", "s3:ListBucket"}
+
+
+@pytest.mark.parametrize(("stack", "prefix"), [("dev", "llamahost-dev"), ("Prod_EU.1", "llamahost-prod-eu-1"),
+                                               ("a" * 40, "llamahost-" + "a" * 21)])
+def test_default_name_prefix_is_valid_for_every_resource_name(stack: str, prefix: str) -> None:
+    assert default_name_prefix(stack) == prefix
+
+
+def test_model_names_become_valid_tag_values() -> None:
+    from llamahost_infra.program import tag_value
+
+    assert tag_value("Llama-3.1-70B (Q4_K_M), v2") == "Llama-3.1-70B _Q4_K_M__ v2"
+    assert tag_value("x" * 300) == "x" * 256

@@ -64,6 +64,8 @@ def test_the_sizing_engine_chooses_the_type(default: Deployment) -> None:
 def test_instance_secure_defaults(default: Deployment) -> None:
     (host,) = instances(default)
     assert host["ami"] == ARM_AMI  # pinned, exactly as configured
+    (ami_lookup,) = [args for token, args in default.mocks.calls if token == "aws:ec2/getAmi:getAmi"]
+    assert ami_lookup == {"filters": [{"name": "image-id", "values": [ARM_AMI]}]}  # by ID: no most_recent
     assert host["metadataOptions"] == {
         "httpEndpoint": "enabled",
         "httpTokens": "required",
