@@ -18,15 +18,13 @@ from typing import Any
 
 from tuner.errors import UserError
 from tuner.model.gguf_file import ModelInfo
+from tuner.roofline import CACHE_TYPE_BYTES as ROOFLINE_CACHE_TYPE_BYTES
 from tuner.sizing.assumptions import SizingAssumptions
 from tuner.sizing.gguf_vocab import gguf_vocab_size
 
-# Bytes per KV cache element for llama.cpp's -ctk/-ctv types (ggml block sizes: q8_0 = 34 bytes per 32
-# values, q4_0 = 18 per 32, ...).
-CACHE_TYPE_BYTES: dict[str, float] = {
-    "f32": 4.0, "f16": 2.0, "bf16": 2.0,
-    "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32,
-}
+# Bytes per KV cache element (ggml block sizes: q8_0 = 34 bytes per 32 values, ...): one table, shared with
+# the tuner's roofline so a prediction and a measurement count the KV cache the same way.
+CACHE_TYPE_BYTES = ROOFLINE_CACHE_TYPE_BYTES
 
 DEFAULT_UBATCH = 512
 # When a GGUF has no tokenizer array and the user gives no --vocab: the largest common vocabulary of
