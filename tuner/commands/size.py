@@ -76,8 +76,9 @@ def register(sub: Any) -> None:
     choice.add_argument(
         "--efficiency", type=float, default=DEFAULT_EFFICIENCY,
         help=f"fraction of theoretical socket bandwidth llama.cpp reaches in token generation (default "
-             f"{DEFAULT_EFFICIENCY}, the low end of measured 60-74%%); put the fraction `llamahost tune` "
-             "measured on a host of the same family here",
+             f"{DEFAULT_EFFICIENCY}, the low end of measured 60-74%%); from a tuned host of the same "
+             "family: achieved tg tok/s x bytes per token / its llamahost_bandwidth_gbs "
+             "(docs/provisioning.md)",
     )
     choice.add_argument("--region", default=DEFAULT_REGION,
                         help=f"AWS region for prices (default {DEFAULT_REGION})")
