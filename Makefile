@@ -7,13 +7,17 @@ EXTRAS ?= dev,ansible,infra,fleet
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
 DEMO_BUDGET ?= 5m
+# Built llama-server binaries: kept across runs (and across test sessions with a throw-away LLAMAHOST_HOME).
+LLAMAHOST_SERVER_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llamahost/llama-server
+export LLAMAHOST_SERVER_CACHE
 
-.PHONY: help venv system-deps test lint typecheck unit demo clean
+.PHONY: help venv system-deps test lint typecheck unit demo clean llama-server
 
 help:
 	@echo "make demo   - install, fetch the default model, tune this host (budget $(DEMO_BUDGET)), write the result"
 	@echo "make test   - install everything (Debian packages, Python deps) and run the whole test suite"
 	@echo "make lint   - ruff + mypy"
+	@echo "make llama-server - build llama.cpp's llama-server from the pinned source (once; cached)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,10 +32,14 @@ system-deps:
 	.ci/system-deps.sh
 
 lint: venv
-	$(BIN)/ruff check tuner tests benchmarks
+	$(BIN)/ruff check tuner tests benchmarks infra
 	$(BIN)/mypy
+	cd infra && MYPYPATH=..:policy $(abspath $(BIN))/mypy --strict llamahost_infra policy/llamahost_policies.py write_inventory.py stack_inventory.py
 
-test: system-deps venv lint
+llama-server: system-deps venv
+	$(BIN)/llamahost server build
+
+test: system-deps venv lint llama-server
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 unit: venv

@@ -1,0 +1,1 @@
+"""llama.cpp's own ``llama-server``: built from the pinned source, checked, and run with a RunConfig."""
