@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tuner.probe import HostProbe, read_host
+from tuner.probe import HostProbe, read_host, select_cpus
 from tuner.probe.cpuinfo import identify_cpu, isa_warnings, parse_cpuinfo_blocks
 from tuner.probe.files import HostFiles
 from tuner.probe.kernel import active_choice, has_capability, parse_memlock_limit
@@ -207,6 +207,21 @@ def test_any_single_missing_file_is_tolerated(tmp_path: Path, missing: str) -> N
     probe = read_host(root)
     assert len(probe.topology.cpus) == 2
     json.dumps(probe.to_dict())
+
+
+def test_memory_only_node_is_kept_but_runs_no_threads(tmp_path: Path) -> None:
+    root = copy_fixture(THIS_VM, tmp_path)
+    node1 = root / "sys/devices/system/node/node1"
+    node1.mkdir()
+    (node1 / "cpulist").write_text("\n")
+    (node1 / "meminfo").write_text("Node 1 MemTotal:  16777216 kB\nNode 1 MemFree:  16000000 kB\n")
+    (node1 / "distance").write_text("20 10\n")
+    (root / "sys/devices/system/node/online").write_text("0-1\n")
+    probe = read_host(root)
+    topo = probe.topology
+    assert topo.node_ids == (0, 1) and topo.nodes[1].cpus == () and topo.nodes_with_cpus == (0,)
+    assert topo.nodes[1].memory_total_bytes == 16 * GIB
+    assert select_cpus(topo, 2, smt=False, placement="scatter") == (0, 1)
 
 
 def test_garbage_content_is_treated_as_missing(tmp_path: Path) -> None:
