@@ -19,9 +19,11 @@ def print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
-def console() -> Console:
-    # In a log (no terminal) long lines are kept whole rather than wrapped at 80 columns.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+def console(*, stderr: bool = False) -> Console:
+    """Tables and results go to stdout; messages about the run (interrupted, warnings) to stderr.
+    In a log (no terminal) long lines are kept whole rather than wrapped at 80 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(highlight=False, stderr=stderr, width=None if stream.isatty() else 160)
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:

@@ -123,7 +123,8 @@ def warmup_is_stable(values: Sequence[float], *, window: int = 3, tolerance: flo
     if centre <= 0:
         return False
     spread = (max(tail) - min(tail)) / centre
-    climbing = all(b > a * (1.0 + tolerance / 2.0) for a, b in itertools.pairwise(tail))
+    rising = all(b > a for a, b in itertools.pairwise(tail))
+    climbing = rising and (tail[-1] - tail[0]) / tail[0] > tolerance / 2.0
     return spread <= tolerance and not climbing
 
 

@@ -111,7 +111,7 @@ def prepare(request: TuneRequest) -> TuneContext:
     request.workload.validate()
     model_path = request.model_path if request.model_path is not None else default_model_path()
     model = inspect_model(model_path)
-    probe = probe_host(bandwidth=True)
+    probe = probe_host(bandwidth=False)  # the bandwidth is measured once the run is known to go ahead
     check_fits_in_memory(model, probe.memory_available_bytes)
     sha = model_sha256(model.files)
     space = SearchSpace(probe, model, request.objective, search_kv_cache=request.search_kv_cache)
@@ -126,6 +126,7 @@ def prepare(request: TuneRequest) -> TuneContext:
         extra={"host": probe.fingerprint_fields(), "model_path": str(model.path), "hostname": probe.hostname},
     )
     study, created = open_study(name, storage, binding, baseline_params=space.baseline_params(), seed=request.seed)
+    probe = probe_host(bandwidth=True)  # the roofline's denominator, measured on first use and cached
     settings = MeasureSettings(objective=request.objective, workload=request.workload, warmup=Warmup(),
                                stop=request.stop, max_measure_seconds=request.max_measure_seconds)
     result_path = request.output or results_dir() / f"{name}.yaml"

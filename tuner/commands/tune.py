@@ -66,8 +66,8 @@ def run_tune(args: argparse.Namespace) -> int:
         outcome = run(ctx)
     except Interrupted:
         trials = len(ctx.study.trials)
-        console().print(f"[bold]interrupted[/bold]: study {ctx.study.study_name} is intact ({trials} trials); "
-                        "run the same command again to resume", style="yellow")
+        console(stderr=True).print(f"[bold]interrupted[/bold]: study {ctx.study.study_name} is intact ({trials} "
+                                   "trials); run the same command again to resume", style="yellow")
         return EXIT_INTERRUPTED
     if args.json:
         print_json(outcome.result)

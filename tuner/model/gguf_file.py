@@ -173,7 +173,12 @@ def _read_one(path: Path) -> tuple[Any, int]:
 
     try:
         reader = gguf.GGUFReader(path)
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
+        if "reshape" in str(exc):  # the reader maps each tensor; a short file leaves the last one short
+            raise _bad(path, f"tensor data runs past the end of the file ({path.stat().st_size} bytes): "
+                       "the file is truncated") from None
+        raise _bad(path, f"GGUF metadata cannot be parsed ({exc})") from None
+    except (IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as exc:
         raise _bad(path, f"GGUF metadata cannot be parsed ({exc})") from None
     size = path.stat().st_size
     for tensor in reader.tensors:

