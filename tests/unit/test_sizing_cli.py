@@ -13,8 +13,8 @@ import pytest
 
 from tuner.cli import main
 from tuner.model.default_model import default_model_path
+from tuner.model.gguf_file import inspect_model
 from tuner.sizing import demand_from_gguf
-from tuner.sizing.gguf_vocab import gguf_vocab_size
 
 SEVENTY_B = [
     "--params",
@@ -89,7 +89,7 @@ def test_synthetic_gguf_metadata_drives_kv_cache_and_vocab(tmp_path: Path) -> No
 
 def test_vocab_falls_back_when_the_file_has_no_tokenizer(tmp_path: Path) -> None:
     path = write_gguf(tmp_path / "no-tokenizer.gguf", layers=2, kv_heads=1, head_dim=8, embd=8, vocab=None)
-    assert gguf_vocab_size(path) is None
+    assert inspect_model(path).n_vocab == 0
     assert demand_from_gguf(path).n_vocab == 262_144
 
 

@@ -61,6 +61,7 @@ class ModelInfo:
     tensor_bytes: int
     bytes_per_token: int
     tensor_types: dict[str, int] = field(default_factory=dict)
+    n_vocab: int = 0  # 0 when the file carries no tokenizer
 
     @property
     def bits_per_weight(self) -> float:
@@ -95,6 +96,7 @@ class ModelInfo:
             "expert_used_count": self.expert_used_count,
             "tensor_bytes": self.tensor_bytes,
             "bytes_per_token": self.bytes_per_token,
+            "n_vocab": self.n_vocab,
         }
 
 
@@ -274,7 +276,15 @@ def inspect_model(path: Path | str) -> ModelInfo:
         tensor_bytes=tensor_bytes,
         bytes_per_token=streamed,
         tensor_types=dict(tensor_types),
+        n_vocab=_vocab_size(reader, arch),
     )
+
+
+def _vocab_size(reader: Any, arch: str) -> int:
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is not None:
+        return len(tokens.data)  # one index per array element
+    return _int_field(reader, f"{arch}.vocab_size")
 
 
 def _file_type_name(raw: Any) -> str:

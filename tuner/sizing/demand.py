@@ -20,7 +20,6 @@ from tuner.errors import UserError
 from tuner.model.gguf_file import ModelInfo
 from tuner.roofline import CACHE_TYPE_BYTES as ROOFLINE_CACHE_TYPE_BYTES
 from tuner.sizing.assumptions import SizingAssumptions
-from tuner.sizing.gguf_vocab import gguf_vocab_size
 
 # Bytes per KV cache element (ggml block sizes: q8_0 = 34 bytes per 32 values, ...): one table, shared with
 # the tuner's roofline so a prediction and a measurement count the KV cache the same way.
@@ -213,4 +212,4 @@ def demand_from_gguf(path: Path | str) -> ModelDemand:
     from tuner.model.gguf_file import inspect_model
 
     info = inspect_model(path)
-    return ModelDemand.from_model_info(info, n_vocab=gguf_vocab_size(info.path))
+    return ModelDemand.from_model_info(info, n_vocab=info.n_vocab or None)
