@@ -25,6 +25,7 @@ from tuner.paths import data_dir, results_dir
 from tuner.probe import probe_host
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
+from tuner.report import write_report
 from tuner.result import BASELINE_STANDS, FORMAT_VERSION, IMPROVED, now_iso, version_block, write_result
 from tuner.roofline import mean_context_depth, roofline
 from tuner.search import (
@@ -175,7 +176,9 @@ def run(ctx: TuneContext) -> TuneOutcome:
         wall = time.monotonic() - started
         result = build_result(ctx, verification, search.report.__dict__, wall, measurer.measuring_seconds)
         write_result(ctx.result_path, result)
-        progress.event(f"result written to {ctx.result_path}")
+        report_path = ctx.result_path.with_suffix(".html")
+        write_report(report_path, result, ctx.study)
+        progress.event(f"result written to {ctx.result_path}, report to {report_path}")
     return TuneOutcome(result, ctx.result_path, verification)
 
 

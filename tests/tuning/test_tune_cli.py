@@ -65,6 +65,8 @@ def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, object]])
         assert settings["config"] == baseline["config"]
     results = list((home / "data" / "results").glob("*.yaml"))
     assert len(results) == 1 and results[0].name == f"{result['study']}.yaml"
+    report = results[0].with_suffix(".html").read_text()
+    assert report.count("<img") >= 3 and result["summary"] in report
 
 
 def test_show_lists_the_trials_and_the_result(tuned_home: tuple[Path, dict[str, object]]) -> None:
@@ -76,8 +78,9 @@ def test_show_lists_the_trials_and_the_result(tuned_home: tuple[Path, dict[str, 
     assert data["baseline"]["role"] == "baseline" and data["baseline"]["state"] == "COMPLETE"
     assert data["result"]["verdict"] == result["verdict"]
     assert sum(1 for t in data["trials"] if t["role"] == "baseline") == 1
-    table = llamahost("show", home=home)
+    table = llamahost("show", "--html", str(home / "again.html"), home=home)
     assert table.returncode == 0 and "(baseline)" in table.stdout and "settings to run" in table.stdout
+    assert "<img" in (home / "again.html").read_text()
 
 
 def trials_in(home: Path, study: str) -> list[optuna.trial.FrozenTrial]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
 from tuner.output import console, print_json
 from tuner.paths import results_dir
+from tuner.report import write_report
 from tuner.result import load_result
 from tuner.study import baseline_trial, list_study_names, load_existing_study, open_existing_storage
 from tuner.summary import failures_table, print_result, state_counts, study_rows, trial_row, trials_table
@@ -18,6 +20,7 @@ def register(sub: Any) -> None:
     parser.add_argument("--study", help="study name (default: the only study, or the list of studies)")
     parser.add_argument("--storage", help="Optuna storage URL (default: the local SQLite store)")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    parser.add_argument("--html", type=Path, metavar="FILE", help="also write the HTML report with plots to FILE")
     parser.set_defaults(handler=run_show)
 
 
@@ -34,6 +37,11 @@ def run_show(args: argparse.Namespace) -> int:
     study = load_existing_study(name, storage)
     result_path = results_dir() / f"{name}.yaml"
     result = load_result(result_path) if result_path.exists() else None
+    if args.html is not None:
+        if result is None:
+            raise UserError(f"study {name!r} has no verified result yet, so there is no report to write",
+                            "let a `llamahost tune` run finish first")
+        write_report(args.html, result, study)
     base = baseline_trial(study)
     complete = [r for r in study_rows(study) if r["state"] == "COMPLETE"]
     best = max(complete, key=lambda r: r["value"] or 0.0, default=None)

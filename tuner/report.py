@@ -1,0 +1,214 @@
+"""The HTML report: one self-contained file a person can open in the morning.
+
+It shows what the result file says, plus the story behind it: every trial over time against the baseline,
+the interleaved verification rounds, baseline vs. chosen throughput with confidence intervals, how close
+generation is to the bandwidth roofline, and which settings mattered. Plots are rendered with matplotlib
+to PNG and embedded, so the file needs no network and no other files.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import optuna
+from matplotlib.figure import Figure
+from optuna.trial import TrialState
+
+from tuner.atomic import write_atomic
+from tuner.study import is_baseline, quiet_optuna
+from tuner.summary import CONFIG_COLUMNS
+
+COLORS = {"baseline": "#6c757d", "chosen": "#0b7a3e", "search": "#1f77b4", "pruned": "#ff7f0e", "failed": "#d62728"}
+
+
+def _png(figure: Figure) -> str:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def history_figure(study: optuna.Study, unit: str) -> Figure:
+    """Every trial's median with its interval, pruned and failed trials marked, the baseline as a band."""
+    figure, axes = plt.subplots(figsize=(9, 4))
+    trials = study.get_trials(deepcopy=False)
+    base = next((t for t in trials if is_baseline(t) and t.state == TrialState.COMPLETE), None)
+    if base is not None:
+        summary = base.user_attrs["summary"]
+        axes.axhspan(summary["ci_low"], summary["ci_high"], color=COLORS["baseline"], alpha=0.15)
+        axes.axhline(summary["median"], color=COLORS["baseline"], lw=1, label="baseline (95% CI band)")
+    done = [t for t in trials if t.state == TrialState.COMPLETE and not is_baseline(t)]
+    if done:
+        med = [t.user_attrs["summary"]["median"] for t in done]
+        low = [m - t.user_attrs["summary"]["ci_low"] for m, t in zip(med, done, strict=True)]
+        high = [t.user_attrs["summary"]["ci_high"] - m for m, t in zip(med, done, strict=True)]
+        axes.errorbar([t.number for t in done], med, yerr=[low, high], fmt="o", ms=4, color=COLORS["search"],
+                      ecolor="#9ecae1", label="trial median (95% CI)")
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    if pruned:
+        axes.plot([t.number for t in pruned], [list(t.intermediate_values.values())[-1] for t in pruned], "x",
+                  color=COLORS["pruned"], label="pruned (running median)")
+    failed = [t.number for t in trials if t.state == TrialState.FAIL]
+    if failed:
+        axes.plot(failed, [0.0] * len(failed), "|", ms=14, color=COLORS["failed"], label="failed")
+    axes.set_xlabel("trial")
+    axes.set_ylabel(unit)
+    axes.set_ylim(bottom=0)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    axes.set_title("search")
+    return figure
+
+
+def throughput_figure(result: dict[str, Any]) -> Figure:
+    figure, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, metric in zip(axes, ("pp_tps", "tg_tps"), strict=True):
+        labels: list[str] = []
+        meds: list[float] = []
+        errs: list[list[float]] = [[], []]
+        colors: list[str] = []
+        for label in ("baseline", "chosen"):
+            block = result[label].get(metric)
+            if not block:
+                continue
+            labels.append(label)
+            meds.append(block["median"])
+            errs[0].append(block["median"] - block["ci_low"])
+            errs[1].append(block["ci_high"] - block["median"])
+            colors.append(COLORS[label])
+        ax.bar(labels, meds, yerr=errs, color=colors, capsize=6)
+        ax.set_title(f"{metric.split('_')[0]} tokens/s (median, 95% CI)")
+        ax.grid(axis="y", alpha=0.3)
+    return figure
+
+
+def verification_figure(result: dict[str, Any]) -> Figure | None:
+    rounds = result["verification"]["baseline_round_values"]
+    if not result["candidates"]:
+        return None
+    figure, axes = plt.subplots(figsize=(8, 3.2))
+    x = list(range(1, len(rounds) + 1))
+    axes.plot(x, rounds, "o-", color=COLORS["baseline"], label="baseline")
+    for arm in result["candidates"]:
+        values = arm["round_values"]
+        axes.plot(list(range(1, len(values) + 1)), values, "o--", label=arm["label"])
+    axes.set_xlabel("interleaved round")
+    axes.set_ylabel("median of the round")
+    axes.set_xticks(x)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    axes.set_title("verification: every configuration once per round, in shuffled order")
+    return figure
+
+
+def roofline_figure(roof: dict[str, Any]) -> Figure:
+    figure, axes = plt.subplots(figsize=(8, 1.6))
+    axes.barh(["tg"], [roof["max_tg_tps"]], color="#e9ecef", label="bandwidth limit")
+    axes.barh(["tg"], [roof["achieved_tg_tps"]], color=COLORS["chosen"], label="achieved")
+    axes.set_xlabel("tokens/s")
+    axes.set_title(f"{100 * roof['fraction']:.0f}% of the memory-bandwidth roofline "
+                   f"({roof['bandwidth_gbps']:.1f} GB/s measured)")
+    axes.legend(loc="lower right", fontsize=8)
+    return figure
+
+
+def importance_figure(study: optuna.Study) -> Figure | None:
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if len(complete) < 4:
+        return None
+    try:
+        with quiet_optuna():
+            importances = optuna.importance.get_param_importances(study)
+    except (ValueError, RuntimeError):
+        return None  # e.g. every trial had the same parameters: nothing to attribute
+    if not importances:
+        return None
+    names = list(importances)[::-1]
+    figure, axes = plt.subplots(figsize=(8, 0.35 * len(names) + 1))
+    axes.barh(names, [importances[n] for n in names], color=COLORS["search"])
+    axes.set_title("which settings mattered (fANOVA importance over the search trials)")
+    return figure
+
+
+def _table(rows: Sequence[Sequence[object]], header: tuple[str, ...]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _ci(block: dict[str, Any] | None) -> str:
+    return f"{block['median']:.1f} [{block['ci_low']:.1f}, {block['ci_high']:.1f}]" if block else "-"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#212529}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #dee2e6;padding:4px 8px;font-size:14px}
+th{background:#f1f3f5}.verdict{font-size:1.2em;padding:.6em;border-radius:6px;background:#e6f4ea}
+.stands{background:#f1f3f5}code{background:#f1f3f5;padding:2px 4px}img{max-width:100%}"""
+
+
+def _context_line(result: dict[str, Any]) -> str:
+    host, model = result["host"], result["model"]
+    return (f"<p>Host <b>{html.escape(str(host['hostname']))}</b> ({html.escape(str(host['cpu_model']))}, "
+            f"fingerprint {host['fingerprint']}); model <b>{html.escape(str(model['name']))}</b> "
+            f"({model['quantization']}, sha256 {model['sha256'][:12]}...); llama-cpp-python "
+            f"{result['llama_cpp']['llama_cpp_python']}; written {result['written']}.</p>")
+
+
+def build_report(result: dict[str, Any], study: optuna.Study) -> str:
+    unit = {"tg": "tg tok/s", "pp": "pp tok/s", "both": "sqrt(pp*tg) tok/s"}[result["objective"]]
+    parts = [f"<h1>llamahost: {html.escape(result['study'])}</h1>",
+             f"<p class='verdict {'stands' if result['verdict'] != 'improved' else ''}'>"
+             f"{html.escape(result['summary'])}</p>",
+             _context_line(result)]
+    settings = result["settings"]
+    parts.append("<h2>Settings to run</h2>")
+    parts.append(_table([(k, str(settings["config"].get(k)), str(result["baseline"]["config"].get(k)))
+                         for k in CONFIG_COLUMNS], ("setting", "chosen", "baseline")))
+    parts.append(f"<p>llama-server: <code>{html.escape(' '.join(settings['server_args']))}</code></p>")
+    parts.append("<h2>Throughput</h2>")
+    parts.append(_table([(label, _ci(result[label].get("pp_tps")), _ci(result[label].get("tg_tps")))
+                         for label in ("baseline", "chosen")], ("", "pp tok/s [95% CI]", "tg tok/s [95% CI]")))
+    figures: list[tuple[str, Callable[[], Figure | None]]] = [
+        ("Baseline vs. chosen", lambda: throughput_figure(result)),
+        ("Verification", lambda: verification_figure(result)),
+        ("Search", lambda: history_figure(study, unit)),
+        ("Settings that mattered", lambda: importance_figure(study)),
+    ]
+    if result.get("roofline"):
+        figures.insert(1, ("Bandwidth roofline", lambda: roofline_figure(result["roofline"])))
+    for title, make in figures:
+        figure = make()
+        if figure is not None:
+            parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{_png(figure)}'>")
+    if result["candidates"]:
+        rows = []
+        for arm in result["candidates"]:
+            comp = arm["comparison"]
+            rows.append((arm["label"], arm["failure"] or "",
+                         f"{comp['ratio']:.3f} [{comp['ci_low']:.3f}, {comp['ci_high']:.3f}]" if comp else "-",
+                         f"{comp['p_value']:.3g}" if comp else "-", "yes" if comp and comp["significant"] else "no"))
+        parts.append("<h2>Candidates</h2>" + _table(rows, ("candidate", "failure", "speed vs baseline [CI]",
+                                                           "p", "significant")))
+    failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+    if failed:
+        parts.append("<h2>Failed trials</h2>" + _table(
+            [(str(t.number), str(t.user_attrs.get("failure", "?"))) for t in failed], ("trial", "reason")))
+    search = result["search"]
+    parts.append(f"<p>{search['study_trials']} trials in the study; this run took {search['wall_seconds']:.0f} s, "
+                 f"{100 * search['measuring_fraction']:.0f}% of it measuring.</p>")
+    body = "\n".join(parts)
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>llamahost {html.escape(result['study'])}"
+            f"</title><style>{STYLE}</style></head><body>{body}</body></html>\n")
+
+
+def write_report(path: Path, result: dict[str, Any], study: optuna.Study) -> None:
+    write_atomic(path, build_report(result, study))
