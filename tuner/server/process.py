@@ -166,10 +166,16 @@ class ServerProcess:
         command = [*self._placement.launcher, str(self.binary), *args]
         setup = _child_setup(self._placement.cpus, self.die_with_parent, os.getpid(),
                              _libc_prctl() if self.die_with_parent else None)
-        with self._log_path.open("ab") as log:
-            self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          env=server_environment(dict(os.environ)), start_new_session=True,
-                                          preexec_fn=setup)  # noqa: PLW1509 - only syscalls, see _child_setup
+        try:
+            with self._log_path.open("ab") as log:
+                self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                              stderr=subprocess.STDOUT, env=server_environment(dict(os.environ)),
+                                              start_new_session=True,
+                                              preexec_fn=setup)  # noqa: PLW1509 - only syscalls, see _child_setup
+        except BaseException:
+            if self._owns_log:
+                self._log_path.unlink(missing_ok=True)
+            raise
         self.port = port
         self._command = command
         return self
