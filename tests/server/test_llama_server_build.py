@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -120,3 +123,42 @@ def test_pip_refuses_an_sdist_whose_hash_is_not_the_recorded_one(tmp_path: Path,
     with pytest.raises(UserError, match="DO NOT MATCH THE HASHES"):
         source.download_sdist(version, tmp_path)
     assert list(tmp_path.glob("*.tar.gz")) == []
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text.encode() in (proc / "cmdline").read_bytes():
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_an_interrupted_build_stops_its_compilers_and_leaves_nothing(tmp_path: Path) -> None:
+    cache = tmp_path / "server-cache"
+    env = {**os.environ, "LLAMAHOST_SERVER_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    build = subprocess.Popen([sys.executable, "-m", "tuner.cli", "server", "build", "--jobs", "1"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert build.stdout is not None
+        for line in build.stdout:
+            if "compiling" in line:
+                break
+        else:
+            pytest.fail(f"the build ended before compiling (exit {build.wait()})")
+        time.sleep(2)  # let ninja start a compiler
+        assert _processes_mentioning(str(cache)), "no compiler was running"
+        build.send_signal(signal.SIGTERM)
+        assert build.wait(timeout=60) == 143
+    finally:
+        if build.poll() is None:
+            build.kill()
+            build.wait()
+    deadline = time.monotonic() + 10  # SIGKILLed compilers take a moment to go
+    while _processes_mentioning(str(cache)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(cache)) == []
+    assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == []

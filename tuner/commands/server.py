@@ -124,6 +124,7 @@ def _show_build(build: ServerBuild) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     flavour: Flavour = args.flavour
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)  # a killed build stops its compilers and cleans up
     stderr = console()
     stderr.file = sys.stderr
     build = ensure_server(flavour, jobs=args.jobs, sdist=args.sdist,

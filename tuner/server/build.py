@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -266,7 +267,9 @@ def _run_logged(cmd: list[str], log: Path, env: dict[str, str], on_line: Callabl
     with log.open("a") as sink:
         sink.write(f"$ {' '.join(cmd)}\n")
         sink.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        # its own process group, so an interruption stops cmake, ninja and every compiler at once
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
@@ -274,7 +277,8 @@ def _run_logged(cmd: list[str], log: Path, env: dict[str, str], on_line: Callabl
                 on_line(line.rstrip("\n"))
             code = proc.wait()
         except BaseException:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the leader is not reaped yet: the group is ours
             proc.wait()
             raise
     if code != 0:
