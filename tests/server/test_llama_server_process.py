@@ -194,3 +194,17 @@ def test_server_dies_with_a_killed_parent(llama_server_binary: Path, server_mode
     if not gone:  # do not leave it running for the rest of the suite
         os.kill(server_pid, signal.SIGKILL)
     assert gone, f"llama-server {server_pid} outlived its SIGKILLed parent"
+
+
+def test_a_proxy_in_the_environment_does_not_reroute_the_local_server(running_server: ServerProcess) -> None:
+    # a fresh interpreter: urllib reads proxy variables once, when its first opener is built
+    env = {key: value for key, value in os.environ.items() if key.lower() != "no_proxy"}
+    env.update({name: "http://192.0.2.1:9" for name in ("http_proxy", "HTTP_PROXY", "all_proxy")})  # TEST-NET-1
+    script = textwrap.dedent(f"""
+        from tuner.server.client import complete, health, read_metrics
+        url = {running_server.base_url!r}
+        print(health(url), bool(read_metrics(url).counters), complete(url, "Hi", 2).timings.predicted_n)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
+                          check=False)
+    assert done.stdout.split() == ["200", "True", "2"], done.stderr

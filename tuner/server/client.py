@@ -23,6 +23,8 @@ from tuner.errors import UserError
 
 DEFAULT_TIMEOUT_S = 300.0
 _COUNTER_SUFFIX = "_total"
+# The server is addressed directly: an HTTP(S)_PROXY in the environment must not reroute 127.0.0.1.
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class ServerRequestError(UserError):
@@ -83,7 +85,7 @@ def _headers(api_key: str | None) -> dict[str, str]:
 def health(base_url: str, timeout_s: float = 2.0) -> int | None:
     """HTTP status of ``/health`` (200 ready, 503 loading), or None when nothing answers."""
     try:
-        with urllib.request.urlopen(f"{base_url}/health", timeout=timeout_s) as response:
+        with _DIRECT.open(f"{base_url}/health", timeout=timeout_s) as response:
             return int(response.status)
     except urllib.error.HTTPError as exc:
         return int(exc.code)
@@ -119,7 +121,7 @@ def read_metrics(base_url: str, *, api_key: str | None = None, timeout_s: float 
     """Scrape ``/metrics`` (the server must run with ``--metrics``, which ServerProcess passes)."""
     request = urllib.request.Request(f"{base_url}/metrics", headers=_headers(api_key))
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with _DIRECT.open(request, timeout=timeout_s) as response:
             return parse_prometheus(response.read().decode())
     except urllib.error.HTTPError as exc:
         raise ServerRequestError(f"GET {base_url}/metrics answered {exc.code}: {exc.read()[:300]!r}",
