@@ -12,13 +12,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import platformdirs
 import pytest
 
 from tuner.config import RunConfig
 from tuner.server.build import ServerBuild, ensure_server
 from tuner.server.process import ServerProcess
 
-PERSISTENT_SERVER_CACHE = Path.home() / ".cache" / "llamahost" / "llama-server"
+# where `llamahost server build` puts it when LLAMAHOST_HOME is unset (honours XDG_CACHE_HOME, like make)
+PERSISTENT_SERVER_CACHE = Path(platformdirs.user_cache_dir("llamahost")) / "llama-server"
 
 
 @pytest.fixture(scope="session")
