@@ -21,8 +21,9 @@ from tuner.errors import UserError
 from tuner.model.checksum import model_sha256
 from tuner.model.default_model import default_model_path
 from tuner.model.gguf_file import ModelInfo, check_fits_in_memory, inspect_model
+from tuner.output import console
 from tuner.paths import data_dir, results_dir
-from tuner.probe import probe_host
+from tuner.probe import BandwidthError, probe_host
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
 from tuner.report import write_report
@@ -49,7 +50,7 @@ from tuner.study import (
     open_study,
 )
 from tuner.trial.protocol import Warmup, Workload
-from tuner.verify import Arm, Verification, plan_rounds, verify
+from tuner.verify import MIN_ROUNDS, Arm, Verification, plan_rounds, verify
 
 RESERVE_MAX_FRACTION = 0.4
 TARGET_VERIFY_ROUNDS = 5
@@ -71,7 +72,7 @@ class TuneRequest:
     alpha: float = 0.05
     min_effect: float = 0.01
     search_kv_cache: bool = True
-    max_measure_seconds: float = 60.0
+    max_measure_seconds: float | None = None  # None: derived from the budget, see measure_cap()
     seed: int | None = None
     stop: StopRule = field(default_factory=StopRule)
 
@@ -127,11 +128,45 @@ def prepare(request: TuneRequest) -> TuneContext:
         extra={"host": probe.fingerprint_fields(), "model_path": str(model.path), "hostname": probe.hostname},
     )
     study, created = open_study(name, storage, binding, baseline_params=space.baseline_params(), seed=request.seed)
-    probe = probe_host(bandwidth=True)  # the roofline's denominator, measured on first use and cached
-    settings = MeasureSettings(objective=request.objective, workload=request.workload, warmup=Warmup(),
-                               stop=request.stop, max_measure_seconds=request.max_measure_seconds)
+    probe = _with_bandwidth(probe)
+    cap = measure_cap(request)
+    settings = MeasureSettings(objective=request.objective, workload=request.workload,
+                               warmup=Warmup(max_seconds=cap / 2), stop=request.stop, max_measure_seconds=cap)
     result_path = request.output or results_dir() / f"{name}.yaml"
     return TuneContext(request, model, sha, probe, space, study, created, settings, result_path)
+
+
+def measure_cap(request: TuneRequest) -> float:
+    """Seconds of sampling one trial may take at most. A noisy host never narrows its interval, and then
+    every trial runs to this cap: a short budget gets short trials so the search still sees many points
+    (about 1/30 of the budget, between 5 and 60 seconds)."""
+    if request.max_measure_seconds is not None:
+        return request.max_measure_seconds
+    return min(60.0, max(5.0, request.budget_seconds / 30.0))
+
+
+def plan_verification(budget_seconds: float, run_cost: float, candidates: int) -> tuple[int, float]:
+    """How many candidates to verify and how much time to hold back for it.
+
+    Verification needs at least MIN_ROUNDS rounds of (candidates + baseline) runs. When that does not fit
+    in RESERVE_MAX_FRACTION of the budget, fewer candidates are verified (at least one); up to
+    TARGET_VERIFY_ROUNDS rounds are reserved when the budget allows."""
+    limit = RESERVE_MAX_FRACTION * budget_seconds
+    fitting = int(limit // (MIN_ROUNDS * run_cost)) - 1 if run_cost > 0 else candidates
+    k = max(1, min(candidates, fitting))
+    reserve = min(TARGET_VERIFY_ROUNDS * (k + 1) * run_cost, max(limit, MIN_ROUNDS * (k + 1) * run_cost))
+    return k, reserve
+
+
+def _with_bandwidth(probe: HostProbe) -> HostProbe:
+    """The roofline's denominator, measured on first use and cached. A host where it cannot be measured
+    is still tuned; the result then has no roofline section, and the warning says why."""
+    try:
+        return probe_host(bandwidth=True)
+    except BandwidthError as exc:
+        console(stderr=True).print(f"warning: memory bandwidth not measured ({exc}); the result will have no "
+                                   "roofline", style="yellow")
+        return probe
 
 
 def _run_cost(outcome: dict[str, Any], verify_samples: int) -> float:
@@ -164,13 +199,12 @@ def run(ctx: TuneContext) -> TuneOutcome:
         search = Search(ctx.study, ctx.space, measurer, progress, unit=unit)
         try:
             base = _measure_baseline(ctx, search, log_dir, deadline)
-            arms = req.candidates + 1
             run_cost = _run_cost(base.user_attrs["outcome"], req.verify_samples)
-            reserve = min(TARGET_VERIFY_ROUNDS * arms * run_cost, RESERVE_MAX_FRACTION * req.budget_seconds)
+            verify_k, reserve = plan_verification(req.budget_seconds, run_cost, req.candidates)
             trial_cost = base.user_attrs["outcome"]["wall_seconds"]
             search.run_until(lambda: deadline - reserve, lambda: 0.5 * trial_cost)
             progress.update("verifying")
-            verification = _verify(ctx, measurer, progress, deadline, run_cost)
+            verification = _verify(ctx, measurer, progress, deadline, run_cost, verify_k)
         except KeyboardInterrupt:
             raise Interrupted from None
         wall = time.monotonic() - started
@@ -204,9 +238,9 @@ def _measure_baseline(ctx: TuneContext, search: Search, log_dir: Path, deadline:
 
 
 def _verify(ctx: TuneContext, measurer: Measurer, progress: TuneProgress, deadline: float,
-            run_cost: float) -> Verification:
+            run_cost: float, k: int) -> Verification:
     req = ctx.request
-    top = best_trials(ctx.study, req.candidates)
+    top = best_trials(ctx.study, k)
     candidates = [(f"trial-{t.number}", ctx.space.config_from_params(t.params), t.number) for t in top]
     if not candidates:
         base = baseline_trial(ctx.study)

@@ -33,7 +33,8 @@ def register(sub: Any) -> None:
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the final test")
     parser.add_argument("--min-effect", type=float, default=0.01,
                         help="smallest speed-up worth a configuration change (0.01 = 1%%)")
-    parser.add_argument("--max-measure", type=float, default=60.0, help="seconds of sampling per trial at most")
+    parser.add_argument("--max-measure", type=float,
+                        help="seconds of sampling per trial at most (default: budget/30, between 5 and 60)")
     parser.add_argument("--no-kv-quant", action="store_true", help="keep the KV cache in f16 (do not search q8_0)")
     parser.add_argument("--seed", type=int, help="sampler seed, for reproducible searches")
     parser.add_argument("--json", action="store_true", help="print the result as JSON at the end")

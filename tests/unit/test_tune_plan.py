@@ -1,0 +1,46 @@
+"""How a run divides its budget between searching and proving."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuner.errors import UserError
+from tuner.tune import RESERVE_MAX_FRACTION, TuneRequest, measure_cap, plan_verification, validate_request
+from tuner.verify import MIN_ROUNDS
+
+
+def test_long_budgets_verify_every_candidate_with_room_for_more_rounds() -> None:
+    k, reserve = plan_verification(8 * 3600, run_cost=30, candidates=3)
+    assert k == 3
+    assert reserve == 5 * 4 * 30
+
+
+def test_short_budgets_verify_fewer_candidates_to_stay_within_the_budget() -> None:
+    budget = 600
+    k, reserve = plan_verification(budget, run_cost=30, candidates=3)
+    assert k == 1
+    assert MIN_ROUNDS * (k + 1) * 30 <= reserve <= RESERVE_MAX_FRACTION * budget
+
+
+def test_at_least_one_candidate_and_the_minimum_rounds_even_when_that_overruns() -> None:
+    k, reserve = plan_verification(120, run_cost=60, candidates=3)
+    assert k == 1
+    assert reserve == MIN_ROUNDS * 2 * 60
+
+
+def test_trial_sampling_cap_scales_with_the_budget() -> None:
+    assert measure_cap(TuneRequest(budget_seconds=60)) == 5.0
+    assert measure_cap(TuneRequest(budget_seconds=600)) == 20.0
+    assert measure_cap(TuneRequest(budget_seconds=8 * 3600)) == 60.0
+    assert measure_cap(TuneRequest(budget_seconds=600, max_measure_seconds=7)) == 7
+
+
+@pytest.mark.parametrize(("request_", "fragment"), [
+    (TuneRequest(budget_seconds=0), "must be positive"),
+    (TuneRequest(budget_seconds=10), "cannot measure a baseline"),
+    (TuneRequest(budget_seconds=600, objective="fast"), "unknown objective"),
+    (TuneRequest(budget_seconds=600, candidates=0), "--candidates"),
+])
+def test_request_validation(request_: TuneRequest, fragment: str) -> None:
+    with pytest.raises(UserError, match=fragment):
+        validate_request(request_)
