@@ -29,6 +29,25 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of writers that were killed (SIGKILL cannot be cleaned up after) are removed by the
+    next writer; a temporary file of a live writer is left alone."""
+    for candidate in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = candidate.name[len(path.name) + 2:].split(".")
+        if parts and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+            candidate.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, content: str | bytes, *, keep_previous: bool = True, mode: int = 0o644) -> None:
     """Replace ``path`` with ``content`` atomically; keep the old file as ``<name>.prev``.
 
@@ -39,7 +58,8 @@ def write_atomic(path: Path, content: str | bytes, *, keep_previous: bool = True
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
     data = content.encode() if isinstance(content, str) else content
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    _remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -50,7 +70,7 @@ def write_atomic(path: Path, content: str | bytes, *, keep_previous: bool = True
             with contextlib.suppress(FileNotFoundError):
                 mode = path.stat().st_mode & 0o7777
             if keep_previous:
-                link_tmp = directory / f".{path.name}.prev.tmp"
+                link_tmp = directory / f".{path.name}.{os.getpid()}.prev.tmp"
                 link_tmp.unlink(missing_ok=True)
                 os.link(path, link_tmp)
                 os.replace(link_tmp, previous_path(path))

@@ -1,0 +1,117 @@
+"""Write-back into host_vars: the user's file stays theirs, the write is atomic, and only proven results go in."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from ruamel.yaml import YAML
+
+from tuner.atomic import previous_path
+from tuner.errors import UserError
+from tuner.writeback import changes_from_result, write_vars
+
+ORIGINAL = """\
+---
+# Production inference host in rack 4.
+ansible_host: 10.0.4.12   # management network
+
+# Server settings
+llama_server_threads: 32
+llama_server_batch_size: 2048   # large for RAG prompts
+llama_server_model_url: "https://models.example/m.gguf"
+hugepages_count_2m: [512, 512]
+"""
+
+
+def test_values_change_in_place_and_comments_survive(tmp_path: Path) -> None:
+    path = tmp_path / "h1.yml"
+    path.write_text(ORIGINAL)
+    result = write_vars(path, {"llama_server_threads": 24, "llama_server_batch_size": 2048,
+                               "llama_server_cpus": "0", "llama_server_numa": "numactl"},
+                        note="tuned by llamahost: study s1, +12% tg")
+    assert result.changed == {"llama_server_threads": (32, 24), "llama_server_cpus": (None, "0"),
+                              "llama_server_numa": (None, "numactl")}
+    text = path.read_text()
+    for kept in ("# Production inference host in rack 4.", "# management network", "# large for RAG prompts",
+                 '"https://models.example/m.gguf"', "hugepages_count_2m: [512, 512]"):
+        assert kept in text
+    assert text.startswith("---\n")
+    assert "llama_server_threads: 24" in text
+    assert text.index("llama_server_threads") < text.index("llama_server_model_url"), "order kept"
+    assert text.index("# tuned by llamahost: study s1") < text.index("llama_server_cpus: '0'")
+    assert YAML(typ="safe").load(text)["llama_server_cpus"] == "0", "a CPU list stays a string"
+    assert previous_path(path).read_text() == ORIGINAL
+
+
+def test_nothing_is_written_when_nothing_changes(tmp_path: Path) -> None:
+    path = tmp_path / "h1.yml"
+    path.write_text(ORIGINAL)
+    result = write_vars(path, {"llama_server_threads": 32}, note="x")
+    assert not result.wrote
+    assert not previous_path(path).exists()
+
+
+def test_missing_file_is_created(tmp_path: Path) -> None:
+    path = tmp_path / "host_vars" / "new.yml"
+    write_vars(path, {"llama_server_threads": 8}, note="tuned")
+    assert YAML(typ="safe").load(path.read_text()) == {"llama_server_threads": 8}
+
+
+@pytest.mark.parametrize(("content", "fragment"), [("a: [1, 2\n", "not valid YAML"), ("- 1\n- 2\n", "mapping")])
+def test_broken_files_are_refused_untouched(tmp_path: Path, content: str, fragment: str) -> None:
+    path = tmp_path / "h1.yml"
+    path.write_text(content)
+    with pytest.raises(UserError, match=fragment):
+        write_vars(path, {"llama_server_threads": 8}, note="x")
+    assert path.read_text() == content
+
+
+def result(verdict: str, significant: bool) -> dict[str, object]:
+    return {"study": "s", "verdict": verdict, "summary": "...", "improvement": {"significant": significant},
+            "settings": {"role_vars": {"llama_server_threads": 4}}}
+
+
+def test_only_proven_results_may_be_written() -> None:
+    assert changes_from_result(result("improved", True)) == {"llama_server_threads": 4}
+    with pytest.raises(UserError, match="did not prove an improvement"):
+        changes_from_result(result("baseline-stands", False))
+    with pytest.raises(UserError, match="not statistically significant"):
+        changes_from_result(result("improved", False))
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from tuner.writeback import write_vars
+    path = Path(sys.argv[1])
+    i = 0
+    while True:
+        i += 1
+        write_vars(path, {"llama_server_threads": i, "llama_server_blob": "x" * 200_000 + str(i)}, note="n")
+""")
+
+
+def test_killing_the_writer_never_leaves_a_half_written_file(tmp_path: Path) -> None:
+    path = tmp_path / "h1.yml"
+    path.write_text(ORIGINAL)
+    rng = random.Random(5)
+    safe = YAML(typ="safe")
+    for _ in range(12):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
+        time.sleep(0.3 + rng.random() * 0.5)
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+        data = safe.load(path.read_text())  # always a complete document
+        assert data["ansible_host"] == "10.0.4.12"
+        assert data["llama_server_blob"].endswith(str(data["llama_server_threads"]))
+    # what killed writers left behind is cleaned up by the next one
+    write_vars(path, {"llama_server_threads": 1}, note="n")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
