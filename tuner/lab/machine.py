@@ -1,0 +1,70 @@
+"""The QEMU command line of a lab host (pure; :mod:`tuner.lab.instance` runs it).
+
+Decisions, and why:
+
+* TCG only. Nested KVM guests hang at boot on the CI machines this runs on; TCG is slow but works.
+* Networking is QEMU's user-mode stack with ``restrict=on``: the guest gets DHCP and nothing else, no
+  route to the host or the internet, while the forwarded SSH port still works. The roles are therefore
+  proven offline (every package they need is on the image), and no test depends on a mirror.
+* SSH is forwarded from ``127.0.0.1`` only, never from all interfaces.
+* The disk is a qcow2 overlay on the cached raw base image, so the base stays clean and a new lab is one
+  small file. ``cache=unsafe`` skips host flushes: the overlay is thrown away with the lab.
+* ``-daemonize`` with a pid file: QEMU's parent exits once the machine runs, so the CLI returns, and a
+  guest reboot is a machine reset inside the same QEMU process that goes through GRUB again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuner.lab.spec import MachineSpec
+
+GUEST_SSH_PORT = 22
+
+
+@dataclass(frozen=True)
+class MachineFiles:
+    """Where one running lab keeps its disk, bootloader and logs."""
+
+    overlay: Path
+    bootloader: Path
+    serial_log: Path
+    qemu_log: Path
+    pid_file: Path
+
+
+def overlay_command(base: Path, overlay: Path) -> list[str]:
+    """A copy-on-write disk on top of the cached base image (absolute path: QEMU resolves it later)."""
+    return ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", "raw", str(overlay)]
+
+
+def qemu_command(machine: MachineSpec, files: MachineFiles, *, ssh_port: int) -> list[str]:
+    cmd = [
+        "qemu-system-x86_64",
+        "-name", "llamahost-lab",
+        "-machine", "pc",
+        "-accel", "tcg,thread=multi",
+        "-cpu", machine.cpu_model,
+        "-smp", (f"{machine.cpus},sockets={machine.sockets},cores={machine.cores_per_socket},"
+                 f"threads={machine.threads_per_core}"),
+        "-m", f"{machine.memory_mib}M",
+    ]
+    for node in range(machine.sockets):
+        cmd += [
+            "-object", f"memory-backend-ram,id=mem{node},size={machine.memory_per_node_mib}M",
+            "-numa", f"node,nodeid={node},cpus={machine.node_cpus(node)},memdev=mem{node}",
+        ]
+    cmd += [
+        "-drive", f"file={files.overlay},if=virtio,format=qcow2,cache=unsafe",
+        "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:{GUEST_SSH_PORT}",
+        "-device", "virtio-net-pci,netdev=net0",
+        "-kernel", str(files.bootloader),
+        "-display", "none",
+        "-vga", "none",
+        "-monitor", "none",
+        "-serial", f"file:{files.serial_log}",
+        "-pidfile", str(files.pid_file),
+        "-daemonize",
+    ]
+    return cmd
