@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "tuner.commands.model",
     "tuner.commands.size",
     "tuner.commands.server",
+    "tuner.commands.lab",
 )
 
 
