@@ -1,0 +1,46 @@
+"""How the live tuner changes what a running server runs: one interface, two implementations.
+
+* :class:`tuner.live.local.LocalServer` - a server process on this machine, kept by a small supervisor
+  (the CI machine has no systemd; ``llamahost tune --live --local``);
+* :class:`tuner.live.systemd.SystemdServer` - the ``llama_server`` role's systemd unit on a host, changed
+  through a transient drop-in under ``/run`` (gone after a reboot).
+
+Both share the safety rules: trial settings never touch the baseline configuration, a dead-man switch on
+the server side restores the baseline when the controller stops confirming, and one tuner at a time holds
+a lock the kernel releases if the holder dies.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from tuner.config import RunConfig
+
+
+class TrialStartFailed(Exception):
+    """A trial configuration did not come up healthy; the message carries the server's log tail."""
+
+
+class ServerControl(Protocol):
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def api_key(self) -> str | None: ...
+
+    @property
+    def baseline(self) -> RunConfig: ...
+
+    def apply(self, config: RunConfig) -> None:
+        """Run ``config`` (restart, wait for /health) or raise :class:`TrialStartFailed`."""
+
+    def restore_baseline(self) -> None:
+        """Back to the baseline configuration, healthy, before anything else happens."""
+
+    def heartbeat(self) -> None:
+        """Tell the server side the controller is alive (resets the dead-man switch)."""
+
+    def server_memory_bytes(self) -> int | None:
+        """Resident memory of the server process, for the memory guard; None when unknown."""
+
+    def describe(self) -> str: ...
