@@ -121,25 +121,32 @@ def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
     summary = outcome.summary()
     trial.set_user_attr("summary", summary.to_dict())
     trial.set_user_attr("outcome", outcome.to_dict())
-    for metric in ("pp", "tg"):
-        metric_summary = outcome.metric_summary(metric)
+    for name in outcome.metric_names:
+        metric_summary = outcome.metric_summary(name)
         if metric_summary is not None:
-            trial.set_user_attr(f"{metric}_tps", metric_summary.to_dict())
+            trial.set_user_attr(name, metric_summary.to_dict())
+
+
+# Called with each trial before it is measured (fleet workers record who runs it and until when).
+TrialStartHook = Callable[[optuna.Trial], None]
 
 
 class Search:
-    """Runs search trials until the search part of the budget is spent."""
+    """Runs search trials until the search part of the budget (or a trial count) is spent."""
 
     def __init__(self, study: optuna.Study, space: SearchSpace, measurer: Measurer,
-                 progress: TuneProgress, *, unit: str) -> None:
+                 progress: TuneProgress, *, unit: str, on_trial_start: TrialStartHook | None = None) -> None:
         self.study = study
         self.space = space
         self.measurer = measurer
         self.progress = progress
         self.unit = unit
+        self.on_trial_start = on_trial_start
         self.report = SearchReport()
 
     def _objective(self, trial: optuna.Trial) -> float:
+        if self.on_trial_start is not None:
+            self.on_trial_start(trial)
         config = self.space.draw(trial)
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("config_key", config.key())
@@ -166,9 +173,13 @@ class Search:
         return outcome.value
 
     def run_one(self) -> FrozenTrial:
+        """One trial, returned as it was recorded. With other workers on the same study the study's last
+        trial may be someone else's, so the trial is taken from Optuna's end-of-trial callback."""
+        finished: list[FrozenTrial] = []
         with quiet_optuna():
-            self.study.optimize(self._objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False)
-        trial = self.study.get_trials(deepcopy=False)[-1]
+            self.study.optimize(self._objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False,
+                                callbacks=[lambda _study, trial: finished.append(trial)])
+        trial = finished[-1]
         self._log(trial)
         return trial
 
@@ -189,10 +200,14 @@ class Search:
             self.report.failed += 1
             self.progress.event(f"trial {trial.number}{tag}: FAILED - {trial.user_attrs.get('failure', '?')}")
 
-    def run_until(self, deadline: Callable[[], float], min_trial_seconds: Callable[[], float]) -> SearchReport:
-        """Trials until the time left before ``deadline()`` is shorter than a trial is expected to take."""
+    def run_until(self, deadline: Callable[[], float], min_trial_seconds: Callable[[], float],
+                  *, max_trials: int | None = None) -> SearchReport:
+        """Trials until the time left before ``deadline()`` is shorter than a trial is expected to take,
+        or until this search has run ``max_trials`` trials."""
         try:
             while deadline() - time.monotonic() > min_trial_seconds():
+                if max_trials is not None and self.report.trials_run >= max_trials:
+                    break
                 self.run_one()
         except KeyboardInterrupt:
             self.report.interrupted = True

@@ -107,33 +107,62 @@ def validate_request(request: TuneRequest) -> None:
         raise UserError("--candidates must be at least 1", "pass --candidates 3")
 
 
-def prepare(request: TuneRequest) -> TuneContext:
-    """All checks, in the order a user would want to hear about problems; the study is touched last."""
-    validate_request(request)
-    request.workload.validate()
+@dataclass(frozen=True)
+class Intake:
+    """Everything checked about the inputs before any store is opened: the model, this host, the space."""
+
+    model: ModelInfo
+    model_sha256: str
+    probe: HostProbe
+    space: SearchSpace
+
+
+def intake(request: TuneRequest) -> Intake:
+    """Model and host checks, in the order a user would want to hear about problems; writes nothing."""
+    try:
+        request.workload.validate()
+    except ValueError as exc:
+        raise UserError(f"invalid workload: {exc}", "pass --pp-tokens and --tg-tokens of at least 1") from None
     model_path = request.model_path if request.model_path is not None else default_model_path()
     model = inspect_model(model_path)
     probe = probe_host(bandwidth=False)  # the bandwidth is measured once the run is known to go ahead
     check_fits_in_memory(model, probe.memory_available_bytes)
     sha = model_sha256(model.files)
     space = SearchSpace(probe, model, request.objective, search_kv_cache=request.search_kv_cache)
-    storage = open_storage(request.storage_url)
-    name = request.study_name or default_study_name(model, sha, request.objective, probe)
-    binding = StudyBinding(
-        host_fingerprint=probe.fingerprint(),
-        model_sha256=sha,
-        objective=request.objective,
-        workload={"pp_tokens": request.workload.pp_tokens, "tg_tokens": request.workload.tg_tokens,
-                  "seed": request.workload.seed},
-        extra={"host": probe.fingerprint_fields(), "model_path": str(model.path), "hostname": probe.hostname},
-    )
-    study, created = open_study(name, storage, binding, baseline_params=space.baseline_params(), seed=request.seed)
-    probe = _with_bandwidth(probe)
+    return Intake(model, sha, probe, space)
+
+
+def workload_attrs(workload: Workload) -> dict[str, Any]:
+    """The workload as a study records it (part of the study binding)."""
+    return {"pp_tokens": workload.pp_tokens, "tg_tokens": workload.tg_tokens, "seed": workload.seed}
+
+
+def measure_settings(request: TuneRequest) -> MeasureSettings:
     cap = measure_cap(request)
-    settings = MeasureSettings(objective=request.objective, workload=request.workload,
-                               warmup=Warmup(max_seconds=cap / 2), stop=request.stop, max_measure_seconds=cap)
+    return MeasureSettings(objective=request.objective, workload=request.workload,
+                           warmup=Warmup(max_seconds=cap / 2), stop=request.stop, max_measure_seconds=cap)
+
+
+def prepare(request: TuneRequest) -> TuneContext:
+    """All checks, in the order a user would want to hear about problems; the study is touched last."""
+    validate_request(request)
+    taken = intake(request)
+    storage = open_storage(request.storage_url)
+    name = request.study_name or default_study_name(taken.model, taken.model_sha256, request.objective, taken.probe)
+    binding = StudyBinding(
+        host_fingerprint=taken.probe.fingerprint(),
+        model_sha256=taken.model_sha256,
+        objective=request.objective,
+        workload=workload_attrs(request.workload),
+        extra={"host": taken.probe.fingerprint_fields(), "model_path": str(taken.model.path),
+               "hostname": taken.probe.hostname},
+    )
+    study, created = open_study(name, storage, binding, baseline_params=taken.space.baseline_params(),
+                                seed=request.seed)
+    probe = with_bandwidth(taken.probe)
     result_path = request.output or results_dir() / f"{name}.yaml"
-    return TuneContext(request, model, sha, probe, space, study, created, settings, result_path)
+    return TuneContext(request, taken.model, taken.model_sha256, probe, taken.space, study, created,
+                       measure_settings(request), result_path)
 
 
 def measure_cap(request: TuneRequest) -> float:
@@ -145,20 +174,22 @@ def measure_cap(request: TuneRequest) -> float:
     return min(60.0, max(5.0, request.budget_seconds / 30.0))
 
 
-def plan_verification(budget_seconds: float, run_cost: float, candidates: int) -> tuple[int, float]:
+def plan_verification(budget_seconds: float, run_cost: float, candidates: int, *,
+                      max_fraction: float = RESERVE_MAX_FRACTION) -> tuple[int, float]:
     """How many candidates to verify and how much time to hold back for it.
 
     Verification needs at least MIN_ROUNDS rounds of (candidates + baseline) runs. When that does not fit
-    in RESERVE_MAX_FRACTION of the budget, fewer candidates are verified (at least one); up to
-    TARGET_VERIFY_ROUNDS rounds are reserved when the budget allows."""
-    limit = RESERVE_MAX_FRACTION * budget_seconds
+    in ``max_fraction`` of the budget (RESERVE_MAX_FRACTION when a search shares it; all of it for a
+    verification-only run), fewer candidates are verified (at least one); up to TARGET_VERIFY_ROUNDS
+    rounds are reserved when the budget allows."""
+    limit = max_fraction * budget_seconds
     fitting = int(limit // (MIN_ROUNDS * run_cost)) - 1 if run_cost > 0 else candidates
     k = max(1, min(candidates, fitting))
     reserve = min(TARGET_VERIFY_ROUNDS * (k + 1) * run_cost, max(limit, MIN_ROUNDS * (k + 1) * run_cost))
     return k, reserve
 
 
-def _with_bandwidth(probe: HostProbe) -> HostProbe:
+def with_bandwidth(probe: HostProbe) -> HostProbe:
     """The roofline's denominator, measured on first use and cached. A host where it cannot be measured
     is still tuned; the result then has no roofline section, and the warning says why."""
     try:
@@ -169,7 +200,7 @@ def _with_bandwidth(probe: HostProbe) -> HostProbe:
         return probe
 
 
-def _run_cost(outcome: dict[str, Any], verify_samples: int) -> float:
+def verification_run_cost(outcome: dict[str, Any], verify_samples: int) -> float:
     """Seconds one verification run will take, from a finished trial's time accounting."""
     n = max(1, len(outcome["values"]))
     per_sample = float(outcome["measure_seconds"]) / n
@@ -199,21 +230,26 @@ def run(ctx: TuneContext) -> TuneOutcome:
         search = Search(ctx.study, ctx.space, measurer, progress, unit=unit)
         try:
             base = _measure_baseline(ctx, search, log_dir, deadline)
-            run_cost = _run_cost(base.user_attrs["outcome"], req.verify_samples)
+            run_cost = verification_run_cost(base.user_attrs["outcome"], req.verify_samples)
             verify_k, reserve = plan_verification(req.budget_seconds, run_cost, req.candidates)
             trial_cost = base.user_attrs["outcome"]["wall_seconds"]
             search.run_until(lambda: deadline - reserve, lambda: 0.5 * trial_cost)
             progress.update("verifying")
-            verification = _verify(ctx, measurer, progress, deadline, run_cost, verify_k)
+            verification = verify_candidates(ctx, measurer, progress, deadline, run_cost, verify_k)
         except KeyboardInterrupt:
             raise Interrupted from None
-        wall = time.monotonic() - started
-        result = build_result(ctx, verification, search.report.__dict__, wall, measurer.measuring_seconds)
-        write_result(ctx.result_path, result)
-        report_path = ctx.result_path.with_suffix(".html")
-        write_report(report_path, result, ctx.study)
-        progress.event(f"result written to {ctx.result_path}, report to {report_path}")
+        result = build_result(ctx, verification, search.report.__dict__, time.monotonic() - started,
+                              measurer.measuring_seconds)
+        write_outcome(ctx, result, progress)
     return TuneOutcome(result, ctx.result_path, verification)
+
+
+def write_outcome(ctx: TuneContext, result: dict[str, Any], progress: TuneProgress) -> None:
+    """The result file (atomic, previous kept) and the HTML report next to it."""
+    write_result(ctx.result_path, result)
+    report_path = ctx.result_path.with_suffix(".html")
+    write_report(report_path, result, ctx.study)
+    progress.event(f"result written to {ctx.result_path}, report to {report_path}")
 
 
 def _measure_baseline(ctx: TuneContext, search: Search, log_dir: Path, deadline: float) -> FrozenTrial:
@@ -237,8 +273,9 @@ def _measure_baseline(ctx: TuneContext, search: Search, log_dir: Path, deadline:
     return base
 
 
-def _verify(ctx: TuneContext, measurer: Measurer, progress: TuneProgress, deadline: float,
-            run_cost: float, k: int) -> Verification:
+def verify_candidates(ctx: TuneContext, measurer: Measurer, progress: TuneProgress, deadline: float,
+                      run_cost: float, k: int) -> Verification:
+    """The study's ``k`` best distinct configurations against the baseline, interleaved, until ``deadline``."""
     req = ctx.request
     top = best_trials(ctx.study, k)
     candidates = [(f"trial-{t.number}", ctx.space.config_from_params(t.params), t.number) for t in top]
@@ -263,10 +300,10 @@ def _verify(ctx: TuneContext, measurer: Measurer, progress: TuneProgress, deadli
 
 def _throughput(arm: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for metric in ("pp", "tg"):
+    for metric in sorted(arm.samples):
         summary = arm.metric(metric)
         if summary is not None:
-            out[f"{metric}_tps"] = {"median": summary.median, "ci_low": summary.ci_low, "ci_high": summary.ci_high,
+            out[metric] = {"median": summary.median, "ci_low": summary.ci_low, "ci_high": summary.ci_high,
                                    "n": summary.n}
     return out
 
@@ -311,7 +348,7 @@ def build_result(ctx: TuneContext, verification: Verification, search: dict[str,
                    "measuring_seconds": measuring_seconds,
                    "measuring_fraction": measuring_seconds / wall_seconds if wall_seconds > 0 else 0.0},
     }
-    tg = chosen.metric("tg")
+    tg = chosen.metric("tg_tps")
     if probe.bandwidth is not None and tg is not None:
         depth = mean_context_depth(ctx.request.workload.pp_tokens, ctx.request.workload.tg_tokens)
         line = roofline(probe.bandwidth.all_nodes_gbps, ctx.model, tg.median, depth=depth,

@@ -31,8 +31,7 @@ class Arm:
     config: RunConfig
     trial_number: int | None = None
     round_values: list[float] = field(default_factory=list)
-    pp_samples: list[float] = field(default_factory=list)
-    tg_samples: list[float] = field(default_factory=list)
+    samples: dict[str, list[float]] = field(default_factory=dict)  # every run's samples, by metric
     failure: str | None = None
     comparison: Comparison | None = None
 
@@ -41,17 +40,17 @@ class Arm:
         """An arm carrying a search trial's own measurement (when there was nothing to verify against)."""
         arm = cls(label, config, trial_number)
         arm.round_values = [summarize(outcome["values"]).median]
-        arm.pp_samples = list(outcome["pp_tps"] or outcome["info_pp_tps"])
-        arm.tg_samples = list(outcome["tg_tps"] or outcome["info_tg_tps"])
+        for name in set(outcome["series"]) | set(outcome["info"]):
+            arm.samples[name] = list(outcome["series"].get(name) or outcome["info"].get(name) or [])
         return arm
 
     def add(self, outcome: TrialOutcome) -> None:
         self.round_values.append(outcome.value)
-        self.pp_samples += outcome.pp_tps or outcome.info_pp_tps
-        self.tg_samples += outcome.tg_tps or outcome.info_tg_tps
+        for name in outcome.metric_names:
+            self.samples.setdefault(name, []).extend(outcome.metric(name))
 
     def metric(self, name: str) -> Summary | None:
-        samples = self.pp_samples if name == "pp" else self.tg_samples
+        samples = self.samples.get(name)
         return summarize(samples) if samples else None
 
     def to_dict(self) -> dict[str, Any]:
@@ -63,9 +62,9 @@ class Arm:
             "failure": self.failure,
             "comparison": self.comparison.to_dict() if self.comparison else None,
         }
-        for name in ("pp", "tg"):
+        for name in sorted(self.samples):
             summary = self.metric(name)
-            out[f"{name}_tps"] = summary.to_dict() if summary else None
+            out[name] = summary.to_dict() if summary else None
         return out
 
 

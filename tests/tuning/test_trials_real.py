@@ -60,8 +60,9 @@ def test_a_trial_measures_pp_and_tg(model_path: Path, tmp_path: Path) -> None:
                        memory_nodes=(0,))
     outcome = run_trial(spec(model_path, config, objective="both"), timeout_s=120, log_path=tmp_path / "t.log")
     assert 3 <= len(outcome.values) <= 4
-    assert all(v > 0 for v in outcome.pp_tps + outcome.tg_tps)
-    assert len(outcome.pp_tps) == len(outcome.tg_tps) == len(outcome.values)
+    pp, tg = outcome.series["pp_tps"], outcome.series["tg_tps"]
+    assert all(v > 0 for v in pp + tg)
+    assert len(pp) == len(tg) == len(outcome.values)
     assert outcome.applied["cpus"] == [cpu]
     assert (outcome.applied["memory_policy"], outcome.applied["memory_nodes"]) == ("interleave", [0])
     assert "AVX" in outcome.applied["system_info"] or "NEON" in outcome.applied["system_info"]
@@ -72,8 +73,8 @@ def test_a_trial_measures_pp_and_tg(model_path: Path, tmp_path: Path) -> None:
 def test_tg_objective_still_reports_pp(model_path: Path, tmp_path: Path) -> None:
     outcome = run_trial(spec(model_path, RunConfig(threads=1, threads_batch=1)), timeout_s=120,
                         log_path=tmp_path / "t.log")
-    assert outcome.pp_tps == [] and len(outcome.info_pp_tps) == 2
-    pp = outcome.metric_summary("pp")
+    assert "pp_tps" not in outcome.series and len(outcome.info["pp_tps"]) == 2
+    pp = outcome.metric_summary("pp_tps")
     assert pp is not None and pp.median > 0
 
 

@@ -57,7 +57,7 @@ def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, object]])
     assert 0 < roof["fraction"] < 2 and roof["bandwidth_gbps"] > 0
     search = result["search"]
     assert isinstance(search, dict)
-    assert search["complete"] >= 2 and 0 < search["measuring_fraction"] <= 1
+    assert search["complete"] >= 1 and 0 < search["measuring_fraction"] <= 1
     assert result["model"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
     if result["verdict"] == "improved":
         assert result["improvement"]["ci_low"] > 1.0

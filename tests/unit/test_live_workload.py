@@ -41,7 +41,7 @@ def test_jsonl_workloads_and_their_errors(tmp_path: Path) -> None:
             load_jsonl(bad)
     with pytest.raises(UserError, match="not found"):
         load_jsonl(tmp_path / "missing.jsonl")
-    with pytest.raises(UserError, match="(?s)workload file rag not found.*pass chat, batch"):
+    with pytest.raises(UserError, match=r"(?s)workload file rag not found.*pass chat, batch"):
         make_request_mix("rag", concurrency=1)
     with pytest.raises(UserError, match="concurrency"):
         make_request_mix("chat", concurrency=0)

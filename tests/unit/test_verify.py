@@ -37,7 +37,7 @@ class Machine:
         if config in self.fail and len(self.order) > 3:
             raise TrialFailed("worker killed by SIGKILL")
         value = self.speeds[config] * self.rng.gauss(1.0, self.noise)
-        return TrialOutcome(values=[value] * 5, tg_tps=[value] * 5, stop_reason="max-samples")
+        return TrialOutcome(values=[value] * 5, series={"tg_tps": [value] * 5}, stop_reason="max-samples")
 
 
 def test_a_clearly_faster_candidate_wins() -> None:

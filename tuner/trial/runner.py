@@ -54,11 +54,11 @@ class TrialOutcome:
     """Everything one worker measured, with the time accounting the benchmarks report."""
 
     values: list[float] = field(default_factory=list)
-    pp_tps: list[float] = field(default_factory=list)
-    tg_tps: list[float] = field(default_factory=list)
+    # Per-sample measurements by name (``pp_tps``/``tg_tps`` for benchmark trials; throughput and latency
+    # figures for live trials), and extra runs of metrics the objective does not sample.
+    series: dict[str, list[float]] = field(default_factory=dict)
+    info: dict[str, list[float]] = field(default_factory=dict)
     warmup_values: list[float] = field(default_factory=list)
-    info_pp_tps: list[float] = field(default_factory=list)
-    info_tg_tps: list[float] = field(default_factory=list)
     stop_reason: str = ""
     warmup_stable: bool = False
     load_seconds: float = 0.0
@@ -75,9 +75,16 @@ class TrialOutcome:
     def summary(self) -> Summary:
         return summarize(self.values)
 
-    def metric_summary(self, metric: str) -> Summary | None:
-        """Summary of ``pp`` or ``tg`` throughput, from samples or from the informational runs."""
-        samples = (self.pp_tps or self.info_pp_tps) if metric == "pp" else (self.tg_tps or self.info_tg_tps)
+    def metric(self, name: str) -> list[float]:
+        """A metric's samples, or its informational runs when the objective did not sample it."""
+        return self.series.get(name) or self.info.get(name) or []
+
+    @property
+    def metric_names(self) -> list[str]:
+        return sorted(set(self.series) | set(self.info))
+
+    def metric_summary(self, name: str) -> Summary | None:
+        samples = self.metric(name)
         return summarize(samples) if samples else None
 
     @property
@@ -88,11 +95,9 @@ class TrialOutcome:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "values": self.values,
-            "pp_tps": self.pp_tps,
-            "tg_tps": self.tg_tps,
+            "series": self.series,
+            "info": self.info,
             "warmup_values": self.warmup_values,
-            "info_pp_tps": self.info_pp_tps,
-            "info_tg_tps": self.info_tg_tps,
             "stop_reason": self.stop_reason,
             "warmup_stable": self.warmup_stable,
             "load_seconds": self.load_seconds,
@@ -238,10 +243,8 @@ def _apply_event(event: dict[str, Any], outcome: TrialOutcome, phase: str) -> st
         return "warming up"
     if kind == "sample":
         outcome.values.append(float(event["value"]))
-        if event.get("pp_tps") is not None:
-            outcome.pp_tps.append(float(event["pp_tps"]))
-        if event.get("tg_tps") is not None:
-            outcome.tg_tps.append(float(event["tg_tps"]))
+        for name, value in event.get("metrics", {}).items():
+            outcome.series.setdefault(name, []).append(float(value))
         return "sampling"
     if kind == "done":
         outcome.stop_reason = str(event["reason"])
@@ -249,7 +252,6 @@ def _apply_event(event: dict[str, Any], outcome: TrialOutcome, phase: str) -> st
         outcome.warmup_seconds = float(event["warmup_seconds"])
         outcome.measure_seconds = float(event["measure_seconds"])
         outcome.info_seconds = float(event["info_seconds"])
-        outcome.info_pp_tps = [float(v) for v in event["info_pp_tps"]]
-        outcome.info_tg_tps = [float(v) for v in event["info_tg_tps"]]
+        outcome.info = {name: [float(v) for v in runs] for name, runs in event.get("info", {}).items()}
         return "finishing"
     return phase

@@ -156,6 +156,10 @@ def objective_value(objective: str, pp: float | None, tg: float | None) -> float
     raise ValueError(f"objective {objective} needs measurements that were not taken")
 
 
+def _metrics(pp: float | None, tg: float | None) -> dict[str, float]:
+    return {name: value for name, value in (("pp_tps", pp), ("tg_tps", tg)) if value is not None}
+
+
 def measure(spec: TrialSpec, bench: Bench, emit: Callable[..., None]) -> None:
     do_pp, do_tg = measures_pp(spec.objective), measures_tg(spec.objective)
 
@@ -182,7 +186,7 @@ def measure(spec: TrialSpec, bench: Bench, emit: Callable[..., None]) -> None:
     while reason is None:
         pp, tg = one_run()
         values.append(objective_value(spec.objective, pp, tg))
-        emit("sample", i=len(values) - 1, pp_tps=pp, tg_tps=tg, value=values[-1])
+        emit("sample", i=len(values) - 1, value=values[-1], metrics=_metrics(pp, tg))
         reason = sampling_should_stop(values, spec.stop)
         if reason is None and time.perf_counter() > deadline:
             reason = "max-time"
@@ -194,7 +198,8 @@ def measure(spec: TrialSpec, bench: Bench, emit: Callable[..., None]) -> None:
     info_tg = [bench.run_tg() for _ in range(2)] if not do_tg else []
     emit("done", reason=reason, warmup_stable=stable, warmup_runs=len(warm_values),
          warmup_seconds=warmup_seconds, measure_seconds=measure_seconds,
-         info_seconds=time.perf_counter() - info_started, info_pp_tps=info_pp, info_tg_tps=info_tg)
+         info_seconds=time.perf_counter() - info_started,
+         info={name: runs for name, runs in (("pp_tps", info_pp), ("tg_tps", info_tg)) if runs})
 
 
 def die_with_parent() -> None:
