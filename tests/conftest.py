@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tuner.server.build import ServerBuild, ensure_server
+
 FIXTURES = Path(__file__).parent / "fixtures"
 HOST_FIXTURES = FIXTURES / "hosts"
 
@@ -41,6 +43,18 @@ def model_path() -> Path:
     from tuner.model.default_model import default_model_path
 
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def llama_server_build() -> ServerBuild:
+    """The portable llama-server built from the pinned llama.cpp: built at most once per machine
+    (``make test`` builds it first; this reuses that build, or builds it when tests run alone)."""
+    return ensure_server("portable", progress=lambda message: print(f"llama-server: {message}", flush=True))
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary(llama_server_build: ServerBuild) -> Path:
+    return llama_server_build.binary
 
 
 @pytest.fixture

@@ -12,26 +12,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import platformdirs
 import pytest
 
 from tuner.config import RunConfig
-from tuner.server.build import ServerBuild, ensure_server
 from tuner.server.process import ServerProcess
-
-# where `llamahost server build` puts it when LLAMAHOST_HOME is unset (honours XDG_CACHE_HOME, like make)
-PERSISTENT_SERVER_CACHE = Path(platformdirs.user_cache_dir("llamahost")) / "llama-server"
-
-
-@pytest.fixture(scope="session")
-def llama_server_build() -> ServerBuild:
-    os.environ.setdefault("LLAMAHOST_SERVER_CACHE", str(PERSISTENT_SERVER_CACHE))
-    return ensure_server("portable", progress=lambda message: print(f"llama-server: {message}", flush=True))
-
-
-@pytest.fixture(scope="session")
-def llama_server_binary(llama_server_build: ServerBuild) -> Path:
-    return llama_server_build.binary
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,92 @@
+"""The search space of a live server: the benchmark space plus what only a serving process has.
+
+A live server processes prompts and generates at once, so both thread counts and the batch sizes matter
+(the benchmark space with the ``both`` objective). On top of that come the server's slots
+(``--parallel``; ``-1`` is llama-server's automatic choice: 4 slots sharing one KV cache) and continuous
+batching (only meaningful with more than one slot, so only searched then). Every slot keeps the
+context a request needs, so the total context is ``slots x context per slot``: a configuration with
+more slots never silently shortens the context the deployment promised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tuner.config import RunConfig
+from tuner.model.gguf_file import ModelInfo
+from tuner.probe.host import HostProbe
+from tuner.space import SearchSpace, TrialLike
+
+AUTO_SLOTS = 4  # what llama-server's --parallel -1 resolves to
+
+
+def slot_choices(concurrency: int) -> tuple[int, ...]:
+    """Slot counts worth trying for a client concurrency: powers of two up to twice the concurrency,
+    plus llama-server's automatic setting."""
+    choices = [1]
+    while choices[-1] < 2 * concurrency and choices[-1] < 64:
+        choices.append(choices[-1] * 2)
+    return (-1, *choices)
+
+
+def slots_of(parallel: int) -> int:
+    return AUTO_SLOTS if parallel == -1 else parallel
+
+
+class LiveSearchSpace(SearchSpace):
+    def __init__(self, probe: HostProbe, model: ModelInfo, *, concurrency: int, ctx_per_slot: int,
+                 baseline: RunConfig | None = None, search_kv_cache: bool = True) -> None:
+        super().__init__(probe, model, "both", search_kv_cache=search_kv_cache)
+        self.concurrency = concurrency
+        self.ctx_per_slot = ctx_per_slot
+        self.slots = slot_choices(concurrency)
+        self._deployed = baseline
+
+    def ctx_size_for(self, parallel: int) -> int:
+        return self.ctx_per_slot * slots_of(parallel)
+
+    def draw(self, trial: TrialLike) -> RunConfig:
+        config = super().draw(trial)
+        parallel = int(trial.suggest_categorical("parallel", self.slots))
+        cont_batching = bool(trial.suggest_categorical("cont_batching", (True, False))) \
+            if slots_of(parallel) > 1 else True
+        return dataclasses.replace(config, parallel=parallel, cont_batching=cont_batching,
+                                   ctx_size=self.ctx_size_for(parallel)).validate()
+
+    def _baseline_value(self, name: str) -> Any:
+        if name == "parallel":
+            return -1  # llama-server's default is automatic slots
+        if name == "cont_batching":
+            return True
+        return super()._baseline_value(name)
+
+    def baseline(self) -> RunConfig:
+        """The deployed configuration when one was given, else llama-server's defaults."""
+        if self._deployed is not None:
+            return dataclasses.replace(self._deployed, ctx_size=self.ctx_size_for(self._deployed.parallel))
+        return self.config_from_params({})
+
+    def baseline_params(self) -> dict[str, Any]:
+        """Parameters reproducing the baseline, or ``{}`` when the deployed configuration is not a point of
+        this space (e.g. a hand-written CPU list): then it is measured as a fixed trial."""
+        if self._deployed is None:
+            return super().baseline_params()
+        params = params_for(self, self.baseline())
+        return params if params is not None else {}
+
+
+def params_for(space: SearchSpace, config: RunConfig) -> dict[str, Any] | None:
+    """The space's parameters that rebuild ``config`` exactly, or None if no point of the space does."""
+    params: dict[str, Any] = {
+        "numa": config.numa, "placement": config.placement, "smt": config.smt, "threads": config.threads,
+        "threads_batch": config.threads_batch, "ubatch_log2": config.ubatch_size.bit_length() - 1,
+        "batch_log2": config.batch_size.bit_length() - 1, "memory_policy": config.memory_policy,
+        "load_mode": config.load_mode, "flash_attn": config.flash_attn, "cache_type_k": config.cache_type_k,
+        "cache_type_v": config.cache_type_v, "parallel": config.parallel, "cont_batching": config.cont_batching,
+    }
+    try:
+        rebuilt = space.config_from_params(params)
+    except ValueError:
+        return None
+    return params if rebuilt == config else None
