@@ -1,0 +1,153 @@
+"""The local live server (no systemd): supervised llama-server, trial configurations, dead-man switch,
+the one-tuner lock, and live trials measured under a real workload. Real binary, real model."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tuner.config import RunConfig
+from tuner.errors import UserError
+from tuner.live.control import TrialStartFailed
+from tuner.live.local import LocalServer, ServerSpec
+from tuner.live.measure import Guards, LiveMeasurer, LiveObjective, LiveSettings
+from tuner.live.workload import make_request_mix
+from tuner.server.process import free_port
+from tuner.stats import StopRule
+from tuner.trial.runner import TrialFailed
+
+pytestmark = pytest.mark.server
+
+BASE = RunConfig(threads=1, threads_batch=1, parallel=1)
+TRIAL = RunConfig(threads=1, threads_batch=1, parallel=2, cont_batching=True)
+
+
+def processes_named(fragment: bytes) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if fragment in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.fixture
+def server(tmp_path: Path, llama_server_binary: Path, model_path: Path) -> Iterator[LocalServer]:
+    spec = ServerSpec(binary=str(llama_server_binary), model=str(model_path), host="127.0.0.1", port=free_port(),
+                      deadman_s=4.0, health_timeout_s=60.0)
+
+    def ctx_size_for(config: RunConfig) -> int:
+        return 1024 * max(1, config.parallel) if config.ctx_size == 0 else config.ctx_size
+
+    control = LocalServer(tmp_path / "state", spec, BASE, ctx_size_for)
+    control.ensure_running()
+    yield control
+    control.shutdown()
+    deadline = time.monotonic() + 10
+    while processes_named(str(tmp_path / "state").encode()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_named(str(tmp_path / "state").encode()) == [], "the supervisor outlived its shutdown"
+
+
+def running_args(control: LocalServer) -> str:
+    pid = control.server_pid()
+    assert pid is not None
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def test_trial_and_baseline_configurations_swap(server: LocalServer) -> None:
+    assert "--parallel 1" in running_args(server)
+    server.apply(TRIAL)
+    assert "--parallel 2" in running_args(server) and "--ctx-size 2048" in running_args(server)
+    server.restore_baseline()
+    assert "--parallel 1" in running_args(server)
+
+
+def test_dead_man_switch_restores_the_baseline_when_the_controller_goes_quiet(server: LocalServer) -> None:
+    server.apply(TRIAL)
+    time.sleep(server.spec.deadman_s + 2)  # no heartbeats
+    deadline = time.monotonic() + 30
+    while "--parallel 1" not in running_args(server) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "--parallel 1" in running_args(server)
+    assert "baseline restored" in (server.state / "supervisor.log").read_text()
+
+
+def test_a_second_tuner_is_refused_within_a_second(server: LocalServer) -> None:
+    with server.lock():
+        started = time.monotonic()
+        with pytest.raises(UserError, match="another llamahost tune is already tuning"), server.lock():
+            pass
+        assert time.monotonic() - started < 1.0
+
+
+def test_a_configuration_that_cannot_start_is_reported_and_the_baseline_comes_back(server: LocalServer) -> None:
+    impossible = RunConfig(threads=1, threads_batch=1, parallel=64, ctx_size=64 * 2_000_000)  # KV beyond RAM
+    with pytest.raises(TrialStartFailed, match="did not come up"):
+        server.apply(impossible)
+    server.restore_baseline()
+    assert "--parallel 1" in running_args(server)
+
+
+def test_a_server_that_dies_is_started_again(server: LocalServer) -> None:
+    pid = server.server_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (server.server_pid() in (None, pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.server_pid() not in (None, pid)
+
+
+def measurer(server: LocalServer, **guards: float) -> LiveMeasurer:
+    mix = make_request_mix("chat", concurrency=2, count=4, scale=0.1)
+    settings = LiveSettings(stop=StopRule(min_samples=3, max_samples=3, target_rel_ci=0.5), max_measure_seconds=60,
+                            warmup_windows=1, request_timeout_s=60)
+    return LiveMeasurer(server, mix, LiveObjective("throughput"), settings, Guards(**guards))  # type: ignore[arg-type]
+
+
+def test_a_live_trial_measures_throughput_and_latency(server: LocalServer) -> None:
+    outcome = measurer(server).run(TRIAL, "t")
+    assert len(outcome.values) == 3
+    for name in ("throughput_tps", "latency_p95_s", "ttft_p95_s", "server_tg_tps", "server_pp_tps"):
+        assert all(v > 0 for v in outcome.series[name]), name
+    assert outcome.values == outcome.series["throughput_tps"]
+
+
+def test_latency_and_memory_guards_fail_a_trial_and_restore_the_baseline(server: LocalServer) -> None:
+    strict = measurer(server, latency_multiple=1e-6)
+    strict.baseline_latency_p95 = 1.0
+    with pytest.raises(TrialFailed, match="p95 latency"):
+        strict.run(TRIAL, "t")
+    assert "--parallel 1" in running_args(server)
+    with pytest.raises(TrialFailed, match="over the limit"):
+        measurer(server, max_memory_bytes=1024).run(TRIAL, "t")
+    assert "--parallel 1" in running_args(server)
+
+
+def test_a_server_killed_mid_trial_fails_the_trial(server: LocalServer) -> None:
+    live = measurer(server)
+    live.settings = LiveSettings(stop=StopRule(min_samples=30, max_samples=30, target_rel_ci=0.01),
+                                 max_measure_seconds=120, warmup_windows=1, request_timeout_s=30)
+
+    def kill_soon() -> None:
+        time.sleep(3)
+        pid = server.server_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    with pytest.raises(TrialFailed, match="requests failed"):
+        live.run(TRIAL, "t")
+    killer.join()
+    assert "--parallel 1" in running_args(server)
