@@ -19,6 +19,9 @@ from ruamel.yaml import YAML
 from tuner import __version__
 from tuner.atomic import write_atomic
 from tuner.errors import UserError
+from tuner.model.gguf_file import ModelInfo
+from tuner.probe.host import HostProbe
+from tuner.verify import Arm, Verification
 
 FORMAT_VERSION = 1
 IMPROVED = "improved"
@@ -77,3 +80,77 @@ def version_block(system_info: str) -> dict[str, Any]:
     import llama_cpp
 
     return {"llamahost": __version__, "llama_cpp_python": llama_cpp.__version__, "system_info": system_info}
+
+
+def host_block(probe: HostProbe) -> dict[str, Any]:
+    return {"fingerprint": probe.fingerprint(), "hostname": probe.hostname, **probe.fingerprint_fields()}
+
+
+def model_block(model: ModelInfo, sha256: str) -> dict[str, Any]:
+    return {"path": str(model.path), "sha256": sha256, "name": model.name, "quantization": model.file_type,
+            "size_bytes": model.size_bytes, "bytes_per_token": model.bytes_per_token}
+
+
+def metric_blocks(arm: Arm) -> dict[str, Any]:
+    """Every metric an arm measured, as median and 95% interval."""
+    out: dict[str, Any] = {}
+    for name in sorted(arm.samples):
+        summary = arm.metric(name)
+        if summary is not None:
+            out[name] = {"median": summary.median, "ci_low": summary.ci_low, "ci_high": summary.ci_high,
+                         "n": summary.n}
+    return out
+
+
+def summary_line(verification: Verification, baseline_name: str) -> str:
+    winner = verification.winner
+    if not verification.candidates:
+        return "baseline stands: the budget left no time to measure any candidate"
+    if winner is None or winner.comparison is None:
+        return (f"baseline stands: no candidate was significantly better than {baseline_name} "
+                f"({verification.rounds} interleaved rounds)")
+    c = winner.comparison
+    return (f"{winner.label} is {100 * (c.ratio - 1):+.1f}% better than the baseline "
+            f"(95% CI {100 * (c.ci_low - 1):+.1f}% .. {100 * (c.ci_high - 1):+.1f}%, p={c.p_value:.3g}, "
+            f"{verification.rounds} interleaved rounds)")
+
+
+def assemble_result(*, study: str, study_trials: int, objective: str, verification: Verification,
+                    host: dict[str, Any], model: dict[str, Any], workload: dict[str, Any], system_info: str,
+                    search: dict[str, Any], wall_seconds: float, measuring_seconds: float,
+                    roofline: dict[str, Any] | None, baseline_name: str) -> dict[str, Any]:
+    """The result layout shared by benchmark and live tuning (see the module docstring)."""
+    winner = verification.winner
+    chosen = winner or verification.baseline
+    config = chosen.config
+    result: dict[str, Any] = {
+        "format": FORMAT_VERSION,
+        "study": study,
+        "written": now_iso(),
+        "verdict": IMPROVED if winner else BASELINE_STANDS,
+        "objective": objective,
+        "summary": summary_line(verification, baseline_name),
+        "settings": {
+            "source": chosen.label,
+            "config": config.to_dict(),
+            "server_args": config.server_args(),
+            "role_vars": config.role_vars(),
+        },
+        "baseline": {"config": verification.baseline.config.to_dict(), **metric_blocks(verification.baseline)},
+        "chosen": {"label": chosen.label, **metric_blocks(chosen)},
+        "improvement": winner.comparison.to_dict() if winner and winner.comparison else None,
+        "candidates": [a.to_dict() for a in verification.candidates],
+        "verification": {"rounds": verification.rounds, "alpha": verification.alpha,
+                         "min_effect": verification.min_effect,
+                         "baseline_round_values": verification.baseline.round_values},
+        "host": host,
+        "model": model,
+        "llama_cpp": version_block(system_info),
+        "workload": workload,
+        "search": {**search, "study_trials": study_trials, "wall_seconds": wall_seconds,
+                   "measuring_seconds": measuring_seconds,
+                   "measuring_fraction": measuring_seconds / wall_seconds if wall_seconds > 0 else 0.0},
+    }
+    if roofline is not None:
+        result["roofline"] = roofline
+    return result

@@ -27,7 +27,7 @@ from tuner.probe import BandwidthError, probe_host
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
 from tuner.report import write_report
-from tuner.result import BASELINE_STANDS, FORMAT_VERSION, IMPROVED, now_iso, version_block, write_result
+from tuner.result import assemble_result, host_block, model_block, write_result
 from tuner.roofline import mean_context_depth, roofline
 from tuner.search import (
     SPAWN_OVERHEAD_S,
@@ -298,73 +298,23 @@ def verify_candidates(ctx: TuneContext, measurer: Measurer, progress: TuneProgre
                   min_effect=req.min_effect, seed=req.seed or 0, on_round=on_round)
 
 
-def _throughput(arm: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for metric in sorted(arm.samples):
-        summary = arm.metric(metric)
-        if summary is not None:
-            out[metric] = {"median": summary.median, "ci_low": summary.ci_low, "ci_high": summary.ci_high,
-                                   "n": summary.n}
-    return out
-
-
 def build_result(ctx: TuneContext, verification: Verification, search: dict[str, Any], wall_seconds: float,
                  measuring_seconds: float) -> dict[str, Any]:
-    winner = verification.winner
-    chosen = winner or verification.baseline
-    config = chosen.config
+    """The result of a benchmark tuning run: the shared result layout plus the bandwidth roofline."""
     probe = ctx.probe
-    system_info = ""
     base_trial = baseline_trial(ctx.study)
-    if base_trial is not None:
-        system_info = base_trial.user_attrs.get("outcome", {}).get("applied", {}).get("system_info", "")
-    result: dict[str, Any] = {
-        "format": FORMAT_VERSION,
-        "study": ctx.study.study_name,
-        "written": now_iso(),
-        "verdict": IMPROVED if winner else BASELINE_STANDS,
-        "objective": ctx.request.objective,
-        "summary": _summary_line(verification),
-        "settings": {
-            "source": chosen.label,
-            "config": config.to_dict(),
-            "server_args": config.server_args(),
-            "role_vars": config.role_vars(),
-        },
-        "baseline": {"config": verification.baseline.config.to_dict(), **_throughput(verification.baseline)},
-        "chosen": {"label": chosen.label, **_throughput(chosen)},
-        "improvement": winner.comparison.to_dict() if winner and winner.comparison else None,
-        "candidates": [a.to_dict() for a in verification.candidates],
-        "verification": {"rounds": verification.rounds, "alpha": verification.alpha,
-                         "min_effect": verification.min_effect,
-                         "baseline_round_values": verification.baseline.round_values},
-        "host": {"fingerprint": probe.fingerprint(), "hostname": probe.hostname, **probe.fingerprint_fields()},
-        "model": {"path": str(ctx.model.path), "sha256": ctx.model_sha256, "name": ctx.model.name,
-                  "quantization": ctx.model.file_type, "size_bytes": ctx.model.size_bytes,
-                  "bytes_per_token": ctx.model.bytes_per_token},
-        "llama_cpp": version_block(system_info),
-        "workload": {"pp_tokens": ctx.request.workload.pp_tokens, "tg_tokens": ctx.request.workload.tg_tokens},
-        "search": {**search, "study_trials": len(ctx.study.trials), "wall_seconds": wall_seconds,
-                   "measuring_seconds": measuring_seconds,
-                   "measuring_fraction": measuring_seconds / wall_seconds if wall_seconds > 0 else 0.0},
-    }
+    system_info = base_trial.user_attrs.get("outcome", {}).get("applied", {}).get("system_info", "") \
+        if base_trial is not None else ""
+    chosen = verification.winner or verification.baseline
     tg = chosen.metric("tg_tps")
+    roof = None
     if probe.bandwidth is not None and tg is not None:
         depth = mean_context_depth(ctx.request.workload.pp_tokens, ctx.request.workload.tg_tokens)
-        line = roofline(probe.bandwidth.all_nodes_gbps, ctx.model, tg.median, depth=depth,
-                        cache_type_k=config.cache_type_k, cache_type_v=config.cache_type_v)
-        result["roofline"] = line.to_dict()
-    return result
-
-
-def _summary_line(verification: Verification) -> str:
-    winner = verification.winner
-    if not verification.candidates:
-        return "baseline stands: the budget left no time to measure any candidate"
-    if winner is None or winner.comparison is None:
-        return ("baseline stands: no candidate was significantly faster than llama.cpp's defaults "
-                f"({verification.rounds} interleaved rounds)")
-    c = winner.comparison
-    return (f"{winner.label} is {100 * (c.ratio - 1):+.1f}% faster than the baseline "
-            f"(95% CI {100 * (c.ci_low - 1):+.1f}% .. {100 * (c.ci_high - 1):+.1f}%, p={c.p_value:.3g}, "
-            f"{verification.rounds} interleaved rounds)")
+        roof = roofline(probe.bandwidth.all_nodes_gbps, ctx.model, tg.median, depth=depth,
+                        cache_type_k=chosen.config.cache_type_k, cache_type_v=chosen.config.cache_type_v).to_dict()
+    return assemble_result(
+        study=ctx.study.study_name, study_trials=len(ctx.study.trials), objective=ctx.request.objective,
+        verification=verification, host=host_block(probe), model=model_block(ctx.model, ctx.model_sha256),
+        workload={"pp_tokens": ctx.request.workload.pp_tokens, "tg_tokens": ctx.request.workload.tg_tokens},
+        system_info=system_info, search=search, wall_seconds=wall_seconds, measuring_seconds=measuring_seconds,
+        roofline=roof, baseline_name="llama.cpp's defaults")

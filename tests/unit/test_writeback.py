@@ -96,6 +96,8 @@ WRITER = textwrap.dedent("""
     while True:
         i += 1
         write_vars(path, {"llama_server_threads": i, "llama_server_blob": "x" * 200_000 + str(i)}, note="n")
+        if i == 1:
+            print("writing", flush=True)
 """)
 
 
@@ -105,8 +107,9 @@ def test_killing_the_writer_never_leaves_a_half_written_file(tmp_path: Path) -> 
     rng = random.Random(5)
     safe = YAML(typ="safe")
     for _ in range(12):
-        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)])
-        time.sleep(0.3 + rng.random() * 0.5)
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE)
+        assert writer.stdout is not None and writer.stdout.readline() == b"writing\n"
+        time.sleep(rng.random() * 0.3)  # somewhere inside the write loop
         os.kill(writer.pid, signal.SIGKILL)
         writer.wait()
         data = safe.load(path.read_text())  # always a complete document
