@@ -21,6 +21,7 @@ EXIT_INTERRUPTED = 130
 COMMAND_MODULES = (
     "tuner.commands.probe",
     "tuner.commands.tune",
+    "tuner.commands.fleet",
     "tuner.commands.show",
     "tuner.commands.model",
     "tuner.commands.size",

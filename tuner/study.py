@@ -7,8 +7,9 @@ user attributes when the study is created.
 
 Storage is an Optuna ``RDBStorage`` with heartbeats: a controller killed with SIGKILL leaves its trial
 RUNNING, and the next run (or another fleet worker) marks it FAIL after the grace period and re-queues
-it once (``RetryFailedTrialCallback``). The embedded default is one SQLite file in the user's data
-directory; PostgreSQL is the store for many hosts.
+it once (``RetryHeartbeatStaleTrialCallback(max_retry=1)``). The embedded default is one SQLite file in
+the user's data directory; PostgreSQL is the store for many hosts (see :mod:`tuner.fleet.store` for how
+a store is opened and checked).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,15 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import UserError
+from tuner.fleet.store import (
+    check_schema,
+    creation_lock,
+    driver_url,
+    engine_kwargs,
+    explain_open_error,
+    redact,
+    store_init_lock,
+)
 from tuner.paths import data_dir, default_storage_url
 
 HEARTBEAT_INTERVAL_S = 10
@@ -36,18 +46,28 @@ BASELINE = "baseline"
 BINDING_ATTRS = ("host_fingerprint", "model_sha256", "objective", "workload")
 
 
+HOST_STUDY = "host"  # one host tunes alone (`llamahost tune`)
+FLEET_STUDY = "fleet"  # every host of a hardware group shares it (`llamahost fleet work`)
+
+
 @dataclass(frozen=True)
 class StudyBinding:
-    """What a study's trials were measured on."""
+    """What a study's trials were measured on.
+
+    ``host_fingerprint`` is the single host's hardware fingerprint, or for a fleet study the fingerprint of
+    its hardware group (which also covers the llama.cpp build and the model). ``extra["host"]``, when
+    given, holds the fields that fingerprint was computed from, so a refusal can name what differs."""
 
     host_fingerprint: str
     model_sha256: str
     objective: str
     workload: dict[str, Any]
     extra: dict[str, Any]
+    kind: str = HOST_STUDY
 
     def attrs(self) -> dict[str, Any]:
         return {
+            "kind": self.kind,
             "host_fingerprint": self.host_fingerprint,
             "model_sha256": self.model_sha256,
             "objective": self.objective,
@@ -70,18 +90,11 @@ def quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(previous)
 
 
-def _describe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
-
-
 def open_storage(url: str | None) -> RDBStorage:
-    """Open (and for the default, create) the study store, or raise a :class:`UserError`."""
+    """Open (and for the default, create) the study store, or raise a :class:`UserError`.
+
+    The store's Optuna schema is checked read-only before Optuna touches it, and every way opening can
+    fail becomes one message with its fix and without the password (see :mod:`tuner.fleet.store`)."""
     if url is None:
         data_dir().mkdir(parents=True, exist_ok=True)
         url = default_storage_url()
@@ -91,22 +104,22 @@ def open_storage(url: str | None) -> RDBStorage:
             raise UserError(f"cannot open study storage {url}: directory {parent} does not exist",
                             "create the directory first, or omit --storage to use the default store")
     elif not url.startswith(("sqlite:", "postgresql", "mysql")):
-        raise UserError(f"unsupported study storage URL {_describe_url(url)!r}",
+        raise UserError(f"unsupported study storage URL {redact(url)!r}",
                         "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB (or omit --storage)")
     try:
-        with quiet_optuna():
+        with store_init_lock(url), quiet_optuna():
+            check_schema(url)
             return RDBStorage(
-                url,
+                driver_url(url),
                 heartbeat_interval=HEARTBEAT_INTERVAL_S,
                 grace_period=GRACE_PERIOD_S,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-                engine_kwargs={"pool_pre_ping": True} if not url.startswith("sqlite") else None,
+                engine_kwargs=engine_kwargs(url),
             )
-    except Exception as exc:  # sqlalchemy raises a zoo of driver errors; all mean "cannot open"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot open study storage {_describe_url(url)}: {first_line}",
-                        "check the URL, that the database server is running and reachable, and the "
-                        "credentials") from None
+    except UserError:
+        raise
+    except Exception as exc:  # sqlalchemy raises a zoo of driver errors; explain_open_error sorts them
+        raise explain_open_error(url, exc) from None
 
 
 def open_existing_storage(url: str | None) -> RDBStorage:
@@ -141,8 +154,12 @@ def open_study(
     seed: int | None = None,
 ) -> tuple[optuna.Study, bool]:
     """Create the study (enqueuing the baseline as its first trial) or reopen it after checking that it
-    was made for this host, model, objective and workload. Returns (study, created)."""
-    with quiet_optuna():
+    was made for this host, model, objective and workload. Returns (study, created).
+
+    Creating a study is three writes (study, binding, baseline); they happen under a lock named after the
+    study, so fleet workers starting together see either no study or a complete one, and exactly one of
+    them enqueues the baseline."""
+    with creation_lock(storage, name), quiet_optuna():
         try:
             study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
                                         sampler=make_sampler(seed), pruner=make_pruner(), load_if_exists=False)
@@ -150,36 +167,64 @@ def open_study(
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(seed),
                                       pruner=make_pruner())
-            created = False
-    if created:
-        for key, value in binding.attrs().items():
-            study.set_user_attr(key, value)
-        enqueue_baseline(study, baseline_params)
-        return study, True
-    check_binding(study, binding)
-    if not any(t.user_attrs.get(ROLE_ATTR) == BASELINE for t in study.get_trials(deepcopy=False)):
-        enqueue_baseline(study, baseline_params)  # creator died between creating and enqueuing
-    return study, False
+            # a creator that died between creating the study and binding it left it empty: adopt it
+            created = not study.user_attrs and not study.get_trials(deepcopy=False)
+        if created:
+            for key, value in binding.attrs().items():
+                study.set_user_attr(key, value)
+            enqueue_baseline(study, baseline_params)
+            return study, True
+        check_binding(study, binding)
+        if not any(is_baseline(t) for t in study.get_trials(deepcopy=False)):
+            enqueue_baseline(study, baseline_params)  # creator died between binding and enqueuing
+        return study, False
+
+
+BINDING_WHAT = {
+    "host_fingerprint": "a different host (hardware fingerprint)",
+    "model_sha256": "a different model file (sha256)",
+    "objective": "a different objective",
+    "workload": "a different workload",
+}
 
 
 def check_binding(study: optuna.Study, binding: StudyBinding) -> None:
+    """Refuse to continue a study measured under other conditions, naming what differs."""
     attrs = study.user_attrs
     if not attrs:
         raise UserError(f"study {study.study_name!r} was not made by llamahost",
                         "choose another --study name")
+    theirs_kind = attrs.get("kind", HOST_STUDY)
+    if theirs_kind != binding.kind:
+        command = "llamahost fleet work" if theirs_kind == FLEET_STUDY else "llamahost tune"
+        raise UserError(f"study {study.study_name!r} is a {theirs_kind} study, not a {binding.kind} study",
+                        f"continue it with `{command}`, or choose another --study name")
     mine = binding.attrs()
     for key in BINDING_ATTRS:
-        if attrs.get(key) != mine[key]:
-            what = {
-                "host_fingerprint": "a different host (hardware fingerprint)",
-                "model_sha256": "a different model file (sha256)",
-                "objective": "a different objective",
-                "workload": "a different workload",
-            }[key]
+        if attrs.get(key) == mine[key]:
+            continue
+        if key == "host_fingerprint" and binding.kind == FLEET_STUDY:
             raise UserError(
-                f"study {study.study_name!r} was made for {what}: {attrs.get(key)} here is {mine[key]}",
-                "pass a new --study name (results from different conditions are not comparable)",
-            )
+                f"this host does not belong to the hardware group of study {study.study_name!r} (group "
+                f"{attrs.get(key)}, this host is {mine[key]}): {fingerprint_diff(attrs.get('host'), mine.get('host'))}",
+                "omit --study to join the study of this host's own group, or make the host match its group "
+                "again (a lost DIMM, SMT switched, another llama-cpp-python); results from different hardware "
+                "are not comparable")
+        detail = f" ({fingerprint_diff(attrs.get('host'), mine.get('host'))})" if key == "host_fingerprint" else ""
+        raise UserError(
+            f"study {study.study_name!r} was made for {BINDING_WHAT[key]}: {attrs.get(key)} here is {mine[key]}"
+            f"{detail}",
+            "pass a new --study name (results from different conditions are not comparable)",
+        )
+
+
+def fingerprint_diff(theirs: Any, mine: Any) -> str:
+    """``field: X there, Y here`` for every fingerprint field that differs (or a note when unknown)."""
+    if not isinstance(theirs, dict) or not isinstance(mine, dict):
+        return "the study does not record the fields its fingerprint was made from"
+    keys = sorted(set(theirs) | set(mine))
+    parts = [f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in keys if theirs.get(k) != mine.get(k)]
+    return "; ".join(parts) if parts else "same fields, different fingerprint version"
 
 
 def enqueue_baseline(study: optuna.Study, params: dict[str, Any]) -> None:
@@ -199,9 +244,14 @@ def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
 
 def best_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
     """The ``k`` best completed trials with distinct configurations, best first, baseline excluded."""
+    return best_of(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), k)
+
+
+def best_of(trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
+    """:func:`best_trials` over a list of trials already read (the fleet status reads many studies)."""
     seen: set[str] = set()
     best: list[FrozenTrial] = []
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     for trial in sorted(complete, key=lambda t: t.value if t.value is not None else float("-inf"), reverse=True):
         key = str(trial.user_attrs.get("config_key", trial.params))
         if is_baseline(trial) or key in seen:

@@ -70,8 +70,13 @@ def run_tune(args: argparse.Namespace) -> int:
         console(stderr=True).print(f"[bold]interrupted[/bold]: study {ctx.study.study_name} is intact ({trials} "
                                    "trials); run the same command again to resume", style="yellow")
         return EXIT_INTERRUPTED
-    if args.json:
-        print_json(outcome.result)
-    else:
-        print_result(console(), outcome.result)
+    print_outcome(outcome.result, as_json=args.json)
     return 0
+
+
+def print_outcome(result: dict[str, Any], *, as_json: bool) -> None:
+    """A result as JSON on stdout (for programs: a playbook, a benchmark) or as tables (for people)."""
+    if as_json:
+        print_json(result)
+    else:
+        print_result(console(), result)
