@@ -9,6 +9,9 @@ Decisions, and why:
 * SSH is forwarded from ``127.0.0.1`` only, never from all interfaces.
 * The disk is a qcow2 overlay on the cached raw base image, so the base stays clean and a new lab is one
   small file. ``cache=unsafe`` skips host flushes: the overlay is thrown away with the lab.
+* ``max-ram-below-4g=1G``: below 4 GiB QEMU's ``pc`` machine has RAM up to just under 3 GiB (the top
+  pages are firmware's), so no gigabyte there is whole RAM, the first holds the kernel and initrd, and
+  KASLR may put the kernel in any other. Mapping only 1 GiB low moves the rest of node 0 above 4 GiB.
 * ``-daemonize`` with a pid file: QEMU's parent exits once the machine runs, so the CLI returns, and a
   guest reboot is a machine reset inside the same QEMU process that goes through GRUB again.
 """
@@ -21,6 +24,9 @@ from pathlib import Path
 from tuner.lab.spec import MachineSpec
 
 GUEST_SSH_PORT = 22
+# Only the first GiB of guest RAM below 4 GiB: node 0 then continues above 4 GiB with whole, aligned
+# gigabytes, so the kernel can reserve its 1 GiB page there (see tuner.lab.spec).
+LOW_RAM = "1G"
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,7 @@ def qemu_command(machine: MachineSpec, files: MachineFiles, *, ssh_port: int) ->
     cmd = [
         "qemu-system-x86_64",
         "-name", "llamahost-lab",
-        "-machine", "pc",
+        "-machine", f"pc,max-ram-below-4g={LOW_RAM}",
         "-accel", "tcg,thread=multi",
         "-cpu", machine.cpu_model,
         "-smp", (f"{machine.cpus},sockets={machine.sockets},cores={machine.cores_per_socket},"

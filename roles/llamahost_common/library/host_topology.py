@@ -28,7 +28,7 @@ RETURN = r"""
 topology:
   description: Online/present CPUs, physical cores and SMT siblings, NUMA nodes with memory and
     hugepages, THP modes, SMT control, cpufreq governors and EPP, kernel command line, NUMA sysctls,
-    hugetlbfs mounts, the CPUs PID 1 may run on, GRUB presence.
+    hugetlbfs mounts, the CPUs PID 1 and the housekeeping cgroups may run on, GRUB presence.
   returned: always
   type: dict
 """
@@ -176,6 +176,15 @@ def pid1_cpus():
     return []
 
 
+def cgroup_cpus():
+    """Effective CPUs of the cgroups the cpu role confines (cgroup v2; empty where not mounted)."""
+    out = {}
+    for unit in ("init.scope", "system.slice", "user.slice"):
+        text = read(f"/sys/fs/cgroup/{unit}/cpuset.cpus.effective")
+        out[unit] = parse_cpu_list(text) if text else []
+    return out
+
+
 def topology():
     present = parse_cpu_list(read(f"{SYS_CPU}/present", "0"))
     online = parse_cpu_list(read(f"{SYS_CPU}/online", "0"))
@@ -205,6 +214,7 @@ def topology():
         },
         "hugetlbfs_mounts": hugetlbfs_mounts(),
         "pid1_cpus": pid1_cpus(),
+        "cgroup_cpus": cgroup_cpus(),
         "grub": {
             "defaults_file": os.path.isfile("/etc/default/grub"),
             "update_grub": shutil.which("update-grub") or shutil.which("update-grub2") or "",
