@@ -10,14 +10,18 @@ DEMO_BUDGET ?= 5m
 # Built llama-server binaries: kept across runs (and across test sessions with a throw-away LLAMAHOST_HOME).
 LLAMAHOST_SERVER_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llamahost/llama-server
 export LLAMAHOST_SERVER_CACHE
+# The QEMU lab's image and running labs: shared by `make lab-up` and the lab tests (tests/lab).
+LLAMAHOST_LAB_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llamahost/lab
+export LLAMAHOST_LAB_CACHE
 
-.PHONY: help venv system-deps test lint typecheck unit demo clean llama-server
+.PHONY: help venv system-deps test lint typecheck unit demo clean llama-server lab-up lab-down
 
 help:
 	@echo "make demo   - install, fetch the default model, tune this host (budget $(DEMO_BUDGET)), write the result"
 	@echo "make test   - install everything (Debian packages, Python deps) and run the whole test suite"
 	@echo "make lint   - ruff + mypy"
 	@echo "make llama-server - build llama.cpp's llama-server from the pinned source (once; cached)"
+	@echo "make lab-up / lab-down - boot / stop the QEMU test host for the Ansible roles (llamahost lab)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +51,12 @@ unit: venv
 
 demo: venv
 	$(BIN)/llamahost tune --budget $(DEMO_BUDGET)
+
+lab-up: system-deps venv
+	$(BIN)/llamahost lab up
+
+lab-down: venv
+	$(BIN)/llamahost lab down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

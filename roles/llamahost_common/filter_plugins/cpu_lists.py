@@ -16,9 +16,10 @@ _PART = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 def _parse(text):
     cpus = set()
-    for part in re.split(r"[,\s]+", str(text).strip()):
-        if not part:
-            continue
+    text = str(text).strip()
+    if not text:
+        return []
+    for part in re.split(r"\s*,\s*|\s+", text):
         match = _PART.match(part)
         if not match:
             raise ValueError(part)

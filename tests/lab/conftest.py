@@ -1,0 +1,87 @@
+"""Fixtures for the roles' tests: the QEMU lab host, an inventory for it, and a playbook runner.
+
+How the lab is found or started (session scope): if a lab named ``default`` is running in the lab cache
+(``LLAMAHOST_LAB_CACHE``, default ~/.cache/llamahost/lab, the same cache ``make lab-up`` uses) and
+answers on SSH, the tests use it and leave it running; otherwise they boot one (building the image first
+if the cache has none) and stop it at the end of the session. Each stage's wall time is recorded and
+printed at the end of the run (and kept in ``<lab cache>/last-test-timings.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from labkit import GROUP_VARS, TUNED, Lab
+
+from tuner.lab.image import lab_cache_dir
+from tuner.lab.instance import LabInstance, LabState
+from tuner.lab.spec import ImageRecipe, MachineSpec
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_lab_cache() -> None:
+    """Share the lab image across sessions (the suite's LLAMAHOST_HOME is thrown away every run)."""
+    os.environ.setdefault("LLAMAHOST_LAB_CACHE", str(Path.home() / ".cache" / "llamahost" / "lab"))
+
+
+@pytest.fixture(scope="session")
+def lab_host(shared_lab_cache: None) -> Iterator[tuple[LabInstance, LabState, dict[str, float]]]:
+    instance = LabInstance(lab_cache_dir())
+    timings: dict[str, float] = {}
+    state = instance.running()
+    reused = state is not None and instance.reachable(state)
+    if not reused:
+        started = time.monotonic()
+        state = instance.up(ImageRecipe(), MachineSpec(), progress=lambda message: print(f"lab: {message}"))
+        timings["image build (0 when cached)"] = state.image_build_s
+        timings["boot to SSH"] = state.boot_s or round(time.monotonic() - started, 1)
+    assert state is not None
+    try:
+        yield instance, state, timings
+    finally:
+        _write_timings(timings, reused)
+        if not reused:
+            instance.down()
+
+
+@pytest.fixture(scope="session")
+def lab(lab_host: tuple[LabInstance, LabState, dict[str, float]], model_path: Path,
+        llama_server_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    """The lab with an inventory like a user's: hosts, group_vars, and host_vars written from a RunConfig."""
+    instance, state, timings = lab_host
+    inventory = tmp_path_factory.mktemp("lab-inventory")
+    (inventory / "hosts.yml").write_text(instance.inventory.read_text())
+    (inventory / "group_vars").mkdir()
+    group_vars = {**GROUP_VARS, "llama_server_model_src": str(model_path),
+                  "llama_server_binary_src": str(llama_server_binary)}
+    (inventory / "group_vars" / "llama_hosts.yml").write_text(yaml.safe_dump(group_vars))
+    (inventory / "host_vars").mkdir()
+    (inventory / "host_vars" / f"{state.alias}.yml").write_text(yaml.safe_dump(TUNED.role_vars()))
+    return Lab(instance, state, inventory, timings)
+
+
+_REPORT: dict[str, Any] = {}
+
+
+def _write_timings(timings: dict[str, float], reused: bool) -> None:
+    if not timings:
+        return
+    _REPORT.update({"reused_running_lab": reused, "stages_s": dict(timings)})
+    (lab_cache_dir() / "last-test-timings.json").write_text(json.dumps(_REPORT, indent=2) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the lab's stage timings at the end of the run (the CI log is where people look)."""
+    if _REPORT:
+        terminalreporter.section("lab stage timings")
+        for name, seconds in _REPORT["stages_s"].items():
+            terminalreporter.write_line(f"{name:<40} {seconds:7.1f} s")
+        if _REPORT["reused_running_lab"]:
+            terminalreporter.write_line("(a running lab was reused: no image build or boot in this run)")

@@ -1,0 +1,180 @@
+"""The lab's own code, without booting anything: command builders, image keys, client files, process
+bookkeeping (with real processes) and the ``llamahost lab`` command line. Fast; no ``lab`` marker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuner.errors import UserError
+from tuner.lab.access import SshAccess, inventory_text, known_hosts_line, ssh_command, ssh_config_text
+from tuner.lab.image import LabImage
+from tuner.lab.instance import LabInstance, LabState
+from tuner.lab.machine import MachineFiles, overlay_command, qemu_command
+from tuner.lab.recipe import customize_hook, essential_hook, image_key, mkfs_command, mmdebstrap_command
+from tuner.lab.spec import ImageRecipe, MachineSpec, root_uuid
+
+BIN = Path(sys.executable).parent
+
+
+def machine_files(tmp_path: Path) -> MachineFiles:
+    return MachineFiles(overlay=tmp_path / "overlay.qcow2", bootloader=tmp_path / "grub.lnx",
+                        serial_log=tmp_path / "serial.log", qemu_log=tmp_path / "qemu.log",
+                        pid_file=tmp_path / "qemu.pid")
+
+
+def test_qemu_command_emulates_two_numa_sockets_with_smt_and_forwards_ssh_on_loopback_only(tmp_path: Path) -> None:
+    cmd = qemu_command(MachineSpec(), machine_files(tmp_path), ssh_port=40022)
+    joined = " ".join(cmd)
+    assert cmd[cmd.index("-accel") + 1].startswith("tcg")
+    assert "-smp 8,sockets=2,cores=2,threads=2" in joined and "-cpu Skylake-Server" in joined
+    assert "node,nodeid=0,cpus=0-3,memdev=mem0" in joined and "node,nodeid=1,cpus=4-7,memdev=mem1" in joined
+    assert "memory-backend-ram,id=mem1,size=4096M" in joined and "-m 8192M" in joined
+    netdev = cmd[cmd.index("-netdev") + 1]
+    assert "restrict=on" in netdev and "hostfwd=tcp:127.0.0.1:40022-:22" in netdev
+    assert "max-ram-below-4g=1G" in cmd[cmd.index("-machine") + 1]
+    assert "-daemonize" in cmd and cmd[cmd.index("-kernel") + 1].endswith("grub.lnx")
+
+
+def test_machine_spec_numbers_cpus_socket_by_socket_and_rejects_nonsense() -> None:
+    machine = MachineSpec(sockets=2, cores_per_socket=4, threads_per_core=2, memory_per_node_mib=2048)
+    assert (machine.cpus, machine.memory_mib) == (16, 4096)
+    assert [machine.node_cpus(n) for n in (0, 1)] == ["0-7", "8-15"]
+    problems = MachineSpec(sockets=0, memory_per_node_mib=512).problems()
+    assert any("sockets" in p for p in problems) and any("memory_per_node_mib" in p for p in problems)
+
+
+def test_overlay_keeps_the_cached_base_as_an_absolute_read_only_backing_file(tmp_path: Path) -> None:
+    cmd = overlay_command(Path("relative/disk.img"), tmp_path / "o.qcow2")
+    backing = cmd[cmd.index("-b") + 1]
+    assert Path(backing).is_absolute() and cmd[cmd.index("-F") + 1] == "raw"
+
+
+def test_image_key_follows_the_recipe_and_nothing_else() -> None:
+    base = ImageRecipe()
+    assert image_key(base) == image_key(ImageRecipe())
+    assert image_key(base) != image_key(ImageRecipe(packages=(*base.packages, "htop")))
+    assert image_key(base) != image_key(ImageRecipe(kernel_args=("console=ttyS0",)))
+    assert uuid.UUID(root_uuid(image_key(base))) == uuid.UUID(root_uuid(image_key(ImageRecipe())))
+
+
+def test_build_commands_install_every_package_and_keep_paths_quoted(tmp_path: Path) -> None:
+    recipe = ImageRecipe()
+    odd = tmp_path / "it's here"
+    cmd = mmdebstrap_command(recipe, root_dir=odd / "root", essential_script=odd / "e.sh",
+                             customize_script=odd / "c.sh", public_key=odd / "id.pub", out_dir=odd, uuid="U")
+    included = next(arg for arg in cmd if arg.startswith("--include=")).removeprefix("--include=")
+    assert set(included.split(",")) == set(recipe.packages)
+    assert "'\\''" in next(arg for arg in cmd if arg.startswith("--customize-hook="))
+    mkfs = mkfs_command(recipe, root_dir=odd / "root", image=odd / "disk.img", uuid="U")
+    assert mkfs[:3] == ["mkfs.ext4", "-q", "-F"] and mkfs[-1] == f"{recipe.disk_gib}G" and "-U" in mkfs
+
+
+@pytest.mark.parametrize("script", [essential_hook(), customize_hook(ImageRecipe())], ids=["essential", "customize"])
+def test_hook_scripts_are_valid_shell(script: str, tmp_path: Path) -> None:
+    path = tmp_path / "hook.sh"
+    path.write_text(script)
+    assert subprocess.run(["sh", "-n", str(path)], capture_output=True, check=False).returncode == 0
+
+
+def test_customize_hook_sets_up_the_real_bootloader_and_the_login() -> None:
+    script = customize_hook(ImageRecipe(user="ops", kernel_args=("console=ttyS0", "mitigations=off")))
+    assert 'GRUB_CMDLINE_LINUX="console=ttyS0 mitigations=off"' in script
+    assert "lnxboot.img" in script and "grub-mkimage -O i386-pc" in script
+    assert "user=ops" in script and "NOPASSWD" in script and "PasswordAuthentication no" in script
+
+
+def access(tmp_path: Path) -> SshAccess:
+    return SshAccess(alias="llamahost-lab-default", port=40022, user="lab", identity=tmp_path / "my key",
+                     known_hosts=tmp_path / "known_hosts")
+
+
+def test_inventory_puts_the_lab_in_llama_hosts_with_strict_host_key_checking(tmp_path: Path) -> None:
+    inventory = yaml.safe_load(inventory_text(access(tmp_path)))
+    host = inventory["llama_hosts"]["hosts"]["llamahost-lab-default"]
+    assert (host["ansible_host"], host["ansible_port"], host["ansible_user"]) == ("127.0.0.1", 40022, "lab")
+    assert host["ansible_ssh_private_key_file"] == str(tmp_path / "my key")
+    assert "StrictHostKeyChecking=yes" in host["ansible_ssh_common_args"]
+    assert "HostKeyAlias=llamahost-lab-default" in host["ansible_ssh_common_args"]
+
+
+def test_ssh_config_and_command_agree_and_pin_the_host_key(tmp_path: Path) -> None:
+    config = ssh_config_text(access(tmp_path))
+    assert "Host llamahost-lab-default" in config and "Port 40022" in config and "StrictHostKeyChecking yes" in config
+    cmd = ssh_command(access(tmp_path), ["true"], connect_timeout=5)
+    assert cmd[-2:] == ["lab@127.0.0.1", "true"] and "ConnectTimeout=5" in cmd
+    assert known_hosts_line("alias", "ssh-ed25519 AAAAC3Nz root@builder\n") == "alias ssh-ed25519 AAAAC3Nz\n"
+
+
+def fake_state(instance: LabInstance, pid: int, tmp_path: Path) -> LabState:
+    state = LabState(name=instance.name, pid=pid, ssh_port=40022, alias="llamahost-lab-default", user="lab",
+                     image_key="k", image_dir=str(tmp_path), started_at="now", machine={}, image_build_s=0.0)
+    instance.directory.mkdir(parents=True, exist_ok=True)
+    instance.state_file.write_text(json.dumps(state.to_dict()))
+    return state
+
+
+def test_a_stale_state_file_is_not_a_running_lab_and_down_cleans_it_up(tmp_path: Path) -> None:
+    instance = LabInstance(tmp_path)
+    assert instance.running() is None
+    fake_state(instance, pid=2**22 + 1, tmp_path=tmp_path)  # above pid_max's default: never alive
+    assert instance.running() is None
+    assert instance.down() is False and not instance.state_file.exists()
+
+
+def test_only_the_process_that_owns_this_labs_overlay_counts_and_down_stops_it(tmp_path: Path) -> None:
+    instance = LabInstance(tmp_path)
+    overlay = instance.directory / "overlay.qcow2"
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "unrelated"])
+    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"file={overlay},if=virtio"])
+    try:
+        fake_state(instance, stranger.pid, tmp_path)
+        assert instance.running() is None and instance.down() is False  # never signals a stranger
+        assert stranger.poll() is None
+        fake_state(instance, ours.pid, tmp_path)
+        assert instance.running() is not None
+        started = time.monotonic()
+        assert instance.down() is True
+        assert ours.wait(timeout=10) != 0 and time.monotonic() - started < 10
+    finally:
+        for process in (stranger, ours):
+            process.kill()
+            process.wait()
+
+
+def test_lab_names_are_checked() -> None:
+    with pytest.raises(UserError, match="may only contain"):
+        LabInstance(Path("/tmp"), "../etc")
+
+
+def test_an_image_is_complete_only_with_all_its_files(tmp_path: Path) -> None:
+    image = LabImage("k", tmp_path)
+    for path in (image.disk, image.bootloader, image.identity, image.host_public_key):
+        path.write_text("x")
+    assert not image.complete()
+    image.manifest_path.write_text("{}")
+    assert image.complete()
+
+
+def run_cli(*args: str, cache: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LLAMAHOST_LAB_CACHE": str(cache)}
+    return subprocess.run([str(BIN / "llamahost"), "lab", *args], capture_output=True, text=True, env=env,
+                          timeout=60, check=False)
+
+
+def test_cli_status_exits_1_when_no_lab_runs_and_inventory_explains_how_to_start_one(tmp_path: Path) -> None:
+    status = run_cli("status", "--json", cache=tmp_path)
+    assert status.returncode == 1 and json.loads(status.stdout) == {"name": "default", "running": False}
+    inventory = run_cli("inventory", cache=tmp_path)
+    assert inventory.returncode == 2 and "not running" in inventory.stderr and "lab up" in inventory.stderr
+    assert "Traceback" not in inventory.stderr
+    bad = run_cli("up", "--memory-per-node", "100", cache=tmp_path)
+    assert bad.returncode == 2 and "memory_per_node_mib" in bad.stderr

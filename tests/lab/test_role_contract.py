@@ -1,0 +1,210 @@
+"""The contract between the tuner and the roles, and the roles' own Python, without the lab. Fast.
+
+* The llama_server role accepts exactly the variables ``RunConfig.role_vars()`` writes, with the same
+  choices, and renders them to exactly the flags ``RunConfig.server_args()`` gives (rendered by real
+  Ansible, on localhost).
+* Its source-build defaults are the tuner's own build flags and pinned sdist.
+* Its python mode only uses options that llama-cpp-python's server (the pinned version) has.
+* The CPU-list filters read CPU lists exactly like ``tuner.config``; the /sys module applies, persists,
+  honours check mode; the topology module reads this machine consistently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import llama_cpp
+import pytest
+import yaml
+
+from tuner.config import (
+    CACHE_TYPES,
+    FLASH_ATTN,
+    LOAD_MODES,
+    MEMORY_POLICIES,
+    NUMA_MODES,
+    RunConfig,
+    format_cpu_list,
+    parse_cpu_list,
+)
+from tuner.errors import UserError
+from tuner.server.build import cmake_flags
+from tuner.server.source import SDIST_SHA256, pinned_version
+
+REPO = Path(__file__).resolve().parents[2]
+ROLE = REPO / "roles" / "llama_server"
+COMMON = REPO / "roles" / "llamahost_common"
+BIN = Path(sys.executable).parent
+DEFAULTS: dict[str, Any] = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+SPECS: dict[str, Any] = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]
+OPTIONS: dict[str, Any] = SPECS["main"]["options"]
+
+CONFIGS = [
+    RunConfig(threads=8, threads_batch=16),
+    RunConfig(threads=4, threads_batch=4, batch_size=512, ubatch_size=256, cpus=(0, 1, 2, 3), placement="compact",
+              memory_policy="bind", load_mode="mlock", flash_attn="on", cache_type_k="q8_0", cache_type_v="q8_0",
+              ctx_size=8192),
+    RunConfig(threads=30, threads_batch=60, numa="distribute", load_mode="mmap+mlock", flash_attn="off",
+              parallel=-1, cont_batching=False),
+    RunConfig(threads=2, threads_batch=2, numa="numactl", memory_policy="interleave", memory_nodes=(0, 1),
+              load_mode="none", parallel=4, ctx_size=2048),
+]
+
+
+def render(config: RunConfig, expressions: list[str], **extra: Any) -> list[Any]:
+    """Render the role's internal expressions for one configuration with real Ansible, on localhost."""
+    play = {
+        "name": "render", "hosts": "localhost", "gather_facts": False, "connection": "local",
+        "vars_files": [str(ROLE / "vars" / "main.yml")],
+        "vars": {**DEFAULTS, **config.role_vars(), "__llama_server_auto_threads": 1,
+                 "llama_server_model_src": "/models/m.gguf", **extra},
+        "tasks": [{"ansible.builtin.debug": {"msg": "{{ " + expression + " }}"}} for expression in expressions],
+    }
+    return run_plays([play])[0]
+
+
+def run_plays(plays: list[dict[str, Any]]) -> list[list[Any]]:
+    with tempfile.TemporaryDirectory(prefix="llamahost-render-") as tmp:
+        # Not the repository's ansible.cfg: its timing callback would print into the JSON report.
+        config = Path(tmp) / "ansible.cfg"
+        config.write_text("[defaults]\nstdout_callback = ansible.builtin.json\nlocalhost_warning = false\n")
+        playbook = Path(tmp) / "render.yml"
+        playbook.write_text(yaml.safe_dump(plays))
+        env = {**os.environ, "ANSIBLE_CONFIG": str(config)}
+        done = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", str(playbook)], env=env,
+                              capture_output=True, text=True, timeout=300, check=False, cwd=tmp)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    return [[task["hosts"]["localhost"]["msg"] for task in play["tasks"]] for play in report["plays"]]
+
+
+def test_role_accepts_exactly_the_variables_the_tuner_writes_with_the_same_choices() -> None:
+    written = set(RunConfig(threads=1, threads_batch=1, ctx_size=1).role_vars())
+    assert written <= set(DEFAULTS) and written <= set(OPTIONS)
+    choices = {"llama_server_numa": NUMA_MODES, "llama_server_numa_policy": MEMORY_POLICIES,
+               "llama_server_load_mode": LOAD_MODES, "llama_server_flash_attn": FLASH_ATTN,
+               "llama_server_cache_type_k": CACHE_TYPES, "llama_server_cache_type_v": CACHE_TYPES}
+    for name, allowed in choices.items():
+        assert set(OPTIONS[name]["choices"]) == set(allowed), name
+    for entry_point in ("validate", "verify"):
+        assert SPECS[entry_point]["options"] == OPTIONS
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"t{c.threads}-{c.numa}-{c.load_mode}-p{c.parallel}")
+def test_role_renders_the_tuned_settings_to_the_tuners_own_flags(config: RunConfig) -> None:
+    tuned_args, command = render(config, ["__llama_server_tuned_args", "__llama_server_command"])
+    # ctx_size 0 leaves the context to the role's own default (RunConfig's documented contract).
+    expected = config if config.ctx_size else config.with_changes(ctx_size=DEFAULTS["llama_server_ctx_size"])
+    assert tuned_args == expected.server_args()
+    assert command[:2] == ["/opt/llama-server/bin/llama-server", "--model"]
+    assert command[-len(tuned_args):] == tuned_args
+    assert RunConfig.from_role_vars(config.role_vars()) == config.with_changes(
+        placement="compact" if config.cpus else "os")
+
+
+def test_python_mode_uses_only_options_llama_cpp_python_server_has() -> None:
+    settings = Path(llama_cpp.__file__).parent / "server" / "settings.py"
+    fields = set(re.findall(r"^    (\w+):", settings.read_text(), re.M))
+    config = RunConfig(threads=4, threads_batch=8, numa="distribute", load_mode="mmap+mlock", flash_attn="on",
+                       cache_type_k="q8_0", cache_type_v="q4_0", ctx_size=1024)
+    (command,) = render(config, ["__llama_server_python_command"], llama_server_install_mode="python")
+    flags = [arg[2:] for arg in command if arg.startswith("--")]
+    assert command[1:3] == ["-m", "llama_cpp.server"]
+    assert set(flags) <= fields, set(flags) - fields
+    assert {"n_threads", "n_threads_batch", "numa", "use_mlock", "flash_attn", "type_k", "n_ctx"} <= set(flags)
+
+
+def test_source_mode_builds_from_the_tuners_pinned_source_with_its_native_flags(llama_server_build: Any) -> None:
+    commit = llama_server_build.manifest["llama_cpp_commit"]
+    assert DEFAULTS["llama_server_cmake_flags"] == cmake_flags("native", commit)
+    assert DEFAULTS["llama_server_source_version"] == pinned_version()
+    assert DEFAULTS["llama_server_source_sha256"] == SDIST_SHA256[pinned_version()]
+    assert DEFAULTS["llama_server_source_url"].endswith(f"llama_cpp_python-{pinned_version()}.tar.gz")
+
+
+def load_plugin(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CPU_LISTS = load_plugin(COMMON / "filter_plugins" / "cpu_lists.py")
+
+
+@pytest.mark.parametrize("text", ["", "0", "0-3", "0-3,8,10-11", "7,1,3-4", "0-3,x", "4-2", "1,,2", "-1", "a"])
+def test_cpu_list_filters_read_cpu_lists_exactly_like_the_tuner(text: str) -> None:
+    try:
+        expected: tuple[int, ...] | None = parse_cpu_list(text)
+    except UserError:
+        expected = None
+    assert CPU_LISTS.cpu_list_ok(text) == (expected is not None)
+    if expected is not None:
+        assert tuple(CPU_LISTS.cpu_list(text)) == expected
+        assert CPU_LISTS.cpu_list_format(expected) == format_cpu_list(expected)
+    assert CPU_LISTS.cpu_list("4 6") == [4, 6]  # systemctl show's spelling
+
+
+def test_exec_start_quoting_survives_spaces_percent_and_dollar() -> None:
+    exec_args = load_plugin(COMMON / "filter_plugins" / "systemd_exec.py").systemd_exec_args
+    assert exec_args(["/bin/x", "--model", "/m/a b%.gguf", "$HOME", 'q"'] ) == \
+        '/bin/x --model "/m/a b%%.gguf" "$$HOME" "q\\""'
+
+
+def run_module(name: str, args: dict[str, Any], tmp_path: Path, *, check_mode: bool = False) -> dict[str, Any]:
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {**args, "_ansible_check_mode": check_mode}}))
+    library = COMMON / "library" if name != "llama_server_health" else ROLE / "library"
+    done = subprocess.run([sys.executable, str(library / f"{name}.py"), str(args_file)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def test_sysfs_settings_applies_persists_and_honours_check_mode(tmp_path: Path) -> None:
+    thp, pages, persist = tmp_path / "enabled", tmp_path / "nr_hugepages", tmp_path / "tmpfiles.d" / "x.conf"
+    thp.write_text("always [madvise] never\n")
+    pages.write_text("0\n")
+    args = {"settings": [{"path": str(thp), "value": "madvise"}, {"path": str(pages), "value": "16"},
+                         {"path": str(tmp_path / "absent"), "value": "1", "optional": True}],
+            "persist_file": str(persist)}
+    dry = run_module("sysfs_settings", args, tmp_path, check_mode=True)
+    assert dry["changed"] and pages.read_text() == "0\n" and not persist.exists()
+    assert any("nr_hugepages = 16" in diff["after"] for diff in dry["diff"])
+    applied = run_module("sysfs_settings", args, tmp_path)
+    assert applied["changed"] and pages.read_text() == "16" and applied["missing"] == [str(tmp_path / "absent")]
+    assert [e["changed"] for e in applied["settings"]] == [False, True, False]  # [madvise] already selected
+    assert persist.read_text().splitlines()[1:] == [f"w {thp} - - - - madvise", f"w {pages} - - - - 16"]
+    assert run_module("sysfs_settings", args, tmp_path)["changed"] is False
+    required = run_module("sysfs_settings", {"settings": [{"path": str(tmp_path / "absent"), "value": "1"}]}, tmp_path)
+    assert required.get("failed") and "does not exist" in required["msg"]
+
+
+def test_host_topology_reads_this_machine_consistently(tmp_path: Path) -> None:
+    topology = run_module("host_topology", {}, tmp_path)["topology"]
+    online = topology["online_cpus"]
+    assert online and sorted(cpu for node in topology["nodes"] for cpu in node["cpus"]) == online
+    assert sorted(cpu for core in topology["cores"] for cpu in core) == online
+    assert topology["physical_cores"] * topology["threads_per_core"] >= len(online)
+    assert topology["thp"]["enabled"] in ("always", "madvise", "never")
+
+
+@pytest.mark.parametrize("role", ["cpu", "numa", "hugepages", "llama_server"])
+def test_every_role_variable_is_documented_and_has_a_default(role: str) -> None:
+    specs = yaml.safe_load((REPO / "roles" / role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
+    defaults = yaml.safe_load((REPO / "roles" / role / "defaults" / "main.yml").read_text())
+    documented = (REPO / "docs" / "roles.md").read_text()
+    assert set(specs["main"]["options"]) == set(defaults)
+    assert all(name.startswith(f"{role}_") for name in defaults)
+    missing = [name for name in defaults if f"`{name}`" not in documented]
+    assert not missing, f"docs/roles.md does not describe {missing}"
