@@ -19,7 +19,12 @@ from pg_cluster import PgCluster, free_port
 from tuner.errors import UserError
 from tuner.study import BASELINE, FLEET_STUDY, ROLE_ATTR, StudyBinding, open_storage, open_study
 
-pytestmark = pytest.mark.postgres
+pytestmark = [
+    pytest.mark.postgres,
+    # the test drives Optuna's heartbeat check by hand, outside Study.optimize, as a worker's watch does
+    pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize"),
+]
 
 BINDING = StudyBinding(host_fingerprint="g" * 16, model_sha256="m" * 64, objective="tg",
                        workload={"pp_tokens": 32, "tg_tokens": 8, "seed": 1}, extra={}, kind=FLEET_STUDY)

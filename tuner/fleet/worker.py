@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,9 +87,10 @@ class StaleTrialWatch:
         self._interval = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stale-trial-watch", daemon=True)
-        self.checks = 0
 
     def __enter__(self) -> StaleTrialWatch:
+        # process-wide, set before the thread starts: warnings.catch_warnings (quiet_optuna) is not thread-safe
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         self._thread.start()
         return self
 
@@ -99,9 +101,7 @@ class StaleTrialWatch:
     def _loop(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                with quiet_optuna():
-                    optuna.storages.fail_stale_trials(self._study)
-                self.checks += 1
+                optuna.storages.fail_stale_trials(self._study)
             except Exception as exc:  # a database hiccup must not end the worker; the next check retries
                 print(f"llamahost: warning: stale-trial check failed: {exc}", file=sys.stderr)
 
