@@ -14,8 +14,10 @@ from collections.abc import Sequence
 
 from tuner import __version__
 from tuner.errors import EXIT_USAGE, UserError
+from tuner.trial.runner import TrialFailed
 
 EXIT_INTERRUPTED = 130
+EXIT_FAILED = 1
 
 # Order is the order of `llamahost --help`.
 COMMAND_MODULES = (
@@ -53,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llamahost: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except TrialFailed as exc:  # e.g. the baseline failing during verification: a finding, not a bug
+        print(f"llamahost: failed: {exc.reason}", file=sys.stderr)
+        return EXIT_FAILED
     return code
 
 

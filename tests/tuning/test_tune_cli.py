@@ -115,7 +115,9 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, model_pa
     assert [t.user_attrs.get("failure") for t in interrupted] == ["interrupted"]
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in before)
 
-    again = llamahost("tune", "--model", str(model_path), "--budget", "60s", "--study", "resume-me", *FAST, home=home)
+    # Generous budget and one candidate: on a loaded machine the verification reserve must not eat the run.
+    again = llamahost("tune", "--model", str(model_path), "--budget", "3m", "--candidates", "1", "--study",
+                      "resume-me", *FAST, home=home)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed" in again.stderr
     after = trials_in(home, "resume-me")
