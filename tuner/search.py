@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -27,7 +27,7 @@ from tuner.model.gguf_file import ModelInfo
 from tuner.progress import TuneProgress
 from tuner.space import SearchSpace
 from tuner.stats import StopRule
-from tuner.study import is_baseline, quiet_optuna
+from tuner.study import FIXED_CONFIG_ATTR, is_baseline, quiet_optuna
 from tuner.trial.placement import evict_page_cache
 from tuner.trial.protocol import TrialSpec, Warmup, Workload
 from tuner.trial.runner import TrialFailed, TrialOutcome, TrialStopped, run_trial
@@ -70,6 +70,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+class MeasurerLike(Protocol):
+    """What runs one configuration and measures it: a benchmark worker (:class:`Measurer`) or a live
+    server under load (:class:`tuner.live.measure.LiveMeasurer`)."""
+
+    measuring_seconds: float
+
+    def run(self, config: RunConfig, label: str, *, stop: StopRule | None = None,
+            on_sample: Callable[[int, float], bool] | None = None) -> TrialOutcome: ...
 
 
 class Measurer:
@@ -134,7 +144,7 @@ TrialStartHook = Callable[[optuna.Trial], None]
 class Search:
     """Runs search trials until the search part of the budget (or a trial count) is spent."""
 
-    def __init__(self, study: optuna.Study, space: SearchSpace, measurer: Measurer,
+    def __init__(self, study: optuna.Study, space: SearchSpace, measurer: MeasurerLike,
                  progress: TuneProgress, *, unit: str, on_trial_start: TrialStartHook | None = None) -> None:
         self.study = study
         self.space = space
@@ -147,7 +157,8 @@ class Search:
     def _objective(self, trial: optuna.Trial) -> float:
         if self.on_trial_start is not None:
             self.on_trial_start(trial)
-        config = self.space.draw(trial)
+        fixed = trial.user_attrs.get(FIXED_CONFIG_ATTR)
+        config = RunConfig.from_dict(fixed) if fixed else self.space.draw(trial)
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("config_key", config.key())
         baseline = is_baseline(trial)  # type: ignore[arg-type]

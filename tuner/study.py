@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.fleet.store import (
     check_schema,
@@ -131,12 +132,17 @@ def open_existing_storage(url: str | None) -> RDBStorage:
     return open_storage(url)
 
 
-def make_sampler(seed: int | None = None) -> optuna.samplers.BaseSampler:
+# Optuna's constraint convention: one value per constraint, <= 0 when it is met.
+Constraints = Callable[[FrozenTrial], Sequence[float]]
+
+
+def make_sampler(seed: int | None = None, constraints: Constraints | None = None) -> optuna.samplers.BaseSampler:
     # multivariate + group: the space is conditional (NUMA mode decides whether placement exists).
     # constant_liar: fleet workers sampling at the same time do not all pick the same point.
+    # constraints: a live objective like "max tok/s with p95 TTFT under 2 s" steers away from violations.
     with quiet_optuna():
         return optuna.samplers.TPESampler(multivariate=True, group=True, constant_liar=True, seed=seed,
-                                          n_startup_trials=8)
+                                          n_startup_trials=8, constraints_func=constraints)
 
 
 def make_pruner() -> optuna.pruners.BasePruner:
@@ -151,7 +157,9 @@ def open_study(
     binding: StudyBinding,
     *,
     baseline_params: dict[str, Any],
+    baseline_config: RunConfig | None = None,
     seed: int | None = None,
+    constraints: Constraints | None = None,
 ) -> tuple[optuna.Study, bool]:
     """Create the study (enqueuing the baseline as its first trial) or reopen it after checking that it
     was made for this host, model, objective and workload. Returns (study, created).
@@ -162,21 +170,22 @@ def open_study(
     with creation_lock(storage, name), quiet_optuna():
         try:
             study = optuna.create_study(study_name=name, storage=storage, direction="maximize",
-                                        sampler=make_sampler(seed), pruner=make_pruner(), load_if_exists=False)
+                                        sampler=make_sampler(seed, constraints), pruner=make_pruner(),
+                                        load_if_exists=False)
             created = True
         except optuna.exceptions.DuplicatedStudyError:
-            study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(seed),
+            study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(seed, constraints),
                                       pruner=make_pruner())
             # a creator that died between creating the study and binding it left it empty: adopt it
             created = not study.user_attrs and not study.get_trials(deepcopy=False)
         if created:
             for key, value in binding.attrs().items():
                 study.set_user_attr(key, value)
-            enqueue_baseline(study, baseline_params)
+            enqueue_baseline(study, baseline_params, baseline_config)
             return study, True
         check_binding(study, binding)
         if not any(is_baseline(t) for t in study.get_trials(deepcopy=False)):
-            enqueue_baseline(study, baseline_params)  # creator died between binding and enqueuing
+            enqueue_baseline(study, baseline_params, baseline_config)  # creator died between binding and enqueuing
         return study, False
 
 
@@ -227,9 +236,18 @@ def fingerprint_diff(theirs: Any, mine: Any) -> str:
     return "; ".join(parts) if parts else "same fields, different fingerprint version"
 
 
-def enqueue_baseline(study: optuna.Study, params: dict[str, Any]) -> None:
+FIXED_CONFIG_ATTR = "fixed_config"
+
+
+def enqueue_baseline(study: optuna.Study, params: dict[str, Any], config: RunConfig | None = None) -> None:
+    """Queue the baseline as the next trial. A baseline that is a point of the search space is queued by its
+    parameters (so the sampler learns from it); one that is not (a deployment's hand-written CPU list, say)
+    is queued with no parameters and its configuration recorded, to be measured exactly as it is."""
+    attrs: dict[str, Any] = {ROLE_ATTR: BASELINE}
+    if not params and config is not None:
+        attrs[FIXED_CONFIG_ATTR] = config.to_dict()
     with quiet_optuna():
-        study.enqueue_trial(params, user_attrs={ROLE_ATTR: BASELINE}, skip_if_exists=False)
+        study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
 
 
 def is_baseline(trial: FrozenTrial) -> bool:
@@ -242,16 +260,19 @@ def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
     return done[-1] if done else None
 
 
-def best_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """The ``k`` best completed trials with distinct configurations, best first, baseline excluded."""
-    return best_of(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), k)
+def best_trials(study: optuna.Study, k: int, *,
+                eligible: Callable[[FrozenTrial], bool] | None = None) -> list[FrozenTrial]:
+    """The ``k`` best completed trials with distinct configurations, best first, baseline excluded;
+    ``eligible`` drops trials that violated a constraint (e.g. a TTFT limit)."""
+    return best_of(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)), k, eligible=eligible)
 
 
-def best_of(trials: Sequence[FrozenTrial], k: int) -> list[FrozenTrial]:
+def best_of(trials: Sequence[FrozenTrial], k: int, *,
+            eligible: Callable[[FrozenTrial], bool] | None = None) -> list[FrozenTrial]:
     """:func:`best_trials` over a list of trials already read (the fleet status reads many studies)."""
     seen: set[str] = set()
     best: list[FrozenTrial] = []
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and (eligible is None or eligible(t))]
     for trial in sorted(complete, key=lambda t: t.value if t.value is not None else float("-inf"), reverse=True):
         key = str(trial.user_attrs.get("config_key", trial.params))
         if is_baseline(trial) or key in seen:

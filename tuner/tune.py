@@ -9,6 +9,7 @@ file is written.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from tuner.search import (
     SPAWN_OVERHEAD_S,
     Interrupted,
     Measurer,
+    MeasurerLike,
     MeasureSettings,
     Search,
     fixed_samples,
@@ -229,13 +231,16 @@ def run(ctx: TuneContext) -> TuneOutcome:
                        f"{len(ctx.study.trials)} trials so far)")
         search = Search(ctx.study, ctx.space, measurer, progress, unit=unit)
         try:
-            base = _measure_baseline(ctx, search, log_dir, deadline)
+            base = measure_baseline(search, deadline, baseline_name="llama.cpp's defaults",
+                                    fix=f"read the trial logs in {log_dir}; on a busy host give a longer --budget "
+                                        "or shorter --pp-tokens/--tg-tokens")
             run_cost = verification_run_cost(base.user_attrs["outcome"], req.verify_samples)
             verify_k, reserve = plan_verification(req.budget_seconds, run_cost, req.candidates)
             trial_cost = base.user_attrs["outcome"]["wall_seconds"]
             search.run_until(lambda: deadline - reserve, lambda: 0.5 * trial_cost)
             progress.update("verifying")
-            verification = verify_candidates(ctx, measurer, progress, deadline, run_cost, verify_k)
+            verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline, run_cost,
+                                             verify_k, ProofSettings.of(req, ctx.settings.stop))
         except KeyboardInterrupt:
             raise Interrupted from None
         result = build_result(ctx, verification, search.report.__dict__, time.monotonic() - started,
@@ -252,41 +257,57 @@ def write_outcome(ctx: TuneContext, result: dict[str, Any], progress: TuneProgre
     progress.event(f"result written to {ctx.result_path}, report to {report_path}")
 
 
-def _measure_baseline(ctx: TuneContext, search: Search, log_dir: Path, deadline: float) -> FrozenTrial:
+def measure_baseline(search: Search, deadline: float, *, baseline_name: str, fix: str) -> FrozenTrial:
     """The first trial of a study is the baseline; a resumed study reuses its measurement. A baseline that
-    fails twice, or fails with no budget left for another try, ends the run: with llama.cpp's defaults
-    failing, nothing can be proven against them."""
+    fails twice, or fails with no budget left for another try, ends the run: with the baseline failing,
+    nothing can be proven against it."""
+    study, space = search.study, search.space
     failures = 0
-    while (base := baseline_trial(ctx.study)) is None:
-        if not any(is_baseline(t) for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
-            enqueue_baseline(ctx.study, ctx.space.baseline_params())
+    while (base := baseline_trial(study)) is None:
+        if not any(is_baseline(t) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
+            enqueue_baseline(study, space.baseline_params(), space.baseline())
         attempt_started = time.monotonic()
         trial = search.run_one()
         if is_baseline(trial) and trial.state == TrialState.FAIL:
             failures += 1
             attempt = time.monotonic() - attempt_started
             if failures >= 2 or time.monotonic() + attempt > deadline:
-                raise UserError("the baseline configuration (llama.cpp's defaults) could not be measured: "
-                                f"{trial.user_attrs.get('failure', '?')}",
-                                f"read the trial logs in {log_dir}; on a busy host give a longer --budget or "
-                                "shorter --pp-tokens/--tg-tokens")
+                raise UserError(f"the baseline configuration ({baseline_name}) could not be measured: "
+                                f"{trial.user_attrs.get('failure', '?')}", fix)
     return base
 
 
-def verify_candidates(ctx: TuneContext, measurer: Measurer, progress: TuneProgress, deadline: float,
-                      run_cost: float, k: int) -> Verification:
-    """The study's ``k`` best distinct configurations against the baseline, interleaved, until ``deadline``."""
-    req = ctx.request
-    top = best_trials(ctx.study, k)
-    candidates = [(f"trial-{t.number}", ctx.space.config_from_params(t.params), t.number) for t in top]
+@dataclass(frozen=True)
+class ProofSettings:
+    """How the final verification measures and decides (see :mod:`tuner.verify`)."""
+
+    stop: StopRule
+    samples: int = 5
+    alpha: float = 0.05
+    min_effect: float = 0.01
+    seed: int = 0
+
+    @classmethod
+    def of(cls, request: TuneRequest, stop: StopRule) -> ProofSettings:
+        return cls(stop=stop, samples=request.verify_samples, alpha=request.alpha, min_effect=request.min_effect,
+                   seed=request.seed or 0)
+
+
+def verify_candidates(study: optuna.Study, baseline: RunConfig, measurer: MeasurerLike, progress: TuneProgress,
+                      deadline: float, run_cost: float, k: int, proof: ProofSettings,
+                      eligible: Callable[[FrozenTrial], bool] | None = None) -> Verification:
+    """The study's ``k`` best distinct (and ``eligible``) configurations against the baseline, interleaved,
+    until ``deadline``. Candidates are rebuilt from the configuration each trial recorded."""
+    top = best_trials(study, k, eligible=eligible)
+    candidates = [(f"trial-{t.number}", RunConfig.from_dict(t.user_attrs["config"]), t.number) for t in top]
     if not candidates:
-        base = baseline_trial(ctx.study)
+        base = baseline_trial(study)
         assert base is not None
-        arm = Arm.from_search("baseline", ctx.space.baseline(), base.number, base.user_attrs["outcome"])
-        return Verification(baseline=arm, candidates=[], rounds=0, alpha=req.alpha, min_effect=req.min_effect)
+        arm = Arm.from_search("baseline", baseline, base.number, base.user_attrs["outcome"])
+        return Verification(baseline=arm, candidates=[], rounds=0, alpha=proof.alpha, min_effect=proof.min_effect)
     rounds = plan_rounds(deadline - time.monotonic(), run_cost, len(candidates) + 1)
     progress.event(f"verifying {len(candidates)} candidate(s) against the baseline in {rounds} interleaved rounds")
-    stop = fixed_samples(ctx.settings.stop, req.verify_samples)
+    stop = fixed_samples(proof.stop, proof.samples)
 
     def run_once(config: RunConfig, label: str) -> Any:
         return measurer.run(config, label, stop=stop)
@@ -294,8 +315,8 @@ def verify_candidates(ctx: TuneContext, measurer: Measurer, progress: TuneProgre
     def on_round(done: int, total: int) -> None:
         progress.update(f"verification round {done}/{total}")
 
-    return verify(ctx.space.baseline(), candidates, run_once, rounds=rounds, alpha=req.alpha,
-                  min_effect=req.min_effect, seed=req.seed or 0, on_round=on_round)
+    return verify(baseline, candidates, run_once, rounds=rounds, alpha=proof.alpha, min_effect=proof.min_effect,
+                  seed=proof.seed, on_round=on_round)
 
 
 def build_result(ctx: TuneContext, verification: Verification, search: dict[str, Any], wall_seconds: float,

@@ -28,6 +28,7 @@ from tuner.progress import TuneProgress
 from tuner.search import Interrupted, Measurer, sigterm_as_interrupt
 from tuner.study import baseline_trial, best_trials
 from tuner.tune import (
+    ProofSettings,
     TuneOutcome,
     build_result,
     plan_verification,
@@ -82,7 +83,8 @@ def finish_group(session: GroupSession) -> TuneOutcome:
             console(stderr=True).print(f"note: {block['trials_running_at_finish']} trial(s) still running; the "
                                        "proof uses the trials finished so far", style="yellow")
         try:
-            verification = verify_candidates(ctx, measurer, progress, deadline, run_cost, verify_k)
+            verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
+                                             run_cost, verify_k, ProofSettings.of(req, ctx.settings.stop))
         except KeyboardInterrupt:
             raise Interrupted from None
         tally = block["trials"]
