@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "tuner.commands.tune",
     "tuner.commands.fleet",
     "tuner.commands.show",
+    "tuner.commands.apply",
     "tuner.commands.model",
     "tuner.commands.size",
     "tuner.commands.server",

@@ -227,8 +227,12 @@ class RunConfig:
         } | ({f"{ROLE_PREFIX}ctx_size": self.ctx_size} if self.ctx_size > 0 else {})
 
     @classmethod
-    def from_role_vars(cls, variables: Mapping[str, Any], *, smt: bool = True) -> RunConfig:
-        """Read the configuration a host runs today back from its role variables (the baseline)."""
+    def from_role_vars(cls, variables: Mapping[str, Any], *, smt: bool = True,
+                       physical_cores: int | None = None) -> RunConfig:
+        """Read the configuration a host runs today back from its role variables (the baseline).
+
+        The role reads ``threads: 0`` (or no threads at all) as "the physical cores", and
+        ``threads_batch: 0`` as "the same as threads"; ``physical_cores`` resolves them."""
         data: dict[str, Any] = {}
         for name in ("threads", "threads_batch", "batch_size", "ubatch_size", "numa", "load_mode",
                      "flash_attn", "cache_type_k", "cache_type_v", "parallel", "cont_batching", "ctx_size"):
@@ -241,7 +245,10 @@ class RunConfig:
         data["memory_policy"] = variables.get(f"{ROLE_PREFIX}numa_policy", "default")
         data["memory_nodes"] = parse_cpu_list(str(variables.get(f"{ROLE_PREFIX}numa_nodes", "") or ""))
         data["smt"] = smt
-        if "threads" not in data:
-            raise UserError(f"{ROLE_PREFIX}threads is not set", "set it in host_vars or group_vars")
-        data.setdefault("threads_batch", data["threads"])
+        if not data.get("threads"):
+            if physical_cores is None:
+                raise UserError(f"{ROLE_PREFIX}threads is not set", "set it in host_vars or group_vars")
+            data["threads"] = physical_cores
+        if not data.get("threads_batch"):
+            data["threads_batch"] = data["threads"]
         return cls(**data).validate()

@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from optuna.trial import TrialState
 
 from tuner.atomic import write_atomic
+from tuner.result import METRIC_LABELS, metric_names
 from tuner.study import is_baseline, quiet_optuna
 from tuner.summary import CONFIG_COLUMNS
 
@@ -70,8 +71,9 @@ def history_figure(study: optuna.Study, unit: str) -> Figure:
 
 
 def throughput_figure(result: dict[str, Any]) -> Figure:
-    figure, axes = plt.subplots(1, 2, figsize=(8, 3.2))
-    for ax, metric in zip(axes, ("pp_tps", "tg_tps"), strict=True):
+    names = metric_names(result)[:4]
+    figure, all_axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
+    for ax, metric in zip(all_axes[0], names, strict=True):
         labels: list[str] = []
         meds: list[float] = []
         errs: list[list[float]] = [[], []]
@@ -86,7 +88,7 @@ def throughput_figure(result: dict[str, Any]) -> Figure:
             errs[1].append(block["ci_high"] - block["median"])
             colors.append(COLORS[label])
         ax.bar(labels, meds, yerr=errs, color=colors, capsize=6)
-        ax.set_title(f"{metric.split('_')[0]} tokens/s (median, 95% CI)")
+        ax.set_title(f"{METRIC_LABELS.get(metric, metric)}\n(median, 95% CI)", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     return figure
 
@@ -164,7 +166,7 @@ def _context_line(result: dict[str, Any]) -> str:
 
 
 def build_report(result: dict[str, Any], study: optuna.Study) -> str:
-    unit = {"tg": "tg tok/s", "pp": "pp tok/s", "both": "sqrt(pp*tg) tok/s"}[result["objective"]]
+    unit = str(result.get("unit", result["objective"]))
     parts = [f"<h1>llamahost: {html.escape(result['study'])}</h1>",
              f"<p class='verdict {'stands' if result['verdict'] != 'improved' else ''}'>"
              f"{html.escape(result['summary'])}</p>",
@@ -174,9 +176,9 @@ def build_report(result: dict[str, Any], study: optuna.Study) -> str:
     parts.append(_table([(k, str(settings["config"].get(k)), str(result["baseline"]["config"].get(k)))
                          for k in CONFIG_COLUMNS], ("setting", "chosen", "baseline")))
     parts.append(f"<p>llama-server: <code>{html.escape(' '.join(settings['server_args']))}</code></p>")
-    parts.append("<h2>Throughput</h2>")
-    parts.append(_table([(label, _ci(result[label].get("pp_tps")), _ci(result[label].get("tg_tps")))
-                         for label in ("baseline", "chosen")], ("", "pp tok/s [95% CI]", "tg tok/s [95% CI]")))
+    parts.append("<h2>Measured</h2>")
+    parts.append(_table([(METRIC_LABELS.get(n, n), _ci(result["baseline"].get(n)), _ci(result["chosen"].get(n)))
+                         for n in metric_names(result)], ("median [95% CI]", "baseline", "chosen")))
     figures: list[tuple[str, Callable[[], Figure | None]]] = [
         ("Baseline vs. chosen", lambda: throughput_figure(result)),
         ("Verification", lambda: verification_figure(result)),

@@ -24,6 +24,25 @@ from tuner.probe.host import HostProbe
 from tuner.verify import Arm, Verification
 
 FORMAT_VERSION = 1
+# How each measured metric is shown to people, in display order; live runs measure the latter ones.
+METRIC_LABELS = {
+    "pp_tps": "pp tok/s",
+    "tg_tps": "tg tok/s",
+    "throughput_tps": "aggregate generated tok/s",
+    "prompt_tps": "aggregate prompt tok/s",
+    "server_tg_tps": "tg tok/s per request (server)",
+    "server_pp_tps": "pp tok/s per request (server)",
+    "latency_p50_s": "p50 latency (s)",
+    "latency_p95_s": "p95 latency (s)",
+    "ttft_p50_s": "p50 time to first token (s)",
+    "ttft_p95_s": "p95 time to first token (s)",
+}
+
+
+def metric_names(result: dict[str, Any]) -> list[str]:
+    """The metrics a result carries for its baseline, in display order."""
+    present = {k for k, v in result["baseline"].items() if isinstance(v, dict) and "median" in v}
+    return [name for name in METRIC_LABELS if name in present] + sorted(present - set(METRIC_LABELS))
 IMPROVED = "improved"
 BASELINE_STANDS = "baseline-stands"
 
@@ -115,7 +134,7 @@ def summary_line(verification: Verification, baseline_name: str) -> str:
             f"{verification.rounds} interleaved rounds)")
 
 
-def assemble_result(*, study: str, study_trials: int, objective: str, verification: Verification,
+def assemble_result(*, study: str, study_trials: int, objective: str, unit: str, verification: Verification,
                     host: dict[str, Any], model: dict[str, Any], workload: dict[str, Any], system_info: str,
                     search: dict[str, Any], wall_seconds: float, measuring_seconds: float,
                     roofline: dict[str, Any] | None, baseline_name: str) -> dict[str, Any]:
@@ -129,6 +148,7 @@ def assemble_result(*, study: str, study_trials: int, objective: str, verificati
         "written": now_iso(),
         "verdict": IMPROVED if winner else BASELINE_STANDS,
         "objective": objective,
+        "unit": unit,
         "summary": summary_line(verification, baseline_name),
         "settings": {
             "source": chosen.label,

@@ -9,6 +9,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console, Group
 from rich.table import Table
 
+from tuner.result import METRIC_LABELS, metric_names
 from tuner.study import is_baseline
 
 CONFIG_COLUMNS = ("threads", "threads_batch", "batch_size", "ubatch_size", "placement", "cpus", "numa",
@@ -95,9 +96,9 @@ def result_table(result: dict[str, Any]) -> Group:
     verdict.add_column("what")
     verdict.add_column("value")
     verdict.add_row("summary", result["summary"])
-    for label, block in (("baseline", result["baseline"]), ("chosen", result["chosen"])):
-        verdict.add_row(f"{label} pp tok/s", _ci(block.get("pp_tps")))
-        verdict.add_row(f"{label} tg tok/s", _ci(block.get("tg_tps")))
+    for name in metric_names(result):
+        baseline, chosen = _ci(result["baseline"].get(name)), _ci(result["chosen"].get(name))
+        verdict.add_row(METRIC_LABELS.get(name, name), f"baseline {baseline}   chosen {chosen}")
     roof = result.get("roofline")
     if roof:
         verdict.add_row("bandwidth roofline",

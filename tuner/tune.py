@@ -335,6 +335,7 @@ def build_result(ctx: TuneContext, verification: Verification, search: dict[str,
                         cache_type_k=chosen.config.cache_type_k, cache_type_v=chosen.config.cache_type_v).to_dict()
     return assemble_result(
         study=ctx.study.study_name, study_trials=len(ctx.study.trials), objective=ctx.request.objective,
+        unit=UNITS[ctx.request.objective],
         verification=verification, host=host_block(probe), model=model_block(ctx.model, ctx.model_sha256),
         workload={"pp_tokens": ctx.request.workload.pp_tokens, "tg_tokens": ctx.request.workload.tg_tokens},
         system_info=system_info, search=search, wall_seconds=wall_seconds, measuring_seconds=measuring_seconds,

@@ -24,8 +24,8 @@ from tuner.trial.runner import TrialFailed
 
 pytestmark = pytest.mark.server
 
-BASE = RunConfig(threads=1, threads_batch=1, parallel=1)
-TRIAL = RunConfig(threads=1, threads_batch=1, parallel=2, cont_batching=True)
+BASE = RunConfig(threads=1, threads_batch=1, parallel=1, ctx_size=1024)
+TRIAL = RunConfig(threads=1, threads_batch=1, parallel=2, cont_batching=True, ctx_size=2048)
 
 
 def processes_named(fragment: bytes) -> list[int]:
@@ -44,12 +44,8 @@ def processes_named(fragment: bytes) -> list[int]:
 def server(tmp_path: Path, llama_server_binary: Path, model_path: Path) -> Iterator[LocalServer]:
     spec = ServerSpec(binary=str(llama_server_binary), model=str(model_path), host="127.0.0.1", port=free_port(),
                       deadman_s=4.0, health_timeout_s=60.0)
-
-    def ctx_size_for(config: RunConfig) -> int:
-        return 1024 * max(1, config.parallel) if config.ctx_size == 0 else config.ctx_size
-
-    control = LocalServer(tmp_path / "state", spec, BASE, ctx_size_for)
-    control.ensure_running()
+    control = LocalServer(tmp_path / "state", spec)
+    control.start(BASE)
     yield control
     control.shutdown()
     deadline = time.monotonic() + 10

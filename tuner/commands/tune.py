@@ -1,4 +1,9 @@
-"""``llamahost tune``: search llama.cpp CPU settings for a model on this host, prove the winner, write it."""
+"""``llamahost tune``: search llama.cpp CPU settings for a model on this host, prove the winner, write it.
+
+With ``--live`` the search runs on a running server under a real request workload instead (``--local``
+for a server on this machine, ``--inventory/--host`` for a host's systemd unit), and a proven winner can be
+written back into the inventory and applied.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from tuner.durations import parse_duration
+from tuner.errors import UserError
+from tuner.live.measure import OBJECTIVES as LIVE_OBJECTIVES
+from tuner.live.setup import add_live_arguments, run_live_command
 from tuner.output import console, print_json
 from tuner.search import Interrupted
 from tuner.stats import StopRule
@@ -20,31 +28,42 @@ EXIT_INTERRUPTED = 130
 def register(sub: Any) -> None:
     parser = sub.add_parser("tune", help="search llama.cpp settings on this host, prove and write the winner",
                             description=__doc__)
+    register_common(parser, live_only=False)
+    parser.set_defaults(handler=run_tune)
+
+
+def register_common(parser: argparse.ArgumentParser, *, live_only: bool) -> None:
+    """The options of `tune` (and, for live runs, of `apply`)."""
     parser.add_argument("--model", type=Path, help="GGUF model (default: the embedded SmolLM2-135M Q4_1)")
     parser.add_argument("--budget", default="30m", help="total time for search and verification (default 30m)")
-    parser.add_argument("--objective", choices=OBJECTIVES, default="tg",
-                        help="tg: generation tok/s; pp: prompt tok/s; both: their geometric mean (default tg)")
+    parser.add_argument("--objective", choices=LIVE_OBJECTIVES if live_only else (*OBJECTIVES, *LIVE_OBJECTIVES),
+                        help="benchmark: tg (default), pp or both (geometric mean); live: throughput (default, "
+                             "aggregate tok/s) or latency (p95)")
     parser.add_argument("--study", help="study name (default: derived from model, objective and host)")
     parser.add_argument("--storage", help="Optuna storage URL (default: a SQLite file in the data directory)")
     parser.add_argument("--output", type=Path, help="result file (default: <data dir>/results/<study>.yaml)")
-    parser.add_argument("--pp-tokens", type=int, default=512, help="prompt length of the workload (512)")
-    parser.add_argument("--tg-tokens", type=int, default=128, help="tokens generated per sample (128)")
     parser.add_argument("--candidates", type=int, default=3, help="best trials re-measured against the baseline")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the final test")
     parser.add_argument("--min-effect", type=float, default=0.01,
                         help="smallest speed-up worth a configuration change (0.01 = 1%%)")
-    parser.add_argument("--max-measure", type=float,
-                        help="seconds of sampling per trial at most (default: budget/30, between 5 and 60)")
     parser.add_argument("--no-kv-quant", action="store_true", help="keep the KV cache in f16 (do not search q8_0)")
     parser.add_argument("--seed", type=int, help="sampler seed, for reproducible searches")
     parser.add_argument("--json", action="store_true", help="print the result as JSON at the end")
-    parser.set_defaults(handler=run_tune)
+    if not live_only:
+        parser.add_argument("--pp-tokens", type=int, default=512, help="prompt length of the workload (512)")
+        parser.add_argument("--tg-tokens", type=int, default=128, help="tokens generated per sample (128)")
+        parser.add_argument("--max-measure", type=float,
+                            help="seconds of sampling per trial at most (default: budget/30, between 5 and 60)")
+        parser.add_argument("--live", action="store_true", help="tune a running server under a request workload")
+    add_live_arguments(parser)
 
 
 def request_from_args(args: argparse.Namespace) -> TuneRequest:
+    if args.objective in LIVE_OBJECTIVES:
+        raise UserError(f"--objective {args.objective} needs --live", "benchmark runs use tg, pp or both")
     return TuneRequest(
         budget_seconds=parse_duration(args.budget, what="budget"),
-        objective=args.objective,
+        objective=args.objective or "tg",
         model_path=args.model,
         study_name=args.study,
         storage_url=args.storage,
@@ -61,6 +80,8 @@ def request_from_args(args: argparse.Namespace) -> TuneRequest:
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    if args.live or args.local or args.inventory or args.host:
+        return run_live_and_report(args, verify_only=False)
     request = request_from_args(args)
     ctx = prepare(request)
     try:
@@ -69,6 +90,17 @@ def run_tune(args: argparse.Namespace) -> int:
         trials = len(ctx.study.trials)
         console(stderr=True).print(f"[bold]interrupted[/bold]: study {ctx.study.study_name} is intact ({trials} "
                                    "trials); run the same command again to resume", style="yellow")
+        return EXIT_INTERRUPTED
+    print_outcome(outcome.result, as_json=args.json)
+    return 0
+
+
+def run_live_and_report(args: argparse.Namespace, *, verify_only: bool) -> int:
+    try:
+        outcome = run_live_command(args, verify_only=verify_only)
+    except Interrupted:
+        console(stderr=True).print("[bold]interrupted[/bold]: the study is intact and the server is back on its "
+                                   "baseline; run the same command again to resume", style="yellow")
         return EXIT_INTERRUPTED
     print_outcome(outcome.result, as_json=args.json)
     return 0

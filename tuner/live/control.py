@@ -31,6 +31,9 @@ class ServerControl(Protocol):
     @property
     def baseline(self) -> RunConfig: ...
 
+    def start(self, baseline: RunConfig) -> None:
+        """Make sure the server runs ``baseline`` (and no leftover trial), healthy, before tuning starts."""
+
     def apply(self, config: RunConfig) -> None:
         """Run ``config`` (restart, wait for /health) or raise :class:`TrialStartFailed`."""
 
@@ -42,5 +45,12 @@ class ServerControl(Protocol):
 
     def server_memory_bytes(self) -> int | None:
         """Resident memory of the server process, for the memory guard; None when unknown."""
+
+    @property
+    def deadman_seconds(self) -> float:
+        """How long the server side waits for a heartbeat before it restores the baseline."""
+
+    def adopt(self, config: RunConfig) -> None:
+        """Make ``config`` the configuration the server runs from now on (a proven winner)."""
 
     def describe(self) -> str: ...

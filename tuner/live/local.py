@@ -56,8 +56,8 @@ class ServerSpec:
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S
 
 
-def desired_entry(config: RunConfig, ctx_size: int) -> dict[str, Any]:
-    return {"config": config.to_dict(), "ctx_size": ctx_size}
+def desired_entry(config: RunConfig) -> dict[str, Any]:
+    return {"config": config.to_dict()}
 
 
 def entry_key(entry: dict[str, Any]) -> str:
@@ -138,7 +138,7 @@ class Supervisor:
         self.status("starting")
         self.log(f"starting {key}: {' '.join(config.server_args())}")
         server = ServerProcess(Path(self.spec.binary), Path(self.spec.model), config, host=self.spec.host,
-                               port=self.spec.port, ctx_size=int(entry["ctx_size"]),
+                               port=self.spec.port,
                                api_key_file=Path(self.spec.api_key_file) if self.spec.api_key_file else None,
                                log_path=self.state / "server.log", die_with_parent=True)
         try:
@@ -193,12 +193,10 @@ class Supervisor:
 class LocalServer:
     """Controls a supervised llama-server on this machine (see the module docstring)."""
 
-    def __init__(self, state: Path, spec: ServerSpec, baseline: RunConfig, ctx_size_for: Any) -> None:
+    def __init__(self, state: Path, spec: ServerSpec) -> None:
         self.state = state
         self.spec = spec
-        self._baseline = baseline
-        self.ctx_size_for = ctx_size_for  # RunConfig -> total context (slots x tokens per slot)
-        self._lock_fd: int | None = None
+        self._baseline: RunConfig | None = None
 
     @property
     def base_url(self) -> str:
@@ -213,10 +211,23 @@ class LocalServer:
 
     @property
     def baseline(self) -> RunConfig:
+        if self._baseline is None:
+            raise RuntimeError("start() the server with its baseline first")
         return self._baseline
 
     def describe(self) -> str:
         return f"local llama-server on {self.base_url} (supervised, state in {self.state})"
+
+    @property
+    def deadman_seconds(self) -> float:
+        return self.spec.deadman_s
+
+    def adopt(self, config: RunConfig) -> None:
+        """The proven winner becomes the supervisor's baseline: what the server runs from now on."""
+        self._baseline = config
+        write_atomic(self.state / "baseline.json", json.dumps(self._entry(config)), keep_previous=True)
+        (self.state / "trial.json").unlink(missing_ok=True)
+        self._wait_for(self._entry(config), what="the adopted configuration")
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -240,7 +251,7 @@ class LocalServer:
             os.close(fd)
 
     def _entry(self, config: RunConfig) -> dict[str, Any]:
-        return desired_entry(config, int(self.ctx_size_for(config)))
+        return desired_entry(config)
 
     def supervisor_pid(self) -> int | None:
         try:
@@ -249,11 +260,14 @@ class LocalServer:
             return None
         return pid if _pid_alive(pid) else None
 
-    def ensure_running(self) -> None:
-        """Start the supervisor (if it is not running) on the baseline, and wait until it is healthy."""
+    def start(self, baseline: RunConfig) -> None:
+        """Run ``baseline`` whenever no trial is active: start the supervisor if it is not running (a trial
+        left over from a killed tuner is dropped), and wait until the baseline is healthy."""
+        self._baseline = baseline
         self.state.mkdir(parents=True, exist_ok=True)
         write_atomic(self.state / "spec.json", json.dumps(self.spec.__dict__), keep_previous=False)
-        write_atomic(self.state / "baseline.json", json.dumps(self._entry(self._baseline)), keep_previous=False)
+        write_atomic(self.state / "baseline.json", json.dumps(self._entry(baseline)), keep_previous=False)
+        (self.state / "trial.json").unlink(missing_ok=True)
         self.heartbeat()
         if self.supervisor_pid() is None:
             (self.state / "stop").unlink(missing_ok=True)
@@ -261,7 +275,7 @@ class LocalServer:
                 subprocess.Popen([sys.executable, "-m", "tuner.live.local", str(self.state)],
                                  stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
                                  close_fds=True)
-        self._wait_for(self._entry(self._baseline), what="the baseline")
+        self._wait_for(self._entry(baseline), what="the baseline")
 
     def _wait_for(self, entry: dict[str, Any], *, what: str) -> None:
         key = entry_key(entry)
@@ -290,7 +304,7 @@ class LocalServer:
 
     def restore_baseline(self) -> None:
         (self.state / "trial.json").unlink(missing_ok=True)
-        self._wait_for(self._entry(self._baseline), what="the baseline")
+        self._wait_for(self._entry(self.baseline), what="the baseline")
 
     def heartbeat(self) -> None:
         path = self.state / "heartbeat"

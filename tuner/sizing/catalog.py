@@ -18,10 +18,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ruamel.yaml import YAML
-from ruamel.yaml.error import YAMLError
-
 from tuner.errors import UserError
+from tuner.yamlfile import read_yaml_mapping
 
 CATALOG_SCHEMA = 1
 GIB = 1024**3
@@ -294,14 +292,8 @@ def parse_catalog(data: Mapping[str, Any]) -> Catalog:
 
 def read_catalog(path: Path) -> Catalog:
     """Load a catalog file (a user's own, or the packaged one)."""
-    try:
-        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path}: catalog file not found", "pass an existing catalog YAML file") from None
-    except YAMLError as exc:
-        raise UserError(f"{path}: catalog is not valid YAML ({exc})", "fix the YAML syntax") from None
-    if not isinstance(data, Mapping):
-        raise UserError(f"{path}: catalog is not a YAML mapping", "start from tuner/sizing/catalog.yaml")
+    data = read_yaml_mapping(path, what="catalog file", fix_missing="pass an existing catalog YAML file",
+                             fix_shape="start from tuner/sizing/catalog.yaml")
     return parse_catalog(data)
 
 

@@ -1,0 +1,253 @@
+"""``llamahost tune --live``: tune a running deployment under its real workload, prove, write back.
+
+The same search, proof and result as a benchmark run (:mod:`tuner.tune`), with three differences:
+
+* trials run on the server itself through a :class:`~tuner.live.control.ServerControl` (a local supervised
+  process, or the host's systemd unit), under a lock, with a heartbeat feeding the server-side dead-man
+  switch for as long as the controller lives;
+* the baseline is the configuration deployed now (from its role variables), else llama-server's defaults;
+* a proven winner can be written back into the inventory (``host_vars``), kept in the file's own layout,
+  and made the running configuration.
+
+Between trials and at the end the server runs its baseline unless a winner was proven and applied.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from tuner.config import RunConfig
+from tuner.errors import UserError
+from tuner.live.control import ServerControl
+from tuner.live.measure import Guards, Heartbeat, LiveMeasurer, LiveObjective, LiveSettings
+from tuner.live.space import LiveSearchSpace
+from tuner.live.workload import RequestMix
+from tuner.model.gguf_file import ModelInfo
+from tuner.paths import data_dir, results_dir
+from tuner.probe.host import HostProbe
+from tuner.progress import TuneProgress
+from tuner.report import write_report
+from tuner.result import IMPROVED, assemble_result, host_block, model_block, write_result
+from tuner.search import Interrupted, Search, sigterm_as_interrupt
+from tuner.study import StudyBinding, open_storage, open_study
+from tuner.tune import (
+    MIN_BUDGET_S,
+    ProofSettings,
+    measure_baseline,
+    plan_verification,
+    verification_run_cost,
+    verify_candidates,
+)
+from tuner.verify import Verification
+from tuner.writeback import WriteBack, changes_from_result, write_vars
+
+TOKENS_PER_WORD = 1.6  # generous: the built-in mixes' plain English words, and most user prompts
+
+
+@dataclass(frozen=True)
+class LiveRequest:
+    budget_seconds: float
+    objective: LiveObjective = field(default_factory=LiveObjective)
+    study_name: str | None = None
+    storage_url: str | None = None
+    output: Path | None = None
+    candidates: int = 3
+    verify_windows: int = 3
+    alpha: float = 0.05
+    min_effect: float = 0.01
+    seed: int | None = None
+    guards: Guards = field(default_factory=Guards)
+    settings: LiveSettings = field(default_factory=LiveSettings)
+    search_kv_cache: bool = True
+    host_vars: Path | None = None  # write a proven winner here
+    apply: bool = False  # make a proven winner the running configuration
+    verify_only: bool = False  # `llamahost apply`: prove the study's best against the baseline, no search
+
+
+def validate_live_request(request: LiveRequest) -> None:
+    if request.budget_seconds <= 0:
+        raise UserError("the budget must be positive", "pass e.g. --budget 8h")
+    if request.budget_seconds < MIN_BUDGET_S:
+        raise UserError(f"a budget of {request.budget_seconds:.0f} s cannot measure a baseline and verify it",
+                        "live trials take minutes each: pass --budget 20m or more")
+    if request.candidates < 1:
+        raise UserError("--candidates must be at least 1", "pass --candidates 3")
+
+
+def ctx_per_slot(mix: RequestMix) -> int:
+    """Context one request needs (prompt + generated tokens), rounded up to 256, with room to spare."""
+    need = max(math.ceil(len(r.prompt.split()) * TOKENS_PER_WORD) + r.max_tokens for r in mix.requests) + 64
+    return max(512, ((need + 255) // 256) * 256)
+
+
+@dataclass
+class LiveContext:
+    request: LiveRequest
+    control: ServerControl
+    mix: RequestMix
+    model: ModelInfo
+    model_sha256: str
+    probe: HostProbe
+    space: LiveSearchSpace
+    study: optuna.Study
+    study_created: bool
+    result_path: Path
+
+
+def objective_key(objective: LiveObjective) -> str:
+    key = f"live-{objective.name}"
+    return key + (f"-ttft{objective.max_ttft_p95_s:g}s" if objective.max_ttft_p95_s is not None else "")
+
+
+def ttft_constraint(objective: LiveObjective) -> Any:
+    """Optuna constraint values for the TTFT limit (<= 0 when met), from the trial's recorded p95 TTFT."""
+    if objective.max_ttft_p95_s is None:
+        return None
+
+    def constraint(trial: FrozenTrial) -> Sequence[float]:
+        ttft = trial.user_attrs.get("ttft_p95_s")
+        return [objective.violation(ttft["median"])] if ttft else [0.0]
+
+    return constraint
+
+
+def eligible(objective: LiveObjective) -> Any:
+    if objective.max_ttft_p95_s is None:
+        return None
+
+    def within_limit(trial: FrozenTrial) -> bool:
+        ttft = trial.user_attrs.get("ttft_p95_s")
+        return ttft is not None and objective.violation(ttft["median"]) <= 0
+
+    return within_limit
+
+
+def prepare_live(request: LiveRequest, *, control: ServerControl, mix: RequestMix, model: ModelInfo,
+                 model_sha256: str, probe: HostProbe, deployed: RunConfig | None) -> LiveContext:
+    """Everything is checked before the study is opened; opening it is the first write."""
+    validate_live_request(request)
+    space = LiveSearchSpace(probe, model, concurrency=mix.concurrency, ctx_per_slot=ctx_per_slot(mix),
+                            baseline=deployed, search_kv_cache=request.search_kv_cache)
+    storage = open_storage(request.storage_url)
+    key = objective_key(request.objective)
+    name = request.study_name or f"live-{model.path.stem.lower()[:32]}-{model_sha256[:8]}-{key}-" \
+                                 f"{mix.name}-c{mix.concurrency}-{probe.fingerprint()[:8]}"
+    binding = StudyBinding(
+        host_fingerprint=probe.fingerprint(), model_sha256=model_sha256, objective=key,
+        workload={**mix.describe(), "ctx_per_slot": space.ctx_per_slot},
+        extra={"host": probe.fingerprint_fields(), "hostname": probe.hostname, "server": control.describe(),
+               "baseline": space.baseline().to_dict()},
+    )
+    study, created = open_study(name, storage, binding, baseline_params=space.baseline_params(),
+                                baseline_config=space.baseline(), seed=request.seed,
+                                constraints=ttft_constraint(request.objective))
+    result_path = request.output or results_dir() / f"{name}.yaml"
+    return LiveContext(request, control, mix, model, model_sha256, probe, space, study, created, result_path)
+
+
+@dataclass
+class LiveOutcome:
+    result: dict[str, Any]
+    result_path: Path
+    verification: Verification
+    write_back: WriteBack | None
+    applied: bool
+
+
+def _disqualify_slow_starters(verification: Verification, objective: LiveObjective) -> None:
+    """A winner must keep the TTFT promise in the verification rounds too, not only during the search."""
+    if objective.max_ttft_p95_s is None:
+        return
+    for arm in verification.candidates:
+        ttft = arm.metric("ttft_p95_s")
+        if arm.comparison is not None and ttft is not None and objective.violation(ttft.median) > 0:
+            arm.failure = f"p95 TTFT {ttft.median:.2f} s is over the {objective.max_ttft_p95_s:g} s limit"
+            arm.comparison = None
+
+
+def run_live(ctx: LiveContext) -> LiveOutcome:
+    req = ctx.request
+    started = time.monotonic()
+    deadline = started + req.budget_seconds
+    log_dir = data_dir() / "logs" / ctx.study.study_name
+    measurer = LiveMeasurer(ctx.control, ctx.mix, req.objective, req.settings, req.guards)
+    title = f"live tuning {ctx.control.describe()} ({req.objective.name}, {ctx.mix.name} x{ctx.mix.concurrency})"
+    heartbeat_every = max(1.0, ctx.control.deadman_seconds / 4)
+    with sigterm_as_interrupt(), Heartbeat(ctx.control, heartbeat_every), \
+            TuneProgress(req.budget_seconds, title=title) as progress:
+        baseline_args = " ".join(ctx.space.baseline().server_args())
+        progress.event(f"study {ctx.study.study_name} ({'new' if ctx.study_created else 'resumed'}, "
+                       f"{len(ctx.study.trials)} trials so far); baseline: {baseline_args}")
+        search = Search(ctx.study, ctx.space, measurer, progress, unit=req.objective.unit)
+        try:
+            base = measure_baseline(search, deadline, baseline_name="the deployed configuration",
+                                    fix=f"check that the baseline serves this workload; server logs and trial "
+                                        f"notes are in {log_dir}")
+            latency = base.user_attrs.get("latency_p95_s")
+            measurer.baseline_latency_p95 = latency["median"] if latency else None
+            run_cost = verification_run_cost(base.user_attrs["outcome"], req.verify_windows)
+            fraction = 1.0 if req.verify_only else 0.4
+            verify_k, reserve = plan_verification(req.budget_seconds, run_cost, req.candidates, max_fraction=fraction)
+            if not req.verify_only:
+                trial_cost = base.user_attrs["outcome"]["wall_seconds"]
+                search.run_until(lambda: deadline - reserve, lambda: 0.5 * trial_cost)
+            progress.update("verifying")
+            proof = ProofSettings(stop=req.settings.stop, samples=req.verify_windows, alpha=req.alpha,
+                                  min_effect=req.min_effect, seed=req.seed or 0)
+            verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
+                                             run_cost, verify_k, proof, eligible=eligible(req.objective))
+            _disqualify_slow_starters(verification, req.objective)
+            ctx.control.restore_baseline()
+        except KeyboardInterrupt:
+            raise Interrupted from None
+        result = assemble_result(
+            study=ctx.study.study_name, study_trials=len(ctx.study.trials), objective=objective_key(req.objective),
+            unit=req.objective.unit,
+            verification=verification, host=host_block(ctx.probe), model=model_block(ctx.model, ctx.model_sha256),
+            workload={**ctx.mix.describe(), "ctx_per_slot": ctx.space.ctx_per_slot}, system_info="",
+            search=search.report.__dict__, wall_seconds=time.monotonic() - started,
+            measuring_seconds=measurer.measuring_seconds, roofline=None,
+            baseline_name="the deployed configuration")
+        result["server"] = ctx.control.describe()
+        written = _write_back(ctx, result, progress)
+        applied = _apply(ctx, result, progress)
+        result["write_back"] = {"host_vars": str(written.path) if written else None,
+                                "changed": {k: list(v) for k, v in written.changed.items()} if written else {},
+                                "applied": applied}
+        write_result(ctx.result_path, result)
+        report = ctx.result_path.with_suffix(".html")
+        write_report(report, result, ctx.study)
+        progress.event(f"result written to {ctx.result_path}, report to {report}")
+    return LiveOutcome(result, ctx.result_path, verification, written, applied)
+
+
+def _write_back(ctx: LiveContext, result: dict[str, Any], progress: TuneProgress) -> WriteBack | None:
+    path = ctx.request.host_vars
+    if path is None or result["verdict"] != IMPROVED:
+        if path is not None:
+            progress.event(f"{path} left unchanged: {result['summary']}")
+        return None
+    improvement = result["improvement"]
+    note = (f"tuned by llamahost {result['written']}: study {result['study']}, {result['objective']} "
+            f"x{improvement['ratio']:.3f} [{improvement['ci_low']:.3f}, {improvement['ci_high']:.3f}]")
+    written = write_vars(path, changes_from_result(result), note=note)
+    progress.event(f"{path}: {len(written.changed)} setting(s) written (previous file kept as {path.name}.prev)")
+    return written
+
+
+def _apply(ctx: LiveContext, result: dict[str, Any], progress: TuneProgress) -> bool:
+    if not ctx.request.apply or result["verdict"] != IMPROVED:
+        return False
+    winner = RunConfig.from_dict(result["settings"]["config"])
+    ctx.control.adopt(winner)
+    progress.event(f"the server now runs the proven configuration: {' '.join(winner.server_args())}")
+    return True
+

@@ -1,0 +1,168 @@
+"""Command-line assembly of a live tuning run: arguments, the server to tune, the workload, the baseline.
+
+Shared by ``llamahost tune --live`` and ``llamahost apply`` (the same run without a search: prove the
+study's best against the baseline, then write back and apply). ``--local`` tunes a supervised server
+on this machine; ``--inventory/--host`` tunes a host's systemd unit over SSH (:mod:`tuner.live.remote`).
+Everything is checked before anything is started or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from tuner.config import RunConfig
+from tuner.durations import parse_duration
+from tuner.errors import UserError
+from tuner.live.control import ServerControl
+from tuner.live.local import LocalServer, ServerSpec
+from tuner.live.measure import OBJECTIVES, Guards, LiveObjective, LiveSettings
+from tuner.live.session import LiveOutcome, LiveRequest, prepare_live, run_live
+from tuner.live.workload import make_request_mix
+from tuner.model.checksum import model_sha256
+from tuner.model.default_model import default_model_path
+from tuner.model.gguf_file import ModelInfo, check_fits_in_memory, inspect_model
+from tuner.paths import data_dir
+from tuner.probe import probe_host
+from tuner.probe.host import HostProbe
+from tuner.server.build import server_binary
+from tuner.stats import StopRule
+from tuner.yamlfile import read_yaml_mapping
+
+DEFAULT_LOCAL_PORT = 8181
+
+
+def add_live_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("live tuning of a running server (--live)")
+    group.add_argument("--local", action="store_true", help="tune a llama-server process on this machine")
+    group.add_argument("--inventory", type=Path, help="Ansible inventory of the host to tune")
+    group.add_argument("--host", help="inventory host name to tune (its llama_server systemd unit)")
+    group.add_argument("--workload", default="chat", help="chat, batch, or a JSONL file of requests (default chat)")
+    group.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
+    group.add_argument("--requests", type=int, default=24, help="requests per measurement window (default 24)")
+    group.add_argument("--prompt-scale", type=float, default=1.0,
+                       help="scale the built-in mixes' prompt and output lengths (e.g. 0.1 for a tiny test model)")
+    group.add_argument("--max-ttft-p95", help="constraint: p95 time to first token at most this (e.g. 2s)")
+    group.add_argument("--latency-guard", type=float, default=3.0,
+                       help="stop a trial whose p95 latency exceeds this multiple of the baseline's (3)")
+    group.add_argument("--max-server-memory", type=float, default=0.9,
+                       help="stop a trial whose server uses more than this fraction of RAM (0.9)")
+    group.add_argument("--verify-windows", type=int, default=3, help="windows per verification run (3)")
+    group.add_argument("--deadman", default="60s", help="restore the baseline when the controller is silent "
+                                                         "this long (default 60s)")
+    group.add_argument("--port", type=int, default=DEFAULT_LOCAL_PORT,
+                       help=f"--local: port of the local server (default {DEFAULT_LOCAL_PORT})")
+    group.add_argument("--baseline-vars", type=Path,
+                       help="--local: YAML with the deployed llama_server_* settings (default: llama-server's)")
+    group.add_argument("--host-vars", type=Path, help="write a proven winner into this host_vars file")
+    group.add_argument("--apply", action="store_true", help="make a proven winner the running configuration")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a live run needs to know about the server it tunes (read once the lock is held)."""
+
+    model: ModelInfo
+    model_sha256: str
+    probe: HostProbe
+    deployed: RunConfig | None
+
+
+class Connection(Protocol):
+    """The server to tune: its control, the one-tuner lock, and a way to describe it."""
+
+    @property
+    def control(self) -> ServerControl: ...
+
+    def lock(self) -> AbstractContextManager[None]: ...
+
+    def describe(self) -> Target: ...
+
+
+def live_request(args: argparse.Namespace, *, verify_only: bool) -> LiveRequest:
+    objective = args.objective or "throughput"
+    if objective not in OBJECTIVES:
+        raise UserError(f"--objective {objective} is a benchmark objective",
+                        f"live runs use one of {', '.join(OBJECTIVES)}")
+    ttft = parse_duration(args.max_ttft_p95, what="--max-ttft-p95") if args.max_ttft_p95 else None
+    if args.max_server_memory <= 0 or args.max_server_memory > 1:
+        raise UserError("--max-server-memory is a fraction of RAM between 0 and 1", "pass e.g. 0.9")
+    if args.verify_windows < 2:
+        raise UserError("--verify-windows must be at least 2", "pass --verify-windows 3")
+    return LiveRequest(
+        budget_seconds=parse_duration(args.budget, what="budget"),
+        objective=LiveObjective(objective, ttft),
+        study_name=args.study, storage_url=args.storage, output=args.output, candidates=args.candidates,
+        verify_windows=args.verify_windows, alpha=args.alpha, min_effect=args.min_effect, seed=args.seed,
+        guards=Guards(latency_multiple=args.latency_guard),
+        settings=live_settings(parse_duration(args.budget, what="budget")),
+        search_kv_cache=not args.no_kv_quant, host_vars=args.host_vars, apply=args.apply, verify_only=verify_only,
+    )
+
+
+def live_settings(budget_seconds: float) -> LiveSettings:
+    """Measurement caps that fit the budget: a trial samples for at most 1/20 of it (between 30 s and
+    10 minutes), so an overnight run sees dozens of configurations and a short one still sees a few."""
+    cap = min(600.0, max(30.0, budget_seconds / 20.0))
+    return LiveSettings(stop=StopRule(min_samples=3, max_samples=12, target_rel_ci=0.03), max_measure_seconds=cap)
+
+
+def read_role_vars(path: Path) -> dict[str, Any]:
+    return read_yaml_mapping(path, what="role variables file", fix_missing="pass a YAML file with llama_server_* "
+                             "settings", fix_shape="pass a host_vars-style YAML file")
+
+
+class LocalConnection:
+    """A supervised llama-server on this machine (``--local``)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        spec = ServerSpec(binary=str(server_binary("portable")), model="", host="127.0.0.1", port=args.port,
+                          deadman_s=parse_duration(args.deadman, what="--deadman"))
+        self.control = LocalServer(data_dir() / "live" / f"local-{args.port}", spec)
+
+    def lock(self) -> AbstractContextManager[None]:
+        return self.control.lock()
+
+    def describe(self) -> Target:
+        model = inspect_model(self.args.model or default_model_path())
+        probe = probe_host(bandwidth=False)
+        check_fits_in_memory(model, probe.memory_available_bytes)
+        deployed = RunConfig.from_role_vars(read_role_vars(self.args.baseline_vars),
+                                            physical_cores=probe.topology.physical_core_count) \
+            if self.args.baseline_vars else None
+        self.control.spec = dataclasses.replace(self.control.spec, model=str(model.path))
+        return Target(model, model_sha256(model.files), probe, deployed)
+
+
+def connection_from_args(args: argparse.Namespace) -> Connection:
+    if args.local == bool(args.inventory or args.host):
+        raise UserError("a live run needs either --local or --inventory FILE --host NAME",
+                        "pass --local to tune a server on this machine, or name the inventory host")
+    if args.local:
+        return LocalConnection(args)
+    if not (args.inventory and args.host):
+        raise UserError("--inventory and --host go together", "pass both, e.g. --inventory inv.yml --host h1")
+    raise UserError("live tuning over an inventory is not available in this build",
+                    "run `llamahost tune --live --local` on the host itself")
+
+
+def run_live_command(args: argparse.Namespace, *, verify_only: bool) -> LiveOutcome:
+    """Lock first (a second tuner is refused at once), then check, then start the baseline, then tune."""
+    request = live_request(args, verify_only=verify_only)
+    mix = make_request_mix(args.workload, concurrency=args.concurrency, count=args.requests,
+                           scale=args.prompt_scale)
+    connection = connection_from_args(args)
+    with connection.lock():
+        target = connection.describe()
+        guards = dataclasses.replace(request.guards,
+                                     max_memory_bytes=int(args.max_server_memory * target.probe.memory_total_bytes))
+        request = dataclasses.replace(request, guards=guards)
+        ctx = prepare_live(request, control=connection.control, mix=mix, model=target.model,
+                           model_sha256=target.model_sha256, probe=target.probe, deployed=target.deployed)
+        connection.control.start(ctx.space.baseline())
+        return run_live(ctx)
