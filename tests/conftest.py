@@ -62,3 +62,9 @@ def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A home of its own for tests that assert what was (not) written."""
     monkeypatch.setenv("LLAMAHOST_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the QEMU lab tier last: it is the slowest, and whatever it leaves behind on a bad day (a guest
+    still spinning its vCPUs) must not starve the timing-sensitive llama.cpp tests that follow it."""
+    items.sort(key=lambda item: item.get_closest_marker("lab") is not None)

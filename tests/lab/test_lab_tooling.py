@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tuner.errors import UserError
+from tuner.lab import instance as instance_module
 from tuner.lab.access import SshAccess, inventory_text, known_hosts_line, ssh_command, ssh_config_text
 from tuner.lab.image import LabImage
 from tuner.lab.instance import LabInstance, LabState
@@ -148,6 +149,48 @@ def test_only_the_process_that_owns_this_labs_overlay_counts_and_down_stops_it(t
         for process in (stranger, ours):
             process.kill()
             process.wait()
+
+
+def started_owner(overlay: Path, code: str, *args: str) -> subprocess.Popen[bytes]:
+    """A process that looks like the QEMU running ``overlay``, returned once its command line is visible."""
+    process = subprocess.Popen([sys.executable, "-c", code, *args, f"file={overlay}"])
+    deadline = time.monotonic() + 10
+    while str(overlay).encode() not in Path(f"/proc/{process.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    return process
+
+
+def test_a_boot_whose_console_goes_quiet_is_reported_as_stalled_but_a_talking_one_is_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(instance_module, "BOOT_STALL_S", 3.0)
+    monkeypatch.setattr(LabInstance, "reachable", lambda self, state: False)
+    instance = LabInstance(tmp_path)
+    overlay = instance.directory / "overlay.qcow2"
+    serial = instance.directory / "serial.log"
+    talker = ("import sys, time\n"
+              "while True:\n"
+              "    open(sys.argv[1], 'a').write('[ 1.0] still booting\\n'); time.sleep(0.5)\n")
+    quiet = started_owner(overlay, "import time; time.sleep(60)")
+    try:
+        state = fake_state(instance, quiet.pid, tmp_path)
+        serial.write_text("[    4.32] sched_clock: Marking stable\n")
+        started = time.monotonic()
+        with pytest.raises(instance_module._BootStalled) as stalled:
+            instance.wait_for_ssh(state, deadline=time.monotonic() + 30)
+        assert 3 <= time.monotonic() - started < 15
+        assert any("Marking stable" in line for line in stalled.value.args[0])
+    finally:
+        quiet.kill()
+        quiet.wait()
+    talking = started_owner(overlay, talker, str(serial))
+    try:
+        state = fake_state(instance, talking.pid, tmp_path)
+        with pytest.raises(UserError, match="did not answer on SSH within 8 s"):
+            instance.wait_for_ssh(state, deadline=time.monotonic() + 8)
+    finally:
+        talking.kill()
+        talking.wait()
 
 
 def test_lab_names_are_checked() -> None:

@@ -33,10 +33,19 @@ from tuner.lab.spec import ImageRecipe, MachineSpec
 Progress = Callable[[str], None]
 DEFAULT_NAME = "default"
 # Boot to SSH takes about 1-2 minutes under TCG on an idle 2-core machine; allow for a busy CI machine.
-DEFAULT_BOOT_TIMEOUT_S = 600.0
+DEFAULT_BOOT_TIMEOUT_S = 900.0
 SSH_PROBE_TIMEOUT_S = 10
 STOP_TIMEOUT_S = 15.0
 PORT_ATTEMPTS = 3
+# A boot whose console has printed nothing for this long, with SSH still silent, has hung: under TCG with
+# more vCPUs than host cores the guest kernel can livelock early (seen once in CI, at ~4 s kernel time,
+# never reproduced). A fresh QEMU boots normally, so ``up`` restarts it, at most BOOT_ATTEMPTS times.
+BOOT_STALL_S = 150.0
+BOOT_ATTEMPTS = 3
+
+
+class _BootStalled(Exception):
+    """The guest console went quiet before SSH answered (internal: ``up`` retries)."""
 QEMU_TOOLS = ("qemu-system-x86_64", "qemu-img")
 
 
@@ -143,9 +152,37 @@ class LabInstance:
         files = self.machine_files(image)
         self._clear_runtime_files(files)
         _run_checked(overlay_command(image.disk, files.overlay), "create the lab's disk overlay")
-        say(f"booting lab {self.name!r} under QEMU/TCG ({machine.cpus} CPUs, {machine.sockets} NUMA nodes, "
-            f"{machine.memory_mib} MiB)")
         boot_started = time.monotonic()
+        deadline = boot_started + boot_timeout
+        for attempt in range(1, BOOT_ATTEMPTS + 1):
+            say(f"booting lab {self.name!r} under QEMU/TCG ({machine.cpus} CPUs, {machine.sockets} NUMA nodes, "
+                f"{machine.memory_mib} MiB)" + (f", attempt {attempt} of {BOOT_ATTEMPTS}" if attempt > 1 else ""))
+            booted = self._boot(machine, files, image, recipe, build_s)
+            try:
+                self.wait_for_ssh(booted, deadline=deadline)
+                break
+            except _BootStalled as stalled:
+                self.down()
+                if attempt == BOOT_ATTEMPTS or time.monotonic() + BOOT_STALL_S > deadline:
+                    raise UserError(f"the lab's boot hung {attempt} time(s); last console lines:\n    "
+                                    + "\n    ".join(stalled.args[0]),
+                                    f"see {self.directory / 'serial.log'}; on a busy machine raise --boot-timeout"
+                                    ) from None
+                say(f"the boot stalled (console quiet for {BOOT_STALL_S:.0f} s at "
+                    f"{stalled.args[0][-1] if stalled.args[0] else 'the start'!r}); restarting QEMU")
+                self._clear_runtime_files(files)
+                _run_checked(overlay_command(image.disk, files.overlay), "create the lab's disk overlay")
+            except BaseException:
+                self.down()
+                raise
+        state = LabState(**{**booted.to_dict(), "boot_s": round(time.monotonic() - boot_started, 1)})
+        write_atomic(self.state_file, json.dumps(state.to_dict(), indent=2) + "\n", keep_previous=False)
+        say(f"lab {self.name!r} is up: ssh port {state.ssh_port} on 127.0.0.1, boot took {state.boot_s:.0f} s")
+        return state
+
+    def _boot(self, machine: MachineSpec, files: MachineFiles, image: LabImage, recipe: ImageRecipe,
+              build_s: float) -> LabState:
+        """Start QEMU on the prepared overlay and record the lab's state and client files."""
         pid, port = self._start_qemu(machine, files)
         state = LabState(name=self.name, pid=pid, ssh_port=port, alias=f"llamahost-lab-{self.name}",
                          user=recipe.user, image_key=image.key, image_dir=str(image.directory),
@@ -153,19 +190,14 @@ class LabInstance:
                          machine=asdict(machine), image_build_s=build_s)
         self._write_client_files(state, image)
         write_atomic(self.state_file, json.dumps(state.to_dict(), indent=2) + "\n", keep_previous=False)
-        try:
-            self.wait_for_ssh(state, timeout=boot_timeout)
-        except BaseException:
-            self.down()
-            raise
-        state = LabState(**{**state.to_dict(), "boot_s": round(time.monotonic() - boot_started, 1)})
-        write_atomic(self.state_file, json.dumps(state.to_dict(), indent=2) + "\n", keep_previous=False)
-        say(f"lab {self.name!r} is up: ssh port {port} on 127.0.0.1, boot took {state.boot_s:.0f} s")
         return state
 
-    def wait_for_ssh(self, state: LabState, *, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
+    def wait_for_ssh(self, state: LabState, *, deadline: float) -> None:
+        """Wait until SSH answers; raise ``_BootStalled`` when the console has gone quiet for too long."""
         overlay = self.directory / "overlay.qcow2"
+        serial = self.directory / "serial.log"
+        started = time.monotonic()
+        console_size, console_moved = -1, started
         while time.monotonic() < deadline:
             if not _is_our_qemu(state.pid, overlay):
                 raise UserError(f"the lab's QEMU (pid {state.pid}) exited during boot:\n    "
@@ -173,8 +205,14 @@ class LabInstance:
                                 f"see {self.directory / 'qemu.log'} and {self.directory / 'serial.log'}")
             if self.reachable(state):
                 return
+            size = serial.stat().st_size if serial.exists() else 0
+            now = time.monotonic()
+            if size != console_size:
+                console_size, console_moved = size, now
+            elif now - console_moved > BOOT_STALL_S:
+                raise _BootStalled(self.log_tail())
             time.sleep(2)
-        raise UserError(f"the lab did not answer on SSH within {timeout:.0f} s; last boot messages:\n    "
+        raise UserError(f"the lab did not answer on SSH within {deadline - started:.0f} s; last boot messages:\n    "
                         + "\n    ".join(self.log_tail()),
                         f"see {self.directory / 'serial.log'}; on a busy machine raise --boot-timeout")
 
