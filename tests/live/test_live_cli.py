@@ -1,0 +1,184 @@
+"""``llamahost tune --live --local`` and ``llamahost apply`` end to end: a real llama-server with the small
+real model under a real request workload, driven through the command line as a user would.
+
+One shared run (about three minutes) backs the result and write-back assertions; the controller-kill test
+runs its own. Budgets are small and the workload tiny (``--prompt-scale 0.1``): what is tested is the
+machinery (trials, proof, write-back, dead-man switch, resume, lock), not this noisy machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tuner.live.local import LocalServer, ServerSpec
+from tuner.server.process import free_port
+
+pytestmark = [pytest.mark.server, pytest.mark.timeout(1500)]
+
+WORKLOAD = ["--concurrency", "2", "--requests", "4", "--prompt-scale", "0.1", "--verify-windows", "3"]
+DEPLOYED = """\
+# llama_server settings for this host (kept by hand; llamahost may update the tuned ones)
+llama_server_threads: 2   # all physical cores
+llama_server_parallel: 1
+
+llama_server_api_key: ""  # set through Vault in production
+"""
+
+
+def llamahost_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "tuner.cli", *args]
+
+
+def run(home: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(llamahost_cmd(*args), env={**os.environ, "LLAMAHOST_HOME": str(home)},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def supervised(home: Path, port: int, model: Path, binary: Path) -> LocalServer:
+    """The local server the CLI supervises (same state directory), for inspection and shutdown."""
+    spec = ServerSpec(binary=str(binary), model=str(model), host="127.0.0.1", port=port)
+    return LocalServer(home / "data" / "live" / f"local-{port}", spec)
+
+
+def running_args(control: LocalServer) -> str:
+    pid = control.server_pid()
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() if pid else ""
+
+
+@pytest.fixture(scope="module")
+def live_run(tmp_path_factory: pytest.TempPathFactory, model_path: Path,
+             llama_server_binary: Path) -> Iterator[tuple[Path, Path, dict[str, object], str]]:
+    home = tmp_path_factory.mktemp("live-home")
+    host_vars = home.parent / "h1.yml"
+    host_vars.write_text(DEPLOYED)
+    port = free_port()
+    done = run(home, "tune", "--live", "--local", "--port", str(port), "--model", str(model_path),
+               "--budget", "3m", "--candidates", "2", *WORKLOAD, "--baseline-vars", str(host_vars),
+               "--host-vars", str(host_vars), "--json")
+    try:
+        assert done.returncode == 0, done.stderr[-3000:]
+        yield home, host_vars, json.loads(done.stdout), done.stderr
+    finally:
+        supervised(home, port, model_path, llama_server_binary).shutdown()
+
+
+def test_live_run_measures_trials_under_the_workload_and_proves_or_keeps_the_baseline(
+        live_run: tuple[Path, Path, dict[str, object], str]) -> None:
+    home, _, result, _ = live_run
+    assert result["objective"] == "live-throughput" and result["unit"] == "tok/s"
+    assert result["verdict"] in ("improved", "baseline-stands")
+    search = result["search"]
+    assert isinstance(search, dict) and search["complete"] >= 2  # the baseline and at least one trial
+    baseline = result["baseline"]
+    assert isinstance(baseline, dict)
+    assert baseline["config"]["threads"] == 2 and baseline["config"]["parallel"] == 1  # read from host_vars
+    for metric in ("throughput_tps", "latency_p95_s", "ttft_p95_s"):
+        low, median, high = (baseline[metric][k] for k in ("ci_low", "median", "ci_high"))
+        assert 0 < low <= median <= high, metric
+    workload = result["workload"]
+    assert isinstance(workload, dict) and workload["concurrency"] == 2
+    report = (home / "data" / "results" / f"{result['study']}.yaml").with_suffix(".html").read_text()
+    assert result["summary"] in report and "aggregate generated tok/s" in report
+
+
+def test_host_vars_change_only_for_a_proven_winner_and_keep_their_comments(
+        live_run: tuple[Path, Path, dict[str, object], str]) -> None:
+    _, host_vars, result, stderr = live_run
+    text = host_vars.read_text()
+    write_back = result["write_back"]
+    assert isinstance(write_back, dict)
+    if result["verdict"] == "improved":
+        assert write_back["host_vars"] == str(host_vars) and write_back["changed"]
+        assert "# all physical cores" in text and "# set through Vault in production" in text
+        assert host_vars.with_name("h1.yml.prev").read_text() == DEPLOYED
+        improvement = result["improvement"]
+        assert isinstance(improvement, dict) and improvement["ci_low"] > 1.0
+    else:
+        assert text == DEPLOYED and not host_vars.with_name("h1.yml.prev").exists()
+        assert write_back["changed"] == {} and "left unchanged" in stderr
+
+
+def study_trials(home: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{home / 'data' / 'studies.db'}")
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def test_a_killed_controller_leaves_the_baseline_running_and_the_next_run_resumes(
+        tmp_path: Path, model_path: Path, llama_server_binary: Path) -> None:
+    home = tmp_path / "home"
+    port = free_port()
+    args = ["tune", "--live", "--local", "--port", str(port), "--model", str(model_path), "--study", "night",
+            "--deadman", "6s", *WORKLOAD]
+    controller = subprocess.Popen(llamahost_cmd(*args, "--budget", "30m"),
+                                  env={**os.environ, "LLAMAHOST_HOME": str(home)},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = supervised(home, port, model_path, llama_server_binary)
+    try:
+        deadline = time.monotonic() + 400
+        baseline_args = ""
+        while time.monotonic() < deadline:
+            assert controller.poll() is None, controller.communicate()[1][-3000:]
+            if (home / "data" / "studies.db").exists():
+                with_state = [t.state for t in study_trials(home, "night")]
+                if with_state.count(optuna.trial.TrialState.COMPLETE) >= 1:
+                    baseline_args = baseline_args or running_args(server)
+                    if with_state[-1] == optuna.trial.TrialState.RUNNING and running_args(server) != baseline_args:
+                        break  # a trial configuration is serving right now
+            time.sleep(0.5)
+        else:
+            pytest.fail("the live run never reached a trial configuration")
+        assert baseline_args
+
+        second = run(home, *args, "--budget", "5m", timeout=120)  # the same host, while the first one runs
+        assert second.returncode == 2 and "another llamahost tune is already tuning" in second.stderr
+        assert "Traceback" not in second.stderr
+
+        controller.send_signal(signal.SIGKILL)
+        controller.wait(timeout=30)
+        killed_at = time.monotonic()
+        while running_args(server) != baseline_args and time.monotonic() - killed_at < 60:
+            time.sleep(0.5)
+        assert running_args(server) == baseline_args, "the dead-man switch did not restore the baseline"
+        assert "baseline restored" in (server.state / "supervisor.log").read_text()
+
+        again = run(home, *args, "--budget", "3m", "--candidates", "1")
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert "resumed" in again.stderr
+        trials = study_trials(home, "night")
+        assert [t.user_attrs.get("role") for t in trials].count("baseline") == 1, "the baseline was measured twice"
+        assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
+        assert any(t.state == optuna.trial.TrialState.FAIL for t in trials)  # the trial that was cut off
+        assert running_args(server) == baseline_args or json.loads(again.stdout or "{}").get("verdict") is None
+    finally:
+        if controller.poll() is None:
+            controller.kill()
+            controller.wait()
+        server.shutdown()
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--local", "--inventory", "inv.yml", "--host", "h1"], "either --local or --inventory"),
+    (["--local", "--objective", "tg"], "--objective tg is a benchmark objective"),
+    (["--local", "--verify-windows", "1"], "--verify-windows must be at least 2"),
+    (["--local", "--max-server-memory", "1.5"], "--max-server-memory is a fraction"),
+    (["--local", "--baseline-vars", "/nonexistent/h1.yml"], "role variables file not found"),
+    (["--local", "--workload", "/nonexistent/requests.jsonl"], "requests.jsonl"),
+])
+def test_bad_live_arguments_are_clear_errors_and_write_nothing(tmp_path: Path, model_path: Path,
+                                                                args: list[str], fragment: str) -> None:
+    home = tmp_path / "home"
+    done = run(home, "tune", "--live", "--model", str(model_path), "--budget", "20m", "--port", str(free_port()),
+               *args, timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert fragment in done.stderr and "Traceback" not in done.stderr
+    assert not (home / "data" / "studies.db").exists() and not (home / "data" / "results").exists()
