@@ -2,7 +2,7 @@
 
 Shared by ``llamahost tune --live`` and ``llamahost apply`` (the same run without a search: prove the
 study's best against the baseline, then write back and apply). ``--local`` tunes a supervised server
-on this machine; ``--inventory/--host`` tunes a host's systemd unit over SSH (:mod:`tuner.live.remote`).
+on this machine; ``--inventory/--host`` tunes a host's systemd unit over SSH (:mod:`tuner.live.systemd`).
 Everything is checked before anything is started or written.
 """
 
@@ -147,8 +147,9 @@ def connection_from_args(args: argparse.Namespace) -> Connection:
         return LocalConnection(args)
     if not (args.inventory and args.host):
         raise UserError("--inventory and --host go together", "pass both, e.g. --inventory inv.yml --host h1")
-    raise UserError("live tuning over an inventory is not available in this build",
-                    "run `llamahost tune --live --local` on the host itself")
+    from tuner.live.systemd import RemoteConnection  # it builds on this module's Target
+
+    return RemoteConnection(args)
 
 
 def run_live_command(args: argparse.Namespace, *, verify_only: bool) -> LiveOutcome:

@@ -1,0 +1,207 @@
+"""The pure pieces of live tuning over systemd: inventory facts, the unit's command line, the trial
+drop-in, the dead-man script and the remote probe's file list. The same code runs against the QEMU lab
+in tests/lab/test_live_systemd.py; here it runs without a host."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tuner.cli import main
+from tuner.config import RunConfig
+from tuner.errors import UserError
+from tuner.live.systemd import (
+    DEADMAN_LOG,
+    HEARTBEAT_FILE,
+    PROBE_COLLECTOR,
+    PROBE_GLOBS,
+    ServerCommand,
+    dropin_path,
+    exec_words,
+    host_facts,
+    numa_mask,
+    probe_from_files,
+    read_host_variables,
+    render_deadman_script,
+    render_trial_dropin,
+    server_command,
+    serving_cores,
+    split_exec_words,
+)
+from tuner.probe import read_host
+from tuner.probe.files import RecordingHostFiles
+
+REPO = Path(__file__).resolve().parents[2]
+HOSTS = REPO / "tests" / "fixtures" / "hosts"
+LAB_VARS: dict[str, Any] = {
+    "ansible_host": "127.0.0.1", "ansible_port": 42217, "ansible_user": "lab",
+    "ansible_ssh_private_key_file": "~/.cache/lab/id_ed25519",
+    "ansible_ssh_common_args": "-o IdentitiesOnly=yes -o 'UserKnownHostsFile=/tmp/a b/known_hosts'",
+    "llama_server_service_name": "llama-server",
+}
+TUNED = RunConfig(threads=2, threads_batch=2, batch_size=256, ubatch_size=128, cpus=(4, 6), placement="compact",
+                  memory_policy="bind", load_mode="mmap+mlock", flash_attn="on", ctx_size=512)
+ROLE_ARGV = ["/opt/llama-server/bin/llama-server", "--model", "/var/lib/llama-server/models/m 1%.gguf",
+             "--host", "127.0.0.1", "--port", "8080", "--api-key-file", "/etc/llama-server/api-key",
+             *TUNED.server_args(), "--metrics", "-c", "8192"]
+
+
+def role_exec_filter() -> Any:
+    path = REPO / "roles" / "llamahost_common" / "filter_plugins" / "systemd_exec.py"
+    spec = importlib.util.spec_from_file_location("systemd_exec", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.systemd_exec_args
+
+
+def role_unit(argv: list[str]) -> str:
+    return f"[Unit]\nDescription=x\n[Service]\nType=exec\nExecStart={role_exec_filter()(argv)}\nRestart=on-failure\n"
+
+
+def test_connection_facts_come_from_the_inventory_variables() -> None:
+    facts = host_facts("lab", LAB_VARS)
+    assert (facts.address, facts.port, facts.user) == ("127.0.0.1", 42217, "lab")
+    assert facts.private_key == str(Path("~/.cache/lab/id_ed25519").expanduser())
+    assert facts.ssh_args == ("-o", "IdentitiesOnly=yes", "-o", "UserKnownHostsFile=/tmp/a b/known_hosts")
+    assert facts.needs_sudo and facts.service == "llama-server" and facts.health_timeout_s == 600
+    bare = host_facts("h1.example", {"ansible_user": "root", "llama_server_health_timeout": 30})
+    assert (bare.address, bare.port, bare.needs_sudo, bare.health_timeout_s) == ("h1.example", None, False, 30)
+
+
+@pytest.mark.parametrize(("variables", "named"), [
+    ({"ansible_connection": "amazon.aws.aws_ssm"}, "ansible_connection"),
+    ({"ansible_host": "{{ lookup('env', 'HOST') }}"}, "ansible_host"),
+])
+def test_connections_the_tuner_cannot_use_are_refused(variables: dict[str, Any], named: str) -> None:
+    with pytest.raises(UserError, match=named):
+        host_facts("h1", variables)
+
+
+def write_inventory(tmp_path: Path) -> Path:
+    inventory = tmp_path / "inv" / "hosts.yml"
+    inventory.parent.mkdir()
+    inventory.write_text(yaml.safe_dump({"llama_hosts": {"hosts": {"h1": {"ansible_host": "10.0.0.5"}}}}))
+    (inventory.parent / "group_vars").mkdir()
+    (inventory.parent / "group_vars" / "llama_hosts.yml").write_text(yaml.safe_dump({"llama_server_port": 8181}))
+    return inventory
+
+
+def test_host_variables_are_read_with_ansible_inventory(tmp_path: Path) -> None:
+    inventory = write_inventory(tmp_path)
+    variables = read_host_variables(inventory, "h1")
+    assert variables["ansible_host"] == "10.0.0.5" and variables["llama_server_port"] == 8181
+    with pytest.raises(UserError, match="h2 is not in the inventory"):
+        read_host_variables(inventory, "h2")
+    with pytest.raises(UserError, match="does not exist"):
+        read_host_variables(tmp_path / "nope.yml", "h1")
+
+
+def test_cli_refuses_an_unknown_host_and_apply_without_host_vars(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    inventory = str(write_inventory(tmp_path))
+    assert main(["tune", "--live", "--inventory", inventory, "--host", "h9", "--budget", "1h"]) == 2
+    assert "h9 is not in the inventory" in capsys.readouterr().err
+    assert main(["tune", "--live", "--inventory", inventory, "--host", "h1", "--budget", "1h", "--apply"]) == 2
+    assert "--apply on an inventory host needs --host-vars" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [
+    ["/bin/x", "--model", "/m/a b%.gguf", "$HOME", 'q"', "back\\slash", "50%%"],
+    ROLE_ARGV,
+])
+def test_exec_start_words_round_trip_through_the_roles_quoting(args: list[str]) -> None:
+    assert split_exec_words(role_exec_filter()(args)) == args
+    assert exec_words(args) == role_exec_filter()(args)
+
+
+def test_the_unit_command_keeps_address_model_key_and_extras_and_drops_the_tuned_flags() -> None:
+    command = server_command(role_unit(ROLE_ARGV))
+    assert command.kept == ("/opt/llama-server/bin/llama-server", "--model", "/var/lib/llama-server/models/m 1%.gguf",
+                            "--host", "127.0.0.1", "--port", "8080", "--api-key-file", "/etc/llama-server/api-key",
+                            "--metrics", "-c", "8192")
+    trial = RunConfig(threads=1, threads_batch=2, parallel=4, cont_batching=False, ctx_size=2048, numa="distribute")
+    argv = command.with_config(trial)
+    assert argv[-len(trial.server_args()):] == trial.server_args()  # last: wins over "-c 8192"
+    assert command.model == "/var/lib/llama-server/models/m 1%.gguf"
+    assert command.listen == ("127.0.0.1", 8080) and command.api_key_file == "/etc/llama-server/api-key"
+    assert ServerCommand(("/x/llama-server", "--model", "m", "--host", "0.0.0.0")).listen == ("127.0.0.1", 8080)
+
+
+def test_a_unit_that_is_not_llama_server_is_refused() -> None:
+    with pytest.raises(UserError, match="not llama-server"):
+        server_command(role_unit(["/opt/llama-server/venv/bin/python", "-m", "llama_cpp.server"]))
+    with pytest.raises(UserError, match="no ExecStart"):
+        server_command("[Service]\nType=exec\n")
+
+
+def test_the_trial_dropin_resets_exec_start_and_carries_placement() -> None:
+    command = server_command(role_unit(ROLE_ARGV))
+    text = render_trial_dropin(command, TUNED, (1,))
+    lines = text.splitlines()
+    assert lines.index("ExecStart=") < lines.index("[Service]") + 2
+    exec_line = next(line for line in lines if line.startswith("ExecStart=/"))
+    assert split_exec_words(exec_line.removeprefix("ExecStart=")) == command.with_config(TUNED)
+    assert [line for line in lines if line.startswith(("CPUAffinity", "AllowedCPUs"))] == \
+        ["CPUAffinity=", "AllowedCPUs=", "CPUAffinity=4,6", "AllowedCPUs=4,6"]
+    assert "NUMAPolicy=bind" in lines and "NUMAMask=1" in lines and "LimitMEMLOCK=infinity" in lines
+    unpinned = render_trial_dropin(command, RunConfig(threads=2, threads_batch=2), ()).splitlines()
+    assert "CPUAffinity=4,6" not in unpinned and "CPUAffinity=" in unpinned and "AllowedCPUs=" in unpinned
+    assert "NUMAPolicy=default" in unpinned and "NUMAMask=" in unpinned
+    assert not any(line.startswith("LimitMEMLOCK") for line in unpinned)
+    assert dropin_path("llama-server") == "/run/systemd/system/llama-server.service.d/50-llamahost-trial.conf"
+
+
+def test_the_numa_mask_follows_the_role() -> None:
+    topology = read_host(HOSTS / "epyc-9654-2s-nps4").topology
+    assert numa_mask(RunConfig(threads=1, threads_batch=1, memory_policy="bind", memory_nodes=(3,)), topology) == (3,)
+    pinned = RunConfig(threads=2, threads_batch=2, cpus=(0, 1), placement="compact", memory_policy="bind")
+    assert numa_mask(pinned, topology) == topology.nodes_of((0, 1))
+    assert numa_mask(RunConfig(threads=1, threads_batch=1, memory_policy="interleave"), topology) == \
+        topology.node_ids
+    assert serving_cores(topology, ()) == 192 and serving_cores(topology, (0, 1, 192)) == 2
+
+
+def test_the_deadman_script_is_valid_shell_and_guards_the_right_files() -> None:
+    script = render_deadman_script("llama-server", 60)
+    subprocess.run(["sh", "-n"], input=script, text=True, check=True)
+    assert f"heartbeat={HEARTBEAT_FILE}" in script and "limit=60" in script
+    assert f"dropin={dropin_path('llama-server')}" in script and DEADMAN_LOG in script
+    assert "systemctl restart llama-server.service" in script and "exit 0" in script
+    assert "sleep 5" in script and "sleep 1" in render_deadman_script("x", 4)
+
+
+def test_every_file_the_probe_parsers_read_is_collected() -> None:
+    """The globs cover what the parsers read on this machine and on every fixture (/proc/self aside)."""
+    recorder = RecordingHostFiles("/")
+    read_host(files=recorder)
+    read_paths = set(recorder.files_read)
+    for fixture in HOSTS.iterdir():
+        if fixture.is_dir():
+            read_paths |= {"/" + str(p.relative_to(fixture)) for p in fixture.rglob("*") if p.is_file()
+                           and p.name != "FIXTURE.json"}
+    missed = sorted(p for p in read_paths if not p.startswith("/proc/self/")
+                    and not any(fnmatchcase(p, g) for g in PROBE_GLOBS))
+    assert missed == []
+
+
+def test_the_remote_probe_sees_what_a_local_probe_sees() -> None:
+    """The collector runs with a plain python3 (as on the host) over this machine's real files."""
+    done = subprocess.run([sys.executable, "-I", "-c", PROBE_COLLECTOR, json.dumps(PROBE_GLOBS)],
+                          capture_output=True, text=True, check=True, timeout=60)
+    remote = probe_from_files(json.loads(done.stdout))
+    local = read_host("/")
+    assert remote.topology == local.topology
+    assert (remote.hostname, remote.cpu_model, remote.isa) == (local.hostname, local.cpu_model, local.isa)
+    assert remote.memory_total_bytes == local.memory_total_bytes
+    assert remote.kernel.can_lock_memory and remote.kernel.memlock_limit_bytes is None  # systemd's limits
+    assert remote.allowed_cpus is None
+    assert remote.fingerprint() == local.fingerprint()

@@ -1,0 +1,825 @@
+"""Live tuning of a host's ``llama_server`` systemd unit, over SSH (``--inventory FILE --host NAME``).
+
+The host was prepared by the ``llama_server`` role: a hardened unit (default ``llama-server.service``)
+that listens on loopback. The tuner reaches it like Ansible does, from the inventory's connection facts,
+over one SSH ControlMaster connection that every command reuses; the server's HTTP port comes to the
+controller through an SSH local port forward. Every change runs as root (``sudo -n`` when the SSH user is
+not root) and lives under ``/run`` only, so a reboot forgets it; the role's unit file and ``/etc`` are
+never touched:
+
+``/run/systemd/system/<unit>.service.d/50-llamahost-trial.conf``
+    the trial: an ``ExecStart=`` reset and a new ``ExecStart=`` that keeps the role's binary, model,
+    address and key file and carries the trial's flags, plus its CPU placement and memory policy;
+``/run/llamahost/heartbeat``
+    touched by the tuner; a transient unit ``llamahost-deadman`` (``systemd-run``) removes the trial,
+    reloads and restarts the unit on its baseline when the file is older than the dead-man limit;
+``/run/llamahost/tune.lock``
+    ``flock``-ed by an SSH session the tuner keeps open for the whole run: when the tuner dies, its end
+    of that session's stdin closes, the remote ``cat`` exits and the kernel drops the lock.
+
+Making a proven winner permanent is the role's job: :meth:`SystemdServer.adopt` checks that the winner is
+in the inventory (the write-back to host_vars happened) and converges the host with ``playbooks/site.yml
+--limit HOST``, which validates, rewrites the unit, restarts it and rolls back if it does not come up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
+from tuner.durations import parse_duration
+from tuner.errors import UserError
+from tuner.live.control import TrialStartFailed
+from tuner.live.setup import Target
+from tuner.model.checksum import model_sha256
+from tuner.model.gguf_file import check_fits_in_memory, inspect_model
+from tuner.probe.collect import read_host
+from tuner.probe.host import HostProbe, Topology
+from tuner.server.client import health
+from tuner.server.process import _child_setup, _libc_prctl, free_port
+
+DROPIN_NAME = "50-llamahost-trial.conf"
+STATE_DIR = "/run/llamahost"
+HEARTBEAT_FILE = f"{STATE_DIR}/heartbeat"
+LOCK_FILE = f"{STATE_DIR}/tune.lock"
+OWNER_FILE = f"{STATE_DIR}/tune.owner"
+DEADMAN_UNIT = "llamahost-deadman"
+DEADMAN_SCRIPT = f"{STATE_DIR}/deadman.sh"
+DEADMAN_LOG = f"{STATE_DIR}/deadman.log"
+DEFAULT_SERVICE = "llama-server"
+DEFAULT_HEALTH_TIMEOUT_S = 600.0
+LOCK_REFUSED_RC = 75
+JOURNAL_LINES = 30
+REPO = Path(__file__).resolve().parents[2]
+
+_PLAIN_WORD = re.compile(r"^[A-Za-z0-9_./:=+,@-]+$")  # needs no quotes in ExecStart= (as the role's filter)
+
+# The flags RunConfig.server_args() renders, with the number of values each takes. A trial's command is
+# the unit's command without these, followed by the trial's own.
+TUNED_FLAGS: dict[str, int] = {
+    "--threads": 1, "--threads-batch": 1, "--batch-size": 1, "--ubatch-size": 1, "--flash-attn": 1,
+    "--cache-type-k": 1, "--cache-type-v": 1, "--parallel": 1, "--cont-batching": 0, "--no-cont-batching": 0,
+    "--ctx-size": 1, "--numa": 1, "--load-mode": 1,
+}
+
+
+# ---- inventory facts (pure) -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HostFacts:
+    """How to reach one inventory host, as Ansible would (its ``ansible_*`` connection variables)."""
+
+    name: str
+    address: str
+    port: int | None
+    user: str | None
+    private_key: str | None
+    ssh_args: tuple[str, ...]
+    variables: Mapping[str, Any]
+
+    @property
+    def needs_sudo(self) -> bool:
+        return self.user != "root"
+
+    @property
+    def service(self) -> str:
+        return str(self.variables.get("llama_server_service_name") or DEFAULT_SERVICE)
+
+    @property
+    def health_timeout_s(self) -> float:
+        value = self.variables.get("llama_server_health_timeout")
+        return float(value) if value is not None else DEFAULT_HEALTH_TIMEOUT_S
+
+
+def host_facts(name: str, variables: Mapping[str, Any]) -> HostFacts:
+    """The connection facts of ``name`` from its inventory variables (``ansible-inventory --host``)."""
+    connection = str(variables.get("ansible_connection", "ssh"))
+    if connection not in ("ssh", "smart"):
+        raise UserError(f"host {name} is reached with ansible_connection {connection}; live tuning uses SSH",
+                        "tune it from a machine that can reach it over SSH (ansible_connection: ssh)")
+    for key in ("ansible_host", "ansible_user", "ansible_ssh_common_args", "ansible_ssh_extra_args",
+                "ansible_ssh_private_key_file"):
+        if "{{" in str(variables.get(key, "")):
+            raise UserError(f"{key} of host {name} is a Jinja template ({variables[key]!r}), which only "
+                            "ansible-playbook resolves", f"write {key} as a plain value for live tuning")
+    port = variables.get("ansible_port", variables.get("ansible_ssh_port"))
+    user = variables.get("ansible_user", variables.get("ansible_ssh_user"))
+    args = [*shlex.split(str(variables.get("ansible_ssh_common_args", "") or "")),
+            *shlex.split(str(variables.get("ansible_ssh_extra_args", "") or ""))]
+    key = variables.get("ansible_ssh_private_key_file", variables.get("ansible_private_key_file"))
+    return HostFacts(name=name, address=str(variables.get("ansible_host") or name),
+                     port=int(port) if port is not None else None, user=str(user) if user else None,
+                     private_key=str(Path(str(key)).expanduser()) if key else None, ssh_args=tuple(args),
+                     variables=dict(variables))
+
+
+def ansible_tool(name: str) -> str:
+    """An Ansible command next to this Python (the project's venv) or on PATH."""
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise UserError(f"{name} is not installed", "install the project with its ansible extra: "
+                                                     "pip install -e '.[ansible]'")
+    return found
+
+
+def read_host_variables(inventory: Path, host: str) -> dict[str, Any]:
+    """The host's inventory variables (host_vars, group_vars, connection facts) as Ansible reads them."""
+    if not inventory.exists():
+        raise UserError(f"inventory {inventory} does not exist", "pass the inventory file the host is in")
+    done = subprocess.run([ansible_tool("ansible-inventory"), "-i", str(inventory), "--host", host],
+                          capture_output=True, text=True, check=False, timeout=120)
+    if done.returncode != 0 or not done.stdout.strip():
+        detail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
+        raise UserError(f"host {host} is not in the inventory {inventory} ({detail})",
+                        f"list the inventory's hosts with `ansible-inventory -i {inventory} --graph` and "
+                        "pass one of them to --host")
+    data = json.loads(done.stdout)
+    if not isinstance(data, dict):
+        raise UserError(f"ansible-inventory gave no variables for {host}", "check the inventory file")
+    return data
+
+
+# ---- the unit's command line (pure) ---------------------------------------------------------------
+
+def split_exec_words(line: str) -> list[str]:
+    """An ``ExecStart=`` value -> arguments, as systemd splits it (quotes, backslash escapes, ``%%``/``$$``)."""
+    words = shlex.split(line, posix=True)
+    return [word.replace("%%", "%").replace("$$", "$") for word in words]
+
+
+def exec_words(args: Sequence[str]) -> str:
+    """Arguments -> an ``ExecStart=`` value: systemd expands ``%`` and ``$`` and splits on blanks, so
+    both are doubled and any argument that is not plainly safe is double-quoted."""
+    out = []
+    for arg in args:
+        escaped = arg.replace("%", "%%").replace("$", "$$")
+        if not _PLAIN_WORD.match(escaped):
+            escaped = '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        out.append(escaped)
+    return " ".join(out)
+
+
+def unit_exec_start(unit_text: str) -> list[str]:
+    """The (last) ``ExecStart=`` of a unit file, as arguments."""
+    found: list[str] | None = None
+    for raw in unit_text.splitlines():
+        line = raw.strip()
+        if line.startswith("ExecStart="):
+            value = line.removeprefix("ExecStart=").strip()
+            found = split_exec_words(value.lstrip("-@:+!")) if value else None
+    if not found:
+        raise UserError("the unit file has no ExecStart= line", "converge the host with playbooks/site.yml first")
+    return found
+
+
+@dataclass(frozen=True)
+class ServerCommand:
+    """The role's llama-server command line, split into what a trial keeps and what it replaces."""
+
+    argv: tuple[str, ...]
+
+    def _value(self, flag: str) -> str | None:
+        for index, word in enumerate(self.argv[:-1]):
+            if word == flag:
+                return self.argv[index + 1]
+        return None
+
+    @property
+    def kept(self) -> tuple[str, ...]:
+        """Everything but the tuned flags: binary, model, address, key file, the role's extra args."""
+        out: list[str] = []
+        skip = 0
+        for word in self.argv:
+            if skip:
+                skip -= 1
+            elif word in TUNED_FLAGS:
+                skip = TUNED_FLAGS[word]
+            else:
+                out.append(word)
+        return tuple(out)
+
+    def with_config(self, config: RunConfig) -> list[str]:
+        """The trial's command: its flags come last, so they win over any alias in the extra args."""
+        return [*self.kept, *config.server_args()]
+
+    @property
+    def model(self) -> str:
+        model = self._value("--model") or self._value("-m")
+        if model is None:
+            raise UserError("the unit's command has no --model", "converge the host with playbooks/site.yml")
+        return model
+
+    @property
+    def listen(self) -> tuple[str, int]:
+        host = self._value("--host") or "127.0.0.1"
+        return ("127.0.0.1" if host in ("0.0.0.0", "::", "localhost") else host), int(self._value("--port") or 8080)
+
+    @property
+    def api_key_file(self) -> str | None:
+        return self._value("--api-key-file")
+
+
+def server_command(unit_text: str) -> ServerCommand:
+    argv = unit_exec_start(unit_text)
+    if not Path(argv[0]).name.startswith("llama-server"):
+        raise UserError(f"the unit runs {argv[0]}, not llama-server",
+                        "live tuning needs llama_server_install_mode binary or source (llama.cpp's server)")
+    return ServerCommand(tuple(argv))
+
+
+def numa_mask(config: RunConfig, topology: Topology) -> tuple[int, ...]:
+    """The nodes of a memory policy, as the role picks them: the configured nodes, else the nodes of the
+    pinned CPUs, else every node."""
+    if config.memory_nodes:
+        return config.memory_nodes
+    return topology.nodes_of(config.cpus) if config.cpus else topology.node_ids
+
+
+def render_trial_dropin(command: ServerCommand, config: RunConfig, mask: tuple[int, ...]) -> str:
+    """The transient drop-in that makes the unit run ``config`` (placement included) until removed."""
+    cpus = format_cpu_list(config.cpus)
+    lines = [
+        "# llamahost live tuning: a trial configuration. Transient (under /run); the tuner or its dead-man",
+        "# switch removes it, and a reboot forgets it.",
+        "[Service]",
+        "ExecStart=",
+        f"ExecStart={exec_words(command.with_config(config))}",
+        # An empty assignment resets what the role's unit set; then the trial's value, if any.
+        "CPUAffinity=",
+        "AllowedCPUs=",
+    ]
+    if cpus:
+        lines += [f"CPUAffinity={cpus}", f"AllowedCPUs={cpus}"]
+    if config.memory_policy == "default":
+        lines += ["NUMAPolicy=default", "NUMAMask="]
+    else:
+        lines += [f"NUMAPolicy={config.memory_policy}", f"NUMAMask={format_cpu_list(mask)}"]
+    if config.load_mode in ("mlock", "mmap+mlock"):
+        lines.append("LimitMEMLOCK=infinity")
+    return "\n".join(lines) + "\n"
+
+
+def dropin_path(service: str) -> str:
+    return f"/run/systemd/system/{service}.service.d/{DROPIN_NAME}"
+
+
+def render_deadman_script(service: str, deadman_s: float) -> str:
+    """The host side of the dead-man switch, run by ``systemd-run`` as a transient unit.
+
+    It checks the heartbeat's age every few seconds; once the controller has been silent longer than
+    the limit it removes the trial drop-in (if any), reloads, restarts the unit on its baseline, notes it
+    in the log, and exits: with no controller there is nothing more to guard."""
+    limit = max(1, round(deadman_s))
+    poll = max(1, min(5, limit // 10))
+    return f"""#!/bin/sh
+# llamahost dead-man switch for {service}.service (started by llamahost tune --live; transient)
+heartbeat={HEARTBEAT_FILE}
+dropin={dropin_path(service)}
+limit={limit}
+while :; do
+    now=$(date +%s)
+    beat=$(stat -c %Y "$heartbeat" 2>/dev/null || echo 0)
+    silent=$((now - beat))
+    if [ "$silent" -gt "$limit" ]; then
+        if [ -e "$dropin" ]; then
+            rm -f "$dropin"
+            systemctl daemon-reload
+            systemctl restart {service}.service
+            echo "$(date -u +%FT%TZ) controller silent for $silent s (limit $limit s): trial removed, \
+{service} restarted on its baseline" | tee -a {DEADMAN_LOG}
+        else
+            echo "controller silent for $silent s, no trial active: nothing to restore"
+        fi
+        exit 0
+    fi
+    sleep {poll}
+done
+"""
+
+
+def deadman_start_script() -> str:
+    """Shell lines that (re)start the dead-man unit unless it runs; the heartbeat is touched first so a
+    new switch never fires at once."""
+    return (f"touch {HEARTBEAT_FILE}\n"
+            f"if ! systemctl is-active -q {DEADMAN_UNIT}; then\n"
+            f"    systemctl reset-failed {DEADMAN_UNIT} 2>/dev/null || true\n"
+            f"    systemd-run --quiet --collect --unit={DEADMAN_UNIT} "
+            f"--description='llamahost dead-man switch' /bin/sh {DEADMAN_SCRIPT}\n"
+            "fi\n")
+
+
+# ---- the remote probe -----------------------------------------------------------------------------
+
+# The files tuner.probe's parsers read, as globs. /proc/self is left out on purpose: it would describe
+# the SSH session's process, not the service (systemd gives the service its own limits and CPUs).
+PROBE_GLOBS: tuple[str, ...] = (
+    "/proc/meminfo", "/proc/cpuinfo", "/proc/sys/kernel/hostname", "/proc/sys/kernel/osrelease",
+    "/proc/sys/kernel/numa_balancing", "/proc/sys/vm/zone_reclaim_mode",
+    "/sys/kernel/mm/transparent_hugepage/enabled", "/sys/kernel/mm/transparent_hugepage/defrag",
+    "/sys/kernel/mm/hugepages/*/nr_hugepages", "/sys/kernel/mm/hugepages/*/free_hugepages",
+    "/sys/devices/system/cpu/online", "/sys/devices/system/cpu/possible", "/sys/devices/system/cpu/present",
+    "/sys/devices/system/cpu/smt/control", "/sys/devices/system/cpu/smt/active",
+    "/sys/devices/system/cpu/cpu[0-9]*/online", "/sys/devices/system/cpu/cpu[0-9]*/topology/*",
+    "/sys/devices/system/cpu/cpu[0-9]*/cache/index[0-9]*/*",
+    "/sys/devices/system/cpu/cpu[0-9]*/cpufreq/scaling_governor",
+    "/sys/devices/system/cpu/cpu[0-9]*/cpufreq/energy_performance_preference",
+    "/sys/devices/system/node/online", "/sys/devices/system/node/possible",
+    "/sys/devices/system/node/node[0-9]*/cpulist", "/sys/devices/system/node/node[0-9]*/meminfo",
+    "/sys/devices/system/node/node[0-9]*/distance",
+    "/sys/devices/system/node/node[0-9]*/hugepages/*/nr_hugepages",
+    "/sys/devices/system/node/node[0-9]*/hugepages/*/free_hugepages",
+)
+
+# Runs on the host's own python3 (the role needs one anyway), standard library only: every readable file
+# matching the globs, as JSON.
+PROBE_COLLECTOR = """
+import glob, json, sys
+out = {}
+for pattern in json.loads(sys.argv[1]):
+    for path in glob.glob(pattern):
+        try:
+            with open(path, encoding="utf-8") as handle:
+                out[path] = handle.read()
+        except (OSError, UnicodeDecodeError):
+            pass
+print(json.dumps(out))
+"""
+
+
+def probe_from_files(files: Mapping[str, str]) -> HostProbe:
+    """A :class:`HostProbe` from the host's files (path -> text), through the same parsers as a local probe.
+
+    The service gets its CPUs and memory-lock limit from systemd (the trial drop-in sets CPUAffinity=
+    and LimitMEMLOCK=), so what a probing process may do there says nothing about it: any CPU may be
+    used and memory may be locked."""
+    with tempfile.TemporaryDirectory(prefix="llamahost-remote-probe-") as root:
+        for path, text in files.items():
+            if not any(fnmatch.fnmatchcase(path, pattern) for pattern in PROBE_GLOBS) or ".." in path:
+                continue
+            target = Path(root) / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
+        probe = read_host(root)
+    kernel = dataclasses.replace(probe.kernel, memlock_limit_bytes=None, can_lock_memory=True,
+                                 memlock_limit_known=True)
+    warnings = tuple(w for w in probe.warnings if "RLIMIT_MEMLOCK" not in w and "this process" not in w)
+    return dataclasses.replace(probe, kernel=kernel, allowed_cpus=None, warnings=warnings)
+
+
+# ---- SSH ------------------------------------------------------------------------------------------
+
+class SshLink:
+    """One ControlMaster connection to a host; every command and the port forward ride on it.
+
+    The master and every client die with this process (``PR_SET_PDEATHSIG``), so a killed tuner leaves
+    no connection behind to keep its lock alive."""
+
+    def __init__(self, facts: HostFacts, control_dir: Path) -> None:
+        self.facts = facts
+        self.control_path = control_dir / "master.sock"
+        self._master: subprocess.Popen[bytes] | None = None
+        self._prctl = _libc_prctl()
+
+    def _base(self, *options: str) -> list[str]:
+        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ControlPath={self.control_path}", *options]
+        if self.facts.port is not None:
+            cmd += ["-p", str(self.facts.port)]
+        if self.facts.private_key:
+            cmd += ["-i", self.facts.private_key]
+        cmd += list(self.facts.ssh_args)
+        target = f"{self.facts.user}@{self.facts.address}" if self.facts.user else self.facts.address
+        return [*cmd, target]
+
+    def _preexec(self) -> Any:
+        return _child_setup((), True, os.getpid(), self._prctl)
+
+    def open(self, timeout_s: float = 60.0) -> None:
+        cmd = self._base("-M", "-N", "-o", "ControlPersist=no", "-o", "ServerAliveInterval=15",
+                         "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=30")
+        self._master = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.PIPE,
+                                        preexec_fn=self._preexec())  # noqa: PLW1509 (only system calls)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._master.poll() is not None:
+                err = self._master.stderr.read().decode(errors="replace").strip() if self._master.stderr else ""
+                raise UserError(f"cannot connect to {self.facts.name} ({self.facts.address}) over SSH: {err}",
+                                "check the inventory's connection variables: `ansible -i INVENTORY "
+                                f"{self.facts.name} -m ping` must work")
+            check = subprocess.run(self._base("-O", "check"), capture_output=True, check=False)
+            if check.returncode == 0:
+                return
+            time.sleep(0.2)
+        self.close()
+        raise UserError(f"SSH to {self.facts.name} did not connect within {timeout_s:.0f} s",
+                        "check that the host is up and reachable")
+
+    def forward(self, remote_host: str, remote_port: int) -> int:
+        """Forward a free local port to ``remote_host:remote_port`` as seen from the host."""
+        local = free_port()
+        done = subprocess.run(self._base("-O", "forward", "-L", f"127.0.0.1:{local}:{remote_host}:{remote_port}"),
+                              capture_output=True, text=True, check=False, timeout=30)
+        if done.returncode != 0:
+            raise UserError(f"cannot forward a port to {remote_host}:{remote_port} on {self.facts.name}: "
+                            f"{done.stderr.strip()}", "check that sshd allows TCP forwarding (AllowTcpForwarding)")
+        return local
+
+    def remote(self, script: str, *, root: bool = True) -> str:
+        """The command line that runs ``script`` with ``sh`` on the host, as root unless told otherwise."""
+        prefix = "sudo -n " if root and self.facts.needs_sudo else ""
+        return f"{prefix}sh -c {shlex.quote(script)}"
+
+    def run(self, script: str, *, stdin: str | None = None, root: bool = True, check: bool = True,
+            timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([*self._base("-o", "ControlMaster=no"), self.remote(script, root=root)],
+                              input=stdin if stdin is not None else "", capture_output=True, text=True,
+                              check=False, timeout=timeout)
+        if check and done.returncode != 0:
+            raise UserError(f"on {self.facts.name}, a command failed ({done.returncode}): "
+                            f"{done.stderr.strip()[-800:]}\ncommand: {script.strip()[:300]}",
+                            "the SSH user needs passwordless sudo (become); check the host's systemd")
+        return done
+
+    def popen(self, script: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([*self._base("-o", "ControlMaster=no"), self.remote(script)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=self._preexec())  # noqa: PLW1509 (only system calls)
+
+    def close(self) -> None:
+        if self._master is None:
+            return
+        subprocess.run(self._base("-O", "exit"), capture_output=True, check=False, timeout=15)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._master.wait(timeout=10)
+        if self._master.poll() is None:
+            self._master.kill()
+            self._master.wait()
+        self._master = None
+
+
+def read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    """The first line ``proc`` prints, or '' when it prints nothing in time."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout_s)
+    return proc.stdout.readline().strip() if ready else ""
+
+
+# ---- the ServerControl ----------------------------------------------------------------------------
+
+class SystemdServer:
+    """ServerControl for a host's llama_server unit (see the module docstring)."""
+
+    def __init__(self, facts: HostFacts, *, inventory: Path, deadman_s: float) -> None:
+        self.facts = facts
+        self.inventory = inventory
+        self.service = facts.service
+        self._deadman_s = deadman_s
+        self._control_dir: tempfile.TemporaryDirectory[str] | None = None
+        self.link: SshLink | None = None
+        self.command: ServerCommand | None = None
+        self.topology: Topology | None = None
+        self._local_port: int | None = None
+        self._api_key: str | None = None
+        self._baseline: RunConfig | None = None
+        self._lock: subprocess.Popen[str] | None = None
+
+    # -- connection --------------------------------------------------------------------------------
+
+    def connect(self) -> None:
+        """Open the SSH connection, check sudo, read the unit's command and forward its port."""
+        if self.link is not None:
+            return
+        self._control_dir = tempfile.TemporaryDirectory(prefix="llamahost-ssh-")
+        self.link = SshLink(self.facts, Path(self._control_dir.name))
+        self.link.open()
+        if self.facts.needs_sudo and self.link.run("true", check=False).returncode != 0:
+            self.disconnect()
+            raise UserError(f"user {self.facts.user} on {self.facts.name} cannot use sudo without a password",
+                            "give the SSH user passwordless sudo (as Ansible's become needs), or connect as root")
+        self.command = self._read_command()
+        host, port = self.command.listen
+        self._local_port = self.link.forward(host, port)
+        key_file = self.command.api_key_file
+        if key_file:
+            text = self._ssh().run(f"cat {shlex.quote(key_file)}").stdout
+            self._api_key = next((ln.strip() for ln in text.splitlines() if ln.strip()
+                                  and not ln.startswith("#")), None)
+
+    def _read_command(self) -> ServerCommand:
+        link = self._ssh()
+        unit = shlex.quote(f"{self.service}.service")
+        fragment = link.run(f"systemctl show -p FragmentPath --value {unit}").stdout.strip()
+        if not fragment:
+            raise UserError(f"{self.service}.service does not exist on {self.facts.name}",
+                            "prepare the host with playbooks/site.yml (the llama_server role) first")
+        if fragment.startswith("/run/"):
+            raise UserError(f"{self.service}.service on {self.facts.name} is defined under /run ({fragment})",
+                            "live tuning works on the unit the llama_server role installs under /etc")
+        return server_command(link.run(f"cat {shlex.quote(fragment)}").stdout)
+
+    def disconnect(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        if self._control_dir is not None:
+            self._control_dir.cleanup()
+            self._control_dir = None
+
+    def _ssh(self) -> SshLink:
+        if self.link is None:
+            raise RuntimeError("connect() to the host first")
+        return self.link
+
+    def _cmd(self) -> ServerCommand:
+        if self.command is None:
+            raise RuntimeError("connect() to the host first")
+        return self.command
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One tuner per host: ``flock`` on the host, held by an SSH session open for the whole run.
+
+        A second tuner is refused as soon as its ``flock -n`` answers; a dead tuner's lock goes with its
+        session. On a clean exit the dead-man switch is stopped (the unit runs its baseline or the
+        adopted winner); after a failure it is left to do its job."""
+        since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        owner = f"pid {os.getpid()} on {socket.gethostname()} since {since}"
+        script = (f"mkdir -p {STATE_DIR}; exec 9>>{LOCK_FILE}\n"
+                  f"if flock -n 9; then echo {shlex.quote(owner)} > {OWNER_FILE}; echo locked; exec cat >/dev/null\n"
+                  f"else echo busy; cat {OWNER_FILE} 2>/dev/null; exit {LOCK_REFUSED_RC}; fi\n")
+        holder = self._ssh().popen(script)
+        first = read_line(holder, 30.0)
+        if first != "locked":
+            holder.stdin.close() if holder.stdin else None
+            try:
+                rest, err = holder.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                holder.kill()
+                rest, err = holder.communicate()
+            if first == "busy":
+                raise UserError(f"another llamahost tune is already tuning {self.describe()} "
+                                f"({rest.strip() or 'holder unknown'})",
+                                "wait for it to finish, or stop it (Ctrl-C / kill), then run again")
+            raise UserError(f"cannot take the tuning lock on {self.facts.name}: {err.strip()[-500:]}",
+                            "the SSH user needs passwordless sudo and flock (util-linux) on the host")
+        self._lock = holder
+        clean = False
+        try:
+            yield
+            clean = True
+        finally:
+            if clean:
+                self.stop_deadman()
+            self._lock = None
+            if holder.stdin is not None:
+                holder.stdin.close()
+            try:
+                holder.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                holder.kill()
+                holder.wait()
+
+    # -- ServerControl -----------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        if self._local_port is None:
+            raise RuntimeError("connect() to the host first")
+        return f"http://127.0.0.1:{self._local_port}"
+
+    @property
+    def api_key(self) -> str | None:
+        return self._api_key
+
+    @property
+    def baseline(self) -> RunConfig:
+        if self._baseline is None:
+            raise RuntimeError("start() the server with its baseline first")
+        return self._baseline
+
+    @property
+    def deadman_seconds(self) -> float:
+        return self._deadman_s
+
+    def describe(self) -> str:
+        return f"{self.service}.service on {self.facts.name}"
+
+    def start(self, baseline: RunConfig) -> None:
+        """Before tuning: a fresh dead-man switch, no leftover trial, the unit healthy on its own config."""
+        self._baseline = baseline
+        self._ssh().run(f"mkdir -p {STATE_DIR}; systemctl stop {DEADMAN_UNIT} 2>/dev/null || true\n"
+                        f"cat > {DEADMAN_SCRIPT}\n", stdin=render_deadman_script(self.service, self._deadman_s))
+        self.restore_baseline()
+        self._ssh().run(deadman_start_script())
+
+    def apply(self, config: RunConfig) -> None:
+        if self.topology is None:
+            raise RuntimeError("probe() the host before applying trials")
+        text = render_trial_dropin(self._cmd(), config, numa_mask(config, self.topology))
+        path = dropin_path(self.service)
+        unit = f"{self.service}.service"
+        script = (f"set -e\nmkdir -p {STATE_DIR} {shlex.quote(str(Path(path).parent))}\n"
+                  + deadman_start_script()
+                  + f"cat > {path}.new\n"
+                  f"if [ -f {path} ] && cmp -s {path}.new {path} && systemctl is-active -q {unit}; then\n"
+                  f"    rm -f {path}.new; echo unchanged\n"
+                  f"else\n    mv {path}.new {path}; systemctl daemon-reload\n"
+                  f"    systemctl restart {unit} || true; echo restarted\nfi\n")
+        self._ssh().run(script, stdin=text)
+        self._wait_healthy("the trial configuration", config)
+
+    def restore_baseline(self) -> None:
+        path = dropin_path(self.service)
+        unit = f"{self.service}.service"
+        self._ssh().run(f"if [ -e {path} ]; then rm -f {path}; systemctl daemon-reload; systemctl restart {unit}; "
+                        f"elif ! systemctl is-active -q {unit}; then systemctl restart {unit} || true; fi")
+        self._wait_healthy("the baseline", None)
+
+    def heartbeat(self) -> None:
+        self._ssh().run(f"touch {HEARTBEAT_FILE}", timeout=30)
+
+    def stop_deadman(self) -> None:
+        self._ssh().run(f"systemctl stop {DEADMAN_UNIT} 2>/dev/null || true; rm -f {DEADMAN_SCRIPT}", check=False)
+
+    def unit_state(self) -> dict[str, str]:
+        out = self._ssh().run(f"systemctl show -p ActiveState -p SubState -p MainPID -p NRestarts "
+                              f"{self.service}.service", timeout=30).stdout
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def journal_tail(self, lines: int = JOURNAL_LINES) -> str:
+        return self._ssh().run(f"journalctl -u {self.service}.service -n {lines} --no-pager -o short-iso",
+                               check=False).stdout.strip()
+
+    def _wait_healthy(self, what: str, config: RunConfig | None) -> None:
+        """Wait for /health 200 through the forward; fail fast when systemd sees the process die."""
+        started = time.monotonic()
+        deadline = started + self.facts.health_timeout_s
+        next_state = started
+        while True:
+            if health(self.base_url, timeout_s=2.0) == 200:
+                return
+            now = time.monotonic()
+            if now >= next_state:
+                state = self.unit_state()
+                if state.get("SubState") in ("auto-restart", "failed", "dead") or \
+                        state.get("ActiveState") in ("failed", "inactive"):
+                    self._fail(what, config, f"systemd reports it {state.get('ActiveState')}/"
+                                             f"{state.get('SubState')}")
+                next_state = now + 1.0
+            if now >= deadline:
+                self._fail(what, config, f"/health did not answer 200 within {self.facts.health_timeout_s:.0f} s")
+            time.sleep(0.3)
+
+    def _fail(self, what: str, config: RunConfig | None, reason: str) -> None:
+        flags = f" ({' '.join(config.server_args())})" if config is not None else ""
+        raise TrialStartFailed(f"{what}{flags} did not come up on {self.describe()}: {reason}\n"
+                               f"--- journalctl -u {self.service} -n {JOURNAL_LINES} ---\n{self.journal_tail()}")
+
+    def server_memory_bytes(self) -> int | None:
+        out = self._ssh().run(f"pid=$(systemctl show -p MainPID --value {self.service}.service); "
+                              "[ \"${pid:-0}\" -gt 0 ] && awk '/^VmRSS:/ {print $2}' /proc/$pid/status",
+                              check=False, timeout=30).stdout.strip()
+        return int(out) * 1024 if out.isdigit() else None
+
+    def adopt(self, config: RunConfig) -> None:
+        """Make ``config`` permanent the Ansible way: it must be in the inventory already (the write-back
+        to host_vars), then the role converges the host and restarts the unit with it."""
+        variables = read_host_variables(self.inventory, self.facts.name)
+        cores = self.topology.physical_core_count if self.topology else None
+        inventory = RunConfig.from_role_vars(variables, physical_cores=cores).role_vars()
+        wanted = config.role_vars()
+        differing = {k: (inventory.get(k), v) for k, v in wanted.items() if inventory.get(k) != v}
+        if differing:
+            detail = "; ".join(f"{k} is {a!r}, the winner has {b!r}" for k, (a, b) in sorted(differing.items()))
+            raise UserError(f"the inventory does not hold the winner for {self.facts.name}: {detail}",
+                            f"pass --host-vars with the host_vars file of {self.facts.name} in the inventory "
+                            f"(e.g. {self.inventory.parent}/host_vars/{self.facts.name}.yml)")
+        self._ssh().run(f"rm -f {dropin_path(self.service)}; systemctl daemon-reload")
+        converge_host(self.inventory, self.facts.name)
+        self.command = self._read_command()
+        missing = [a for a in config.server_args() if a not in self.command.argv]
+        if missing:
+            raise UserError(f"after the converge, {self.describe()} does not run the winner (missing {missing})",
+                            "run `ansible-playbook playbooks/verify.yml` against the host to see why")
+        self._baseline = config
+        self._wait_healthy("the adopted configuration", config)
+
+    # -- what the host is ---------------------------------------------------------------------------
+
+    def probe(self) -> HostProbe:
+        done = self._ssh().run(f"python3 -c {shlex.quote(PROBE_COLLECTOR)} {shlex.quote(json.dumps(PROBE_GLOBS))}",
+                               root=False, timeout=120)
+        files = json.loads(done.stdout)
+        probe = probe_from_files(files)
+        self.topology = probe.topology
+        return probe
+
+    def model_digest(self, shards: Sequence[str]) -> str:
+        """sha256 of the model on the host, combined like :func:`tuner.model.checksum.model_sha256`."""
+        out = self._ssh().run("sha256sum " + " ".join(shlex.quote(s) for s in shards), timeout=3600).stdout
+        digests = [line.split()[0] for line in out.splitlines() if line.strip()]
+        if len(digests) != len(shards):
+            raise UserError(f"cannot read the model on {self.facts.name}", "converge the host with site.yml")
+        if len(digests) == 1:
+            return digests[0]
+        return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def converge_host(inventory: Path, host: str, *, timeout_s: float = 7200) -> None:
+    """``ansible-playbook -i INVENTORY playbooks/site.yml --limit HOST`` from the repository."""
+    site = REPO / "playbooks" / "site.yml"
+    if not site.exists():
+        raise UserError(f"{site} is not here (llamahost is installed without its playbooks)",
+                        f"run `ansible-playbook -i {inventory} playbooks/site.yml --limit {host}` from a checkout")
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run([ansible_tool("ansible-playbook"), "-i", str(inventory), str(site), "--limit", host],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=timeout_s)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-25:])
+        raise UserError(f"applying the winner to {host} with site.yml failed:\n{tail}",
+                        "the role rolled the unit back; fix the cause above and run site.yml again")
+
+
+
+# ---- the Connection for `tune --live --inventory FILE --host NAME` --------------------------------
+
+def serving_cores(topology: Topology, cpus: Sequence[int]) -> int:
+    """Physical cores among ``cpus`` (all cores when not pinned): what the role's ``threads: 0`` means."""
+    if not cpus:
+        return topology.physical_core_count
+    online = set(topology.logical_cpus)
+    return max(1, len({topology.cpu(c).core for c in cpus if c in online}))
+
+
+class RemoteConnection:
+    """A host's llama_server unit named by an Ansible inventory (``--inventory FILE --host NAME``)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        if args.baseline_vars:
+            raise UserError("--baseline-vars is for --local runs",
+                            "with --inventory the host's inventory variables are the baseline: drop it")
+        if args.apply and args.host_vars is None:
+            raise UserError("--apply on an inventory host needs --host-vars",
+                            f"pass the host's host_vars file, e.g. --host-vars "
+                            f"{Path(args.inventory).parent}/host_vars/{args.host}.yml, so the role applies the "
+                            "winner and keeps it")
+        self.args = args
+        self.variables = read_host_variables(Path(args.inventory), args.host)
+        self.control = SystemdServer(host_facts(args.host, self.variables), inventory=Path(args.inventory),
+                                     deadman_s=parse_duration(args.deadman, what="--deadman"))
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        self.control.connect()
+        try:
+            with self.control.lock():
+                yield
+        finally:
+            self.control.disconnect()
+
+    def _local_model(self) -> Path:
+        if self.args.model:
+            return Path(self.args.model)
+        source = str(self.variables.get("llama_server_model_src") or "")
+        if not source or "{{" in source:
+            raise UserError(f"the controller has no copy of {self.args.host}'s model to read its metadata from "
+                            "(llama_server_model_src is empty or a template)",
+                            "pass --model with a local copy of the GGUF file the host serves")
+        return Path(source).expanduser()
+
+    def describe(self) -> Target:
+        probe = self.control.probe()
+        model = inspect_model(self._local_model())
+        remote = self.control._cmd().model
+        shards = [remote, *(str(Path(remote).parent / f.name) for f in model.files[1:])]
+        local_digest = model_sha256(model.files)
+        remote_digest = self.control.model_digest(shards)
+        if remote_digest != local_digest:
+            raise UserError(f"the model {self.args.host} serves ({remote}, sha256 {remote_digest[:12]}...) is not "
+                            f"{model.path} (sha256 {local_digest[:12]}...)",
+                            "converge the host with playbooks/site.yml, or pass --model with the file it serves")
+        check_fits_in_memory(model, probe.memory_available_bytes + (self.control.server_memory_bytes() or 0))
+        cpus = parse_cpu_list(str(self.variables.get("llama_server_cpus", "") or ""))
+        deployed = RunConfig.from_role_vars(self.variables, physical_cores=serving_cores(probe.topology, cpus))
+        return Target(model, local_digest, probe, deployed)
