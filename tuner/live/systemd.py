@@ -391,12 +391,13 @@ def probe_from_files(files: Mapping[str, str]) -> HostProbe:
 class SshLink:
     """One ControlMaster connection to a host; every command and the port forward ride on it.
 
-    The master and every client die with this process (``PR_SET_PDEATHSIG``), so a killed tuner leaves
-    no connection behind to keep its lock alive."""
+    The master and the lock's session die with this process (``PR_SET_PDEATHSIG``), so a killed tuner
+    leaves no connection behind to keep its lock alive. (Short commands end on their own, under a timeout.)"""
 
     def __init__(self, facts: HostFacts, control_dir: Path) -> None:
         self.facts = facts
         self.control_path = control_dir / "master.sock"
+        self.log_path = control_dir / "master.log"
         self._master: subprocess.Popen[bytes] | None = None
         self._prctl = _libc_prctl()
 
@@ -416,13 +417,14 @@ class SshLink:
     def open(self, timeout_s: float = 60.0) -> None:
         cmd = self._base("-M", "-N", "-o", "ControlPersist=no", "-o", "ServerAliveInterval=15",
                          "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=30")
-        self._master = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE,
-                                        preexec_fn=self._preexec())  # noqa: PLW1509 (only system calls)
+        with self.log_path.open("wb") as log:  # a file, not a pipe nobody reads during an 8-hour run
+            self._master = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                            preexec_fn=self._preexec())  # noqa: PLW1509 (only system calls)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._master.poll() is not None:
-                err = self._master.stderr.read().decode(errors="replace").strip() if self._master.stderr else ""
+                err = self.log_path.read_text(errors="replace").strip()[-800:]
+                self._master = None
                 raise UserError(f"cannot connect to {self.facts.name} ({self.facts.address}) over SSH: {err}",
                                 "check the inventory's connection variables: `ansible -i INVENTORY "
                                 f"{self.facts.name} -m ping` must work")
@@ -511,17 +513,24 @@ class SystemdServer:
             return
         self._control_dir = tempfile.TemporaryDirectory(prefix="llamahost-ssh-")
         self.link = SshLink(self.facts, Path(self._control_dir.name))
-        self.link.open()
-        if self.facts.needs_sudo and self.link.run("true", check=False).returncode != 0:
+        try:
+            self.link.open()
+            self._inspect_unit()
+        except BaseException:
             self.disconnect()
+            raise
+
+    def _inspect_unit(self) -> None:
+        link = self._ssh()
+        if self.facts.needs_sudo and link.run("true", check=False).returncode != 0:
             raise UserError(f"user {self.facts.user} on {self.facts.name} cannot use sudo without a password",
                             "give the SSH user passwordless sudo (as Ansible's become needs), or connect as root")
         self.command = self._read_command()
         host, port = self.command.listen
-        self._local_port = self.link.forward(host, port)
+        self._local_port = link.forward(host, port)
         key_file = self.command.api_key_file
         if key_file:
-            text = self._ssh().run(f"cat {shlex.quote(key_file)}").stdout
+            text = link.run(f"cat {shlex.quote(key_file)}").stdout
             self._api_key = next((ln.strip() for ln in text.splitlines() if ln.strip()
                                   and not ln.startswith("#")), None)
 
@@ -550,7 +559,7 @@ class SystemdServer:
             raise RuntimeError("connect() to the host first")
         return self.link
 
-    def _cmd(self) -> ServerCommand:
+    def server_command(self) -> ServerCommand:
         if self.command is None:
             raise RuntimeError("connect() to the host first")
         return self.command
@@ -635,7 +644,7 @@ class SystemdServer:
     def apply(self, config: RunConfig) -> None:
         if self.topology is None:
             raise RuntimeError("probe() the host before applying trials")
-        text = render_trial_dropin(self._cmd(), config, numa_mask(config, self.topology))
+        text = render_trial_dropin(self.server_command(), config, numa_mask(config, self.topology))
         path = dropin_path(self.service)
         unit = f"{self.service}.service"
         script = (f"set -e\nmkdir -p {STATE_DIR} {shlex.quote(str(Path(path).parent))}\n"
@@ -651,7 +660,8 @@ class SystemdServer:
     def restore_baseline(self) -> None:
         path = dropin_path(self.service)
         unit = f"{self.service}.service"
-        self._ssh().run(f"if [ -e {path} ]; then rm -f {path}; systemctl daemon-reload; systemctl restart {unit}; "
+        self._ssh().run(f"if [ -e {path} ]; then rm -f {path}; systemctl daemon-reload; "
+                        f"systemctl restart {unit} || true; "
                         f"elif ! systemctl is-active -q {unit}; then systemctl restart {unit} || true; fi")
         self._wait_healthy("the baseline", None)
 
@@ -659,7 +669,7 @@ class SystemdServer:
         self._ssh().run(f"touch {HEARTBEAT_FILE}", timeout=30)
 
     def stop_deadman(self) -> None:
-        self._ssh().run(f"systemctl stop {DEADMAN_UNIT} 2>/dev/null || true; rm -f {DEADMAN_SCRIPT}", check=False)
+        self._ssh().run(f"systemctl stop {DEADMAN_UNIT} 2>/dev/null || true", check=False)
 
     def unit_state(self) -> dict[str, str]:
         out = self._ssh().run(f"systemctl show -p ActiveState -p SubState -p MainPID -p NRestarts "
@@ -705,7 +715,8 @@ class SystemdServer:
         """Make ``config`` permanent the Ansible way: it must be in the inventory already (the write-back
         to host_vars), then the role converges the host and restarts the unit with it."""
         variables = read_host_variables(self.inventory, self.facts.name)
-        cores = self.topology.physical_core_count if self.topology else None
+        cpus = parse_cpu_list(str(variables.get("llama_server_cpus", "") or ""))
+        cores = serving_cores(self.topology, cpus) if self.topology else None
         inventory = RunConfig.from_role_vars(variables, physical_cores=cores).role_vars()
         wanted = config.role_vars()
         differing = {k: (inventory.get(k), v) for k, v in wanted.items() if inventory.get(k) != v}
@@ -811,7 +822,7 @@ class RemoteConnection:
     def describe(self) -> Target:
         probe = self.control.probe()
         model = inspect_model(self._local_model())
-        remote = self.control._cmd().model
+        remote = self.control.server_command().model
         shards = [remote, *(str(Path(remote).parent / f.name) for f in model.files[1:])]
         local_digest = model_sha256(model.files)
         remote_digest = self.control.model_digest(shards)
