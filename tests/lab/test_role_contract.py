@@ -208,3 +208,15 @@ def test_every_role_variable_is_documented_and_has_a_default(role: str) -> None:
     assert all(name.startswith(f"{role}_") for name in defaults)
     missing = [name for name in defaults if f"`{name}`" not in documented]
     assert not missing, f"docs/roles.md does not describe {missing}"
+
+
+def test_example_inventory_targets_llama_hosts_with_a_valid_tuned_configuration() -> None:
+    example = REPO / "playbooks" / "inventory" / "example"
+    done = subprocess.run([str(BIN / "ansible-inventory"), "-i", str(example), "--list"], capture_output=True,
+                          text=True, timeout=120, check=False, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    inventory = json.loads(done.stdout)
+    assert set(inventory["llama_hosts"]["hosts"]) == {"epyc-01", "epyc-02"}
+    host_vars = inventory["_meta"]["hostvars"]["epyc-01"]
+    tuned = RunConfig.from_role_vars(host_vars)  # what the tuner would read back as this host's baseline
+    assert tuned.role_vars().items() <= host_vars.items()

@@ -128,7 +128,7 @@ def test_bad_variables_fail_in_validation_before_any_change(lab: Lab, converged:
     run = lab.playbook(SITE, extra_vars=bad_vars, stage=f"bad input: {request.node.callspec.id}")
     after = probe(lab)
     assert run.rc != 0 and run.failed == 1 and run.changed == 0, tail(run)
-    failure = next(line for line in run.output.splitlines() if line.startswith("fatal:"))
+    failure = next(line for line in run.output.splitlines() if line.startswith(("fatal:", "failed:")))
     assert all(name in failure for name in named), failure
     assert "PLAY [Prepare llama.cpp inference hosts]" not in run.output  # stopped in the validation play
     assert after["files"] == before["files"]
