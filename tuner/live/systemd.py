@@ -687,6 +687,7 @@ class SystemdServer:
         next_state = started
         while True:
             if health(self.base_url, timeout_s=2.0) == 200:
+                self._check_running(what, config)
                 return
             now = time.monotonic()
             if now >= next_state:
@@ -699,6 +700,22 @@ class SystemdServer:
             if now >= deadline:
                 self._fail(what, config, f"/health did not answer 200 within {self.facts.health_timeout_s:.0f} s")
             time.sleep(0.3)
+
+    def running_argv(self) -> list[str]:
+        """The command line of the unit's main process, from /proc on the host."""
+        out = self._ssh().run(f"pid=$(systemctl show -p MainPID --value {self.service}.service); "
+                              "[ \"${pid:-0}\" -gt 0 ] && cat /proc/$pid/cmdline", check=False, timeout=30).stdout
+        return [word for word in out.split("\0") if word]
+
+    def _check_running(self, what: str, config: RunConfig | None) -> None:
+        """A healthy server must be the one asked for: the dead-man switch may have restored the baseline
+        while a slow trial was loading (a controller that stopped its heartbeats)."""
+        command = self.server_command()
+        expected = command.with_config(config) if config is not None else list(command.argv)
+        running = self.running_argv()
+        if running != expected:
+            self._fail(what, config, f"the unit answers but runs {' '.join(running) or 'nothing'}, not the "
+                                     "expected command (was the baseline restored by the dead-man switch?)")
 
     def _fail(self, what: str, config: RunConfig | None, reason: str) -> None:
         flags = f" ({' '.join(config.server_args())})" if config is not None else ""
