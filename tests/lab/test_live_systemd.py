@@ -1,0 +1,219 @@
+"""Live tuning over systemd on the QEMU lab host: the llama_server role's real unit, changed over SSH through
+a transient drop-in, a host-side dead-man unit, a lock held by an SSH session, and a short end-to-end run.
+
+What the host runs is read back from systemd and /proc on the lab (the server's command line, its CPU
+affinity and memory policy), never from the tuner's own bookkeeping. Nothing here asserts speed: the lab
+is emulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from labkit import BIN, REPO, TUNED, Lab
+
+from tuner.cli import build_parser
+from tuner.config import RunConfig
+from tuner.errors import UserError
+from tuner.live.control import TrialStartFailed
+from tuner.live.measure import Heartbeat
+from tuner.live.setup import Target
+from tuner.live.systemd import DEADMAN_LOG, DEADMAN_UNIT, RemoteConnection, dropin_path
+
+pytestmark = [pytest.mark.lab, pytest.mark.timeout(2400)]
+
+UNIT = "llama-server"
+DEADMAN_S = 45  # generous: under emulation a loaded guest answers SSH slowly
+# Reverting takes the deadman's poll (2 s), a daemon-reload and a restart; under emulation the
+# restart (model load, mlock) takes seconds to tens of seconds.
+REVERT_SLACK_S = 90
+
+
+def live_args(lab: Lab, *extra: str) -> argparse.Namespace:
+    return build_parser().parse_args(["tune", "--live", "--inventory", str(lab.inventory / "hosts.yml"),
+                                      "--host", lab.state.alias, "--deadman", f"{DEADMAN_S}s", *extra])
+
+
+def server_state(lab: Lab) -> dict[str, str]:
+    """What systemd and the kernel say the unit runs right now."""
+    script = f"""
+HEALTH='import urllib.request as u; print(u.urlopen("http://127.0.0.1:8080/health", timeout=5).status)'
+pid=$(systemctl show -p MainPID --value {UNIT})
+systemctl show -p ActiveState -p SubState -p CPUAffinity -p NUMAPolicy -p NUMAMask {UNIT}
+echo "cmdline=$(tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null)"
+echo "dropin=$(test -e {dropin_path(UNIT)} && echo present || echo absent)"
+echo "health=$(python3 -c "$HEALTH" 2>/dev/null || echo down)"
+"""
+    out = lab.ssh("sudo sh -s", stdin=script)
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def runs(state: dict[str, str], config: RunConfig) -> bool:
+    return f" {' '.join(config.server_args())} " in f" {state['cmdline']} "
+
+
+def wait_for(lab: Lab, predicate: Callable[[dict[str, str]], bool], timeout_s: float) -> tuple[dict[str, str], float]:
+    started = time.monotonic()
+    while True:
+        state = server_state(lab)
+        if predicate(state):
+            return state, time.monotonic() - started
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"not reached within {timeout_s} s: {state}")
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def served(lab: Lab) -> Lab:
+    """The lab with the llama_server role converged. In the lab tier this module runs before
+    test_roles_on_lab; on a lab that already serves, nothing is converged here."""
+    state = server_state(lab) if "active" in lab.ssh(f"systemctl is-active {UNIT} || true") else {}
+    if not (state.get("health") == "200" and runs(state, TUNED)):
+        run = lab.playbook("playbooks/site.yml", stage="converge site.yml (live systemd tests)")
+        assert run.rc == 0 and run.failed == 0, run.output[-4000:]
+    lab.ssh(f"sudo rm -f {DEADMAN_LOG}")
+    return lab
+
+
+CONTROLLER = """
+import sys, time, dataclasses
+from tuner.cli import build_parser
+from tuner.live.measure import Heartbeat
+from tuner.live.systemd import RemoteConnection
+args = build_parser().parse_args(sys.argv[1:])
+connection = RemoteConnection(args)
+with connection.lock():
+    target = connection.describe()
+    with Heartbeat(connection.control, 5):  # as a tuning run does while it works
+        connection.control.start(target.deployed)
+        connection.control.apply(dataclasses.replace(target.deployed, threads=1, threads_batch=1, parallel=2,
+                                                     ctx_size=1024))
+    connection.control.heartbeat()  # the last one: the dead-man limit counts from here
+    print("applied", flush=True)
+    time.sleep(3600)
+"""
+
+
+def test_a_killed_controller_is_reverted_by_the_dead_man_unit_and_its_lock_released(served: Lab) -> None:
+    args = ["tune", "--live", "--inventory", str(served.inventory / "hosts.yml"), "--host", served.state.alias,
+            "--deadman", f"{DEADMAN_S}s"]
+    controller = subprocess.Popen([sys.executable, "-c", CONTROLLER, *args], stdout=subprocess.PIPE, text=True,
+                                  env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}, cwd=REPO)
+    assert controller.stdout is not None
+    line = controller.stdout.readline()
+    try:
+        assert line.strip() == "applied", f"the controller did not apply its trial: {line!r}"
+        trial = server_state(served)
+        assert trial["dropin"] == "present" and "--parallel 2" in trial["cmdline"]
+        assert served.ssh(f"systemctl is-active {DEADMAN_UNIT} || true").strip() == "active"
+    finally:
+        controller.send_signal(signal.SIGKILL)
+        controller.wait()
+    killed = time.monotonic()
+    wait_for(served, lambda s: s["dropin"] == "absent" and runs(s, TUNED) and s["health"] == "200",
+                        DEADMAN_S + REVERT_SLACK_S)
+    assert time.monotonic() - killed > DEADMAN_S - 5, "reverted before the controller was silent long enough"
+    assert "controller silent" in served.ssh(f"sudo cat {DEADMAN_LOG}")
+    assert served.ssh(f"systemctl is-active {DEADMAN_UNIT} || true").strip() != "active"
+    # The dead controller's lock went with its SSH session: a new tuner gets it at once.
+    connection = RemoteConnection(live_args(served))
+    with connection.lock():
+        pass
+
+
+def test_the_cli_tunes_the_unit_end_to_end(served: Lab, tmp_path: Path) -> None:
+    """A short real run: baseline, a few trials, the proof, the result; the unit is back on its baseline
+    and the dead-man unit is gone."""
+    result = tmp_path / "result.yaml"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    inventory = str(served.inventory / "hosts.yml")
+    done = subprocess.run([str(BIN / "llamahost"), "tune", "--live", "--inventory", inventory, "--host",
+                           served.state.alias, "--budget", "6m", "--prompt-scale", "0.1", "--concurrency", "2",
+                           "--requests", "4", "--candidates", "1", "--verify-windows", "2", "--no-kv-quant",
+                           "--seed", "1", "--output", str(result), "--json"],
+                          capture_output=True, text=True, env=env, timeout=1200, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout)
+    assert outcome["server"] == f"{UNIT}.service on {served.state.alias}"
+    assert outcome["verdict"] and yaml.safe_load(result.read_text())["study"] == outcome["study"]
+    state = server_state(served)
+    assert state["dropin"] == "absent" and runs(state, TUNED) and state["health"] == "200"
+    assert served.ssh(f"systemctl is-active {DEADMAN_UNIT} || true").strip() != "active"
+
+
+@pytest.fixture(scope="module")
+def remote(served: Lab) -> Iterator[tuple[RemoteConnection, Target]]:
+    connection = RemoteConnection(live_args(served))
+    with connection.lock(), Heartbeat(connection.control, DEADMAN_S / 4):  # as run_live does
+        target = connection.describe()
+        assert target.deployed is not None
+        connection.control.start(target.deployed)
+        yield connection, target
+
+
+def test_the_target_is_read_from_the_host(remote: tuple[RemoteConnection, Target]) -> None:
+    connection, target = remote
+    assert target.deployed is not None
+    assert target.deployed.role_vars() == TUNED.role_vars()
+    assert [node.cpus for node in target.probe.topology.nodes] == [(0, 2), (4, 6)]  # SMT off, 2 nodes
+    assert target.probe.hostname != os.uname().nodename
+    assert connection.control.describe() == f"{UNIT}.service on {connection.control.facts.name}"
+    assert connection.control.api_key  # read from the unit's key file, as root
+
+
+def test_a_trial_drop_in_is_applied_and_removed(served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
+    connection, target = remote
+    assert target.deployed is not None
+    trial = dataclasses.replace(target.deployed, threads=1, threads_batch=1, cpus=(2,), memory_policy="default",
+                                load_mode="mmap", parallel=2, ctx_size=1024)
+    connection.control.apply(trial)
+    state = server_state(served)
+    assert state["dropin"] == "present" and runs(state, trial) and state["health"] == "200"
+    assert (state["CPUAffinity"], state["NUMAPolicy"]) == ("2", "default")
+    assert "--api-key-file" in state["cmdline"] and "--model" in state["cmdline"]
+    memory = connection.control.server_memory_bytes()
+    assert memory is not None and memory > 10 * 2**20
+    connection.control.restore_baseline()
+    state = server_state(served)
+    assert state["dropin"] == "absent" and runs(state, TUNED) and state["health"] == "200"
+    assert (state["CPUAffinity"], state["NUMAPolicy"], state["NUMAMask"]) == ("4 6", "bind", "1")
+    unit_file = served.ssh(f"cat /etc/systemd/system/{UNIT}.service")
+    assert "llamahost-trial" not in unit_file and "--parallel 2" not in unit_file
+
+
+def test_a_trial_that_cannot_start_fails_with_the_journal_and_the_baseline_comes_back(
+        served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
+    connection, target = remote
+    assert target.deployed is not None
+    impossible = dataclasses.replace(target.deployed, parallel=64, ctx_size=64 * 2_000_000)  # KV beyond RAM
+    started = time.monotonic()
+    with pytest.raises(TrialStartFailed, match="did not come up") as failure:
+        connection.control.apply(impossible)
+    assert time.monotonic() - started < 300
+    assert f"journalctl -u {UNIT}" in str(failure.value) and "llama-server" in str(failure.value)
+    connection.control.restore_baseline()
+    state = server_state(served)
+    assert state["dropin"] == "absent" and runs(state, TUNED) and state["health"] == "200"
+
+
+def test_a_second_tuner_is_refused_within_a_second(served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
+    second = RemoteConnection(live_args(served))
+    second.control.connect()
+    try:
+        started = time.monotonic()
+        with pytest.raises(UserError, match="another llamahost tune is already tuning"), second.control.lock():
+            pass
+        assert time.monotonic() - started < 1.0
+    finally:
+        second.control.disconnect()
