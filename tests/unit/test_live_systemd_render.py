@@ -205,3 +205,25 @@ def test_the_remote_probe_sees_what_a_local_probe_sees() -> None:
     assert remote.kernel.can_lock_memory and remote.kernel.memlock_limit_bytes is None  # systemd's limits
     assert remote.allowed_cpus is None
     assert remote.fingerprint() == local.fingerprint()
+
+
+def run_tune_playbook(inventory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+           "ANSIBLE_NOCOLOR": "1", "HOME": str(inventory.parent)}
+    return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
+                           str(REPO / "playbooks" / "tune.yml"), *extra], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def test_the_tune_playbook_needs_a_budget_and_stops_at_the_first_failed_host(tmp_path: Path) -> None:
+    inventory = tmp_path / "hosts.yml"
+    unreachable = {"ansible_host": "127.0.0.1", "ansible_port": 9, "ansible_user": "root"}
+    inventory.write_text(yaml.safe_dump({"llama_hosts": {"hosts": {"h1": unreachable, "h2": unreachable}}}))
+    missing = run_tune_playbook(inventory)
+    assert missing.returncode != 0 and "-e tune_budget=8h" in missing.stdout
+    failed = run_tune_playbook(inventory, "-e", "tune_budget=1h",
+                               "-e", f"tune_llamahost_command={Path(sys.executable).parent / 'llamahost'}")
+    assert failed.returncode != 0
+    assert "cannot connect to h1" in failed.stdout  # the tuner's own message, from the controller
+    assert "from_json" not in failed.stdout  # the failure is reported as itself
+    assert "h2" not in failed.stdout  # serial 1 + any_errors_fatal: the rollout stopped before h2
