@@ -139,7 +139,7 @@ def test_the_cli_tunes_the_unit_end_to_end(served: Lab, tmp_path: Path) -> None:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     inventory = str(served.inventory / "hosts.yml")
     done = subprocess.run([str(BIN / "llamahost"), "tune", "--live", "--inventory", inventory, "--host",
-                           served.state.alias, "--budget", "6m", "--prompt-scale", "0.1", "--concurrency", "2",
+                           served.state.alias, "--budget", "8m", "--prompt-scale", "0.1", "--concurrency", "2",
                            "--requests", "4", "--candidates", "1", "--verify-windows", "2", "--no-kv-quant",
                            "--seed", "1", "--output", str(result), "--json"],
                           capture_output=True, text=True, env=env, timeout=1200, check=False)

@@ -579,9 +579,8 @@ class SystemdServer:
         holder = self._ssh().popen(script)
         first = read_line(holder, 30.0)
         if first != "locked":
-            holder.stdin.close() if holder.stdin else None
             try:
-                rest, err = holder.communicate(timeout=10)
+                rest, err = holder.communicate(timeout=10)  # closes its stdin: a late lock is let go at once
             except subprocess.TimeoutExpired:
                 holder.kill()
                 rest, err = holder.communicate()
