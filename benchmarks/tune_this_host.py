@@ -10,7 +10,13 @@ Reports, from one real `llamahost tune` run in a fresh study:
   the informational runs) rather than starting workers, loading the model or sampling parameters.
   Target: >= 80%. The script exits 1 when the target is missed.
 
+With ``--live`` the run is ``llamahost tune --live --local`` instead: a supervised llama-server on this
+machine tuned under the built-in chat workload (aggregate tok/s, latency and TTFT with their intervals; no
+roofline, and the measuring-time target does not apply: live trials restart a server). The local server is
+shut down afterwards.
+
 Usage: python benchmarks/tune_this_host.py [--budget 10m] [--objective both] [--model M.gguf] [--out DIR]
+       python benchmarks/tune_this_host.py --live [--budget 15m] [--concurrency 2] [--prompt-scale 0.25]
 The JSON and a Markdown summary are written to --out (default benchmarks/results/).
 """
 
@@ -30,18 +36,36 @@ from typing import Any
 TARGET_MEASURING_FRACTION = 0.80
 
 
+def tune_command(args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, "-m", "tuner.cli", "tune", "--budget", args.budget, "--json", "--seed", str(args.seed)]
+    if args.live:
+        cmd += ["--live", "--local", "--port", str(args.port), "--concurrency", str(args.concurrency),
+                "--requests", str(args.requests), "--prompt-scale", str(args.prompt_scale)]
+    else:
+        cmd += ["--objective", args.objective]
+    return cmd + (["--model", str(args.model)] if args.model else [])
+
+
 def run_tune(args: argparse.Namespace, home: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "tuner.cli", "tune", "--budget", args.budget, "--objective", args.objective,
-           "--json", "--seed", str(args.seed)]
-    if args.model:
-        cmd += ["--model", str(args.model)]
     env = {**os.environ, "LLAMAHOST_HOME": str(home)}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    try:
+        done = subprocess.run(tune_command(args), env=env, capture_output=True, text=True, check=False)
+    finally:
+        if args.live:
+            stop_local_server(home, args.port)
     sys.stderr.write(done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"llamahost tune failed with exit code {done.returncode}")
     result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+def stop_local_server(home: Path, port: int) -> None:
+    """The supervised server outlives a live run (it is the deployment); a benchmark must not leave it."""
+    from tuner.live.local import LocalServer, ServerSpec
+
+    spec = ServerSpec(binary="", model="", host="127.0.0.1", port=port)
+    LocalServer(home / "data" / "live" / f"local-{port}", spec).shutdown()
 
 
 def ci(block: dict[str, Any] | None) -> str:
@@ -50,10 +74,12 @@ def ci(block: dict[str, Any] | None) -> str:
     return f"{block['median']:.1f} [{block['ci_low']:.1f}, {block['ci_high']:.1f}] (n={block['n']})"
 
 
-def summarize(result: dict[str, Any], budget: str) -> tuple[list[tuple[str, str]], bool]:
+def summarize(result: dict[str, Any], budget: str, *, live: bool) -> tuple[list[tuple[str, str]], bool]:
+    from tuner.result import METRIC_LABELS, metric_names
+
     search = result["search"]
     fraction = search["measuring_fraction"]
-    ok = fraction >= TARGET_MEASURING_FRACTION
+    ok = live or fraction >= TARGET_MEASURING_FRACTION
     rows = [
         ("host", f"{result['host']['hostname']} ({result['host']['cpu_model']}, "
                  f"{result['host']['physical_cores']} cores, {result['host']['logical_cpus']} CPUs)"),
@@ -62,11 +88,11 @@ def summarize(result: dict[str, Any], budget: str) -> tuple[list[tuple[str, str]
         ("trials", f"{search['study_trials']} ({search['complete']} complete, {search['pruned']} pruned, "
                    f"{search['failed']} failed)"),
         ("verdict", result["summary"]),
-        ("baseline pp tok/s", ci(result["baseline"].get("pp_tps"))),
-        ("tuned pp tok/s", ci(result["chosen"].get("pp_tps"))),
-        ("baseline tg tok/s", ci(result["baseline"].get("tg_tps"))),
-        ("tuned tg tok/s", ci(result["chosen"].get("tg_tps"))),
     ]
+    for name in metric_names(result):
+        label = METRIC_LABELS.get(name, name)
+        rows += [(f"baseline {label}", ci(result["baseline"].get(name))),
+                 (f"tuned {label}", ci(result["chosen"].get(name)))]
     improvement = result.get("improvement")
     if improvement:
         rows.append(("improvement (objective)", f"x{improvement['ratio']:.3f} [{improvement['ci_low']:.3f}, "
@@ -76,8 +102,9 @@ def summarize(result: dict[str, Any], budget: str) -> tuple[list[tuple[str, str]
         rows.append(("bandwidth roofline", f"{100 * roof['fraction']:.1f}% of {roof['max_tg_tps']:.1f} tg tok/s "
                                            f"({roof['bandwidth_gbps']:.1f} GB/s measured, "
                                            f"{roof['bytes_per_token'] / 1e6:.1f} MB/token)"))
-    rows.append(("time spent measuring", f"{100 * fraction:.1f}% (target >= {100 * TARGET_MEASURING_FRACTION:.0f}%: "
-                                         f"{'PASS' if ok else 'FAIL'})"))
+    target = "no target for live runs" if live else \
+        f"target >= {100 * TARGET_MEASURING_FRACTION:.0f}%: {'PASS' if ok else 'FAIL'}"
+    rows.append(("time spent measuring", f"{100 * fraction:.1f}% ({target})"))
     rows.append(("tuned llama-server flags", " ".join(result["settings"]["server_args"])))
     return rows, ok
 
@@ -89,16 +116,21 @@ def main() -> int:
     parser.add_argument("--model", type=Path)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--live", action="store_true", help="tune a local llama-server under a request workload")
+    parser.add_argument("--port", type=int, default=18281, help="--live: port of the local server")
+    parser.add_argument("--concurrency", type=int, default=2, help="--live: requests in flight")
+    parser.add_argument("--requests", type=int, default=8, help="--live: requests per window")
+    parser.add_argument("--prompt-scale", type=float, default=0.25, help="--live: scale of the chat mix")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="llamahost-bench-") as tmp:
         result = run_tune(args, Path(tmp))
-    rows, ok = summarize(result, args.budget)
+    rows, ok = summarize(result, args.budget, live=args.live)
     width = max(len(k) for k, _ in rows)
     text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
     print(text)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"tune-{platform.node()}-{stamp}"
+    base = args.out / f"{'live' if args.live else 'tune'}-{platform.node()}-{stamp}"
     base.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     base.with_suffix(".md").write_text("| what | value |\n|---|---|\n"
                                        + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n")

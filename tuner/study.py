@@ -91,6 +91,14 @@ def quiet_optuna() -> Iterator[None]:
         optuna.logging.set_verbosity(previous)
 
 
+def fail_stale_trials(study: optuna.Study) -> None:
+    """Mark trials whose controller stopped sending heartbeats (SIGKILL, power loss) as failed, and re-queue
+    them once. Optuna does this only when a new trial starts; a run that goes straight to verification, or
+    ends after it, must not leave a dead trial RUNNING in the study it reports on."""
+    with quiet_optuna():
+        optuna.storages.fail_stale_trials(study)
+
+
 def open_storage(url: str | None) -> RDBStorage:
     """Open (and for the default, create) the study store, or raise a :class:`UserError`.
 

@@ -47,6 +47,7 @@ from tuner.study import (
     baseline_trial,
     best_trials,
     enqueue_baseline,
+    fail_stale_trials,
     is_baseline,
     open_storage,
     open_study,
@@ -239,6 +240,7 @@ def run(ctx: TuneContext) -> TuneOutcome:
             trial_cost = base.user_attrs["outcome"]["wall_seconds"]
             search.run_until(lambda: deadline - reserve, lambda: 0.5 * trial_cost)
             progress.update("verifying")
+            fail_stale_trials(ctx.study)
             verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline, run_cost,
                                              verify_k, ProofSettings.of(req, ctx.settings.stop))
         except KeyboardInterrupt:

@@ -17,7 +17,10 @@ from types import FrameType
 from typing import Any
 
 from tuner.config import CACHE_TYPES, FLASH_ATTN, LOAD_MODES, MEMORY_POLICIES, NUMA_MODES, RunConfig, parse_cpu_list
+from tuner.errors import UserError
+from tuner.live.local import DEFAULT_LOCAL_PORT
 from tuner.output import console, human_bytes, print_json, table
+from tuner.paths import data_dir
 from tuner.probe.collect import read_host
 from tuner.server.build import Flavour, ServerBuild, default_jobs, ensure_server, server_binary
 from tuner.server.process import DEFAULT_HEALTH_TIMEOUT_S, DEFAULT_HOST, ServerProcess
@@ -55,6 +58,11 @@ def register(sub: Any) -> None:
                      help="seconds to wait for the model to load")
     _add_config_options(run)
     run.set_defaults(handler=run_server)
+
+    stop = actions.add_parser("stop", help="stop the server that `llamahost tune --live --local` left serving")
+    stop.add_argument("--port", type=int, default=DEFAULT_LOCAL_PORT,
+                      help=f"the port given to tune --live --local (default {DEFAULT_LOCAL_PORT})")
+    stop.set_defaults(handler=run_stop)
 
 
 def _add_flavour(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +141,20 @@ def run_build(args: argparse.Namespace) -> int:
         print_json({"binary": str(build.binary), **build.manifest})
     else:
         _show_build(build)
+    return 0
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    """A live --local run leaves its supervised server running (it is the deployment it tuned)."""
+    from tuner.live.local import LocalServer, ServerSpec  # only here: the other actions need no live code
+
+    state = data_dir() / "live" / f"local-{args.port}"
+    control = LocalServer(state, ServerSpec(binary="", model="", host=DEFAULT_HOST, port=args.port))
+    if control.supervisor_pid() is None:
+        raise UserError(f"no supervised llama-server runs on port {args.port} (state {state})",
+                        "pass the --port the live run used")
+    control.shutdown()
+    _say(f"stopped the supervised llama-server on port {args.port}")
     return 0
 
 

@@ -42,6 +42,8 @@ POLL_S = 0.2
 DEFAULT_DEADMAN_S = 60.0
 DEFAULT_HEALTH_TIMEOUT_S = 120.0
 
+DEFAULT_LOCAL_PORT = 8181  # `tune --live --local` and `server stop`
+
 
 @dataclass(frozen=True)
 class ServerSpec:

@@ -26,6 +26,7 @@ from tuner.stats import StopRule, sampling_should_stop, summarize, warmup_is_sta
 from tuner.trial.runner import TrialFailed, TrialOutcome, TrialStopped
 
 OBJECTIVES = ("throughput", "latency")
+MIN_REQUEST_DEADLINE_S = 10.0  # never cut a request off sooner: restarts and first requests are slow
 
 
 @dataclass(frozen=True)
@@ -110,22 +111,35 @@ class LiveMeasurer:
         self.settings = settings
         self.guards = guards
         self.baseline_latency_p95: float | None = None
+        self.baseline: RunConfig | None = None  # the reference: never held to the guards measured against it
         self.measuring_seconds = 0.0
         self.runs = 0
 
-    def _window(self) -> Window:
+    def _latency_limit(self, config: RunConfig) -> float | None:
+        """The p95 latency a trial must stay under: a multiple of the baseline's (none for the baseline)."""
+        if self.baseline_latency_p95 is None or config == self.baseline:
+            return None
+        return self.guards.latency_multiple * self.baseline_latency_p95
+
+    def request_deadline(self, config: RunConfig) -> float | None:
+        """Any single request slower than twice the latency guard ends the window: without it, one
+        hopeless configuration could spend many minutes of an overnight budget on a single window."""
+        limit = self._latency_limit(config)
+        return None if limit is None else max(MIN_REQUEST_DEADLINE_S, 2.0 * limit)
+
+    def _window(self, config: RunConfig) -> Window:
         return run_window(self.control.base_url, self.mix, api_key=self.control.api_key,
-                          timeout_s=self.settings.request_timeout_s)
+                          timeout_s=self.settings.request_timeout_s, deadline_s=self.request_deadline(config))
 
     def _check(self, window: Window, config: RunConfig) -> dict[str, float]:
         if window.errors:
             raise TrialFailed(f"{len(window.errors)} of {len(window.records)} requests failed "
                               f"(first: {window.errors[0]})")
         metrics = window.metrics()
-        limit = self.baseline_latency_p95
-        if limit is not None and metrics["latency_p95_s"] > self.guards.latency_multiple * limit:
+        limit = self._latency_limit(config)
+        if limit is not None and metrics["latency_p95_s"] > limit:
             raise TrialFailed(f"p95 latency {metrics['latency_p95_s']:.2f} s is over "
-                              f"{self.guards.latency_multiple:g}x the baseline's {limit:.2f} s")
+                              f"{self.guards.latency_multiple:g}x the baseline's {self.baseline_latency_p95:.2f} s")
         memory = self.control.server_memory_bytes()
         if self.guards.max_memory_bytes is not None and memory is not None and memory > self.guards.max_memory_bytes:
             raise TrialFailed(f"the server uses {memory / 2**30:.1f} GiB, over the limit of "
@@ -156,7 +170,7 @@ class LiveMeasurer:
             outcome.applied = {"server": self.control.describe()}
             warm_start = time.monotonic()
             for _ in range(self.settings.warmup_windows):
-                window = self._window()
+                window = self._window(config)
                 metrics = self._check(window, config)
                 outcome.warmup_values.append(self.objective.value(metrics))
                 if warmup_is_stable(outcome.warmup_values, window=2, tolerance=self.settings.warmup_tolerance):
@@ -167,7 +181,7 @@ class LiveMeasurer:
             deadline = measure_start + self.settings.max_measure_seconds
             reason: str | None = None
             while reason is None:
-                metrics = self._check(self._window(), config)
+                metrics = self._check(self._window(config), config)
                 outcome.values.append(self.objective.value(metrics))
                 for name, value in metrics.items():
                     if name != "errors":

@@ -37,7 +37,7 @@ from tuner.progress import TuneProgress
 from tuner.report import write_report
 from tuner.result import IMPROVED, assemble_result, host_block, model_block, write_result
 from tuner.search import Interrupted, Search, sigterm_as_interrupt
-from tuner.study import StudyBinding, open_storage, open_study
+from tuner.study import StudyBinding, fail_stale_trials, open_storage, open_study
 from tuner.tune import (
     MIN_BUDGET_S,
     ProofSettings,
@@ -193,6 +193,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
                                         f"notes are in {log_dir}")
             latency = base.user_attrs.get("latency_p95_s")
             measurer.baseline_latency_p95 = latency["median"] if latency else None
+            measurer.baseline = ctx.space.baseline()
             run_cost = verification_run_cost(base.user_attrs["outcome"], req.verify_windows)
             fraction = 1.0 if req.verify_only else 0.4
             verify_k, reserve = plan_verification(req.budget_seconds, run_cost, req.candidates, max_fraction=fraction)
@@ -202,10 +203,12 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             progress.update("verifying")
             proof = ProofSettings(stop=req.settings.stop, samples=req.verify_windows, alpha=req.alpha,
                                   min_effect=req.min_effect, seed=req.seed or 0)
+            fail_stale_trials(ctx.study)
             verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
                                              run_cost, verify_k, proof, eligible=eligible(req.objective))
             _disqualify_slow_starters(verification, req.objective)
             ctx.control.restore_baseline()
+            fail_stale_trials(ctx.study)  # a trial cut off just before this run may only now be past its grace
         except KeyboardInterrupt:
             raise Interrupted from None
         result = assemble_result(

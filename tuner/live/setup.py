@@ -19,7 +19,7 @@ from tuner.config import RunConfig
 from tuner.durations import parse_duration
 from tuner.errors import UserError
 from tuner.live.control import ServerControl
-from tuner.live.local import LocalServer, ServerSpec
+from tuner.live.local import DEFAULT_LOCAL_PORT, LocalServer, ServerSpec
 from tuner.live.measure import OBJECTIVES, Guards, LiveObjective, LiveSettings
 from tuner.live.session import LiveOutcome, LiveRequest, prepare_live, run_live
 from tuner.live.workload import make_request_mix
@@ -32,8 +32,6 @@ from tuner.probe.host import HostProbe
 from tuner.server.build import server_binary
 from tuner.stats import StopRule
 from tuner.yamlfile import read_yaml_mapping
-
-DEFAULT_LOCAL_PORT = 8181
 
 
 def add_live_arguments(parser: argparse.ArgumentParser) -> None:

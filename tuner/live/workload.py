@@ -190,11 +190,12 @@ class Window:
         }
 
 
-def _send(base_url: str, request: Request, api_key: str | None, timeout_s: float) -> RequestRecord:
+def _send(base_url: str, request: Request, api_key: str | None, timeout_s: float,
+          deadline_s: float | None) -> RequestRecord:
     started = time.perf_counter()
     try:
         done = complete(base_url, request.prompt, request.max_tokens, api_key=api_key, ignore_eos=True,
-                        timeout_s=timeout_s)
+                        timeout_s=timeout_s, deadline_s=deadline_s)
     except ServerRequestError as exc:
         return RequestRecord(ok=False, error=exc.problem, latency_s=time.perf_counter() - started)
     t = done.timings
@@ -204,9 +205,10 @@ def _send(base_url: str, request: Request, api_key: str | None, timeout_s: float
 
 
 def run_window(base_url: str, mix: RequestMix, *, api_key: str | None = None,
-               timeout_s: float = 300.0) -> Window:
-    """Send every request of the mix, ``concurrency`` at a time, and collect what each one saw."""
+               timeout_s: float = 300.0, deadline_s: float | None = None) -> Window:
+    """Send every request of the mix, ``concurrency`` at a time, and collect what each one saw.
+    ``deadline_s`` cuts off any one request that takes longer (it is then an error)."""
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=mix.concurrency, thread_name_prefix="workload") as pool:
-        records = tuple(pool.map(lambda r: _send(base_url, r, api_key, timeout_s), mix.requests))
+        records = tuple(pool.map(lambda r: _send(base_url, r, api_key, timeout_s, deadline_s), mix.requests))
     return Window(records=records, wall_s=time.perf_counter() - started)

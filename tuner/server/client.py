@@ -150,11 +150,13 @@ def _stream_events(response: http.client.HTTPResponse) -> Any:
 
 def complete(base_url: str, prompt: str, n_predict: int, *, api_key: str | None = None,
              temperature: float = 0.0, seed: int = 42, ignore_eos: bool = False, cache_prompt: bool = True,
-             timeout_s: float = DEFAULT_TIMEOUT_S) -> Completion:
+             timeout_s: float = DEFAULT_TIMEOUT_S, deadline_s: float | None = None) -> Completion:
     """Stream one ``/v1/completions`` request and return its text, server timings and client TTFT.
 
     ``ignore_eos`` makes the server generate exactly ``n_predict`` tokens (fixed-length workloads);
     ``cache_prompt=False`` makes it process the whole prompt again even if a slot holds it.
+    ``timeout_s`` bounds each wait on the socket; ``deadline_s`` bounds the whole request, so a server that
+    trickles tokens slowly is cut off too (the live tuner's latency guard).
     """
     url = urlsplit(base_url)
     body = json.dumps({
@@ -162,7 +164,8 @@ def complete(base_url: str, prompt: str, n_predict: int, *, api_key: str | None 
         "seed": seed, "ignore_eos": ignore_eos, "cache_prompt": cache_prompt,
     }).encode()
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream", **_headers(api_key)}
-    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=timeout_s)
+    socket_timeout = min(timeout_s, deadline_s) if deadline_s is not None else timeout_s
+    connection = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port or 80, timeout=socket_timeout)
     try:
         started = time.perf_counter()
         connection.request("POST", f"{url.path.rstrip('/')}/v1/completions", body=body, headers=headers)
@@ -186,6 +189,9 @@ def complete(base_url: str, prompt: str, n_predict: int, *, api_key: str | None 
                 text.append(piece)
                 finish_reason = choice.get("finish_reason") or finish_reason
             timings = event.get("timings") or timings
+            if deadline_s is not None and time.perf_counter() - started > deadline_s:
+                raise ServerRequestError(f"the request took longer than {deadline_s:.1f} s",
+                                         "the configuration is too slow for this workload")
         total = time.perf_counter() - started
     except (OSError, ValueError, http.client.HTTPException) as exc:
         raise ServerRequestError(f"POST {base_url}/v1/completions failed: {exc}",
