@@ -744,12 +744,13 @@ class SystemdServer:
         self._ssh().run(f"rm -f {dropin_path(self.service)}; systemctl daemon-reload")
         converge_host(self.inventory, self.facts.name)
         self.command = self._read_command()
-        missing = [a for a in config.server_args() if a not in self.command.argv]
-        if missing:
-            raise UserError(f"after the converge, {self.describe()} does not run the winner (missing {missing})",
+        flags, argv = config.server_args(), list(self.command.argv)
+        if not any(argv[i:i + len(flags)] == flags for i in range(len(argv))):
+            raise UserError(f"after the converge, {self.describe()} does not run the winner's flags "
+                            f"({' '.join(flags)})",
                             "run `ansible-playbook playbooks/verify.yml` against the host to see why")
         self._baseline = config
-        self._wait_healthy("the adopted configuration", config)
+        self._wait_healthy("the adopted configuration (the role's new unit)", None)
 
     # -- what the host is ---------------------------------------------------------------------------
 
