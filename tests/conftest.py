@@ -66,5 +66,11 @@ def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run the QEMU lab tier last: it is the slowest, and whatever it leaves behind on a bad day (a guest
-    still spinning its vCPUs) must not starve the timing-sensitive llama.cpp tests that follow it."""
-    items.sort(key=lambda item: item.get_closest_marker("lab") is not None)
+    still spinning its vCPUs) must not starve the timing-sensitive llama.cpp tests that follow it. Inside
+    the tier the roles' tests go first: they converge the host once, and the tests after them find it
+    serving and use it as it is."""
+    def order(item: pytest.Item) -> tuple[bool, bool]:
+        lab = item.get_closest_marker("lab") is not None
+        return lab, lab and "test_roles_on_lab" not in item.nodeid
+
+    items.sort(key=order)

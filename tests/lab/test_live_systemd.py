@@ -74,8 +74,8 @@ def wait_for(lab: Lab, predicate: Callable[[dict[str, str]], bool], timeout_s: f
 
 @pytest.fixture(scope="module")
 def served(lab: Lab) -> Lab:
-    """The lab with the llama_server role converged. In the lab tier this module runs before
-    test_roles_on_lab; on a lab that already serves, nothing is converged here."""
+    """The lab with the llama_server role converged. In the lab tier this module runs after
+    test_roles_on_lab (tests/conftest.py), which leaves the lab serving; then nothing is converged here."""
     state = server_state(lab) if "active" in lab.ssh(f"systemctl is-active {UNIT} || true") else {}
     if not (state.get("health") == "200" and runs(state, TUNED)):
         run = lab.playbook("playbooks/site.yml", stage="converge site.yml (live systemd tests)")
@@ -199,8 +199,8 @@ def test_a_second_tuner_is_refused_within_a_second(served: Lab, remote: tuple[Re
 
 def test_adopt_refuses_a_winner_missing_from_the_inventory_then_applies_it_with_the_role(
         served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
-    """The permanent path: the winner must be in host_vars (the write-back), then site.yml --limit HOST
-    rewrites the unit. The host_vars file is put back afterwards; the roles' tests converge it again."""
+    """The permanent path: the winner must be in host_vars (the write-back), then
+    playbooks/llama_server.yml --limit HOST rewrites the unit. The host_vars file is put back afterwards."""
     connection, target = remote
     assert target.deployed is not None
     winner = dataclasses.replace(target.deployed, parallel=2, ctx_size=1024)

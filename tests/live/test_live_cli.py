@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from study_support import study_trials
 
 from tuner.config import RunConfig
 from tuner.live.local import LocalServer, ServerSpec
@@ -111,24 +112,13 @@ def test_host_vars_change_only_for_a_proven_winner_and_keep_their_comments(
     assert isinstance(write_back, dict)
     if result["verdict"] == "improved":
         assert write_back["host_vars"] == str(host_vars) and write_back["changed"]
-        assert "# all physical cores" in text and "# set through Vault in production" in text
+        assert "# one core for the server, one for the rest" in text and "# set through Vault in production" in text
         assert host_vars.with_name("h1.yml.prev").read_text() == DEPLOYED
         improvement = result["improvement"]
         assert isinstance(improvement, dict) and improvement["ci_low"] > 1.0
     else:
         assert text == DEPLOYED and not host_vars.with_name("h1.yml.prev").exists()
         assert write_back["changed"] == {} and "left unchanged" in stderr
-
-
-def study_trials(home: Path, name: str) -> list[optuna.trial.FrozenTrial]:
-    """The study's trials; none while the run has not created the study yet."""
-    if not (home / "data" / "studies.db").exists():
-        return []
-    storage = optuna.storages.RDBStorage(f"sqlite:///{home / 'data' / 'studies.db'}")
-    try:
-        return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
-    except KeyError:
-        return []
 
 
 def test_a_killed_controller_leaves_the_baseline_running_and_the_next_run_resumes(

@@ -7,7 +7,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,19 @@ def test_run_serves_until_terminated(llama_server_binary: Path, server_model: Pa
     proc = subprocess.Popen([*LLAMAHOST, "server", "run", "--model", str(server_model), "--port", str(port),
                              "--ctx-size", "512", "--cpus", str(cpu), "--log-file", str(log)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    printed: list[str] = []
     try:
-        deadline = time.monotonic() + 60
-        while health(f"http://127.0.0.1:{port}") != 200 and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.1)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # until the command says it is ready (the server answers /health a bit earlier)
+            printed.append(line)
+            if line.startswith("ready in"):
+                break
+        assert health(f"http://127.0.0.1:{port}") == 200, ("".join(printed), proc.communicate())
         result = complete(f"http://127.0.0.1:{port}", "Hi", 4, ignore_eos=True)
         assert result.timings.predicted_n == 4
         proc.send_signal(signal.SIGTERM)
-        out, _err = proc.communicate(timeout=30)
+        rest, _err = proc.communicate(timeout=30)
+        out = "".join(printed) + rest
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 import pytest
 from gguf import GGMLQuantizationType, GGUFWriter
+from study_support import study_trials
 
 from tuner.study import StudyBinding, open_storage, open_study
 
@@ -83,24 +84,17 @@ def test_show_lists_the_trials_and_the_result(tuned_home: tuple[Path, dict[str, 
     assert "<img" in (home / "again.html").read_text()
 
 
-def trials_in(home: Path, study: str) -> list[optuna.trial.FrozenTrial]:
-    storage = optuna.storages.RDBStorage(f"sqlite:///{home / 'data' / 'studies.db'}")
-    return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
-
-
 def test_sigterm_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, model_path: Path) -> None:
     home = tmp_path / "home"
     env = {**os.environ, "LLAMAHOST_HOME": str(home)}
     cmd = [sys.executable, "-m", "tuner.cli", "tune", "--model", str(model_path), "--budget", "20m",
            "--study", "resume-me", *FAST]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    db = home / "data" / "studies.db"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if db.exists():
-            states = [t.state for t in trials_in(home, "resume-me")]
-            if states.count(optuna.trial.TrialState.COMPLETE) >= 2 and states[-1] == optuna.trial.TrialState.RUNNING:
-                break
+        states = [t.state for t in study_trials(home, "resume-me")]
+        if states.count(optuna.trial.TrialState.COMPLETE) >= 2 and states[-1] == optuna.trial.TrialState.RUNNING:
+            break
         time.sleep(0.5)
     else:
         proc.kill()
@@ -110,7 +104,7 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, model_pa
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err and "resume" in err and "Traceback" not in err
-    before = trials_in(home, "resume-me")
+    before = study_trials(home, "resume-me")
     interrupted = [t for t in before if t.state == optuna.trial.TrialState.FAIL]
     assert [t.user_attrs.get("failure") for t in interrupted] == ["interrupted"]
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in before)
@@ -120,7 +114,7 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, model_pa
                       "resume-me", *FAST, home=home)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed" in again.stderr
-    after = trials_in(home, "resume-me")
+    after = study_trials(home, "resume-me")
     assert len(after) > len(before)
     assert [t.number for t in after[: len(before)]] == [t.number for t in before]
     baselines = [t for t in after if t.user_attrs.get("role") == "baseline"]

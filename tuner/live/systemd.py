@@ -18,7 +18,7 @@ never touched:
     of that session's stdin closes, the remote ``cat`` exits and the kernel drops the lock.
 
 Making a proven winner permanent is the role's job: :meth:`SystemdServer.adopt` checks that the winner is
-in the inventory (the write-back to host_vars happened) and converges the host with ``playbooks/site.yml
+in the inventory (the write-back to host_vars happened) and converges the host with ``playbooks/llama_server.yml
 --limit HOST``, which validates, rewrites the unit, restarts it and rolls back if it does not come up.
 """
 
@@ -774,20 +774,22 @@ class SystemdServer:
 
 
 def converge_host(inventory: Path, host: str, *, timeout_s: float = 7200) -> None:
-    """``ansible-playbook -i INVENTORY playbooks/site.yml --limit HOST`` from the repository."""
-    site = REPO / "playbooks" / "site.yml"
-    if not site.exists():
-        raise UserError(f"{site} is not here (llamahost is installed without its playbooks)",
-                        f"run `ansible-playbook -i {inventory} playbooks/site.yml --limit {host}` from a checkout")
+    """``ansible-playbook -i INVENTORY playbooks/llama_server.yml --limit HOST`` from the repository: the
+    server role alone, which is all a tuned configuration changes (validated, health-checked, rolled back
+    on failure)."""
+    playbook = REPO / "playbooks" / "llama_server.yml"
+    command = f"ansible-playbook -i {inventory} playbooks/llama_server.yml --limit {host}"
+    if not playbook.exists():
+        raise UserError(f"{playbook} is not here (llamahost is installed without its playbooks)",
+                        f"run `{command}` from a checkout")
     env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run([ansible_tool("ansible-playbook"), "-i", str(inventory), str(site), "--limit", host],
+    done = subprocess.run([ansible_tool("ansible-playbook"), "-i", str(inventory), str(playbook), "--limit", host],
                           cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=timeout_s)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-25:])
-        raise UserError(f"applying the winner to {host} with site.yml failed:\n{tail}",
-                        "the role rolled the unit back; fix the cause above and run site.yml again")
-
+        raise UserError(f"applying the winner to {host} with the llama_server role failed:\n{tail}",
+                        f"the role rolled the unit back; fix the cause above and run `{command}` again")
 
 
 # ---- the Connection for `tune --live --inventory FILE --host NAME` --------------------------------
