@@ -131,11 +131,21 @@ def test_a_stale_state_file_is_not_a_running_lab_and_down_cleans_it_up(tmp_path:
     assert instance.down() is False and not instance.state_file.exists()
 
 
+def started_owner(overlay: Path, code: str, *args: str) -> subprocess.Popen[bytes]:
+    """A process that looks like the QEMU running ``overlay``, returned once its command line is visible."""
+    process = subprocess.Popen([sys.executable, "-c", code, *args, f"file={overlay}"])
+    deadline = time.monotonic() + 10
+    while str(overlay).encode() not in Path(f"/proc/{process.pid}/cmdline").read_bytes():
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.05)
+    return process
+
+
 def test_only_the_process_that_owns_this_labs_overlay_counts_and_down_stops_it(tmp_path: Path) -> None:
     instance = LabInstance(tmp_path)
     overlay = instance.directory / "overlay.qcow2"
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "unrelated"])
-    ours = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", f"file={overlay},if=virtio"])
+    ours = started_owner(overlay, "import time; time.sleep(60)")
     try:
         fake_state(instance, stranger.pid, tmp_path)
         assert instance.running() is None and instance.down() is False  # never signals a stranger
@@ -149,16 +159,6 @@ def test_only_the_process_that_owns_this_labs_overlay_counts_and_down_stops_it(t
         for process in (stranger, ours):
             process.kill()
             process.wait()
-
-
-def started_owner(overlay: Path, code: str, *args: str) -> subprocess.Popen[bytes]:
-    """A process that looks like the QEMU running ``overlay``, returned once its command line is visible."""
-    process = subprocess.Popen([sys.executable, "-c", code, *args, f"file={overlay}"])
-    deadline = time.monotonic() + 10
-    while str(overlay).encode() not in Path(f"/proc/{process.pid}/cmdline").read_bytes():
-        assert time.monotonic() < deadline and process.poll() is None
-        time.sleep(0.05)
-    return process
 
 
 def test_a_boot_whose_console_goes_quiet_is_reported_as_stalled_but_a_talking_one_is_not(
