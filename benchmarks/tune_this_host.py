@@ -51,21 +51,14 @@ def run_tune(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     try:
         done = subprocess.run(tune_command(args), env=env, capture_output=True, text=True, check=False)
     finally:
-        if args.live:
-            stop_local_server(home, args.port)
+        if args.live:  # the supervised server outlives a live run (it is the deployment); a benchmark must not
+            subprocess.run([sys.executable, "-m", "tuner.cli", "server", "stop", "--port", str(args.port)], env=env,
+                           capture_output=True, check=False)
     sys.stderr.write(done.stderr)
     if done.returncode != 0:
         raise SystemExit(f"llamahost tune failed with exit code {done.returncode}")
     result: dict[str, Any] = json.loads(done.stdout)
     return result
-
-
-def stop_local_server(home: Path, port: int) -> None:
-    """The supervised server outlives a live run (it is the deployment); a benchmark must not leave it."""
-    from tuner.live.local import LocalServer, ServerSpec
-
-    spec = ServerSpec(binary="", model="", host="127.0.0.1", port=port)
-    LocalServer(home / "data" / "live" / f"local-{port}", spec).shutdown()
 
 
 def ci(block: dict[str, Any] | None) -> str:

@@ -36,7 +36,7 @@ from tuner.atomic import write_atomic
 from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.live.control import TrialStartFailed
-from tuner.server.process import ServerProcess, ServerStartError
+from tuner.server.process import ServerProcess, ServerStartError, api_key_from_text
 
 POLL_S = 0.2
 DEFAULT_DEADMAN_S = 60.0
@@ -208,8 +208,7 @@ class LocalServer:
     def api_key(self) -> str | None:
         if not self.spec.api_key_file:
             return None
-        lines = [ln.strip() for ln in Path(self.spec.api_key_file).read_text().splitlines()]
-        return next((ln for ln in lines if ln and not ln.startswith("#")), None)
+        return api_key_from_text(Path(self.spec.api_key_file).read_text())
 
     @property
     def baseline(self) -> RunConfig:

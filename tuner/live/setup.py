@@ -86,18 +86,19 @@ def live_request(args: argparse.Namespace, *, verify_only: bool) -> LiveRequest:
     if objective not in OBJECTIVES:
         raise UserError(f"--objective {objective} is a benchmark objective",
                         f"live runs use one of {', '.join(OBJECTIVES)}")
+    budget = parse_duration(args.budget, what="budget")
     ttft = parse_duration(args.max_ttft_p95, what="--max-ttft-p95") if args.max_ttft_p95 else None
     if args.max_server_memory <= 0 or args.max_server_memory > 1:
         raise UserError("--max-server-memory is a fraction of RAM between 0 and 1", "pass e.g. 0.9")
     if args.verify_windows < 2:
         raise UserError("--verify-windows must be at least 2", "pass --verify-windows 3")
     return LiveRequest(
-        budget_seconds=parse_duration(args.budget, what="budget"),
+        budget_seconds=budget,
         objective=LiveObjective(objective, ttft),
         study_name=args.study, storage_url=args.storage, output=args.output, candidates=args.candidates,
         verify_windows=args.verify_windows, alpha=args.alpha, min_effect=args.min_effect, seed=args.seed,
         guards=Guards(latency_multiple=args.latency_guard),
-        settings=live_settings(parse_duration(args.budget, what="budget")),
+        settings=live_settings(budget),
         search_kv_cache=not args.no_kv_quant, host_vars=args.host_vars, apply=args.apply, verify_only=verify_only,
     )
 

@@ -55,7 +55,7 @@ from tuner.model.gguf_file import check_fits_in_memory, inspect_model
 from tuner.probe.collect import read_host
 from tuner.probe.host import HostProbe, Topology
 from tuner.server.client import health
-from tuner.server.process import _child_setup, _libc_prctl, free_port
+from tuner.server.process import _child_setup, _libc_prctl, api_key_from_text, free_port
 
 DROPIN_NAME = "50-llamahost-trial.conf"
 STATE_DIR = "/run/llamahost"
@@ -531,8 +531,7 @@ class SystemdServer:
         key_file = self.command.api_key_file
         if key_file:
             text = link.run(f"cat {shlex.quote(key_file)}").stdout
-            self._api_key = next((ln.strip() for ln in text.splitlines() if ln.strip()
-                                  and not ln.startswith("#")), None)
+            self._api_key = api_key_from_text(text)
 
     def _read_command(self) -> ServerCommand:
         link = self._ssh()

@@ -93,6 +93,11 @@ def _libc_prctl() -> Callable[..., int] | None:
         return None
 
 
+def api_key_from_text(text: str) -> str | None:
+    """The key in a llama-server ``--api-key-file``: its first line that is neither blank nor a comment."""
+    return next((line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")), None)
+
+
 class ServerProcess:
     """One llama-server process for one model and RunConfig. Use as a context manager::
 
@@ -210,12 +215,7 @@ class ServerProcess:
     @property
     def api_key(self) -> str | None:
         """The first key in the key file (comments skipped), for clients of this server."""
-        if self.api_key_file is None:
-            return None
-        for line in self.api_key_file.read_text().splitlines():
-            if line.strip() and not line.startswith("#"):
-                return line.strip()
-        return None
+        return None if self.api_key_file is None else api_key_from_text(self.api_key_file.read_text())
 
     def poll(self) -> int | None:
         """The exit code if the server has exited, else None.
