@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "tuner.commands.fleet",
     "tuner.commands.show",
     "tuner.commands.apply",
+    "tuner.commands.writeback",
     "tuner.commands.model",
     "tuner.commands.size",
     "tuner.commands.server",

@@ -79,15 +79,25 @@ def write_result(path: Path, data: dict[str, Any]) -> None:
 
 def load_result(path: Path) -> dict[str, Any]:
     try:
-        data = _yaml().load(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise UserError(f"no result file at {path}", "run `llamahost tune` first") from None
+    except OSError as exc:
+        raise UserError(f"cannot read the result file {path} ({exc.strerror})",
+                        "check the path and its permissions") from None
+    return parse_result(text, origin=str(path))
+
+
+def parse_result(text: str, *, origin: str) -> dict[str, Any]:
+    """A result from its YAML file or its JSON (``--json`` output; JSON is YAML) - ``origin`` names it in errors."""
+    try:
+        data = _yaml().load(text)
     except Exception as exc:
-        raise UserError(f"{path} is not a readable result file ({exc})",
+        raise UserError(f"{origin} is not a readable result ({str(exc).splitlines()[0] if str(exc) else exc})",
                         "restore it from its .prev copy or run `llamahost tune` again") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_VERSION:
-        raise UserError(f"{path} is not a llamahost result file (format {FORMAT_VERSION})",
-                        "pass a file written by `llamahost tune`")
+        raise UserError(f"{origin} is not a llamahost result (format {FORMAT_VERSION})",
+                        "pass a file written by `llamahost tune` or `llamahost fleet finish`, or their --json output")
     return data
 
 

@@ -107,6 +107,21 @@ def apply_changes(data: CommentedMap, changes: dict[str, Any], note: str) -> dic
     return changed
 
 
+def result_note(result: dict[str, Any]) -> str:
+    """The comment written above the tuner's keys: which study proved them, and by how much."""
+    improvement = result["improvement"]
+    return (f"tuned by llamahost {result['written']}: study {result['study']}, {result['objective']} "
+            f"x{improvement['ratio']:.3f} [{improvement['ci_low']:.3f}, {improvement['ci_high']:.3f}]")
+
+
+def write_result_vars(path: Path, result: dict[str, Any]) -> WriteBack | None:
+    """Write a result's role variables into ``path`` when it proved an improvement; ``None`` (and the file
+    untouched) when the current configuration stands. The one write-back path of every tuner mode."""
+    if result.get("verdict") != IMPROVED:
+        return None
+    return write_vars(path, changes_from_result(result), note=result_note(result))
+
+
 def write_vars(path: Path, changes: dict[str, Any], *, note: str) -> WriteBack:
     """Write ``changes`` into the vars file at ``path`` (created if missing). Nothing is written when
     every value is already what it should be."""

@@ -28,9 +28,9 @@ def test_unreadable_results_are_user_errors(tmp_path: Path) -> None:
         load_result(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("format: 99\n")
-    with pytest.raises(UserError, match="not a llamahost result file"):
+    with pytest.raises(UserError, match=r"not a llamahost result \(format 1\)"):
         load_result(bad)
     broken = tmp_path / "broken.yaml"
     broken.write_text("a: [1, 2\n")
-    with pytest.raises(UserError, match="not a readable result file"):
+    with pytest.raises(UserError, match="not a readable result"):
         load_result(broken)

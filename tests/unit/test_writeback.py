@@ -118,3 +118,61 @@ def test_killing_the_writer_never_leaves_a_half_written_file(tmp_path: Path) -> 
     # what killed writers left behind is cleaned up by the next one
     write_vars(path, {"llama_server_threads": 1}, note="n")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# ---- `llamahost write-back`: any result file (single host or a group's) into a vars file -------------------
+
+def result_file(tmp_path: Path, verdict: str, *, significant: bool) -> Path:
+    from tuner.result import FORMAT_VERSION, write_result
+
+    path = tmp_path / f"{verdict}.yaml"
+    write_result(path, {
+        "format": FORMAT_VERSION, "study": "fleet-smol-tg", "verdict": verdict, "summary": f"{verdict} summary",
+        "written": "2026-11-22T10:00:00+00:00", "objective": "tg",
+        "improvement": {"ratio": 1.12, "ci_low": 1.05, "ci_high": 1.2, "significant": significant},
+        "settings": {"role_vars": {"llama_server_threads": 24, "llama_server_cpus": "0-23"}}})
+    return path
+
+
+def write_back(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tuner.cli", "write-back", *args], input=stdin,
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def test_write_back_writes_a_proven_result_and_says_what_changed(tmp_path: Path) -> None:
+    import json
+
+    path = tmp_path / "group_vars" / "rack7.yml"
+    path.parent.mkdir()
+    path.write_text(ORIGINAL)
+    done = write_back(str(result_file(tmp_path, "improved", significant=True)), "--vars", str(path), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["wrote"] and report["changed"] == {"llama_server_threads": [32, 24],
+                                                     "llama_server_cpus": [None, "0-23"]}
+    text = path.read_text()
+    assert "# management network" in text and "# tuned by llamahost 2026-11-22" in text
+    assert "study fleet-smol-tg, tg x1.120 [1.050, 1.200]" in text
+    assert previous_path(path).read_text() == ORIGINAL
+    again = write_back(str(result_file(tmp_path, "improved", significant=True)), "--vars", str(path), "--json")
+    assert json.loads(again.stdout)["wrote"] is False, "the second write of the same result changes nothing"
+
+
+def test_write_back_of_a_standing_baseline_leaves_the_file_alone_and_succeeds(tmp_path: Path) -> None:
+    path = tmp_path / "h1.yml"
+    path.write_text(ORIGINAL)
+    text = result_file(tmp_path, "baseline-stands", significant=False).read_text()
+    done = write_back("-", "--vars", str(path), stdin=text)
+    assert done.returncode == 0, done.stderr
+    assert "left unchanged: baseline-stands summary" in done.stdout
+    assert path.read_text() == ORIGINAL and not previous_path(path).exists()
+
+
+@pytest.mark.parametrize(("stdin", "fragment"), [("{not yaml", "not a readable result"),
+                                                 ('{"verdict": "improved"}', "not a llamahost result")])
+def test_write_back_refuses_what_is_not_a_result(tmp_path: Path, stdin: str, fragment: str) -> None:
+    path = tmp_path / "h1.yml"
+    path.write_text(ORIGINAL)
+    done = write_back("-", "--vars", str(path), stdin=stdin)
+    assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr
+    assert path.read_text() == ORIGINAL

@@ -47,7 +47,7 @@ from tuner.tune import (
     verify_candidates,
 )
 from tuner.verify import Verification
-from tuner.writeback import WriteBack, changes_from_result, write_vars
+from tuner.writeback import WriteBack, write_result_vars
 
 TOKENS_PER_WORD = 1.6  # generous: the built-in mixes' plain English words, and most user prompts
 
@@ -234,15 +234,13 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
 
 def _write_back(ctx: LiveContext, result: dict[str, Any], progress: TuneProgress) -> WriteBack | None:
     path = ctx.request.host_vars
-    if path is None or result["verdict"] != IMPROVED:
-        if path is not None:
-            progress.event(f"{path} left unchanged: {result['summary']}")
+    if path is None:
         return None
-    improvement = result["improvement"]
-    note = (f"tuned by llamahost {result['written']}: study {result['study']}, {result['objective']} "
-            f"x{improvement['ratio']:.3f} [{improvement['ci_low']:.3f}, {improvement['ci_high']:.3f}]")
-    written = write_vars(path, changes_from_result(result), note=note)
-    progress.event(f"{path}: {len(written.changed)} setting(s) written (previous file kept as {path.name}.prev)")
+    written = write_result_vars(path, result)
+    if written is None:
+        progress.event(f"{path} left unchanged: {result['summary']}")
+    else:
+        progress.event(f"{path}: {len(written.changed)} setting(s) written (previous file kept as {path.name}.prev)")
     return written
 
 
