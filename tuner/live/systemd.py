@@ -55,7 +55,7 @@ from tuner.model.gguf_file import check_fits_in_memory, inspect_model
 from tuner.probe.collect import read_host
 from tuner.probe.host import HostProbe, Topology
 from tuner.server.client import health
-from tuner.server.process import _child_setup, _libc_prctl, api_key_from_text, free_port
+from tuner.server.process import api_key_from_text, child_setup, free_port
 
 DROPIN_NAME = "50-llamahost-trial.conf"
 STATE_DIR = "/run/llamahost"
@@ -399,7 +399,6 @@ class SshLink:
         self.control_path = control_dir / "master.sock"
         self.log_path = control_dir / "master.log"
         self._master: subprocess.Popen[bytes] | None = None
-        self._prctl = _libc_prctl()
 
     def _base(self, *options: str) -> list[str]:
         cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ControlPath={self.control_path}", *options]
@@ -411,15 +410,12 @@ class SshLink:
         target = f"{self.facts.user}@{self.facts.address}" if self.facts.user else self.facts.address
         return [*cmd, target]
 
-    def _preexec(self) -> Any:
-        return _child_setup((), True, os.getpid(), self._prctl)
-
     def open(self, timeout_s: float = 60.0) -> None:
         cmd = self._base("-M", "-N", "-o", "ControlPersist=no", "-o", "ServerAliveInterval=15",
                          "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=30")
         with self.log_path.open("wb") as log:  # a file, not a pipe nobody reads during an 8-hour run
             self._master = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                            preexec_fn=self._preexec())  # noqa: PLW1509 (only system calls)
+                                            preexec_fn=child_setup())  # noqa: PLW1509 (only system calls)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._master.poll() is not None:
@@ -465,7 +461,7 @@ class SshLink:
     def popen(self, script: str) -> subprocess.Popen[str]:
         return subprocess.Popen([*self._base("-o", "ControlMaster=no"), self.remote(script)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=self._preexec())  # noqa: PLW1509 (only system calls)
+                                preexec_fn=child_setup())  # noqa: PLW1509 (only system calls)
 
     def close(self) -> None:
         if self._master is None:

@@ -93,6 +93,13 @@ def _libc_prctl() -> Callable[..., int] | None:
         return None
 
 
+def child_setup(cpus: tuple[int, ...] = (), *, die_with_parent: bool = True) -> Callable[[], None]:
+    """The ``preexec_fn`` of a child process that must not outlive this one (the kernel sends it SIGKILL
+    when the starting thread dies) and, with ``cpus``, runs pinned. Build it in the parent, just before
+    starting the child: it captures this process's pid to catch a parent that died during the fork."""
+    return _child_setup(cpus, die_with_parent, os.getpid(), _libc_prctl() if die_with_parent else None)
+
+
 def api_key_from_text(text: str) -> str | None:
     """The key in a llama-server ``--api-key-file``: its first line that is neither blank nor a comment."""
     return next((line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")), None)
@@ -169,8 +176,7 @@ class ServerProcess:
             self._log_path = Path(name)
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [*self._placement.launcher, str(self.binary), *args]
-        setup = _child_setup(self._placement.cpus, self.die_with_parent, os.getpid(),
-                             _libc_prctl() if self.die_with_parent else None)
+        setup = child_setup(self._placement.cpus, die_with_parent=self.die_with_parent)
         try:
             with self._log_path.open("ab") as log:
                 self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
