@@ -19,7 +19,7 @@ import runpy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pulumi
 from pulumi.runtime import settings as pulumi_settings
@@ -243,6 +243,10 @@ def _json(value: Any) -> str:
     return json.dumps(value)
 
 
+# ``pulumi.runtime.test`` is unannotated: it wraps a function returning an Output into one that runs it to completion.
+pulumi_test = cast(Callable[[Callable[[], pulumi.Output[None]]], Callable[[], None]], pulumi.runtime.test)
+
+
 def run_program() -> dict[str, Any]:
     """Run infra/__main__.py (the real program) and return its stack outputs (Outputs, not yet resolved)."""
     runpy.run_path(str(PROGRAM), run_name="__main__")
@@ -275,7 +279,7 @@ def deploy(config: Mapping[str, Any], mocks: CatalogBackedAws | None = None) -> 
     mocks = mocks or CatalogBackedAws()
     resolved: dict[str, Any] = {}
 
-    @pulumi.runtime.test
+    @pulumi_test
     def run() -> pulumi.Output[None]:
         configure(mocks, config)
         outputs = run_program()

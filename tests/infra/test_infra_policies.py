@@ -21,7 +21,7 @@ from llamahost_policies import (
     check_no_public_ip,
     violations,
 )
-from pulumi_policy import EnforcementLevel, ResourceValidationArgs
+from pulumi_policy import EnforcementLevel, PolicyCustomTimeouts, PolicyResourceOptions, ResourceValidationArgs
 
 INSTANCE = "aws:ec2/instance:Instance"
 GOOD_INSTANCE: dict[str, Any] = {
@@ -201,27 +201,40 @@ def test_policies_report_through_pulumi_policy() -> None:
     assert all(p.enforcement_level == EnforcementLevel.MANDATORY for p in POLICIES)
     by_name = {p.name: p for p in POLICIES}
     reported: list[str] = []
+
+    def report(message: str, urn: str | None = None) -> None:
+        reported.append(message)
+
+    # A resource with no options set: the checks read only the type, props and name.
+    no_opts = PolicyResourceOptions(
+        protect=False,
+        ignore_changes=[],
+        delete_before_replace=None,
+        aliases=[],
+        custom_timeouts=PolicyCustomTimeouts(create_seconds=0, update_seconds=0, delete_seconds=0),
+        additional_secret_outputs=[],
+    )
     args = ResourceValidationArgs(
         resource_type=INSTANCE,
         props=bad(metadataOptions={"httpTokens": "optional"}),
         urn="urn:pulumi:dev::llamahost::aws:ec2/instance:Instance::host-0",
         name="host-0",
-        opts=None,
+        opts=no_opts,
         provider=None,
-    )  # type: ignore[arg-type]
+    )
     validate = by_name["llamahost-imdsv2-required"].validate
     assert callable(validate)
-    validate(args, lambda message, urn=None: reported.append(message))
+    validate(args, report)
     assert reported == [
         "host-0: metadataOptions.httpTokens is 'optional': set it to 'required' (IMDSv2 only)"
     ]
     reported.clear()
     good = ResourceValidationArgs(
-        resource_type=INSTANCE, props=GOOD_INSTANCE, urn="urn", name="host-0", opts=None, provider=None
-    )  # type: ignore[arg-type]
+        resource_type=INSTANCE, props=GOOD_INSTANCE, urn="urn", name="host-0", opts=no_opts, provider=None
+    )
     for policy in POLICIES:
         assert callable(policy.validate)
-        policy.validate(good, lambda message, urn=None: reported.append(message))
+        policy.validate(good, report)
     assert reported == []
 
 

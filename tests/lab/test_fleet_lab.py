@@ -48,8 +48,8 @@ def inventory_with(lab: Lab, root: Path, groups: dict[str, dict[str, dict[str, o
 
 
 def test_a_group_of_the_lab_and_this_machine_stops_before_any_worker_starts(lab: Lab, tmp_path: Path) -> None:
-    this_machine = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-                    "tune_llamahost_command": str(BIN / "llamahost")}
+    this_machine: dict[str, object] = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
+                                       "tune_llamahost_command": str(BIN / "llamahost")}
     mixed = inventory_with(lab, tmp_path / "inventory", {GROUP: {"controller": this_machine,
                                                                   lab.state.alias: lab_host_vars(lab)}})
     group_vars = lab.inventory / "group_vars" / f"{GROUP}.yml"

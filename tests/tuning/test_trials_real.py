@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def workers() -> list[int]:
 
 
 @pytest.fixture(autouse=True)
-def no_leftover_workers() -> None:
+def no_leftover_workers() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5
     while workers() and time.monotonic() < deadline:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -35,7 +36,7 @@ def llamahost(*args: str, home: Path, timeout: float = 600) -> subprocess.Comple
 
 
 @pytest.fixture(scope="module")
-def tuned_home(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> tuple[Path, dict[str, object]]:
+def tuned_home(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> tuple[Path, dict[str, Any]]:
     """One real tuning run of about a minute and a half, shared by the assertions below."""
     home = tmp_path_factory.mktemp("home")
     done = llamahost("tune", "--model", str(model_path), "--budget", "100s", *FAST, "--json", home=home)
@@ -43,7 +44,7 @@ def tuned_home(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> tu
     return home, json.loads(done.stdout)
 
 
-def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, object]]) -> None:
+def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, Any]]) -> None:
     home, result = tuned_home
     assert result["verdict"] in ("improved", "baseline-stands")
     settings = result["settings"]
@@ -71,7 +72,7 @@ def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, object]])
     assert report.count("<img") >= 3 and html.escape(str(result["summary"])) in report  # the report escapes it
 
 
-def test_show_lists_the_trials_and_the_result(tuned_home: tuple[Path, dict[str, object]]) -> None:
+def test_show_lists_the_trials_and_the_result(tuned_home: tuple[Path, dict[str, Any]]) -> None:
     home, result = tuned_home
     shown = llamahost("show", "--json", home=home)
     assert shown.returncode == 0, shown.stderr

@@ -95,10 +95,11 @@ def test_a_complete_entry_is_reused(cache: Path) -> None:
 @pytest.mark.parametrize("damage", ["no manifest", "no binary", "other flags", "other source"])
 def test_an_incomplete_or_stale_entry_is_not_reused(cache: Path, damage: str) -> None:
     entry = install_dir("portable")
-    overrides: dict[str, object] = {
+    overrides_by_damage: dict[str, dict[str, object]] = {
         "other flags": {"cmake_flags": ["-DGGML_NATIVE=ON"]},
         "other source": {"source_sha256": "0" * 64},
-    }.get(damage, {})
+    }
+    overrides = overrides_by_damage.get(damage, {})
     _fake_entry(entry, **overrides)
     if damage == "no manifest":
         (entry / "manifest.json").unlink()

@@ -6,13 +6,15 @@ import pytest
 
 from tuner.config import RunConfig
 from tuner.errors import UserError
-from tuner.server.placement import plan_placement
+from tuner.server.placement import ProcessPlacement, plan_placement
 
 TWO_NODES = {0: (0, 1, 2, 3), 1: (4, 5, 6, 7)}
 ALL = frozenset(range(8))
 
 
-def plan(config: RunConfig, numactl: str | None = "/usr/bin/numactl", allowed: frozenset[int] = ALL):
+def plan(
+    config: RunConfig, numactl: str | None = "/usr/bin/numactl", allowed: frozenset[int] = ALL
+) -> ProcessPlacement:
     return plan_placement(config, node_cpus=TWO_NODES, allowed_cpus=allowed, numactl=numactl)
 
 

@@ -69,15 +69,15 @@ def demand(spec: dict[str, Any]) -> ModelDemand:
 
 def hand_total(m: dict[str, Any], context: int = 8192) -> int:
     """Memory by hand, for one slot of f16 KV cache."""
-    weights = math.ceil(m["params"] * m["bits_per_weight"] / 8)
-    kv = math.ceil(m["layers"] * m["kv_heads"] * 2 * m["head_dim"] * 2.0 * context)
-    compute = 4 * 512 * (m["n_vocab"] + 8 * m["n_embd"])
+    weights: int = math.ceil(m["params"] * m["bits_per_weight"] / 8)
+    kv: int = math.ceil(m["layers"] * m["kv_heads"] * 2 * m["head_dim"] * 2.0 * context)
+    compute: int = 4 * 512 * (m["n_vocab"] + 8 * m["n_embd"])
     return weights + kv + compute + math.ceil((weights + kv + compute) * 0.10) + OS_RESERVE
 
 
 def hand_tg(bandwidth_gbs: float, m: dict[str, Any], efficiency: float = 0.60, context: int = 8192) -> float:
     """Predicted tg by hand: efficiency x bandwidth / (weights + f16 KV of half the context)."""
-    per_token = math.ceil(m["params"] * m["bits_per_weight"] / 8)
+    per_token: float = math.ceil(m["params"] * m["bits_per_weight"] / 8)
     per_token += m["layers"] * m["kv_heads"] * 2 * m["head_dim"] * 2.0 * context / 2
     return efficiency * bandwidth_gbs * 1e9 / per_token
 

@@ -25,7 +25,8 @@ from tuner.stats import (
     (20, 5, 14, 0.9586105346679688),
 ])
 def test_median_interval_ranks_and_coverage_are_exact(n: int, lo: int, hi: int, coverage: float) -> None:
-    assert median_ci_ranks(n, 0.95) == (lo, hi, pytest.approx(coverage))
+    expected: tuple[int, int, object] = (lo, hi, pytest.approx(coverage))
+    assert median_ci_ranks(n, 0.95) == expected
 
 
 def test_median_interval_covers_the_true_median_at_least_as_often_as_promised() -> None:
