@@ -1,18 +1,21 @@
 """Benchmark: trials per hour of N fleet workers against one study, vs. one worker, on this machine.
 
 For each N, a new study is searched by N `llamahost fleet work` processes started together, each with the
-same time budget, on a real PostgreSQL (a private throw-away cluster, or --storage). Reported per N:
+same time budget, on a real PostgreSQL (a private throw-away cluster, or --storage). The machine is shared
+and noisy, so the worker counts are measured side by side in rounds (every N once per round, the order
+rotated from round to round) and each speed-up is a ratio within one round. Reported per N, as medians
+over the rounds (with the range of the per-round speed-ups):
 
 * finished trials (complete + pruned + failed) and trials per hour, over the workers' wall time (start-up
   included) and over the steady window (first trial start to last trial end);
-* the speed-up of each rate over N = 1;
+* the speed-up of each rate over the first worker count (N = 1) of the same round;
 * the median objective value (tg tok/s) of the finished trials and of the baseline trial: workers that
   share one host's cores also slow each other's *measurements*, which a real fleet (one worker per
   host) does not do. This is the number that says how far local workers are from a fleet.
 
-Usage: python benchmarks/fleet_speedup.py [--workers 1,2,3] [--budget 150s] [--model M.gguf]
+Usage: python benchmarks/fleet_speedup.py [--workers 1,2,3] [--rounds 3] [--budget 120s] [--model M.gguf]
        [--storage postgresql://...] [--out benchmarks/fleet_speedup.out]
-Writes <out>.json and <out>.txt.
+Writes <out>.json (every run) and <out>.txt (the table), atomically.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "fleet"))  # the private PostgreSQL cluster the fleet tests use
 
 from pg_cluster import PgCluster  # noqa: E402
+
+from tuner.atomic import write_atomic  # noqa: E402
 
 WORKLOAD = ["--pp-tokens", "32", "--tg-tokens", "8", "--max-measure", "2"]
 
@@ -105,20 +110,50 @@ def load_average() -> str:
         return "?"
 
 
+def summarize(runs: list[dict[str, Any]], counts: list[int]) -> list[dict[str, Any]]:
+    """Per worker count: medians over the rounds, speed-ups as ratios to the reference count of each round."""
+    reference = counts[0]
+    by_round = {(r["round"], r["workers"]): r for r in runs}
+    rows = []
+    for n in counts:
+        mine = [r for r in runs if r["workers"] == n]
+        speedups = {rate: [r[rate] / by_round[(r["round"], reference)][rate] for r in mine]
+                    for rate in ("trials_per_hour_wall", "trials_per_hour_steady")}
+        rows.append({
+            "workers": n,
+            "rounds": len(mine),
+            "finished_trials": statistics.median(r["finished_trials"] for r in mine),
+            **{f"median_{rate}": statistics.median(r[rate] for r in mine) for rate in speedups},
+            **{f"speedup_{rate}": {"median": statistics.median(s), "min": min(s), "max": max(s)}
+               for rate, s in speedups.items()},
+            "median_trial_seconds": statistics.median(r["median_trial_seconds"] for r in mine),
+            "median_value_tg_tps": _median_or_none(r["median_value_tg_tps"] for r in mine),
+            "baseline_value_tg_tps": _median_or_none(r["baseline_value_tg_tps"] for r in mine),
+        })
+    return rows
+
+
+def _median_or_none(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
 def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    base = rows[0]
-    lines = [f"# fleet speed-up: N local workers vs 1 on one study ({meta['date']})", "",
+    lines = [f"# fleet speed-up: N local workers vs {rows[0]['workers']} on one study ({meta['date']})", "",
              f"host: {meta['host']}, {meta['cpus']} CPUs; budget per worker {meta['budget']}; workload "
-             f"{' '.join(WORKLOAD)}; load average before each run: {', '.join(meta['load_before'])}", "",
-             "| workers | finished trials (c/p/f) | trials/h (wall) | speed-up | trials/h (steady) | speed-up | "
-             "median trial s | median tg tok/s | baseline tg tok/s |",
+             f"{' '.join(WORKLOAD)}; {meta['rounds']} rounds, every worker count once per round (order rotated); "
+             f"medians over the rounds, speed-up = ratio to the first count in the same round [min, max]", "",
+             f"load average before each round: {', '.join(meta['load_before'])}", "",
+             "| workers | finished trials | trials/h (wall) | speed-up (wall) | trials/h (steady) "
+             "| speed-up (steady) | median trial s | median tg tok/s | baseline tg tok/s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        wall, steady = row["speedup_trials_per_hour_wall"], row["speedup_trials_per_hour_steady"]
         lines.append(
-            f"| {row['workers']} | {row['finished_trials']} ({row['complete']}/{row['pruned']}/{row['failed']}) | "
-            f"{row['trials_per_hour_wall']:.0f} | x{row['trials_per_hour_wall'] / base['trials_per_hour_wall']:.2f} | "
-            f"{row['trials_per_hour_steady']:.0f} | "
-            f"x{row['trials_per_hour_steady'] / base['trials_per_hour_steady']:.2f} | "
+            f"| {row['workers']} | {row['finished_trials']:.0f} | {row['median_trials_per_hour_wall']:.0f} | "
+            f"x{wall['median']:.2f} [{wall['min']:.2f}, {wall['max']:.2f}] | "
+            f"{row['median_trials_per_hour_steady']:.0f} | "
+            f"x{steady['median']:.2f} [{steady['min']:.2f}, {steady['max']:.2f}] | "
             f"{row['median_trial_seconds']:.1f} | {_num(row['median_value_tg_tps'])} | "
             f"{_num(row['baseline_value_tg_tps'])} |")
     return "\n".join(lines) + "\n"
@@ -131,27 +166,34 @@ def _num(value: float | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="1,2,3", help="comma-separated worker counts (first is the reference)")
-    parser.add_argument("--budget", default="150s", help="time budget of every worker")
+    parser.add_argument("--rounds", type=int, default=3, help="times every worker count is measured (default 3)")
+    parser.add_argument("--budget", default="120s", help="time budget of every worker")
     parser.add_argument("--model", type=Path, help="GGUF model (default: the embedded SmolLM2-135M Q4_1)")
     parser.add_argument("--storage", help="an existing PostgreSQL URL (default: a private throw-away cluster)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "fleet_speedup.out")
     args = parser.parse_args()
     counts = [int(x) for x in args.workers.split(",")]
+    if args.rounds < 1 or not counts or min(counts) < 1:
+        parser.error("--rounds and every worker count must be at least 1")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    rows = []
+    runs = []
     load_before = []
     with store(args.storage) as url, tempfile.TemporaryDirectory(prefix="fleet-bench-") as tmp:
-        for n in counts:
-            load_before.append(f"N={n}: {load_average()}")
-            print(f"{n} worker(s), budget {args.budget} each ...", file=sys.stderr, flush=True)
-            row = run_workers(n, args, url, Path(tmp), f"bench-{stamp}-n{n}")
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
+        for round_ in range(args.rounds):
+            load_before.append(f"round {round_ + 1}: {load_average()}")
+            shift = round_ % len(counts)
+            for n in counts[shift:] + counts[:shift]:  # rotated, so no count always runs first or last
+                print(f"round {round_ + 1}/{args.rounds}: {n} worker(s), budget {args.budget} each ...",
+                      file=sys.stderr, flush=True)
+                run = {"round": round_, **run_workers(n, args, url, Path(tmp), f"bench-{stamp}-r{round_}-n{n}")}
+                print(json.dumps(run), file=sys.stderr, flush=True)
+                runs.append(run)
     meta = {"date": stamp, "host": platform.node(), "cpus": os.cpu_count(), "budget": args.budget,
-            "load_before": load_before}
-    Path(f"{args.out}.json").write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
+            "rounds": args.rounds, "load_before": load_before}
+    rows = summarize(runs, counts)
+    write_atomic(Path(f"{args.out}.json"), json.dumps({"meta": meta, "summary": rows, "runs": runs}, indent=2) + "\n")
     text = render(rows, meta)
-    Path(f"{args.out}.txt").write_text(text)
+    write_atomic(Path(f"{args.out}.txt"), text)
     print(text)
     return 0
 
