@@ -4,8 +4,9 @@ workers with the real small model, a real PostgreSQL.
 The group's two hosts are two inventory names for this machine (local connections), so both workers are
 the same hardware and compute the same group - the "one host and the local machine" of the issue, with the
 machine playing both. What is left out here, and why: the rollout step runs playbooks/llama_server.yml,
-which needs root and systemd on the host (this test machine has neither); that playbook's own behaviour -
-one host at a time, rolled back on a failed health check - is tested on the QEMU host (tests/lab).
+which needs root and systemd on the host (this test machine has neither), so here it only lists the hosts
+it would touch (`--list-hosts`); that playbook's own behaviour - one host at a time, rolled back on a
+failed health check, stopped at the first host that fails - is tested on the QEMU host (tests/lab).
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from fleet_helpers import FLEET_PASSWORD, TINY, Store
+from optuna import trial as optuna_trial
 
 from tuner.atomic import previous_path
 
@@ -46,13 +50,14 @@ def llamahost_bin() -> str:
 
 
 def write_inventory(root: Path, host_models: dict[str, Path]) -> Path:
-    """An inventory of this machine under two names; each host's study selection names its model."""
+    """An inventory of this machine under two names, in a group of the hosts the roles prepare (llama_hosts);
+    each host's study selection names its model."""
     hosts = {name: {"tune_selection_args": ["--model", str(model), *TINY]} for name, model in host_models.items()}
-    inventory = {"all": {"children": {GROUP: {
+    inventory = {"all": {"children": {"llama_hosts": {"children": {GROUP: {
         "hosts": hosts,
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
                  "tune_llamahost_command": llamahost_bin(), "llama_server_llamahost_command": llamahost_bin()},
-    }}}}
+    }}}}}}
     (root / "group_vars").mkdir(parents=True)
     (root / "group_vars" / f"{GROUP}.yml").write_text(GROUP_VARS)
     path = root / "hosts.yml"
@@ -60,10 +65,9 @@ def write_inventory(root: Path, host_models: dict[str, Path]) -> Path:
     return path
 
 
-def run_playbook(inventory: Path, store: Store, home: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str],
-                                                                               dict[str, Any] | None]:
-    """ansible-playbook with the JSON callback; returns the process and the parsed report (None if the
-    output is not JSON, e.g. a refusal before the first play)."""
+def playbook_invocation(inventory: Path, store: Store, home: Path, *extra: str) -> tuple[list[str], dict[str, str]]:
+    """The ansible-playbook command line (JSON callback, a short run, no rollout unless ``extra`` asks) and
+    its environment."""
     config = home / "ansible.cfg"  # the repository's adds a profiling callback that writes to stdout too
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("[defaults]\nstdout_callback = ansible.posix.json\nretry_files_enabled = false\n")
@@ -74,11 +78,23 @@ def run_playbook(inventory: Path, store: Store, home: Path, *extra: str) -> tupl
                "-e", f"tune_group={GROUP}", "-e", "tune_budget=10m", "-e", f"tune_storage={store.url}",
                "-e", f"tune_trials={TRIALS_EACH}", "-e", "tune_finish_budget=30s", "-e", "tune_wait_poll_s=2",
                "-e", "tune_rollout=false", *extra]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900, check=False)
+    return command, env
+
+
+def parsed_report(stdout: str) -> dict[str, Any] | None:
+    """The JSON callback's report, or None if the output is not JSON (e.g. a refusal before the first play)."""
     try:
-        return done, json.loads(done.stdout)
+        return dict(json.loads(stdout))
     except json.JSONDecodeError:
-        return done, None
+        return None
+
+
+def run_playbook(inventory: Path, store: Store, home: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str],
+                                                                               dict[str, Any] | None]:
+    """ansible-playbook run to its end; returns the process and the parsed report."""
+    command, env = playbook_invocation(inventory, store, home, *extra)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=900, check=False)
+    return done, parsed_report(done.stdout)
 
 
 def task_results(report: dict[str, Any], name_start: str) -> dict[str, dict[str, Any]]:
@@ -111,7 +127,7 @@ def test_the_playbook_searches_on_every_host_and_writes_the_group_vars_once(
 
     # the proof ran on one host, the write-back once, on the controller
     finish = task_results(report, "Prove the group's winner")
-    assert list(finish) == [HOSTS[0]]
+    assert [host for host, outcome in finish.items() if not outcome.get("skipped")] == [HOSTS[0]]
     result = json.loads(finish[HOSTS[0]]["stdout"])
     assert result["fleet"]["hosts"] == list(HOSTS)
     writes = task_results(report, "Write a proven winner once")
@@ -159,4 +175,84 @@ def test_missing_settings_are_refused_with_what_to_pass(store: Store, model_path
     assert done.returncode != 0 and report is not None
     check = task_results(report, "Check the run's settings")
     assert "postgresql://USER@HOST/DB" in next(iter(check.values()))["msg"]
+    assert store.studies() == {}
+
+
+def running_trial_of(store: Store, worker: str, *, after_trials: int, timeout: float) -> optuna_trial.FrozenTrial:
+    """The first trial ``worker`` runs once it has finished ``after_trials`` trials, seen while it is RUNNING."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for trials in store.studies().values():
+            for trial in trials:
+                record = trial.user_attrs.get("worker") or {}
+                if (trial.state == optuna_trial.TrialState.RUNNING and record.get("name") == worker
+                        and record.get("trial_index", 0) > after_trials):
+                    return trial
+        time.sleep(0.3)
+    raise AssertionError(f"{worker} ran no trial number {after_trials + 1} within {timeout:.0f} s")
+
+
+def test_a_host_lost_mid_search_is_reported_and_the_others_finish_the_night(
+        store: Store, model_path: Path, tmp_path: Path) -> None:
+    """One host's worker is killed (SIGKILL: what the OOM killer or a power cut leaves) during its second trial.
+    The playbook does not give up the group's night: it reports the host as lost, the other host finishes
+    its search and proves the winner, the group's vars are written at most once, and the rollout (listed
+    only: --list-hosts) leaves the lost host out."""
+    inventory = write_inventory(tmp_path / "inventory", dict.fromkeys(HOSTS, model_path))
+    survivor, lost = HOSTS
+    command, env = playbook_invocation(inventory, store, tmp_path / "home", "-e", "tune_rollout=true",
+                                       "-e", json.dumps({"tune_rollout_args": ["--list-hosts"]}))
+    playbook = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                cwd=REPO)
+    try:
+        victim = running_trial_of(store, lost, after_trials=1, timeout=300)
+        os.kill(int(victim.user_attrs["worker"]["pid"]), signal.SIGKILL)
+        stdout, stderr = playbook.communicate(timeout=900)
+    finally:
+        if playbook.poll() is None:
+            playbook.kill()
+            playbook.communicate()
+    assert playbook.returncode == 0, (stdout[-4000:], stderr[-2000:])
+    report = parsed_report(stdout)
+    assert report is not None
+
+    shown = task_results(report, "Show what each worker did")
+    assert "LOST" in shown[lost]["msg"] and "exit code -9" in shown[lost]["msg"], shown[lost]["msg"]
+    assert "LOST" not in shown[survivor]["msg"] and f"{TRIALS_EACH} trials" in shown[survivor]["msg"]
+    check = task_results(report, "Check that at least one host finished")
+    assert f"1 of 2 hosts finished their search; lost: {lost}" in next(iter(check.values()))["msg"]
+
+    finish = task_results(report, "Prove the group's winner")
+    assert finish[lost].get("skipped") and not finish[survivor].get("skipped")
+    result = json.loads(finish[survivor]["stdout"])
+    writes = task_results(report, "Write a proven winner once")
+    assert len(writes) == 1
+    written = json.loads(next(iter(writes.values()))["stdout"])
+    assert written["verdict"] == result["verdict"]
+
+    trials = next(iter(store.studies().values()))
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state != optuna_trial.TrialState.COMPLETE, "the killed trial never completed"
+    assert sum(1 for t in trials if t.user_attrs["worker"]["name"] == survivor) >= TRIALS_EACH
+
+    rollout = next(iter(task_results(report, "Roll the winner out").values()))
+    if written["wrote"]:
+        listed = rollout["stdout"]
+        assert survivor in listed and lost not in listed, listed
+    else:
+        assert rollout.get("skipped"), "nothing written, nothing rolled out"
+
+
+def test_a_group_outside_the_served_hosts_is_refused_when_the_winner_would_be_rolled_out(
+        store: Store, model_path: Path, tmp_path: Path) -> None:
+    """playbooks/llama_server.yml serves llama_hosts: a group outside it would be written and never applied."""
+    inventory = write_inventory(tmp_path / "inventory", dict.fromkeys(HOSTS, model_path))
+    tree = yaml.safe_load(inventory.read_text())
+    tree["all"]["children"] = tree["all"]["children"]["llama_hosts"]["children"]  # cpu_fleet alone
+    inventory.write_text(yaml.safe_dump(tree))
+    done, report = run_playbook(inventory, store, tmp_path / "home", "-e", "tune_rollout=true")
+    assert done.returncode != 0 and report is not None
+    check = next(iter(task_results(report, "Check that the rollout reaches").values()))
+    assert "node-a, node-b of cpu_fleet are" in check["msg"] and "child group of llama_hosts" in check["msg"]
+    assert "-e tune_rollout=false" in check["msg"]
     assert store.studies() == {}
