@@ -9,6 +9,8 @@ over the rounds (with the range of the per-round speed-ups):
 * finished trials (complete + pruned + failed) and trials per hour, over the workers' wall time (start-up
   included) and over the steady window (first trial start to last trial end);
 * the speed-up of each rate over the first worker count (N = 1) of the same round;
+* the median and mean trial duration, the share of pruned trials, and how busy the workers were (the share
+  of their steady time spent inside trials): what sets the rate, the trials or what lies between them;
 * the median objective value (tg tok/s) of the finished trials and of the baseline trial: workers that
   share one host's cores also slow each other's *measurements*, which a real fleet (one worker per
   host) does not do. This is the number that says how far local workers are from a fleet.
@@ -83,6 +85,8 @@ def run_workers(n: int, args: argparse.Namespace, url: str, home: Path, study: s
     starts = [t.datetime_start for t in finished if t.datetime_start]
     ends = [t.datetime_complete for t in finished if t.datetime_complete]
     steady = (max(ends) - min(starts)).total_seconds() if starts and ends else wall
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds()
+                 for t in finished if t.datetime_start and t.datetime_complete]
     values = [t.value for t in finished if t.value is not None]
     baseline = [t.value for t in finished if t.user_attrs.get("role") == "baseline" and t.value is not None]
     return {
@@ -95,8 +99,11 @@ def run_workers(n: int, args: argparse.Namespace, url: str, home: Path, study: s
         "steady_seconds": steady,
         "trials_per_hour_wall": 3600 * len(finished) / wall,
         "trials_per_hour_steady": 3600 * len(finished) / steady,
-        "median_trial_seconds": statistics.median((t.datetime_complete - t.datetime_start).total_seconds()
-                                                  for t in finished if t.datetime_start and t.datetime_complete),
+        "median_trial_seconds": statistics.median(durations),
+        "mean_trial_seconds": statistics.mean(durations),
+        # share of the workers' steady time spent inside trials: near 1, the rate is set by how long trials
+        # take; well below 1, by what happens between them (sampling, the store, starting a trial process)
+        "busy_fraction": sum(durations) / (n * steady),
         "median_value_tg_tps": statistics.median(values) if values else None,
         "baseline_value_tg_tps": baseline[0] if baseline else None,
         "per_worker_trials": [r["trials_run"] for r in reports],
@@ -127,6 +134,9 @@ def summarize(runs: list[dict[str, Any]], counts: list[int]) -> list[dict[str, A
             **{f"speedup_{rate}": {"median": statistics.median(s), "min": min(s), "max": max(s)}
                for rate, s in speedups.items()},
             "median_trial_seconds": statistics.median(r["median_trial_seconds"] for r in mine),
+            "mean_trial_seconds": statistics.median(r["mean_trial_seconds"] for r in mine),
+            "busy_fraction": statistics.median(r["busy_fraction"] for r in mine),
+            "pruned_share": statistics.median(r["pruned"] / r["finished_trials"] for r in mine),
             "median_value_tg_tps": _median_or_none(r["median_value_tg_tps"] for r in mine),
             "baseline_value_tg_tps": _median_or_none(r["baseline_value_tg_tps"] for r in mine),
         })
@@ -145,8 +155,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"medians over the rounds, speed-up = ratio to the first count in the same round [min, max]", "",
              f"load average before each round: {', '.join(meta['load_before'])}", "",
              "| workers | finished trials | trials/h (wall) | speed-up (wall) | trials/h (steady) "
-             "| speed-up (steady) | median trial s | median tg tok/s | baseline tg tok/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| speed-up (steady) | trial s (median / mean) | pruned | busy | median tg tok/s | baseline tg tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         wall, steady = row["speedup_trials_per_hour_wall"], row["speedup_trials_per_hour_steady"]
         lines.append(
@@ -154,7 +164,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"x{wall['median']:.2f} [{wall['min']:.2f}, {wall['max']:.2f}] | "
             f"{row['median_trials_per_hour_steady']:.0f} | "
             f"x{steady['median']:.2f} [{steady['min']:.2f}, {steady['max']:.2f}] | "
-            f"{row['median_trial_seconds']:.1f} | {_num(row['median_value_tg_tps'])} | "
+            f"{row['median_trial_seconds']:.1f} / {row['mean_trial_seconds']:.1f} | {row['pruned_share']:.0%} | "
+            f"{row['busy_fraction']:.0%} | {_num(row['median_value_tg_tps'])} | "
             f"{_num(row['baseline_value_tg_tps'])} |")
     return "\n".join(lines) + "\n"
 
