@@ -12,6 +12,7 @@ import pytest
 from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.commands.fleet import print_status
 from tuner.fleet.group import NOT_READ, LlamaCppBuild, group_binding, group_fingerprint, group_study_name
 from tuner.fleet.status import BETWEEN, FINISHED, LOST, RUNNING, STOPPED, group_status
 from tuner.fleet.store import explain_open_error, hide_secret, redact
@@ -142,6 +143,22 @@ def test_a_failed_baseline_is_shown_with_its_reason() -> None:
                                           failure="llama.cpp crashed")], NOW)
     assert status["baseline"]["state"] == "fail" and status["baseline"]["failure"] == "llama.cpp crashed"
     assert status["best"] is None
+
+
+def test_the_status_text_says_when_the_baseline_still_leads(capsys: pytest.CaptureFixture[str]) -> None:
+    """The best candidate is shown with its ratio to the baseline; below 1 the text says the baseline leads
+    (a "best so far" slower than the deployed configuration must not read as an improvement)."""
+    def shown(candidate: float) -> str:
+        trials = [trial(0, TrialState.COMPLETE, worker=("a", 1), value=10.0, role="baseline"),
+                  trial(1, TrialState.COMPLETE, worker=("a", 1), value=candidate)]
+        print_status([group_status("s", {"host_fingerprint": "g", "host": {"cpu_model": "X"}}, trials, NOW)])
+        return capsys.readouterr().out
+
+    behind = shown(8.0)
+    assert "best candidate so far: 8.0 [7.0, 9.0] (trial 1, a) x0.800 vs baseline (the baseline leads)" in behind
+    assert "its settings: threads=1" in behind
+    ahead = shown(12.5)
+    assert "x1.250 vs baseline" in ahead and "the baseline leads" not in ahead
 
 
 # ---- store errors ---------------------------------------------------------------------------------------

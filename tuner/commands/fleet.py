@@ -173,11 +173,12 @@ def run_status(args: argparse.Namespace) -> int:
     if args.json:
         print_json({"groups": groups})
         return 0
-    _print_status(groups)
+    print_status(groups)
     return 0
 
 
-def _print_status(groups: list[dict[str, Any]]) -> None:
+def print_status(groups: list[dict[str, Any]]) -> None:
+    """What `fleet status` shows a person: per group, the counts and ETA, baseline and best candidate, tables."""
     out = console()
     if not groups:
         out.print("no fleet studies in this store yet: start workers with `llamahost fleet work`")
@@ -192,12 +193,12 @@ def _print_status(groups: list[dict[str, Any]]) -> None:
         out.print(f"  trials: {c['running']} running, {c['waiting']} waiting, {c['complete']} complete, "
                   f"{c['pruned']} pruned, {c['failed']} failed; ETA "
                   f"{_eta(group['eta_seconds'])}" + (f" ({group['eta_at']})" if group["eta_at"] else ""))
-        out.print(f"  baseline: {_value(group['baseline'])}   best so far: {_value(group['best'])}"
-                  + (f" x{group['best']['vs_baseline']:.3f} vs baseline" if group["best"]
-                     and group["best"]["vs_baseline"] else ""))
+        out.print(f"  baseline: {_value(group['baseline'])}   best candidate so far: {_value(group['best'])}"
+                  + _versus_baseline(group["best"]))
         if group["best"] and group["best"]["config"]:
             config = group["best"]["config"]
-            out.print("  best settings: " + " ".join(f"{k}={config[k]}" for k in sorted(config)))
+            out.print("  its settings: " + " ".join(f"{k}={config[k]}" for k in sorted(config)
+                                                   if config[k] not in ("", None)))
         out.print(table("hosts", ("host", "trials", "complete", "pruned", "failed", "running"),
                         [(h["name"], h["trials"], h["complete"], h["pruned"], h["failed"], h["running"])
                          for h in group["hosts"]]))
@@ -213,6 +214,14 @@ def _value(block: dict[str, Any] | None) -> str:
         return f"trial {block['trial']} {block.get('state', '')}".strip()
     return (f"{block['value']:.1f} [{block['ci_low']:.1f}, {block['ci_high']:.1f}] (trial {block['trial']}"
             + (f", {block['host']})" if block.get("host") else ")"))
+
+
+def _versus_baseline(best: dict[str, Any] | None) -> str:
+    """The best candidate's ratio to the baseline, and who leads: "best so far" must not read as "better"."""
+    ratio = best.get("vs_baseline") if best else None
+    if not ratio:
+        return ""
+    return f" x{ratio:.3f} vs baseline" + ("" if ratio > 1 else " (the baseline leads)")
 
 
 def _eta(seconds: float | None) -> str:
