@@ -40,7 +40,7 @@ class Arm:
         """An arm carrying a search trial's own measurement (when there was nothing to verify against)."""
         arm = cls(label, config, trial_number)
         arm.round_values = [summarize(outcome["values"]).median]
-        for name in set(outcome["series"]) | set(outcome["info"]):
+        for name in sorted(set(outcome["series"]) | set(outcome["info"])):
             arm.samples[name] = list(outcome["series"].get(name) or outcome["info"].get(name) or [])
         return arm
 
