@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "tuner.commands.show",
     "tuner.commands.apply",
     "tuner.commands.writeback",
+    "tuner.commands.rollout",
     "tuner.commands.model",
     "tuner.commands.size",
     "tuner.commands.server",

@@ -35,6 +35,26 @@ CACHE_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "
 QUANTIZED_CACHE_TYPES = frozenset({"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"})
 
 ROLE_PREFIX = "llama_server_"
+# What only a live server measures: a benchmark trial serves one sequence with its own context, so a benchmark
+# result says nothing about slots, continuous batching or context size and must leave them as deployed.
+LIVE_ONLY_FIELDS: tuple[str, ...] = ("parallel", "cont_batching", "ctx_size")
+RunKind = Literal["benchmark", "live"]
+RUN_KINDS: tuple[str, ...] = get_args(RunKind)
+
+# Bounds on every integer setting. They are far past any real host (the kernel allows 8192 CPUs), and they keep a
+# value read from a result file or a shared study store from reaching a unit file or a command line unchecked.
+MAX_CPU_ID = 8191
+_INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "threads": (1, MAX_CPU_ID + 1), "threads_batch": (1, MAX_CPU_ID + 1),
+    "batch_size": (1, 1 << 20), "ubatch_size": (1, 1 << 20),
+    "parallel": (-1, 4096), "ctx_size": (0, 1 << 24),
+}
+_BOOL_FIELDS = ("smt", "cont_batching")
+_CHOICE_FIELDS: dict[str, tuple[str, ...]] = {
+    "placement": PLACEMENTS, "numa": NUMA_MODES, "memory_policy": MEMORY_POLICIES, "load_mode": LOAD_MODES,
+    "flash_attn": FLASH_ATTN, "cache_type_k": CACHE_TYPES, "cache_type_v": CACHE_TYPES,
+}
+_CPU_LIST_FIELDS = ("cpus", "memory_nodes")
 
 
 def format_cpu_list(cpus: Iterable[int]) -> str:
@@ -64,21 +84,50 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     for raw_part in text.split(","):
         part = raw_part.strip()
         try:
+            if not part or not part.replace("-", "").isdigit() or not part.isascii():
+                raise ValueError(part)
             if "-" in part:
                 lo_s, hi_s = part.split("-", 1)
                 lo, hi = int(lo_s), int(hi_s)
-                if lo > hi or lo < 0:
+                if lo > hi or lo < 0 or hi > MAX_CPU_ID:
                     raise ValueError(part)
                 cpus.update(range(lo, hi + 1))
             else:
                 value = int(part)
-                if value < 0:
+                if value < 0 or value > MAX_CPU_ID:
                     raise ValueError(part)
                 cpus.add(value)
         except ValueError:
             raise UserError(f"malformed CPU list {text!r} (bad part {part!r})",
-                            "write CPU lists like '0-7,16-23'") from None
+                            f"write CPU lists like '0-7,16-23', CPU ids 0 to {MAX_CPU_ID}") from None
     return tuple(sorted(cpus))
+
+
+def plain_scalar(value: Any) -> Any:
+    """A YAML loader's scalar as the plain Python type it stands for (ruamel's round-trip loader gives
+    ``ScalarInt``/``ScalarBoolean``/``ScalarFloat`` subclasses, which strict type checks must see through)."""
+    if isinstance(value, bool) or type(value).__name__ == "ScalarBoolean":
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, str):
+        return str(value)
+    return value
+
+
+def _as_typed(name: str, value: Any) -> Any:
+    """A role variable as the type :class:`RunConfig` holds: inventories often quote numbers ("8") and spell
+    booleans the YAML 1.1 way ("yes"), which Ansible's argument specs accept too."""
+    if name in _INT_BOUNDS and isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if name in _BOOL_FIELDS and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.strip().lower()]
+    return value
+
+
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 @dataclass(frozen=True)
@@ -106,9 +155,35 @@ class RunConfig:
     cont_batching: bool = True
     ctx_size: int = 0
 
+    def type_problems(self) -> list[str]:
+        """Values of the wrong type or out of bounds, one sentence each.
+
+        A configuration can come from a file or a study row someone else wrote, and its values end up in a
+        root-owned unit file and a command line: only integers in their bounds, booleans and the named
+        choices pass, so no value can carry a newline, a flag or a path."""
+        out: list[str] = []
+        for name, (low, high) in _INT_BOUNDS.items():
+            value = getattr(self, name)
+            if type(value) is not int or not low <= value <= high:
+                out.append(f"{name} must be an integer from {low} to {high} (got {value!r})")
+        for name in _BOOL_FIELDS:
+            if type(getattr(self, name)) is not bool:
+                out.append(f"{name} must be true or false (got {getattr(self, name)!r})")
+        for name, allowed in _CHOICE_FIELDS.items():
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in allowed:
+                out.append(f"{name} must be one of {', '.join(allowed)} (got {value!r})")
+        for name in _CPU_LIST_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or any(type(v) is not int or not 0 <= v <= MAX_CPU_ID for v in value):
+                out.append(f"{name} must be a list of CPU or node ids from 0 to {MAX_CPU_ID} (got {value!r})")
+        return out
+
     def problems(self) -> list[str]:
         """Why this configuration is invalid, one sentence each; empty when it is valid."""
-        out: list[str] = []
+        out = self.type_problems()
+        if out:
+            return out  # the combination rules below compare values, which needs the right types
         if self.threads < 1 or self.threads_batch < 1:
             out.append("threads and threads_batch must be at least 1")
         if self.ubatch_size < 1 or self.batch_size < 1:
@@ -120,13 +195,6 @@ class RunConfig:
                        "would oversubscribe them")
         if self.placement != "os" and not self.cpus:
             out.append(f"placement {self.placement!r} needs a CPU list")
-        for name, allowed in (("numa", NUMA_MODES), ("memory_policy", MEMORY_POLICIES),
-                              ("load_mode", LOAD_MODES), ("flash_attn", FLASH_ATTN), ("placement", PLACEMENTS)):
-            if getattr(self, name) not in allowed:
-                out.append(f"{name} must be one of {', '.join(allowed)}")
-        for name in ("cache_type_k", "cache_type_v"):
-            if getattr(self, name) not in CACHE_TYPES:
-                out.append(f"{name} must be one of {', '.join(CACHE_TYPES)}")
         if self.cache_type_v in QUANTIZED_CACHE_TYPES and self.flash_attn == "off":
             out.append("a quantized V cache needs flash attention (llama.cpp refuses it otherwise)")
         if self.numa in ("distribute", "isolate") and self.cpus:
@@ -139,11 +207,15 @@ class RunConfig:
             out.append("ctx_size must be positive (or 0 to leave it unset)")
         return out
 
-    def validate(self) -> RunConfig:
+    def validate(self, *, origin: str = "") -> RunConfig:
+        """This configuration, or a :class:`UserError` naming every problem (and ``origin``: where it came from)."""
         problems = self.problems()
         if problems:
-            raise UserError("invalid llama.cpp configuration: " + "; ".join(problems),
-                            "fix the settings named above")
+            where = f" in {origin}" if origin else ""
+            raise UserError(f"invalid llama.cpp configuration{where}: " + "; ".join(problems),
+                            "fix the settings named above" if not origin else
+                            f"nothing was applied; {origin} was not written by this llamahost, or was changed "
+                            "since: regenerate it")
         return self
 
     @property
@@ -164,17 +236,29 @@ class RunConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunConfig:
+    def from_dict(cls, data: Mapping[str, Any], *, origin: str = "the configuration") -> RunConfig:
+        """Rebuild a configuration from :meth:`to_dict`'s form, type-checked and validated.
+
+        Every configuration read back from a result file or a study store comes through here before it is
+        rendered into a unit file or a command line, so a poisoned row is refused, never rendered."""
+        if not isinstance(data, Mapping):
+            raise UserError(f"{origin} is not a mapping of settings", "regenerate it with this llamahost")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(k) for k in set(data) - known)
         if unknown:
-            raise UserError(f"unknown configuration keys: {', '.join(unknown)}",
+            raise UserError(f"unknown configuration keys: {', '.join(unknown)} (in {origin})",
                             f"use only: {', '.join(sorted(known))}")
-        values = dict(data)
-        for name in ("cpus", "memory_nodes"):
+        missing = sorted(f.name for f in fields(cls) if f.name in ("threads", "threads_batch") and f.name not in data)
+        if missing:
+            raise UserError(f"{origin} lacks {', '.join(missing)}", "regenerate it with this llamahost")
+        values = {key: plain_scalar(value) for key, value in data.items()}
+        for name in _CPU_LIST_FIELDS:
             raw = values.get(name, "")
-            values[name] = parse_cpu_list(raw) if isinstance(raw, str) else tuple(int(x) for x in raw)
-        return cls(**values)
+            if isinstance(raw, str):
+                values[name] = parse_cpu_list(raw)
+            elif isinstance(raw, list | tuple):
+                values[name] = tuple(plain_scalar(v) for v in raw)
+        return cls(**values).validate(origin=origin)
 
     def with_changes(self, **changes: Any) -> RunConfig:
         return replace(self, **changes)
@@ -207,8 +291,18 @@ class RunConfig:
             args += ["--load-mode", self.load_mode]
         return args
 
-    def role_vars(self) -> dict[str, Any]:
-        """The ``llama_server_*`` variables that make the Ansible role run this configuration."""
+    def role_vars(self, kind: RunKind = "live") -> dict[str, Any]:
+        """The ``llama_server_*`` variables that make the Ansible role run this configuration.
+
+        ``kind`` is what measured it: a benchmark leaves out :data:`LIVE_ONLY_FIELDS` (it did not measure
+        them, and writing them would clobber a multi-slot deployment's own)."""
+        every = self._all_role_vars()
+        if kind == "live":
+            return every
+        live_only = {f"{ROLE_PREFIX}{name}" for name in LIVE_ONLY_FIELDS}
+        return {key: value for key, value in every.items() if key not in live_only}
+
+    def _all_role_vars(self) -> dict[str, Any]:
         return {
             f"{ROLE_PREFIX}threads": self.threads,
             f"{ROLE_PREFIX}threads_batch": self.threads_batch,
@@ -238,7 +332,7 @@ class RunConfig:
                      "flash_attn", "cache_type_k", "cache_type_v", "parallel", "cont_batching", "ctx_size"):
             key = f"{ROLE_PREFIX}{name}"
             if key in variables:
-                data[name] = variables[key]
+                data[name] = _as_typed(name, variables[key])
         cpus = str(variables.get(f"{ROLE_PREFIX}cpus", "") or "")
         data["cpus"] = parse_cpu_list(cpus)
         data["placement"] = "compact" if data["cpus"] else "os"

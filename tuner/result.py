@@ -18,6 +18,7 @@ from ruamel.yaml import YAML
 
 from tuner import __version__
 from tuner.atomic import write_atomic
+from tuner.config import RUN_KINDS, RunKind
 from tuner.errors import UserError
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
@@ -144,7 +145,21 @@ def summary_line(verification: Verification, baseline_name: str) -> str:
             f"{verification.rounds} interleaved rounds)")
 
 
-def assemble_result(*, study: str, study_trials: int, objective: str, unit: str, verification: Verification,
+def run_kind(result: dict[str, Any]) -> RunKind:
+    """What measured a result: ``live`` (a serving llama-server under its workload) or ``benchmark``.
+
+    Results written before the field existed are told by their objective (live objectives are ``live-*``)."""
+    kind = result.get("kind")
+    if kind is None:
+        return "live" if str(result.get("objective", "")).startswith("live-") else "benchmark"
+    if kind not in RUN_KINDS:
+        raise UserError(f"the result's kind {kind!r} is not one of {', '.join(RUN_KINDS)}",
+                        "pass a result written by this llamahost")
+    return "live" if kind == "live" else "benchmark"
+
+
+def assemble_result(*, kind: RunKind, study: str, study_trials: int, objective: str, unit: str,
+                    verification: Verification,
                     host: dict[str, Any], model: dict[str, Any], workload: dict[str, Any], system_info: str,
                     search: dict[str, Any], wall_seconds: float, measuring_seconds: float,
                     roofline: dict[str, Any] | None, baseline_name: str) -> dict[str, Any]:
@@ -157,6 +172,7 @@ def assemble_result(*, study: str, study_trials: int, objective: str, unit: str,
         "study": study,
         "written": now_iso(),
         "verdict": IMPROVED if winner else BASELINE_STANDS,
+        "kind": kind,
         "objective": objective,
         "unit": unit,
         "summary": summary_line(verification, baseline_name),
@@ -164,7 +180,7 @@ def assemble_result(*, study: str, study_trials: int, objective: str, unit: str,
             "source": chosen.label,
             "config": config.to_dict(),
             "server_args": config.server_args(),
-            "role_vars": config.role_vars(),
+            "role_vars": config.role_vars(kind),
         },
         "baseline": {"config": verification.baseline.config.to_dict(), **metric_blocks(verification.baseline)},
         "chosen": {"label": chosen.label, **metric_blocks(chosen)},

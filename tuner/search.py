@@ -158,7 +158,8 @@ class Search:
         if self.on_trial_start is not None:
             self.on_trial_start(trial)
         fixed = trial.user_attrs.get(FIXED_CONFIG_ATTR)
-        config = RunConfig.from_dict(fixed) if fixed else self.space.draw(trial)
+        config = RunConfig.from_dict(fixed, origin=f"the fixed configuration of trial {trial.number}") if fixed \
+            else self.space.draw(trial)
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("config_key", config.key())
         baseline = is_baseline(trial)  # type: ignore[arg-type]

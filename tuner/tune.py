@@ -301,7 +301,8 @@ def verify_candidates(study: optuna.Study, baseline: RunConfig, measurer: Measur
     """The study's ``k`` best distinct (and ``eligible``) configurations against the baseline, interleaved,
     until ``deadline``. Candidates are rebuilt from the configuration each trial recorded."""
     top = best_trials(study, k, eligible=eligible)
-    candidates = [(f"trial-{t.number}", RunConfig.from_dict(t.user_attrs["config"]), t.number) for t in top]
+    candidates = [(f"trial-{t.number}", RunConfig.from_dict(
+        t.user_attrs["config"], origin=f"trial {t.number} of study {study.study_name}"), t.number) for t in top]
     if not candidates:
         base = baseline_trial(study)
         assert base is not None
@@ -336,7 +337,8 @@ def build_result(ctx: TuneContext, verification: Verification, search: dict[str,
         roof = roofline(probe.bandwidth.all_nodes_gbps, ctx.model, tg.median, depth=depth,
                         cache_type_k=chosen.config.cache_type_k, cache_type_v=chosen.config.cache_type_v).to_dict()
     return assemble_result(
-        study=ctx.study.study_name, study_trials=len(ctx.study.trials), objective=ctx.request.objective,
+        kind="benchmark", study=ctx.study.study_name, study_trials=len(ctx.study.trials),
+        objective=ctx.request.objective,
         unit=UNITS[ctx.request.objective],
         verification=verification, host=host_block(probe), model=model_block(ctx.model, ctx.model_sha256),
         workload={"pp_tokens": ctx.request.workload.pp_tokens, "tg_tokens": ctx.request.workload.tg_tokens},

@@ -6,8 +6,8 @@ would throw that away, so the file is edited in place with a round-trip YAML par
 appended under one comment that says where they came from. The write is atomic and the previous file is
 kept as ``<name>.prev``; a file that is not a YAML mapping is refused, not overwritten.
 
-Only a result whose verdict is "improved" may be written: :func:`changes_from_result` refuses anything
-else, so an A/A comparison or a noisy night can never change a deployment.
+This module only edits the file. What may be written, and the checks around the write (a proven,
+validated change, the same model, the resolved variables), are :mod:`tuner.safe_change`'s.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ from ruamel.yaml.error import YAMLError
 
 from tuner.atomic import write_atomic
 from tuner.errors import UserError
-from tuner.result import IMPROVED
-
-TUNED_PREFIX = "llama_server_"
 
 
 @dataclass(frozen=True)
@@ -34,10 +31,20 @@ class WriteBack:
 
     path: Path
     changed: dict[str, tuple[Any, Any]]
+    previous: bytes | None = None  # the file's bytes before the write; None when it did not exist
 
     @property
     def wrote(self) -> bool:
         return bool(self.changed)
+
+    def restore(self) -> None:
+        """Put the file back byte for byte as it was before this write (a later check refused the change)."""
+        if not self.wrote:
+            return
+        if self.previous is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            write_atomic(self.path, self.previous, keep_previous=False)
 
 
 def _yaml() -> YAML:
@@ -48,28 +55,15 @@ def _yaml() -> YAML:
     return yaml
 
 
-def changes_from_result(result: dict[str, Any]) -> dict[str, Any]:
-    """The role variables a result asks to write; refuses results that did not prove an improvement."""
-    if result.get("verdict") != IMPROVED:
-        raise UserError(
-            f"study {result.get('study')!r} did not prove an improvement ({result.get('summary', 'no summary')})",
-            "nothing to write: the current configuration stands; tune longer or with a larger --budget")
-    improvement = result.get("improvement") or {}
-    if not improvement.get("significant"):
-        raise UserError("the result's improvement is not statistically significant", "nothing was written")
-    role_vars: dict[str, Any] = dict(result["settings"]["role_vars"])
-    unknown = [k for k in role_vars if not k.startswith(TUNED_PREFIX)]
-    if unknown:
-        raise UserError(f"the result names variables outside {TUNED_PREFIX}*: {', '.join(unknown)}",
-                        "regenerate the result with this version of llamahost")
-    return role_vars
-
-
 def load_vars_file(path: Path) -> CommentedMap:
     if not path.exists():
         return CommentedMap()
     try:
-        data = _yaml().load(path.read_text())
+        data = _yaml().load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text", "save it as UTF-8 (Ansible reads vars files as UTF-8)") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {path} ({exc.strerror})", "check the path and its permissions") from None
     except YAMLError as exc:
         raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})",
                         f"fix the file (its last good version may be {path.name}.prev)") from None
@@ -107,27 +101,17 @@ def apply_changes(data: CommentedMap, changes: dict[str, Any], note: str) -> dic
     return changed
 
 
-def result_note(result: dict[str, Any]) -> str:
-    """The comment written above the tuner's keys: which study proved them, and by how much."""
-    improvement = result["improvement"]
-    return (f"tuned by llamahost {result['written']}: study {result['study']}, {result['objective']} "
-            f"x{improvement['ratio']:.3f} [{improvement['ci_low']:.3f}, {improvement['ci_high']:.3f}]")
-
-
-def write_result_vars(path: Path, result: dict[str, Any]) -> WriteBack | None:
-    """Write a result's role variables into ``path`` when it proved an improvement; ``None`` (and the file
-    untouched) when the current configuration stands. The one write-back path of every tuner mode."""
-    if result.get("verdict") != IMPROVED:
-        return None
-    return write_vars(path, changes_from_result(result), note=result_note(result))
-
-
 def write_vars(path: Path, changes: dict[str, Any], *, note: str) -> WriteBack:
     """Write ``changes`` into the vars file at ``path`` (created if missing). Nothing is written when
     every value is already what it should be."""
     data = load_vars_file(path)
+    previous = path.read_bytes() if path.exists() else None
     changed = apply_changes(data, changes, note)
     if changed:
-        explicit_start = not path.exists() or path.read_text().lstrip().startswith("---")
-        write_atomic(path, render(data, explicit_start=explicit_start))
-    return WriteBack(path=path, changed=changed)
+        explicit_start = previous is None or previous.lstrip().startswith(b"---")
+        try:
+            write_atomic(path, render(data, explicit_start=explicit_start))
+        except OSError as exc:
+            raise UserError(f"cannot write {path} ({exc.strerror})", "the file was left as it was; free space "
+                            "or fix permissions, then write back again") from None
+    return WriteBack(path=path, changed=changed, previous=previous)

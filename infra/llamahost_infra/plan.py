@@ -103,10 +103,12 @@ class HostPlan:
         return self.cpu_options.core_count if self.cpu_options else self.facts_from_aws.cores
 
     def host_facts(self, settings: StackSettings) -> dict[str, Any]:
-        """The ``llamahost_*`` host variables the roles and the tuner read, plus an initial thread count.
+        """The ``llamahost_*`` host variables the roles and the tuner read.
 
-        ``llama_server_threads`` starts at the physical core count (llama.cpp's own default); the tuner
-        replaces it with a measured value.
+        No ``llama_server_*`` setting is a host variable: host variables outrank ``group_vars``, so a thread
+        count set here would override a fleet's tuned ``group_vars/<group>.yml`` and roll out a mix that was
+        never measured. The role's own default (threads 0: the physical cores, llama.cpp's default) serves
+        until the tuner writes a measured value.
         """
         size = self.instance
         facts: dict[str, Any] = {
@@ -126,8 +128,6 @@ class HostPlan:
             "llamahost_model_bytes": self.model.weight_bytes,
             "llamahost_model_dir": MODEL_DIR,
             "llamahost_server_port": settings.server_port,
-            "llama_server_threads": self.physical_cores,
-            "llama_server_threads_batch": self.physical_cores,
         }
         if settings.model_s3_uri:
             facts["llamahost_model_s3_uri"] = settings.model_s3_uri

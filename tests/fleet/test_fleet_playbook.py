@@ -27,6 +27,7 @@ from fleet_helpers import FLEET_PASSWORD, TINY, Store
 from optuna import trial as optuna_trial
 
 from tuner.atomic import previous_path
+from tuner.model.checksum import sha256_of
 
 pytestmark = [pytest.mark.postgres, pytest.mark.model]
 
@@ -51,8 +52,9 @@ def llamahost_bin() -> str:
 
 def write_inventory(root: Path, host_models: dict[str, Path]) -> Path:
     """An inventory of this machine under two names, in a group of the hosts the roles prepare (llama_hosts);
-    each host's study selection names its model."""
-    hosts = {name: {"tune_selection_args": ["--model", str(model), *TINY]} for name, model in host_models.items()}
+    each host's study selection names its model, the model it serves (its sha256)."""
+    hosts = {name: {"tune_selection_args": ["--model", str(model), *TINY],
+                    "llama_server_model_sha256": sha256_of(model)} for name, model in host_models.items()}
     inventory = {"all": {"children": {"llama_hosts": {"children": {GROUP: {
         "hosts": hosts,
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
@@ -196,12 +198,12 @@ def test_a_host_lost_mid_search_is_reported_and_the_others_finish_the_night(
         store: Store, model_path: Path, tmp_path: Path) -> None:
     """One host's worker is killed (SIGKILL: what the OOM killer or a power cut leaves) during its second trial.
     The playbook does not give up the group's night: it reports the host as lost, the other host finishes
-    its search and proves the winner, the group's vars are written at most once, and the rollout (listed
-    only: --list-hosts) leaves the lost host out."""
+    its search and proves the winner, the group's vars are written at most once, and the rollout (planned
+    only: --dry-run) leaves the lost host out."""
     inventory = write_inventory(tmp_path / "inventory", dict.fromkeys(HOSTS, model_path))
     survivor, lost = HOSTS
     command, env = playbook_invocation(inventory, store, tmp_path / "home", "-e", "tune_rollout=true",
-                                       "-e", json.dumps({"tune_rollout_args": ["--list-hosts"]}))
+                                       "-e", json.dumps({"tune_rollout_args": ["--dry-run"]}))
     playbook = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                 cwd=REPO)
     try:
@@ -237,19 +239,25 @@ def test_a_host_lost_mid_search_is_reported_and_the_others_finish_the_night(
 
     rollout = next(iter(task_results(report, "Roll the winner out").values()))
     if written["wrote"]:
-        listed = rollout["stdout"]
-        assert survivor in listed and lost not in listed, listed
+        plan = json.loads(rollout["stdout"])
+        assert plan["hosts"] == [survivor] and plan["canary"] == survivor and plan["dry_run"], plan
     else:
         assert rollout.get("skipped"), "nothing written, nothing rolled out"
 
 
 def test_a_group_outside_the_served_hosts_is_refused_when_the_winner_would_be_rolled_out(
         store: Store, model_path: Path, tmp_path: Path) -> None:
-    """playbooks/llama_server.yml serves llama_hosts: a group outside it would be written and never applied."""
+    """playbooks/llama_server.yml serves llama_hosts: a group outside it would be written and never applied.
+
+    The refusal names the hosts sorted (the playbook sorts them: Ansible's ``difference`` returns its items in
+    arbitrary order), so the inventory lists them in reverse to tell a sorted list from inventory order."""
     inventory = write_inventory(tmp_path / "inventory", dict.fromkeys(HOSTS, model_path))
     tree = yaml.safe_load(inventory.read_text())
-    tree["all"]["children"] = tree["all"]["children"]["llama_hosts"]["children"]  # cpu_fleet alone
-    inventory.write_text(yaml.safe_dump(tree))
+    fleet = tree["all"]["children"]["llama_hosts"]["children"]  # cpu_fleet alone
+    fleet[GROUP]["hosts"] = dict(reversed(fleet[GROUP]["hosts"].items()))
+    tree["all"]["children"] = fleet
+    inventory.write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert list(yaml.safe_load(inventory.read_text())["all"]["children"][GROUP]["hosts"]) == sorted(HOSTS)[::-1]
     done, report = run_playbook(inventory, store, tmp_path / "home", "-e", "tune_rollout=true")
     assert done.returncode != 0 and report is not None
     check = next(iter(task_results(report, "Check that the rollout reaches").values()))

@@ -225,7 +225,7 @@ def test_smt_is_turned_off_on_intel_with_all_cores() -> None:
         1,
         48,
     )
-    assert facts["llama_server_threads"] == 48
+    assert not [key for key in facts if key.startswith("llama_server_")], "no host var outranks tuned group_vars"
 
 
 def test_smt_kept_on_when_asked() -> None:
@@ -319,7 +319,7 @@ def test_outputs_carry_ids_addresses_and_facts(default: Deployment) -> None:
     assert facts["llamahost_smt"] is False
     assert facts["llamahost_model_bytes"] == 42_801_250_000
     assert facts["llamahost_model_dir"] == "/srv/models"
-    assert facts["llama_server_threads"] == 96
+    assert facts["llamahost_physical_cores"] == 96
 
 
 def test_inventory_output_puts_hosts_in_llama_hosts_with_ssm(default: Deployment) -> None:

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from result_support import WINNER, proven_result, write_result_file
 from ruamel.yaml import YAML
 
 from tuner.atomic import previous_path
 from tuner.errors import UserError
-from tuner.writeback import changes_from_result, write_vars
+from tuner.writeback import write_vars
 
 ORIGINAL = """\
 ---
@@ -74,19 +75,6 @@ def test_broken_files_are_refused_untouched(tmp_path: Path, content: str, fragme
     assert path.read_text() == content
 
 
-def result(verdict: str, significant: bool) -> dict[str, object]:
-    return {"study": "s", "verdict": verdict, "summary": "...", "improvement": {"significant": significant},
-            "settings": {"role_vars": {"llama_server_threads": 4}}}
-
-
-def test_only_proven_results_may_be_written() -> None:
-    assert changes_from_result(result("improved", True)) == {"llama_server_threads": 4}
-    with pytest.raises(UserError, match="did not prove an improvement"):
-        changes_from_result(result("baseline-stands", False))
-    with pytest.raises(UserError, match="not statistically significant"):
-        changes_from_result(result("improved", False))
-
-
 WRITER = textwrap.dedent("""
     import sys
     from pathlib import Path
@@ -123,15 +111,7 @@ def test_killing_the_writer_never_leaves_a_half_written_file(tmp_path: Path) -> 
 # ---- `llamahost write-back`: any result file (single host or a group's) into a vars file -------------------
 
 def result_file(tmp_path: Path, verdict: str, *, significant: bool) -> Path:
-    from tuner.result import FORMAT_VERSION, write_result
-
-    path = tmp_path / f"{verdict}.yaml"
-    write_result(path, {
-        "format": FORMAT_VERSION, "study": "fleet-smol-tg", "verdict": verdict, "summary": f"{verdict} summary",
-        "written": "2026-11-22T10:00:00+00:00", "objective": "tg",
-        "improvement": {"ratio": 1.12, "ci_low": 1.05, "ci_high": 1.2, "significant": significant},
-        "settings": {"role_vars": {"llama_server_threads": 24, "llama_server_cpus": "0-23"}}})
-    return path
+    return write_result_file(tmp_path / f"{verdict}.yaml", proven_result(verdict=verdict, significant=significant))
 
 
 def write_back(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -148,8 +128,10 @@ def test_write_back_writes_a_proven_result_and_says_what_changed(tmp_path: Path)
     done = write_back(str(result_file(tmp_path, "improved", significant=True)), "--vars", str(path), "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["wrote"] and report["changed"] == {"llama_server_threads": [32, 24],
-                                                     "llama_server_cpus": [None, "0-23"]}
+    assert report["wrote"] and report["changed"] == {
+        "llama_server_threads": [32, 24], "llama_server_batch_size": [2048, 1024],
+        **{key: [None, value] for key, value in WINNER.role_vars("benchmark").items()
+           if key not in ("llama_server_threads", "llama_server_batch_size")}}
     text = path.read_text()
     assert "# management network" in text and "# tuned by llamahost 2026-11-22" in text
     assert "study fleet-smol-tg, tg x1.120 [1.050, 1.200]" in text

@@ -1,11 +1,16 @@
-"""``llamahost write-back``: put a proven result's settings into an Ansible vars file.
+"""``llamahost write-back``: put a proven result's settings into an Ansible vars file, through the safety chain.
 
 What ``tune --live --host-vars`` does at the end of a live run, for every other result: a single-host
 ``llamahost tune`` result (into ``host_vars/<host>.yml``) or a group's ``llamahost fleet finish`` result
 (into ``group_vars/<group>.yml``, which is how ``playbooks/tune_fleet.yml`` writes it once for the group).
-The significance rule is the same everywhere: only a result whose verdict is ``improved`` changes the file
-(comments and key order kept, atomic, the previous file kept as ``.prev``); any other verdict leaves it
-untouched and exits 0 - the current configuration standing is a finding, not an error.
+
+The result is not trusted as written (:mod:`tuner.safe_change`): only a significant improvement passes, its
+settings are rebuilt and validated, a benchmark result writes only what a benchmark measures, every target
+host must serve the model it was measured on (and be of its hardware group, with ``--hardware``), and after
+the write Ansible must resolve every written variable to the written value on every target host, or the
+file is put back as it was. A refusal exits 2 with the file byte-identical. A result that proved no
+improvement leaves the file untouched and exits 0: the current configuration standing is a finding, not an
+error. The inventory is the one the vars file sits in, or ``--inventory``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 
 from tuner.output import console, print_json
 from tuner.result import load_result, parse_result
-from tuner.writeback import write_result_vars
+from tuner.safe_change import write_back
 
 
 def register(sub: Any) -> None:
@@ -26,6 +31,12 @@ def register(sub: Any) -> None:
     parser.add_argument("result", help="result file (YAML or JSON), or - to read the --json output on stdin")
     parser.add_argument("--vars", type=Path, required=True, metavar="FILE",
                         help="the vars file to update, e.g. inventory/group_vars/llama_hosts.yml (created if missing)")
+    parser.add_argument("--inventory", type=Path, metavar="PATH",
+                        help="the inventory the vars file belongs to (default: the directory holding its "
+                             "host_vars/ or group_vars/)")
+    parser.add_argument("--hardware", metavar="ID",
+                        help="refuse a result not measured on this hardware: a fleet group digest or a host "
+                             "fingerprint (`llamahost fleet fingerprint` on a target host)")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
     parser.set_defaults(handler=run_write_back)
 
@@ -35,7 +46,8 @@ def run_write_back(args: argparse.Namespace) -> int:
         result = parse_result(sys.stdin.read(), origin="the result on stdin")
     else:
         result = load_result(Path(args.result))
-    written = write_result_vars(args.vars, result)
+    outcome = write_back(result, args.vars, inventory=args.inventory, hardware=args.hardware)
+    written = outcome.written
     report = {
         "vars_file": str(args.vars),
         "study": result.get("study"),
@@ -43,6 +55,7 @@ def run_write_back(args: argparse.Namespace) -> int:
         "summary": result.get("summary"),
         "wrote": bool(written and written.wrote),
         "changed": {key: list(change) for key, change in written.changed.items()} if written else {},
+        "checked_hosts": list(outcome.targets),
     }
     if args.json:
         print_json(report)
@@ -57,4 +70,6 @@ def run_write_back(args: argparse.Namespace) -> int:
                   f"{args.vars.name}.prev)")
         for key, (old, new) in written.changed.items():
             out.print(f"  {key}: {old!r} -> {new!r}")
+    if outcome.targets:
+        out.print(f"checked on {', '.join(outcome.targets)}: same model, and Ansible resolves every written value")
     return 0

@@ -36,6 +36,7 @@ from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
 from tuner.report import write_report
 from tuner.result import IMPROVED, assemble_result, host_block, model_block, write_result
+from tuner.safe_change import write_back
 from tuner.search import Interrupted, Search, sigterm_as_interrupt
 from tuner.study import StudyBinding, fail_stale_trials, open_storage, open_study
 from tuner.tune import (
@@ -47,7 +48,15 @@ from tuner.tune import (
     verify_candidates,
 )
 from tuner.verify import Verification
-from tuner.writeback import WriteBack, write_result_vars
+from tuner.writeback import WriteBack
+
+# How far a proven result got on its way to the running server (the result file's write_back.state).
+STATE_NOTHING_TO_WRITE = "nothing to write"
+STATE_PROVEN = "proven, not yet written"
+STATE_REFUSED = "refused by the safety checks"
+STATE_WRITTEN = "written"
+STATE_APPLY_FAILED = "apply failed, vars file restored"
+STATE_APPLIED = "written and applied"
 
 TOKENS_PER_WORD = 1.6  # generous: the built-in mixes' plain English words, and most user prompts
 
@@ -68,6 +77,7 @@ class LiveRequest:
     settings: LiveSettings = field(default_factory=LiveSettings)
     search_kv_cache: bool = True
     host_vars: Path | None = None  # write a proven winner here
+    inventory: Path | None = None  # the inventory host_vars belongs to (default: the directory holding it)
     apply: bool = False  # make a proven winner the running configuration
     verify_only: bool = False  # `llamahost apply`: prove the study's best against the baseline, no search
 
@@ -212,43 +222,73 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
         except KeyboardInterrupt:
             raise Interrupted from None
         result = assemble_result(
-            study=ctx.study.study_name, study_trials=len(ctx.study.trials), objective=objective_key(req.objective),
-            unit=req.objective.unit,
+            kind="live", study=ctx.study.study_name, study_trials=len(ctx.study.trials),
+            objective=objective_key(req.objective), unit=req.objective.unit,
             verification=verification, host=host_block(ctx.probe), model=model_block(ctx.model, ctx.model_sha256),
             workload={**ctx.mix.describe(), "ctx_per_slot": ctx.space.ctx_per_slot}, system_info="",
             search=search.report.__dict__, wall_seconds=time.monotonic() - started,
             measuring_seconds=measurer.measuring_seconds, roofline=None,
             baseline_name="the deployed configuration")
         result["server"] = ctx.control.describe()
-        written = _write_back(ctx, result, progress)
-        applied = _apply(ctx, result, progress)
-        result["write_back"] = {"host_vars": str(written.path) if written else None,
-                                "changed": {k: list(v) for k, v in written.changed.items()} if written else {},
-                                "applied": applied}
-        write_result(ctx.result_path, result)
+        written, applied = save_write_and_apply(ctx, result, progress)
         report = ctx.result_path.with_suffix(".html")
         write_report(report, result, ctx.study)
         progress.event(f"result written to {ctx.result_path}, report to {report}")
     return LiveOutcome(result, ctx.result_path, verification, written, applied)
 
 
-def _write_back(ctx: LiveContext, result: dict[str, Any], progress: TuneProgress) -> WriteBack | None:
-    path = ctx.request.host_vars
-    if path is None:
-        return None
-    written = write_result_vars(path, result)
-    if written is None:
-        progress.event(f"{path} left unchanged: {result['summary']}")
-    else:
-        progress.event(f"{path}: {len(written.changed)} setting(s) written (previous file kept as {path.name}.prev)")
-    return written
+def _record(ctx: LiveContext, result: dict[str, Any], state: str, written: WriteBack | None = None,
+            applied: bool = False, reason: str | None = None) -> None:
+    """Save the result with the write-back's state: the proof is on disk before anything is changed, and the
+    file says how far the change got."""
+    result["write_back"] = {
+        "state": state,
+        "host_vars": str(ctx.request.host_vars) if ctx.request.host_vars else None,
+        "changed": {k: list(v) for k, v in written.changed.items()} if written else {},
+        "applied": applied,
+        **({"reason": reason} if reason else {}),
+    }
+    write_result(ctx.result_path, result)
 
 
-def _apply(ctx: LiveContext, result: dict[str, Any], progress: TuneProgress) -> bool:
-    if not ctx.request.apply or result["verdict"] != IMPROVED:
-        return False
-    winner = RunConfig.from_dict(result["settings"]["config"])
-    ctx.control.adopt(winner)
+def save_write_and_apply(ctx: LiveContext, result: dict[str, Any],
+                          progress: TuneProgress) -> tuple[WriteBack | None, bool]:
+    """Result first, then the vars file (:mod:`tuner.safe_change`), then the apply; a failed apply puts the vars
+    file back, so the inventory never names a winner the host does not run."""
+    req = ctx.request
+    if result["verdict"] != IMPROVED or (req.host_vars is None and not req.apply):
+        _record(ctx, result, STATE_NOTHING_TO_WRITE if result["verdict"] != IMPROVED else STATE_PROVEN)
+        if req.host_vars is not None:
+            progress.event(f"{req.host_vars} left unchanged: {result['summary']}")
+        return None, False
+    _record(ctx, result, STATE_PROVEN)
+    written: WriteBack | None = None
+    if req.host_vars is not None:
+        try:
+            written = write_back(result, req.host_vars, inventory=req.inventory,
+                                 hardware=ctx.probe.fingerprint()).written
+        except UserError as exc:
+            _record(ctx, result, STATE_REFUSED, reason=str(exc))
+            raise
+        assert written is not None  # an improved verdict either writes or raises
+        progress.event(f"{req.host_vars}: {len(written.changed)} setting(s) written "
+                       f"(previous file kept as {req.host_vars.name}.prev)")
+        _record(ctx, result, STATE_WRITTEN, written)
+    if not req.apply:
+        return written, False
+    winner = RunConfig.from_dict(result["settings"]["config"], origin="the proven winner")
+    try:
+        ctx.control.adopt(winner)
+    except (UserError, OSError, RuntimeError) as exc:
+        restored = written is not None and written.wrote
+        if restored and written is not None:
+            written.restore()
+        why = exc.problem if isinstance(exc, UserError) else str(exc)
+        _record(ctx, result, STATE_APPLY_FAILED, written, reason=why)
+        raise UserError(f"the proven winner could not be applied ({why})",
+                        (f"{req.host_vars} was put back as it was; " if restored else "")
+                        + f"the proof is kept in {ctx.result_path}: fix the cause, then "
+                          f"`llamahost apply --study {ctx.study.study_name}`") from None
     progress.event(f"the server now runs the proven configuration: {' '.join(winner.server_args())}")
-    return True
-
+    _record(ctx, result, STATE_APPLIED, written, applied=True)
+    return written, True

@@ -99,7 +99,8 @@ def live_request(args: argparse.Namespace, *, verify_only: bool) -> LiveRequest:
         verify_windows=args.verify_windows, alpha=args.alpha, min_effect=args.min_effect, seed=args.seed,
         guards=Guards(latency_multiple=args.latency_guard),
         settings=live_settings(budget),
-        search_kv_cache=not args.no_kv_quant, host_vars=args.host_vars, apply=args.apply, verify_only=verify_only,
+        search_kv_cache=not args.no_kv_quant, host_vars=args.host_vars, inventory=args.inventory, apply=args.apply,
+        verify_only=verify_only,
     )
 
 

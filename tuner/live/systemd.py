@@ -34,10 +34,8 @@ import os
 import re
 import select
 import shlex
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,12 +46,14 @@ from typing import Any
 from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
 from tuner.durations import parse_duration
 from tuner.errors import UserError
+from tuner.inventory import read_host_variables
 from tuner.live.control import TrialStartFailed
 from tuner.live.setup import Target
 from tuner.model.checksum import model_sha256
 from tuner.model.gguf_file import check_fits_in_memory, inspect_model
 from tuner.probe.collect import read_host
 from tuner.probe.host import HostProbe, Topology
+from tuner.rollout.converge import converge_host
 from tuner.server.client import health
 from tuner.server.process import api_key_from_text, child_setup, free_port
 
@@ -69,7 +69,6 @@ DEFAULT_SERVICE = "llama-server"
 DEFAULT_HEALTH_TIMEOUT_S = 600.0
 LOCK_REFUSED_RC = 75
 JOURNAL_LINES = 30
-REPO = Path(__file__).resolve().parents[2]
 
 _PLAIN_WORD = re.compile(r"^[A-Za-z0-9_./:=+,@-]+$")  # needs no quotes in ExecStart= (as the role's filter)
 
@@ -130,33 +129,6 @@ def host_facts(name: str, variables: Mapping[str, Any]) -> HostFacts:
                      port=int(port) if port is not None else None, user=str(user) if user else None,
                      private_key=str(Path(str(key)).expanduser()) if key else None, ssh_args=tuple(args),
                      variables=dict(variables))
-
-
-def ansible_tool(name: str) -> str:
-    """An Ansible command next to this Python (the project's venv) or on PATH."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
-    if found is None:
-        raise UserError(f"{name} is not installed", "install the project with its ansible extra: "
-                                                     "pip install -e '.[ansible]'")
-    return found
-
-
-def read_host_variables(inventory: Path, host: str) -> dict[str, Any]:
-    """The host's inventory variables (host_vars, group_vars, connection facts) as Ansible reads them."""
-    if not inventory.exists():
-        raise UserError(f"inventory {inventory} does not exist", "pass the inventory file the host is in")
-    done = subprocess.run([ansible_tool("ansible-inventory"), "-i", str(inventory), "--host", host],
-                          capture_output=True, text=True, check=False, timeout=120)
-    if done.returncode != 0 or not done.stdout.strip():
-        detail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "no output"
-        raise UserError(f"host {host} is not in the inventory {inventory} ({detail})",
-                        f"list the inventory's hosts with `ansible-inventory -i {inventory} --graph` and "
-                        "pass one of them to --host")
-    data = json.loads(done.stdout)
-    if not isinstance(data, dict):
-        raise UserError(f"ansible-inventory gave no variables for {host}", "check the inventory file")
-    return data
 
 
 # ---- the unit's command line (pure) ---------------------------------------------------------------
@@ -766,25 +738,6 @@ class SystemdServer:
         if len(digests) == 1:
             return digests[0]
         return hashlib.sha256("\n".join(digests).encode()).hexdigest()
-
-
-def converge_host(inventory: Path, host: str, *, timeout_s: float = 7200) -> None:
-    """``ansible-playbook -i INVENTORY playbooks/llama_server.yml --limit HOST`` from the repository: the
-    server role alone, which is all a tuned configuration changes (validated, health-checked, rolled back
-    on failure)."""
-    playbook = REPO / "playbooks" / "llama_server.yml"
-    command = f"ansible-playbook -i {inventory} playbooks/llama_server.yml --limit {host}"
-    if not playbook.exists():
-        raise UserError(f"{playbook} is not here (llamahost is installed without its playbooks)",
-                        f"run `{command}` from a checkout")
-    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    done = subprocess.run([ansible_tool("ansible-playbook"), "-i", str(inventory), str(playbook), "--limit", host],
-                          cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=timeout_s)
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-25:])
-        raise UserError(f"applying the winner to {host} with the llama_server role failed:\n{tail}",
-                        f"the role rolled the unit back; fix the cause above and run `{command}` again")
 
 
 # ---- the Connection for `tune --live --inventory FILE --host NAME` --------------------------------

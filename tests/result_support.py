@@ -1,0 +1,37 @@
+"""Result files as the tuner writes them, for the write-back tests: built from a real RunConfig, so a test
+changes one thing (a hostile variable, another model) against an otherwise faithful result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tuner.config import RunConfig, RunKind
+from tuner.result import FORMAT_VERSION, write_result
+
+MODEL_SHA = "ab" * 32
+HOST_FINGERPRINT = "f00dfeed" * 8
+WINNER = RunConfig(threads=24, threads_batch=24, cpus=tuple(range(24)), placement="compact", batch_size=1024)
+
+
+def proven_result(config: RunConfig = WINNER, *, kind: RunKind = "benchmark", verdict: str = "improved",
+                  significant: bool = True, model_sha: str = MODEL_SHA,
+                  fleet_group: str | None = None) -> dict[str, Any]:
+    result: dict[str, Any] = {
+        "format": FORMAT_VERSION, "study": "fleet-smol-tg", "verdict": verdict, "kind": kind,
+        "summary": f"{verdict} summary", "written": "2026-11-22T10:00:00+00:00",
+        "objective": "tg" if kind == "benchmark" else "live-throughput",
+        "improvement": {"ratio": 1.12, "ci_low": 1.05, "ci_high": 1.2, "p_value": 0.001, "significant": significant},
+        "settings": {"source": "trial-7", "config": config.to_dict(), "server_args": config.server_args(),
+                     "role_vars": config.role_vars(kind)},
+        "model": {"path": "/srv/models/m.gguf", "sha256": model_sha, "name": "m"},
+        "host": {"fingerprint": HOST_FINGERPRINT, "hostname": "node-a"},
+    }
+    if fleet_group:
+        result["fleet"] = {"group": fleet_group, "hosts": ["node-a", "node-b"]}
+    return result
+
+
+def write_result_file(path: Path, result: dict[str, Any]) -> Path:
+    write_result(path, result)
+    return path

@@ -1,0 +1,185 @@
+"""The safety chain from a proven result to an Ansible vars file: only what was measured, on what serves.
+
+A result file is input from elsewhere: a fleet host wrote it, or someone handed it over. Its settings end
+up in a root-owned systemd unit on every host of a group, so nothing in it is trusted as written. Every
+write-back (``llamahost write-back``, ``tune --live --host-vars``, ``playbooks/tune_fleet.yml``) goes
+through :func:`write_back`, which runs these steps in this order and stops at the first that fails,
+leaving the vars file byte-identical:
+
+1. **validate**: only a significant improvement passes; its configuration is rebuilt through
+   :class:`~tuner.config.RunConfig` (types, bounds, choices: no value can carry a newline or a flag), and
+   the result's ``role_vars`` must be exactly what that configuration renders for the kind of run that
+   measured it (:func:`proven_change`);
+2. **merge**: a benchmark result carries only what a benchmark measures; a live server's slots,
+   continuous batching and context size stay as the deployment has them;
+3. **check the model and the hardware**: every target host must serve the model the result was
+   measured on (its resolved ``llama_server_model_sha256``), and the result must come from the target's
+   hardware group when that is known (``--hardware``);
+4. **write** the variables (comments and order kept, atomic, previous file as ``.prev``);
+5. **check the resolved vars**: ``ansible-inventory`` must resolve every written variable to the written
+   value on every target host; when another source outranks the file, the file is put back as it was and
+   the message names the variable and the files that set it.
+
+The rollout (``playbooks/llama_server.yml``) starts only after all of this held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuner.config import RunConfig, RunKind, plain_scalar
+from tuner.errors import UserError
+from tuner.inventory import ResolvedInventory, files_setting, inventory_of, resolve_inventory
+from tuner.result import IMPROVED, run_kind
+from tuner.writeback import WriteBack, load_vars_file, write_vars
+
+MODEL_SHA_VAR = "llama_server_model_sha256"
+
+
+@dataclass(frozen=True)
+class ProvenChange:
+    """What a result may change: its settings rebuilt and checked, and what they were measured on."""
+
+    study: str
+    kind: RunKind
+    role_vars: dict[str, Any]
+    model_sha256: str
+    hardware: frozenset[str]  # the host fingerprint and, for a fleet result, the group's digest
+    note: str
+
+
+def _improvement(result: dict[str, Any]) -> dict[str, Any]:
+    improvement = result.get("improvement")
+    if not isinstance(improvement, dict) or improvement.get("significant") is not True:
+        raise UserError("the result's improvement is not statistically significant", "nothing was written")
+    for key in ("ratio", "ci_low", "ci_high"):
+        if not isinstance(improvement.get(key), int | float):
+            raise UserError(f"the result's improvement has no numeric {key}", "regenerate the result")
+    return improvement
+
+
+def proven_change(result: dict[str, Any]) -> ProvenChange | None:
+    """The settings a result may write, rebuilt and checked; ``None`` when it proved no improvement (the
+    deployed configuration stands: nothing to write). Any inconsistency is a :class:`UserError`."""
+    if result.get("verdict") != IMPROVED:
+        return None
+    improvement = _improvement(result)
+    kind = run_kind(result)
+    settings = result.get("settings")
+    if not isinstance(settings, dict) or not isinstance(settings.get("role_vars"), dict):
+        raise UserError("the result has no settings.role_vars", "regenerate the result with this llamahost")
+    config = RunConfig.from_dict(settings.get("config") or {}, origin="the result's settings.config")
+    expected = config.role_vars(kind)
+    given = {key: plain_scalar(value) for key, value in settings["role_vars"].items()}
+    extra = sorted(set(given) - set(expected))
+    if extra:
+        raise UserError(f"the result asks to write variables a {kind} run does not measure: {', '.join(extra)}",
+                        "nothing was written; only the tuner's own settings are written back - regenerate the "
+                        "result with this llamahost")
+    differing = sorted(k for k in expected if k in given and (given[k] != expected[k]
+                                                              or type(given[k]) is not type(expected[k])))
+    if differing:
+        raise UserError(f"the result's role_vars do not match its measured configuration: {', '.join(differing)}",
+                        "nothing was written; the result was changed after the tuner wrote it - regenerate it")
+    model = result.get("model") or {}
+    sha = str(model.get("sha256", "")).lower()
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise UserError("the result does not name its model's sha256", "regenerate the result with this llamahost")
+    measured_on = ((result.get("host") or {}).get("fingerprint"), (result.get("fleet") or {}).get("group"))
+    hardware = {str(v) for v in measured_on if v}
+    written = result.get("written", "?")
+    note = (f"tuned by llamahost {written}: study {result.get('study')}, {result.get('objective')} "
+            f"x{improvement['ratio']:.3f} [{improvement['ci_low']:.3f}, {improvement['ci_high']:.3f}]")
+    return ProvenChange(study=str(result.get("study")), kind=kind, role_vars=expected, model_sha256=sha,
+                        hardware=frozenset(hardware), note=note)
+
+
+def check_hardware(change: ProvenChange, expected: str | None) -> None:
+    """The result must come from the target's hardware group (when the caller knows it)."""
+    if expected and expected not in change.hardware:
+        raise UserError(f"the result was measured on other hardware ({', '.join(sorted(change.hardware)) or 'unknown'})"
+                        f" than the target's group {expected}",
+                        "nothing was written; tune on the target's own hardware group (`llamahost fleet fingerprint` "
+                        "on a target host shows it)")
+
+
+def check_model(change: ProvenChange, deployed: Any, where: str) -> None:
+    """The target must serve the model the result was measured on."""
+    if not isinstance(deployed, str) or not deployed.strip():
+        raise UserError(f"{where} does not say which model it serves ({MODEL_SHA_VAR} is not set)",
+                        f"set {MODEL_SHA_VAR} for it (the role needs it too); nothing was written")
+    if "{{" in deployed:
+        raise UserError(f"{where} sets {MODEL_SHA_VAR} through a template, which only ansible-playbook resolves",
+                        f"write {MODEL_SHA_VAR} as the literal sha256; nothing was written")
+    if deployed.strip().lower() != change.model_sha256:
+        raise UserError(f"the result was measured on model {change.model_sha256[:12]}..., but {where} serves "
+                        f"{deployed.strip()[:12]}...",
+                        "nothing was written; tune the model the hosts serve (pass it with --model)")
+
+
+@dataclass(frozen=True)
+class WriteBackOutcome:
+    """What :func:`write_back` did: ``written`` is None when the result proved nothing to write."""
+
+    change: ProvenChange | None
+    written: WriteBack | None
+    targets: tuple[str, ...]  # the inventory hosts whose resolved vars were checked (empty: a bare file)
+
+
+def _resolve(inventory: Path | None, *, inferred: bool) -> ResolvedInventory | None:
+    if inventory is None or (inferred and not inventory.is_dir()):
+        return None
+    resolved = resolve_inventory(inventory)
+    # host_vars/ next to no inventory source is a bare file, not an inventory
+    return resolved if resolved.hostvars or not inferred else None
+
+
+def overrides(resolved: ResolvedInventory, targets: tuple[str, ...], wanted: dict[str, Any]) -> dict[str, list[str]]:
+    """Per winner variable, the target hosts on which Ansible resolves another value than ``wanted`` (pure)."""
+    found: dict[str, list[str]] = {}
+    for host in targets:
+        for key, value in wanted.items():
+            if resolved.hostvars.get(host, {}).get(key) != value:
+                found.setdefault(key, []).append(host)
+    return found
+
+
+def _outranked(vars_file: Path, root: Path, beaten: dict[str, list[str]]) -> UserError:
+    details = []
+    for key, hosts in sorted(beaten.items()):
+        sources = files_setting(root, key, besides=[vars_file])
+        named = ", ".join(str(p) for p in sources) or "a source outside the inventory directory (extra vars?)"
+        details.append(f"{key} on {', '.join(hosts)} (set in {named})")
+    return UserError(f"another source outranks {vars_file} for the winner's variables, so the hosts would run a mix "
+                     f"that was never measured: {'; '.join(details)}",
+                     f"{vars_file} was left as it was; remove those variables from the files named (or write the "
+                     "result into the file that sets them), then write back again")
+
+
+def write_back(result: dict[str, Any], vars_file: Path, *, inventory: Path | None = None,
+               hardware: str | None = None) -> WriteBackOutcome:
+    """Run the whole chain (module docstring) and write a proven change into ``vars_file``."""
+    change = proven_change(result)
+    if change is None:
+        return WriteBackOutcome(change=None, written=None, targets=())
+    check_hardware(change, hardware)
+    source = inventory if inventory is not None else inventory_of(vars_file)
+    resolved = _resolve(source, inferred=inventory is None)
+    targets: tuple[str, ...] = ()
+    if resolved is not None:
+        targets = resolved.targets_of(vars_file)
+        for host in targets:
+            check_model(change, resolved.hostvars[host].get(MODEL_SHA_VAR), f"host {host}")
+    else:
+        deployed = load_vars_file(vars_file).get(MODEL_SHA_VAR)
+        if deployed is not None:
+            check_model(change, deployed, str(vars_file))
+    written = write_vars(vars_file, change.role_vars, note=change.note)
+    if source is not None and resolved is not None:
+        beaten = overrides(resolve_inventory(source), targets, change.role_vars)
+        if beaten:
+            written.restore()
+            raise _outranked(vars_file, source if source.is_dir() else source.parent, beaten)
+    return WriteBackOutcome(change=change, written=written, targets=targets)
