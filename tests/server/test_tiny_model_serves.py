@@ -1,0 +1,69 @@
+"""The tiny test model with the real llama.cpp: llama-server serves it over HTTP, llama-cpp-python loads it.
+
+The tiny model (tuner.model.tiny) exists for hosts where the default model is too slow, e.g. under QEMU TCG;
+these tests prove that the real llama.cpp accepts it and generates exactly the requested tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tuner.config import RunConfig
+from tuner.model.default_model import models_dir
+from tuner.model.tiny import tiny_model
+from tuner.server.client import complete, health
+from tuner.server.process import ServerProcess
+
+pytestmark = pytest.mark.server
+
+N_PREDICT = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(model_path: Path) -> Path:
+    """Generated once per machine, next to the fetched default model it takes its tokenizer from."""
+    return tiny_model(models_dir() / "tiny", source=model_path)
+
+
+def test_llama_server_generates_the_requested_tokens(llama_server_binary: Path, tiny: Path,
+                                                     small_config: RunConfig) -> None:
+    with ServerProcess(llama_server_binary, tiny, small_config, ctx_size=256) as server:
+        load_s = server.wait_healthy(60)
+        assert health(server.base_url) == 200
+        started = time.perf_counter()
+        result = complete(server.base_url, "The capital of France is", N_PREDICT, ignore_eos=True,
+                          cache_prompt=False)
+        request_s = time.perf_counter() - started
+    timings = result.timings
+    print(f"tiny model {tiny.name} ({tiny.stat().st_size} bytes): healthy after {load_s:.2f} s, one request of "
+          f"{timings.prompt_n} prompt + {timings.predicted_n} generated tokens took {request_s:.3f} s "
+          f"(server: prompt {timings.prompt_ms:.1f} ms, generation {timings.predicted_ms:.1f} ms)")
+    assert timings.predicted_n == N_PREDICT  # ignore_eos: exactly n_predict tokens
+    assert timings.prompt_n > 1  # the real tokenizer split the prompt
+    assert timings.predicted_ms > 0 and timings.predicted_per_second > 0
+    assert 0 < result.total_s <= request_s
+
+
+def test_llama_cpp_python_loads_and_generates(tiny: Path) -> None:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(tiny), n_ctx=256, n_threads=1, n_batch=64, seed=0, verbose=False)
+    try:
+        assert llm.n_vocab() > 1000 and llm.n_embd() == 64 and llm.n_ctx() == 256
+        prompt = llm.tokenize(b"The capital of France is")
+        assert len(prompt) > 1
+        generated: list[int] = []
+        for token in llm.generate(prompt, temp=0.0):
+            generated.append(token)
+            if len(generated) == 4:
+                break
+        assert len(generated) == 4
+        assert all(0 <= token < llm.n_vocab() for token in generated)
+        llm.detokenize(generated)  # the copied vocabulary turns every generated id back into bytes
+        out = llm.create_completion("Hello", max_tokens=4, temperature=0.0)
+        assert out["usage"]["completion_tokens"] >= 1  # type: ignore[index]
+    finally:
+        llm.close()

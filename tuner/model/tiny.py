@@ -1,0 +1,247 @@
+"""A tiny real llama model for tests that run llama.cpp where the default model is too slow.
+
+Under CPU emulation (QEMU TCG) one request to SmolLM2-135M takes minutes. :func:`write_tiny_model` writes a
+llama-architecture GGUF of a few MB with seeded random weights and the tokenizer of a real model (every
+``tokenizer.*`` field of ``source``, copied byte for byte), so llama.cpp loads, tokenizes and generates with
+it exactly as with a real model, only the text is gibberish. The same arguments give the same bytes, so the
+file's sha256 is stable (for one numpy version: the weights come from ``numpy.random.default_rng``).
+
+The output projection is tied to the token embedding (no ``output.weight``): llama.cpp's llama loader falls
+back to ``token_embd.weight``, as for SmolLM2 itself, and the file is spared n_vocab x n_embd weights.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tuner.atomic import write_atomic
+from tuner.errors import UserError
+
+ARCH = "llama"
+# Bumped whenever the bytes written for the same arguments change, so cached copies are not reused.
+GENERATOR_VERSION = 1
+DEFAULT_CONTEXT_LENGTH = 2048
+RMS_NORM_EPS = 1e-5
+ROPE_FREQ_BASE = 10000.0
+WEIGHT_STD = 0.02
+TOKENIZER_PREFIX = "tokenizer."
+TOKENS_KEY = "tokenizer.ggml.tokens"
+
+
+# GGUF metadata value types (gguf.GGUFValueType) -> struct format of one scalar.
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                   12: "<d"}
+_STRING = 8
+_ARRAY = 9
+
+
+@dataclass(frozen=True)
+class MetadataField:
+    """One metadata key-value pair as stored: its GGUF value type (and element type for arrays), strings raw."""
+
+    key: str
+    value_type: int
+    value: Any  # int | float | bool | bytes, or a list of those for arrays
+    sub_type: int | None = None
+
+
+class _Cursor:
+    """Sequential little-endian reads from the GGUF header, every read checked against the end of the file."""
+
+    def __init__(self, path: Path, data: mmap.mmap, offset: int) -> None:
+        self.path = path
+        self.data = data
+        self.offset = offset
+
+    def take(self, n: int) -> bytes:
+        end = self.offset + n
+        if n < 0 or end > len(self.data):
+            raise UserError(f"{self.path}: GGUF metadata runs past the end of the file (the file is truncated)",
+                            "download the model again (a truncated or corrupted download is the usual cause)")
+        chunk = self.data[self.offset:end]
+        self.offset = end
+        return chunk
+
+    def scalar(self, value_type: int) -> Any:
+        fmt = _SCALAR_FORMATS.get(value_type)
+        if fmt is None:
+            raise UserError(f"{self.path}: unknown GGUF metadata value type {value_type}: the header is corrupt",
+                            "download the model again (a truncated or corrupted download is the usual cause)")
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> bytes:
+        return self.take(int(self.scalar(10)))
+
+    def value(self, value_type: int) -> tuple[Any, int | None]:
+        if value_type == _STRING:
+            return self.string(), None
+        if value_type != _ARRAY:
+            return self.scalar(value_type), None
+        sub_type = int(self.scalar(4))
+        count = int(self.scalar(10))
+        if sub_type == _STRING:
+            return [self.string() for _ in range(count)], sub_type
+        if sub_type == _ARRAY:
+            return [self.value(_ARRAY)[0] for _ in range(count)], sub_type
+        fmt = _SCALAR_FORMATS.get(sub_type)
+        if fmt is None:
+            return self.scalar(sub_type), None  # raises the corrupt-header error
+        size = struct.calcsize(fmt)
+        return [item[0] for item in struct.iter_unpack(fmt, self.take(size * count))], sub_type
+
+
+def read_metadata(path: Path) -> list[MetadataField]:
+    """Every metadata field of a GGUF file, in file order, read without parsing the tensors.
+
+    ``gguf.GGUFReader`` makes one numpy view per string, which takes seconds for a 49k-token vocabulary;
+    this reads the same fields in a fraction of that. Strings stay raw bytes, so copying them is exact.
+    """
+    from tuner.model.gguf_file import HEADER_BYTES, check_header
+
+    _, _, n_kv = check_header(path)
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        cursor = _Cursor(path, data, HEADER_BYTES)
+        fields = []
+        for _ in range(n_kv):
+            key = cursor.string().decode("utf-8", errors="replace")
+            value_type = int(cursor.scalar(4))
+            value, sub_type = cursor.value(value_type)
+            fields.append(MetadataField(key, value_type, value, sub_type))
+    return fields
+
+
+def _tokenizer_fields(source: Path) -> tuple[list[MetadataField], int]:
+    """The ``tokenizer.*`` fields of ``source`` in file order, and its vocabulary size."""
+    fields = [field for field in read_metadata(source) if field.key.startswith(TOKENIZER_PREFIX)]
+    tokens = next((field for field in fields if field.key == TOKENS_KEY), None)
+    if tokens is None or tokens.sub_type != _STRING or not tokens.value:
+        raise UserError(f"{source}: has no tokenizer ({TOKENS_KEY} is missing)",
+                        "pass a complete model (the default SmolLM2 model) as the tokenizer source")
+    if any(field.sub_type == _ARRAY for field in fields):
+        raise UserError(f"{source}: a tokenizer field is a nested array, which cannot be copied",
+                        "use a source model converted by llama.cpp's convert_hf_to_gguf.py")
+    return fields, len(tokens.value)
+
+
+def _check_shape(n_embd: int, n_layer: int, n_head: int, n_head_kv: int, n_ff: int, context_length: int) -> None:
+    for name, value in (("n_embd", n_embd), ("n_layer", n_layer), ("n_head", n_head), ("n_head_kv", n_head_kv),
+                        ("n_ff", n_ff), ("context_length", context_length)):
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if n_embd % n_head:
+        raise ValueError(f"n_embd ({n_embd}) must be a multiple of n_head ({n_head})")
+    if n_head % n_head_kv:
+        raise ValueError(f"n_head ({n_head}) must be a multiple of n_head_kv ({n_head_kv})")
+    if (n_embd // n_head) % 2:
+        raise ValueError(f"the head size n_embd / n_head ({n_embd // n_head}) must be even (rotary embedding)")
+
+
+def tensor_shapes(n_vocab: int, *, n_embd: int, n_layer: int, n_head: int, n_head_kv: int,
+                  n_ff: int) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the tiny model, in file order, with its numpy shape (llama.cpp's ``ne`` reversed)."""
+    head_dim = n_embd // n_head
+    kv_dim = head_dim * n_head_kv
+    shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (n_vocab, n_embd), "output_norm.weight": (n_embd,)}
+    for block in range(n_layer):
+        prefix = f"blk.{block}."
+        shapes |= {
+            f"{prefix}attn_norm.weight": (n_embd,),
+            f"{prefix}attn_q.weight": (n_embd, n_embd),
+            f"{prefix}attn_k.weight": (kv_dim, n_embd),
+            f"{prefix}attn_v.weight": (kv_dim, n_embd),
+            f"{prefix}attn_output.weight": (n_embd, n_embd),
+            f"{prefix}ffn_norm.weight": (n_embd,),
+            f"{prefix}ffn_gate.weight": (n_ff, n_embd),
+            f"{prefix}ffn_up.weight": (n_ff, n_embd),
+            f"{prefix}ffn_down.weight": (n_embd, n_ff),
+        }
+    return shapes
+
+
+def write_tiny_model(path: Path, *, source: Path, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
+                     n_head_kv: int | None = None, n_ff: int = 128, context_length: int = DEFAULT_CONTEXT_LENGTH,
+                     seed: int = 0) -> Path:
+    """Write a tiny llama GGUF with random weights and the tokenizer of ``source`` to ``path`` (atomically).
+
+    Matrices are F16 (normal, std 0.02: logits stay small and finite), norm weights F32 ones. The bytes depend
+    only on the arguments and on the source's tokenizer fields. Returns ``path``.
+    """
+    import gguf
+
+    path = Path(path)
+    kv_heads = n_head if n_head_kv is None else n_head_kv
+    _check_shape(n_embd, n_layer, n_head, kv_heads, n_ff, context_length)
+    fields, n_vocab = _tokenizer_fields(Path(source))
+
+    writer = gguf.GGUFWriter(None, ARCH)
+    writer.add_name(f"tiny-llama-random-e{n_embd}-l{n_layer}-s{seed}")
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    writer.add_vocab_size(n_vocab)
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(n_embd)
+    writer.add_block_count(n_layer)
+    writer.add_feed_forward_length(n_ff)
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(n_embd // n_head)
+    writer.add_rope_freq_base(ROPE_FREQ_BASE)
+    writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
+    for field in fields:
+        writer.add_key_value(field.key, field.value, gguf.GGUFValueType(field.value_type),
+                             sub_type=None if field.sub_type is None else gguf.GGUFValueType(field.sub_type))
+
+    rng = np.random.default_rng(seed)
+    shapes = tensor_shapes(n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=kv_heads, n_ff=n_ff)
+    for name, shape in shapes.items():
+        if len(shape) == 1:  # norm weights: F32, as llama.cpp's converter writes them
+            tensor: np.ndarray[Any, Any] = np.ones(shape, dtype=np.float32)
+        else:
+            tensor = (rng.standard_normal(shape, dtype=np.float32) * WEIGHT_STD).astype(np.float16)
+        writer.add_tensor(name, tensor)
+
+    with tempfile.TemporaryDirectory(prefix="tiny-gguf-") as tmp:  # the writer wants a path; stage it here
+        staged = Path(tmp) / path.name
+        writer.write_header_to_file(path=staged)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        write_atomic(path, staged.read_bytes(), keep_previous=False)
+    return path
+
+
+def tiny_model_name(source_sha256: str, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
+                    n_head_kv: int | None = None, n_ff: int = 128, context_length: int = DEFAULT_CONTEXT_LENGTH,
+                    seed: int = 0) -> str:
+    """The cache file name: every argument that changes the bytes, and the tokenizer source's sha256."""
+    kv_heads = n_head if n_head_kv is None else n_head_kv
+    return (f"tiny-llama-v{GENERATOR_VERSION}-e{n_embd}-l{n_layer}-h{n_head}-kv{kv_heads}-ff{n_ff}"
+            f"-c{context_length}-s{seed}-{source_sha256[:16]}.gguf")
+
+
+def tiny_model(cache_dir: Path, *, source: Path | None = None, n_embd: int = 64, n_layer: int = 2,
+               n_head: int = 4, n_head_kv: int | None = None, n_ff: int = 128,
+               context_length: int = DEFAULT_CONTEXT_LENGTH, seed: int = 0) -> Path:
+    """The tiny model under ``cache_dir``, generated on first use (``source`` defaults to the default model).
+
+    Concurrent callers may both generate it; each replaces the file atomically with the same bytes.
+    """
+    from tuner.model.checksum import cached_sha256
+
+    if source is None:
+        from tuner.model.default_model import default_model_path
+
+        source = default_model_path()
+    target = Path(cache_dir) / tiny_model_name(
+        cached_sha256(Path(source)), n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
+        n_ff=n_ff, context_length=context_length, seed=seed)
+    if target.is_file():
+        return target
+    return write_tiny_model(target, source=Path(source), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                            n_head_kv=n_head_kv, n_ff=n_ff, context_length=context_length, seed=seed)
