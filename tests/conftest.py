@@ -46,6 +46,16 @@ def model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_path(model_path: Path) -> Path:
+    """The tiny generated model (tuner.model.tiny: 8 MB, SmolLM2's tokenizer), for hosts where the small model is
+    too slow (QEMU TCG); generated once per machine next to the fetched model."""
+    from tuner.model.default_model import models_dir
+    from tuner.model.tiny import tiny_model
+
+    return tiny_model(models_dir() / "tiny", source=model_path)
+
+
+@pytest.fixture(scope="session")
 def llama_server_build() -> ServerBuild:
     """The portable llama-server built from the pinned llama.cpp: built at most once per machine
     (``make test`` builds it first; this reuses that build, or builds it when tests run alone)."""

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 from tuner.config import RunConfig
-from tuner.model.default_model import models_dir
-from tuner.model.tiny import tiny_model
 from tuner.server.client import complete, health
 from tuner.server.process import ServerProcess
 
@@ -23,9 +21,8 @@ N_PREDICT = 16
 
 
 @pytest.fixture(scope="module")
-def tiny(model_path: Path) -> Path:
-    """Generated once per machine, next to the fetched default model it takes its tokenizer from."""
-    return tiny_model(models_dir() / "tiny", source=model_path)
+def tiny(tiny_model_path: Path) -> Path:
+    return tiny_model_path
 
 
 def test_llama_server_generates_the_requested_tokens(llama_server_binary: Path, tiny: Path,

@@ -88,6 +88,8 @@ def report(host: str, **outcome: object) -> str:
 def test_the_measurement_is_read_from_ansibles_json_report() -> None:
     measured = {"windows": [{"throughput_tps": 10.0, "requests": 4, "errors": 0}] * 2}
     assert script_output(report("h1", stdout=json.dumps(measured) + "\n"), "h1") == measured
+    timed = f"Wednesday 02 December 2026 (0:00:00.031) ****\n{report('h1', stdout=json.dumps(measured))}\n=====\n"
+    assert script_output(timed, "h1") == measured, "a task timer's lines around the report are skipped"
     with pytest.raises(UserError, match="did not answer"):
         script_output(report("h1", unreachable=True, msg="timeout"), "h1")
     with pytest.raises(UserError, match="failed: health"):

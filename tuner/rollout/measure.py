@@ -80,11 +80,13 @@ def endpoint(hostvars: dict[str, Any]) -> tuple[str, str]:
 
 
 def script_output(stdout: str, host: str) -> dict[str, Any]:
-    """The script's JSON from the ansible.posix.json callback's report (pure)."""
+    """The script's JSON from the ansible.posix.json callback's report (pure). Other callbacks (the repository's
+    ansible.cfg enables a task timer) may print lines before and after it."""
     try:
-        report = json.loads(stdout)
+        start = 0 if stdout.startswith("{") else stdout.index("\n{") + 1
+        report, _ = json.JSONDecoder().raw_decode(stdout, start)
         outcome = report["plays"][0]["tasks"][0]["hosts"][host]
-    except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+    except (json.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
         raise UserError(f"no measurement came back from {host}", "run the canary again with the output shown") from None
     if outcome.get("unreachable"):
         raise UserError(f"{host} did not answer while being measured ({outcome.get('msg', '')})",
