@@ -11,7 +11,9 @@ from tuner.result import FORMAT_VERSION, write_result
 
 MODEL_SHA = "ab" * 32
 HOST_FINGERPRINT = "f00dfeed" * 8
-WINNER = RunConfig(threads=24, threads_batch=24, cpus=tuple(range(24)), placement="compact", batch_size=1024)
+# flash attention "on": a value YAML 1.1 (Ansible's loader) would read as a boolean if it were written unquoted
+WINNER = RunConfig(threads=24, threads_batch=24, cpus=tuple(range(24)), placement="compact", batch_size=1024,
+                   flash_attn="on")
 
 
 def proven_result(config: RunConfig = WINNER, *, kind: RunKind = "benchmark", verdict: str = "improved",

@@ -13,6 +13,7 @@ validated change, the same model, the resolved variables), are :mod:`tuner.safe_
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
+from ruamel.yaml.scalarstring import ScalarString, SingleQuotedScalarString
 
 from tuner.atomic import write_atomic
 from tuner.errors import UserError
@@ -82,19 +84,45 @@ def render(data: CommentedMap, *, explicit_start: bool) -> str:
     return buffer.getvalue()
 
 
+def _ansible_reads_as_given(text: str) -> bool:
+    """Whether Ansible, whose loader speaks YAML 1.1, reads this plain (unquoted) scalar back as the same string.
+
+    This file's round-trip parser speaks YAML 1.2, where ``on``, ``off``, ``yes`` or ``012`` are strings; in
+    YAML 1.1 they are a boolean or a number, so ``llama_server_flash_attn: on`` would reach the role as ``True``."""
+    reader = YAML(typ="safe", pure=True)
+    reader.version = (1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bool(reader.load(text) == text)
+        except YAMLError:
+            return False
+
+
+def _plain_and_misread(value: Any) -> bool:
+    return isinstance(value, str) and not isinstance(value, ScalarString) and not _ansible_reads_as_given(value)
+
+
+def as_ansible_reads_it(value: Any) -> Any:
+    """``value`` quoted when Ansible would otherwise read it as something else than this string."""
+    return SingleQuotedScalarString(value) if _plain_and_misread(value) else value
+
+
 def apply_changes(data: CommentedMap, changes: dict[str, Any], note: str) -> dict[str, tuple[Any, Any]]:
-    """Set ``changes`` in ``data`` in place; returns what actually changed."""
+    """Set ``changes`` in ``data`` in place; returns what actually changed. A value already there but written so
+    that Ansible reads it as another type (``flash_attn: on``) counts as changed and is rewritten quoted."""
     changed: dict[str, tuple[Any, Any]] = {}
     first_new = True
-    for key, value in changes.items():
+    for raw_key, raw_value in changes.items():
+        key, value = raw_key, as_ansible_reads_it(raw_value)
         old = data.get(key)
         if key in data:
-            if old != value:
+            if old != value or _plain_and_misread(old):
                 data[key] = value
-                changed[key] = (old, value)
+                changed[key] = (old, raw_value)
             continue
         data[key] = value
-        changed[key] = (None, value)
+        changed[key] = (None, raw_value)
         if first_new:
             data.yaml_set_comment_before_after_key(key, before=note)
             first_new = False

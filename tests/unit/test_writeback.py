@@ -158,3 +158,18 @@ def test_write_back_refuses_what_is_not_a_result(tmp_path: Path, stdin: str, fra
     done = write_back("-", "--vars", str(path), stdin=stdin)
     assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr
     assert path.read_text() == ORIGINAL
+
+
+@pytest.mark.parametrize("word", ["on", "off", "yes", "no", "y", "012", "1e3", "null"])
+def test_strings_are_written_so_that_ansible_reads_them_as_strings(tmp_path: Path, word: str) -> None:
+    """This file's parser speaks YAML 1.2; Ansible's loader speaks YAML 1.1, where `on` is a boolean: a flash
+    attention setting of "on" written bare would reach the role as True."""
+    import yaml
+
+    path = tmp_path / "h1.yml"
+    path.write_text("---\nllama_server_flash_attn: on   # written by hand, read by Ansible as true\n")
+    written = write_vars(path, {"llama_server_flash_attn": "on", "llama_server_cache_type_k": word}, note="n")
+    assert set(written.changed) == {"llama_server_flash_attn", "llama_server_cache_type_k"}, "the bare `on` is fixed"
+    assert yaml.safe_load(path.read_text()) == {"llama_server_flash_attn": "on", "llama_server_cache_type_k": word}
+    assert "# written by hand" in path.read_text()
+    assert not write_vars(path, {"llama_server_flash_attn": "on", "llama_server_cache_type_k": word}, note="n").wrote
