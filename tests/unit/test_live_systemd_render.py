@@ -18,6 +18,7 @@ import yaml
 from tuner.cli import main
 from tuner.config import RunConfig
 from tuner.errors import UserError
+from tuner.inventory import read_host_variables
 from tuner.live.systemd import (
     DEADMAN_LOG,
     HEARTBEAT_FILE,
@@ -29,7 +30,6 @@ from tuner.live.systemd import (
     host_facts,
     numa_mask,
     probe_from_files,
-    read_host_variables,
     render_deadman_script,
     render_trial_dropin,
     server_command,

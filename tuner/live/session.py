@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial
@@ -251,8 +251,14 @@ def _record(ctx: LiveContext, result: dict[str, Any], state: str, written: Write
     write_result(ctx.result_path, result)
 
 
+class Events(Protocol):
+    """Where a step reports what it did (the run's progress display)."""
+
+    def event(self, message: str) -> None: ...
+
+
 def save_write_and_apply(ctx: LiveContext, result: dict[str, Any],
-                          progress: TuneProgress) -> tuple[WriteBack | None, bool]:
+                         progress: Events) -> tuple[WriteBack | None, bool]:
     """Result first, then the vars file (:mod:`tuner.safe_change`), then the apply; a failed apply puts the vars
     file back, so the inventory never names a winner the host does not run."""
     req = ctx.request
