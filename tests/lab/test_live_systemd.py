@@ -16,10 +16,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-import yaml
 from labkit import BIN, REPO, TUNED, Lab
 
 from tuner.cli import build_parser
@@ -219,46 +217,3 @@ def test_adopt_refuses_a_winner_missing_from_the_inventory_then_applies_it_with_
         assert connection.control.baseline == winner
     finally:
         host_vars.write_text(original)
-
-
-def test_a_failed_apply_leaves_the_vars_file_as_it_was_before_the_run(
-        served: Lab, remote: tuple[RemoteConnection, Target], tmp_path: Path) -> None:
-    """The end of a live run with --host-vars --apply, on the real host: the proof is saved first, the winner is
-    written through the safety chain, and when the role refuses it (here: CPU 0, the housekeeping CPU the cpu
-    role keeps for the system) the host_vars file is put back byte for byte and the result says so."""
-    from types import SimpleNamespace
-
-    from result_support import proven_result
-
-    from tuner.live.session import LiveRequest, save_write_and_apply
-
-    connection, target = remote
-    assert target.deployed is not None
-    refused_by_the_role = dataclasses.replace(target.deployed, cpus=(0, 2))
-    host_vars = served.inventory / "host_vars" / f"{served.state.alias}.yml"
-    original = host_vars.read_bytes()
-    result = proven_result(refused_by_the_role, kind="live", model_sha=target.model_sha256)
-    result["host"]["fingerprint"] = target.probe.fingerprint()
-    result_path = tmp_path / "result.yaml"
-    context = SimpleNamespace(
-        request=LiveRequest(budget_seconds=3600, host_vars=host_vars, inventory=served.inventory / "hosts.yml",
-                            apply=True),
-        result_path=result_path, control=connection.control, probe=target.probe,
-        study=SimpleNamespace(study_name="lab-live"))
-
-    class Events:
-        def event(self, message: str) -> None:
-            print(message)
-
-    try:
-        with pytest.raises(UserError, match="could not be applied") as failure:
-            save_write_and_apply(context, result, Events())  # type: ignore[arg-type]
-        assert "was put back as it was" in failure.value.fix
-        assert host_vars.read_bytes() == original
-        saved = yaml.safe_load(result_path.read_text())
-        assert saved["write_back"]["state"] == "apply failed, vars file restored"
-        assert saved["write_back"]["changed"]["llama_server_cpus"] == ["4,6", "0,2"]
-        state = server_state(served)
-        assert runs(state, TUNED) and state["health"] == "200", "the host still runs what the inventory says"
-    finally:
-        host_vars.write_bytes(original)

@@ -1,7 +1,7 @@
 """The canary's measurement over Ansible's own connection: the packed workload driver runs with a plain
 system python3 (no llamahost, no venv, no site-packages) against a real llama-server, and comes back as windows.
 
-A local connection stands for the host here; the QEMU lab runs the same over SSH (tests/lab/test_canary_lab.py).
+A local connection stands for the host here; over SSH to the QEMU lab the same command runs with become.
 """
 
 from __future__ import annotations
