@@ -16,7 +16,7 @@ from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.live.control import TrialStartFailed
 from tuner.live.local import LocalServer, ServerSpec
-from tuner.live.measure import Guards, LiveMeasurer, LiveObjective, LiveSettings
+from tuner.live.measure import Guards, Heartbeat, LiveMeasurer, LiveObjective, LiveSettings
 from tuner.live.workload import make_request_mix
 from tuner.server.process import free_port
 from tuner.stats import StopRule
@@ -87,11 +87,19 @@ def test_a_second_tuner_is_refused_within_a_second(server: LocalServer) -> None:
 
 
 def test_a_configuration_that_cannot_start_is_reported_and_the_baseline_comes_back(server: LocalServer) -> None:
-    impossible = RunConfig(threads=1, threads_batch=1, parallel=64, ctx_size=64 * 2_000_000)  # KV beyond RAM
+    impossible = RunConfig(threads=1, threads_batch=1, parallel=64, ctx_size=16_777_216)  # KV far beyond RAM
     with pytest.raises(TrialStartFailed, match="did not come up"):
         server.apply(impossible)
     server.restore_baseline()
     assert "--parallel 1" in running_args(server)
+
+
+def test_an_invalid_configuration_is_refused_before_the_supervisor_sees_it(server: LocalServer) -> None:
+    running = server.server_pid()
+    with pytest.raises(UserError, match="ctx_size must be an integer"):
+        server.apply(RunConfig(threads=1, threads_batch=1, ctx_size=10**9))
+    assert not (server.state / "trial.json").exists()
+    assert server.server_pid() == running and "--parallel 1" in running_args(server)
 
 
 def test_a_server_that_dies_is_started_again(server: LocalServer) -> None:
@@ -104,6 +112,14 @@ def test_a_server_that_dies_is_started_again(server: LocalServer) -> None:
     assert server.server_pid() not in (None, pid)
 
 
+@pytest.fixture
+def beating(server: LocalServer) -> Iterator[LocalServer]:
+    """The server with a controller that keeps beating, as a tuning session has: a measured window may last
+    longer than the tests' short dead-man limit on a slow machine."""
+    with Heartbeat(server, 1.0):
+        yield server
+
+
 def measurer(server: LocalServer, **guards: float) -> LiveMeasurer:
     mix = make_request_mix("chat", concurrency=2, count=4, scale=0.1)
     settings = LiveSettings(stop=StopRule(min_samples=3, max_samples=3, target_rel_ci=0.5), max_measure_seconds=60,
@@ -111,7 +127,8 @@ def measurer(server: LocalServer, **guards: float) -> LiveMeasurer:
     return LiveMeasurer(server, mix, LiveObjective("throughput"), settings, Guards(**guards))  # type: ignore[arg-type]
 
 
-def test_a_live_trial_measures_throughput_and_latency(server: LocalServer) -> None:
+def test_a_live_trial_measures_throughput_and_latency(beating: LocalServer) -> None:
+    server = beating
     outcome = measurer(server).run(TRIAL, "t")
     assert len(outcome.values) == 3
     for name in ("throughput_tps", "latency_p95_s", "ttft_p95_s", "server_tg_tps", "server_pp_tps"):
@@ -119,7 +136,8 @@ def test_a_live_trial_measures_throughput_and_latency(server: LocalServer) -> No
     assert outcome.values == outcome.series["throughput_tps"]
 
 
-def test_latency_and_memory_guards_fail_a_trial_and_restore_the_baseline(server: LocalServer) -> None:
+def test_latency_and_memory_guards_fail_a_trial_and_restore_the_baseline(beating: LocalServer) -> None:
+    server = beating
     strict = measurer(server, latency_multiple=1e-6)
     strict.baseline_latency_p95 = 1.0
     with pytest.raises(TrialFailed, match="p95 latency"):
@@ -130,7 +148,8 @@ def test_latency_and_memory_guards_fail_a_trial_and_restore_the_baseline(server:
     assert "--parallel 1" in running_args(server)
 
 
-def test_a_server_killed_mid_trial_fails_the_trial(server: LocalServer) -> None:
+def test_a_server_killed_mid_trial_fails_the_trial(beating: LocalServer) -> None:
+    server = beating
     live = measurer(server)
     live.settings = LiveSettings(stop=StopRule(min_samples=30, max_samples=30, target_rel_ci=0.01),
                                  max_measure_seconds=120, warmup_windows=1, request_timeout_s=30)

@@ -135,8 +135,14 @@ class Supervisor:
         if self.server is not None:
             self.server.stop()
             self.server = None
-        config = RunConfig.from_dict(entry["config"])
         self.running_key = key
+        try:  # the tuner validates before writing; a hand-edited or foreign file must not kill the supervisor
+            config = RunConfig.from_dict(entry["config"], origin=f"{key}'s configuration")
+        except (UserError, KeyError, TypeError) as exc:
+            self.failed_key = key
+            self.log(f"{key} refused: {exc}")
+            self.status("failed", error=str(exc).splitlines()[0])
+            return
         self.status("starting")
         self.log(f"starting {key}: {' '.join(config.server_args())}")
         server = ServerProcess(Path(self.spec.binary), Path(self.spec.model), config, host=self.spec.host,
@@ -252,7 +258,7 @@ class LocalServer:
             os.close(fd)
 
     def _entry(self, config: RunConfig) -> dict[str, Any]:
-        return desired_entry(config)
+        return desired_entry(config.validate())
 
     def supervisor_pid(self) -> int | None:
         try:
