@@ -3,8 +3,15 @@
 How the lab is found or started (session scope): if a lab named ``default`` is running in the lab cache
 (``LLAMAHOST_LAB_CACHE``, default ~/.cache/llamahost/lab, the same cache ``make lab-up`` uses) and
 answers on SSH, the tests use it and leave it running; otherwise they boot one (building the image first
-if the cache has none) and stop it at the end of the session. Each stage's wall time is recorded and
-printed at the end of the run (and kept in ``<lab cache>/last-test-timings.json``).
+if the cache has none) and stop it at the end of the session.
+
+A converge of the lab costs about ten minutes under TCG. The first one for a given set of inputs (roles,
+playbooks, variables, image, binary: ``labkit.converged_disk_key``) is saved as a qcow2 disk in
+``<lab cache>/converged/``; a later session with the same inputs boots from that disk and takes the recorded
+site.yml run as its converge. Any change to the roles makes a new key, and the converge runs for real.
+
+Each stage's wall time is recorded and printed at the end of the run (and kept in
+``<lab cache>/last-test-timings.json``).
 """
 
 from __future__ import annotations
@@ -18,11 +25,12 @@ from typing import Any
 
 import pytest
 import yaml
-from labkit import GROUP_VARS, TUNED, Lab
+from labkit import GROUP_VARS, TUNED, Lab, converged_disk_key, converged_disks_dir, converged_record
 
 from tuner.lab.image import lab_cache_dir
 from tuner.lab.instance import LabInstance, LabState
 from tuner.lab.spec import ImageRecipe, MachineSpec
+from tuner.model.checksum import cached_sha256
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -32,19 +40,37 @@ def shared_lab_cache() -> None:
 
 
 @pytest.fixture(scope="session")
-def lab_host(shared_lab_cache: None) -> Iterator[tuple[LabInstance, LabState, dict[str, float]]]:
+def lab_vars(tiny_model_path: Path, llama_server_binary: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """group_vars and host_vars like a user's (host_vars as written from a RunConfig), and the key of the disk
+    that converging them leaves."""
+    group_vars = {**GROUP_VARS, "llama_server_model_src": str(tiny_model_path),
+                  "llama_server_model_sha256": cached_sha256(tiny_model_path),
+                  "llama_server_binary_src": str(llama_server_binary)}
+    host_vars = TUNED.role_vars()
+    return group_vars, host_vars, converged_disk_key(group_vars, host_vars,
+                                                     binary_sha256=cached_sha256(llama_server_binary))
+
+
+@pytest.fixture(scope="session")
+def lab_host(shared_lab_cache: None, lab_vars: tuple[dict[str, Any], dict[str, Any], str]
+             ) -> Iterator[tuple[LabInstance, LabState, dict[str, float], bool, bool]]:
+    """(instance, state, stage timings, started by this session, booted from a converged disk)."""
     instance = LabInstance(lab_cache_dir())
     timings: dict[str, float] = {}
     state = instance.running()
     reused = state is not None and instance.reachable(state)
+    disk = converged_disks_dir() / f"{lab_vars[2]}.qcow2"
+    from_disk = not reused and converged_record(lab_vars[2]) is not None
     if not reused:
         started = time.monotonic()
-        state = instance.up(ImageRecipe(), MachineSpec(), progress=lambda message: print(f"lab: {message}"))
+        state = instance.up(ImageRecipe(), MachineSpec(), progress=lambda message: print(f"lab: {message}"),
+                            disk=disk if from_disk else None)
         timings["image build (0 when cached)"] = state.image_build_s
-        timings["boot to SSH"] = state.boot_s or round(time.monotonic() - started, 1)
+        timings["boot to SSH" + (" (from the converged disk)" if from_disk else "")] = \
+            state.boot_s or round(time.monotonic() - started, 1)
     assert state is not None
     try:
-        yield instance, state, timings
+        yield instance, state, timings, not reused, from_disk
     finally:
         _write_timings(timings, reused)
         if not reused:
@@ -52,19 +78,21 @@ def lab_host(shared_lab_cache: None) -> Iterator[tuple[LabInstance, LabState, di
 
 
 @pytest.fixture(scope="session")
-def lab(lab_host: tuple[LabInstance, LabState, dict[str, float]], model_path: Path,
-        llama_server_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Lab:
-    """The lab with an inventory like a user's: hosts, group_vars, and host_vars written from a RunConfig."""
-    instance, state, timings = lab_host
+def lab(lab_host: tuple[LabInstance, LabState, dict[str, float], bool, bool],
+        lab_vars: tuple[dict[str, Any], dict[str, Any], str], tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    """The lab with an inventory like a user's: hosts, group_vars, and host_vars written from a RunConfig.
+    It serves the tiny generated model: under TCG every byte copied, hashed and locked costs, and a request to
+    the 135M model takes minutes."""
+    instance, state, timings, started_here, from_disk = lab_host
+    group_vars, host_vars, key = lab_vars
     inventory = tmp_path_factory.mktemp("lab-inventory")
     (inventory / "hosts.yml").write_text(instance.inventory.read_text())
     (inventory / "group_vars").mkdir()
-    group_vars = {**GROUP_VARS, "llama_server_model_src": str(model_path),
-                  "llama_server_binary_src": str(llama_server_binary)}
     (inventory / "group_vars" / "llama_hosts.yml").write_text(yaml.safe_dump(group_vars))
     (inventory / "host_vars").mkdir()
-    (inventory / "host_vars" / f"{state.alias}.yml").write_text(yaml.safe_dump(TUNED.role_vars()))
-    return Lab(instance, state, inventory, timings)
+    (inventory / "host_vars" / f"{state.alias}.yml").write_text(yaml.safe_dump(host_vars))
+    return Lab(instance, state, inventory, timings, disk_key=key, started_here=started_here,
+               from_converged_disk=from_disk)
 
 
 _REPORT: dict[str, Any] = {}

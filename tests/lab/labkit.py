@@ -6,20 +6,25 @@ directory on ``sys.path``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from tuner.atomic import write_atomic
 from tuner.config import RunConfig
 from tuner.lab.access import ssh_command
+from tuner.lab.image import lab_cache_dir
 from tuner.lab.instance import LabInstance, LabState
-from tuner.model.default_model import SHA256 as MODEL_SHA256
+from tuner.lab.recipe import image_key
+from tuner.lab.spec import ImageRecipe, MachineSpec, content_key
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -29,8 +34,9 @@ RECAP = re.compile(r"^(?P<host>\S+)\s*:\s*ok=(?P<ok>\d+)\s+changed=(?P<changed>\
 # The secret the tests give the role; no playbook output may ever contain it.
 API_KEY = "lab-api-key-5f2c9e1b7a"
 
-# What the lab test host is asked to become. SMT off leaves CPUs 0,2,4,6 online (two physical cores
-# per node); CPU 0 keeps the housekeeping, the server is pinned to node 1.
+# What the lab test host is asked to become (conftest.py adds the model, its sha256 and the binary).
+# SMT off leaves CPUs 0,2,4,6 online (two physical cores per node); CPU 0 keeps the housekeeping, the server
+# is pinned to node 1.
 GROUP_VARS: dict[str, Any] = {
     "cpu_smt": "off",
     "cpu_inference_cpus": "2,4,6",
@@ -42,7 +48,6 @@ GROUP_VARS: dict[str, Any] = {
     "hugepages_1g_per_node": {0: 1, 1: 1},
     "hugepages_mount_path": "/mnt/huge-2m",
     "hugepages_mount_group": "llama-server",
-    "llama_server_model_sha256": MODEL_SHA256,
     "llama_server_llamahost_command": str(BIN / "llamahost"),
     "llama_server_api_key": API_KEY,
 }
@@ -67,12 +72,80 @@ class PlaybookRun:
         return self.recap.get("failed", -1)
 
 
+# Converged lab disks kept between test sessions, newest first; each is ~150-300 MB.
+CONVERGED_DISKS_KEPT = 2
+# What a site.yml converge of the lab depends on, besides the variables and the image.
+CONVERGE_INPUTS = ("roles", "playbooks", "ansible.cfg", "requirements.yml")
+
+
+def converged_disks_dir() -> Path:
+    return lab_cache_dir() / "converged"
+
+
+def converged_disk_key(group_vars: dict[str, Any], host_vars: dict[str, Any], *, binary_sha256: str) -> str:
+    """The key of a converged lab disk: everything that decides what site.yml leaves on the lab.
+
+    The roles' and playbooks' bytes, ansible.cfg, ansible-core's version, the image recipe and machine, the
+    variables (the model's sha256 among them) and the server binary's sha256. A change to any of them makes
+    a new key, so a cached disk is only ever the result of converging exactly these inputs."""
+    files = sorted(path for name in CONVERGE_INPUTS for path in ([REPO / name] if (REPO / name).is_file()
+                                                                 else (REPO / name).rglob("*"))
+                   if path.is_file() and "__pycache__" not in path.parts)
+    digests = {str(path.relative_to(REPO)): hashlib.sha256(path.read_bytes()).hexdigest() for path in files}
+    # Paths into this checkout (the controller's llamahost) leave nothing on the guest: a clean clone elsewhere
+    # converges to the same disk.
+    variables = json.loads(json.dumps([group_vars, host_vars], sort_keys=True, default=str)
+                           .replace(str(REPO), "<checkout>"))
+    return content_key(digests, variables, binary_sha256, version("ansible-core"), image_key(ImageRecipe()),
+                       asdict(MachineSpec()))
+
+
+def converged_record(key: str) -> tuple[PlaybookRun, PlaybookRun] | None:
+    """The two site.yml runs saved with the converged disk ``key``; ``None`` when either is missing."""
+    disk = converged_disks_dir() / f"{key}.qcow2"
+    try:
+        runs = json.loads(disk.with_suffix(".json").read_text())
+        return (PlaybookRun(**runs["converge"]), PlaybookRun(**runs["again"])) if disk.is_file() else None
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 @dataclass
 class Lab:
     instance: LabInstance
     state: LabState
     inventory: Path
     timings: dict[str, float]
+    disk_key: str = ""
+    started_here: bool = False  # booted by this test session (not a lab someone left running)
+    from_converged_disk: bool = False
+
+    @property
+    def converged_disk(self) -> Path:
+        return converged_disks_dir() / f"{self.disk_key}.qcow2"
+
+    def saved_converge(self) -> tuple[PlaybookRun, PlaybookRun] | None:
+        """The two site.yml runs (converge, converge again) that made the converged disk this lab booted from."""
+        return converged_record(self.disk_key) if self.from_converged_disk and self.disk_key else None
+
+    def keep_converged_disk(self, converge: PlaybookRun, again: PlaybookRun) -> None:
+        """Save this lab's disk, converged by ``converge`` (``again`` changed nothing), for later sessions, and
+        boot again from it (the boot also proves that the converged host comes up). Only a lab this session
+        started is powered off."""
+        if not (self.started_here and self.disk_key):
+            return
+        started = time.monotonic()
+        self.instance.save_disk(self.state, self.converged_disk)
+        write_atomic(self.converged_disk.with_suffix(".json"),
+                     json.dumps({"converge": asdict(converge), "again": asdict(again)}), keep_previous=False)
+        for stale in sorted(converged_disks_dir().glob("*.qcow2"), key=lambda p: p.stat().st_mtime,
+                            reverse=True)[CONVERGED_DISKS_KEPT:]:
+            stale.unlink(missing_ok=True)
+            stale.with_suffix(".json").unlink(missing_ok=True)
+        self.state = self.instance.up(ImageRecipe(), MachineSpec(), disk=self.converged_disk)
+        (self.inventory / "hosts.yml").write_text(self.instance.inventory.read_text())
+        self.from_converged_disk = True
+        self.timings["save the converged disk and boot from it"] = round(time.monotonic() - started, 1)
 
     def ssh(self, command: str, *, stdin: str | None = None, check: bool = True, timeout: float = 300) -> str:
         cmd = ssh_command(self.instance.access(self.state), [command], connect_timeout=30)

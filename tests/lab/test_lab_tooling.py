@@ -57,6 +57,21 @@ def test_overlay_keeps_the_cached_base_as_an_absolute_read_only_backing_file(tmp
     cmd = overlay_command(Path("relative/disk.img"), tmp_path / "o.qcow2")
     backing = cmd[cmd.index("-b") + 1]
     assert Path(backing).is_absolute() and cmd[cmd.index("-F") + 1] == "raw"
+    on_saved_disk = overlay_command(tmp_path / "converged.qcow2", tmp_path / "o.qcow2", base_format="qcow2")
+    assert on_saved_disk[on_saved_disk.index("-F") + 1] == "qcow2"
+
+
+def test_a_saved_disk_is_a_backing_file_that_later_overlays_leave_as_it_is(tmp_path: Path) -> None:
+    """The converged-disk cache's layering, with real qemu-img: raw image <- saved qcow2 <- a lab's overlay."""
+    base = tmp_path / "disk.img"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "16M"], check=True)
+    saved, overlay = tmp_path / "converged.qcow2", tmp_path / "overlay.qcow2"
+    subprocess.run(overlay_command(base, saved), check=True)
+    subprocess.run(overlay_command(saved, overlay, base_format="qcow2"), check=True)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--backing-chain", "--output=json", str(overlay)],
+                                     capture_output=True, text=True, check=True).stdout)
+    assert [(Path(layer["filename"]).name, layer["format"]) for layer in info] == [
+        ("overlay.qcow2", "qcow2"), ("converged.qcow2", "qcow2"), ("disk.img", "raw")]
 
 
 def test_image_key_follows_the_recipe_and_nothing_else() -> None:

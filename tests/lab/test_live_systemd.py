@@ -174,7 +174,9 @@ def test_a_trial_that_cannot_start_fails_with_the_journal_and_the_baseline_comes
         served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
     connection, target = remote
     assert target.deployed is not None
-    impossible = dataclasses.replace(target.deployed, parallel=64, ctx_size=64 * 2_000_000)  # KV beyond RAM
+    # a 16 GiB f32 KV cache: beyond the guest's RAM, even for the tiny model
+    impossible = dataclasses.replace(target.deployed, parallel=64, ctx_size=16_777_216, cache_type_k="f32",
+                                     cache_type_v="f32")
     started = time.monotonic()
     with pytest.raises(TrialStartFailed, match="did not come up") as failure:
         connection.control.apply(impossible)

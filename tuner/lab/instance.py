@@ -36,6 +36,8 @@ DEFAULT_NAME = "default"
 DEFAULT_BOOT_TIMEOUT_S = 900.0
 SSH_PROBE_TIMEOUT_S = 10
 STOP_TIMEOUT_S = 15.0
+# A clean guest shutdown under TCG: seconds to a minute.
+DEFAULT_SAVE_TIMEOUT_S = 300.0
 PORT_ATTEMPTS = 3
 # A boot whose console has printed nothing for this long, with SSH still silent, has hung: under TCG with
 # more vCPUs than host cores the guest kernel can livelock early (seen once in CI, at ~4 s kernel time,
@@ -132,10 +134,13 @@ class LabInstance:
     # ---- lifecycle --------------------------------------------------------------------------------
 
     def up(self, recipe: ImageRecipe, machine: MachineSpec, *, progress: Progress | None = None,
-           boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S, rebuild: bool = False) -> LabState:
+           boot_timeout: float = DEFAULT_BOOT_TIMEOUT_S, rebuild: bool = False, disk: Path | None = None
+           ) -> LabState:
         """Start the lab (building the image first if needed) and wait until SSH answers.
 
-        A lab that is already running is reused as it is: ``up`` twice is safe.
+        ``disk``: a disk saved by :meth:`save_disk` to start from instead of the clean image (it stays as it
+        is: the lab writes to an overlay on top of it). A lab that is already running is reused as it is:
+        ``up`` twice is safe.
         """
         say = progress or (lambda _message: None)
         problems = machine.problems()
@@ -151,7 +156,11 @@ class LabInstance:
         self.directory.mkdir(parents=True, exist_ok=True)
         files = self.machine_files(image)
         self._clear_runtime_files(files)
-        _run_checked(overlay_command(image.disk, files.overlay), "create the lab's disk overlay")
+        if disk is not None and not disk.is_file():
+            raise UserError(f"no saved lab disk at {disk}", "start from the clean image: leave the disk out")
+        backing, backing_format = (disk, "qcow2") if disk is not None else (image.disk, "raw")
+        new_overlay = overlay_command(backing, files.overlay, base_format=backing_format)
+        _run_checked(new_overlay, "create the lab's disk overlay")
         boot_started = time.monotonic()
         deadline = boot_started + boot_timeout
         for attempt in range(1, BOOT_ATTEMPTS + 1):
@@ -171,7 +180,7 @@ class LabInstance:
                 say(f"the boot stalled (console quiet for {BOOT_STALL_S:.0f} s at "
                     f"{stalled.args[0][-1] if stalled.args[0] else 'the start'!r}); restarting QEMU")
                 self._clear_runtime_files(files)
-                _run_checked(overlay_command(image.disk, files.overlay), "create the lab's disk overlay")
+                _run_checked(new_overlay, "create the lab's disk overlay")
             except BaseException:
                 self.down()
                 raise
@@ -215,6 +224,35 @@ class LabInstance:
         raise UserError(f"the lab did not answer on SSH within {deadline - started:.0f} s; last boot messages:\n    "
                         + "\n    ".join(self.log_tail()),
                         f"see {self.directory / 'serial.log'}; on a busy machine raise --boot-timeout")
+
+    def save_disk(self, state: LabState, target: Path, *, timeout: float = DEFAULT_SAVE_TIMEOUT_S) -> Path:
+        """Power the guest off and keep its disk as ``target`` (a qcow2 on top of the image), so later labs
+        can start from this state; the lab is down afterwards.
+
+        The guest shuts down cleanly first: with ``cache=unsafe`` QEMU keeps disk metadata in memory until it
+        exits, so a copy of a running lab's overlay could be torn.
+        """
+        overlay = self.directory / "overlay.qcow2"
+        if not _is_our_qemu(state.pid, overlay):
+            raise UserError(f"lab {self.name!r} is not running: there is no disk to save", "start it first")
+        with contextlib.suppress(subprocess.TimeoutExpired):  # the connection drops as the guest goes down
+            subprocess.run(ssh_command(self.access(state), ["sudo systemctl poweroff"], connect_timeout=30),
+                           capture_output=True, timeout=60, check=False)
+        deadline = time.monotonic() + timeout
+        while _is_our_qemu(state.pid, overlay):
+            if time.monotonic() > deadline:
+                self.down()
+                raise UserError(f"the lab did not power off within {timeout:.0f} s; its disk was not saved",
+                                f"see {self.directory / 'serial.log'}")
+            time.sleep(1)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staged = target.with_name(f".{target.name}.partial")
+        shutil.copyfile(overlay, staged)
+        with staged.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        staged.replace(target)
+        self.down()
+        return target
 
     def down(self) -> bool:
         """Stop the lab and remove its disk overlay. Returns whether a QEMU was running."""

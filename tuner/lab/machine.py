@@ -8,7 +8,9 @@ Decisions, and why:
   proven offline (every package they need is on the image), and no test depends on a mirror.
 * SSH is forwarded from ``127.0.0.1`` only, never from all interfaces.
 * The disk is a qcow2 overlay on the cached raw base image, so the base stays clean and a new lab is one
-  small file. ``cache=unsafe`` skips host flushes: the overlay is thrown away with the lab.
+  small file. A lab may also start from a saved disk (a converged host, see ``LabInstance.save_disk``): the
+  overlay then sits on that qcow2, which sits on the base image. ``cache=unsafe`` skips host flushes: the
+  overlay is thrown away with the lab (a disk is saved only after a clean guest shutdown).
 * ``max-ram-below-4g=1G``: below 4 GiB QEMU's ``pc`` machine has RAM up to just under 3 GiB (the top
   pages are firmware's), so no gigabyte there is whole RAM, the first holds the kernel and initrd, and
   KASLR may put the kernel in any other. Mapping only 1 GiB low moves the rest of node 0 above 4 GiB.
@@ -40,9 +42,10 @@ class MachineFiles:
     pid_file: Path
 
 
-def overlay_command(base: Path, overlay: Path) -> list[str]:
-    """A copy-on-write disk on top of the cached base image (absolute path: QEMU resolves it later)."""
-    return ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", "raw", str(overlay)]
+def overlay_command(base: Path, overlay: Path, *, base_format: str = "raw") -> list[str]:
+    """A copy-on-write disk on top of ``base`` (absolute path: QEMU resolves it later): the cached raw image,
+    or a saved lab disk (qcow2, itself on top of the image) that a boot should start from."""
+    return ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", base_format, str(overlay)]
 
 
 def qemu_command(machine: MachineSpec, files: MachineFiles, *, ssh_port: int) -> list[str]:
