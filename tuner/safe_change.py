@@ -32,8 +32,16 @@ from typing import Any
 from tuner.config import RunConfig, RunKind, plain_scalar
 from tuner.errors import UserError
 from tuner.inventory import ResolvedInventory, files_setting, inventory_of, resolve_inventory
-from tuner.result import IMPROVED, run_kind
+from tuner.result import IMPROVED, run_kind, write_result
 from tuner.writeback import WriteBack, load_vars_file, write_vars
+
+# How far a run's change got, recorded in its result file as ``write_back.state``.
+STATE_NOTHING_TO_WRITE = "nothing to write"
+STATE_PROVEN = "proven, not yet written"
+STATE_REFUSED = "refused by the safety checks"
+STATE_WRITTEN = "written"
+STATE_APPLY_FAILED = "apply failed, vars file restored"
+STATE_APPLIED = "written and applied"
 
 MODEL_SHA_VAR = "llama_server_model_sha256"
 
@@ -183,3 +191,39 @@ def write_back(result: dict[str, Any], vars_file: Path, *, inventory: Path | Non
             written.restore()
             raise _outranked(vars_file, source if source.is_dir() else source.parent, beaten)
     return WriteBackOutcome(change=change, written=written, targets=targets)
+
+
+def record_write_back(result_path: Path, result: dict[str, Any], vars_file: Path | None, state: str,
+                      written: WriteBack | None = None, *, applied: bool = False, reason: str | None = None) -> None:
+    """Save the result with the write-back's state: the proof is on disk before anything is changed, and the
+    file says how far the change got."""
+    result["write_back"] = {
+        "state": state,
+        "host_vars": str(vars_file) if vars_file else None,
+        "changed": {k: list(v) for k, v in written.changed.items()} if written else {},
+        "applied": applied,
+        **({"reason": reason} if reason else {}),
+    }
+    write_result(result_path, result)
+
+
+def save_and_write(result_path: Path, result: dict[str, Any], vars_file: Path | None, *,
+                   inventory: Path | None, hardware: str | None, will_apply: bool = False) -> WriteBack | None:
+    """What a tuning run does with its result: save it first (``proven, not yet written`` when it proved a
+    winner), then write the winner into ``vars_file`` through :func:`write_back`, recording each step. Returns
+    what was written (``None``: nothing to write, or no file asked for); a refusal is recorded, then raised."""
+    proven = result.get("verdict") == IMPROVED
+    if not proven or (vars_file is None and not will_apply):
+        record_write_back(result_path, result, vars_file, STATE_PROVEN if proven else STATE_NOTHING_TO_WRITE)
+        return None
+    record_write_back(result_path, result, vars_file, STATE_PROVEN)
+    if vars_file is None:
+        return None
+    try:
+        written = write_back(result, vars_file, inventory=inventory, hardware=hardware).written
+    except UserError as exc:
+        record_write_back(result_path, result, vars_file, STATE_REFUSED, reason=str(exc))
+        raise
+    assert written is not None  # an improved verdict either writes or raises
+    record_write_back(result_path, result, vars_file, STATE_WRITTEN, written)
+    return written

@@ -20,11 +20,12 @@ was measured.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from tuner.config import MEMORY_POLICIES, NUMA_MODES, MemoryPolicy, NumaMode, Placement, RunConfig
+from tuner.errors import UserError
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
 from tuner.probe.placement import max_threads, select_cpus
@@ -71,11 +72,25 @@ class _FromParams:
 
 
 class SearchSpace:
-    def __init__(self, probe: HostProbe, model: ModelInfo, objective: str, *, search_kv_cache: bool = True) -> None:
+    """Every choice a trial makes, on the CPUs the trials may use.
+
+    ``usable_cpus``: the CPUs a trial process can run on (this process' affinity within its cgroup cpuset).
+    Candidates are drawn inside them only: on a host whose cpu role confines user.slice to the housekeeping
+    CPUs, a pinned candidate outside them would be clamped by the kernel and measure something else.
+    """
+
+    def __init__(self, probe: HostProbe, model: ModelInfo, objective: str, *, search_kv_cache: bool = True,
+                 usable_cpus: Iterable[int] | None = None) -> None:
         self.probe = probe
         self.model = model
         self.objective = objective
-        topo = probe.topology
+        self.topology = probe.topology if usable_cpus is None else probe.topology.restricted_to(usable_cpus)
+        if not self.topology.cpus:
+            raise UserError(f"none of this host's online CPUs {list(probe.topology.logical_cpus)} may be used by "
+                            f"this process (it may use {sorted(set(usable_cpus or ()))})",
+                            "run the tuner where it may use the inference CPUs (e.g. systemd-run --slice of the "
+                            "server's slice), or widen its CPU affinity")
+        topo = self.topology
         self.physical_cores = topo.physical_core_count
         self.logical_cpus = len(topo.cpus)
         self.multi_node = len(topo.nodes) > 1
@@ -93,7 +108,7 @@ class SearchSpace:
     # ---- the one mapping from choices to a configuration --------------------------------------------
 
     def draw(self, trial: TrialLike) -> RunConfig:
-        topo = self.probe.topology
+        topo = self.topology
         numa: NumaMode = trial.suggest_categorical("numa", NUMA_MODES) if self.multi_node else "none"
         threads_pinned = numa in ("none", "numactl")
         placement: Placement = trial.suggest_categorical("placement", self.placements) if threads_pinned else "os"
@@ -157,7 +172,7 @@ class SearchSpace:
     # ---- what the user sees ------------------------------------------------------------------------
 
     def dimensions(self) -> list[Dimension]:
-        topo = self.probe.topology
+        topo = self.topology
         nodes = len(topo.nodes)
         dims = [
             Dimension("numa", self.multi_node, "none, distribute, isolate, numactl",

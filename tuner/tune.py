@@ -131,7 +131,8 @@ def intake(request: TuneRequest) -> Intake:
     probe = probe_host(bandwidth=False)  # the bandwidth is measured once the run is known to go ahead
     check_fits_in_memory(model, probe.memory_available_bytes)
     sha = model_sha256(model.files)
-    space = SearchSpace(probe, model, request.objective, search_kv_cache=request.search_kv_cache)
+    space = SearchSpace(probe, model, request.objective, search_kv_cache=request.search_kv_cache,
+                        usable_cpus=probe.allowed_cpus)
     return Intake(model, sha, probe, space)
 
 

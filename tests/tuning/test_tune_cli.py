@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
+import yaml
 from gguf import GGMLQuantizationType, GGUFWriter
 from study_support import study_trials
 
@@ -35,13 +36,41 @@ def llamahost(*args: str, home: Path, timeout: float = 600) -> subprocess.Comple
                           timeout=timeout, check=False)
 
 
+MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# What the host_vars file holds before the run: the deployed model and a setting no benchmark measures.
+DEPLOYED_VARS = f"llama_server_model_sha256: {MODEL_SHA256}\nllama_server_parallel: 4\n"
+
+
 @pytest.fixture(scope="module")
 def tuned_home(tmp_path_factory: pytest.TempPathFactory, model_path: Path) -> tuple[Path, dict[str, Any]]:
-    """One real tuning run of about a minute and a half, shared by the assertions below."""
+    """One real tuning run of about a minute and a half, shared by the assertions below; ``--host-vars`` names
+    this machine's host_vars file in an inventory of its own (``<home>/inventory``)."""
     home = tmp_path_factory.mktemp("home")
-    done = llamahost("tune", "--model", str(model_path), "--budget", "100s", *FAST, "--json", home=home)
+    inventory = home / "inventory"
+    (inventory / "host_vars").mkdir(parents=True)
+    (inventory / "hosts.yml").write_text("llama_hosts:\n  hosts:\n    this-host:\n      ansible_connection: local\n")
+    (inventory / "host_vars" / "this-host.yml").write_text(DEPLOYED_VARS)
+    done = llamahost("tune", "--model", str(model_path), "--budget", "100s", *FAST, "--json",
+                     "--host-vars", str(inventory / "host_vars" / "this-host.yml"), home=home)
     assert done.returncode == 0, done.stderr[-3000:]
     return home, json.loads(done.stdout)
+
+
+def test_a_benchmark_tune_writes_its_proven_winner_through_the_safety_chain(
+        tuned_home: tuple[Path, dict[str, Any]]) -> None:
+    """--host-vars on a benchmark tune: what `llamahost write-back` would write, and only that (never the
+    server's slots), recorded in the result file."""
+    home, result = tuned_home
+    host_vars = home / "inventory" / "host_vars" / "this-host.yml"
+    saved = yaml.safe_load((home / "data" / "results" / f"{result['study']}.yaml").read_text())
+    if result["verdict"] == "improved":
+        written = yaml.safe_load(host_vars.read_text())
+        assert written == {**yaml.safe_load(DEPLOYED_VARS), **result["settings"]["role_vars"]}
+        assert written["llama_server_parallel"] == 4, "a benchmark never measured the slots"
+        assert saved["write_back"]["state"] == "written" and saved["write_back"]["changed"]
+    else:
+        assert host_vars.read_text() == DEPLOYED_VARS
+        assert saved["write_back"]["state"] == "nothing to write"
 
 
 def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, Any]]) -> None:
@@ -61,7 +90,7 @@ def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, Any]]) ->
     search = result["search"]
     assert isinstance(search, dict)
     assert search["complete"] >= 1 and 0 < search["measuring_fraction"] <= 1
-    assert result["model"]["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert result["model"]["sha256"] == MODEL_SHA256
     if result["verdict"] == "improved":
         assert result["improvement"]["ci_low"] > 1.0
     else:
@@ -157,6 +186,8 @@ def assert_refused(done: subprocess.CompletedProcess[str], fragment: str, home: 
     (["--storage", "postgresql://nobody:secret@127.0.0.1:9/none"], "cannot open study storage"),
     (["--storage", "sqlite:////nonexistent/dir/studies.db"], "does not exist"),
     (["--storage", "redis://localhost"], "unsupported study storage URL"),
+    (["--apply"], "--apply only work with --live"),
+    (["--baseline-vars", "deployed.yml", "--max-ttft-p95", "2s"], "--baseline-vars, --max-ttft-p95 only work with"),
 ])
 def test_bad_arguments(tmp_path: Path, model_path: Path, args: list[str], fragment: str) -> None:
     home = tmp_path / "home"

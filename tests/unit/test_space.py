@@ -8,6 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from tuner.errors import UserError
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe import read_host
 from tuner.probe.host import HostProbe
@@ -116,3 +117,28 @@ def test_kv_cache_can_be_pinned_to_f16(host: HostProbe) -> None:
     for _ in range(10):
         config = space.draw(study.ask())
         assert (config.cache_type_k, config.cache_type_v) == ("f16", "f16")
+
+
+def test_candidates_stay_inside_the_cpus_the_trials_may_use() -> None:
+    """A host partitioned like the cpu role does it: the tuner may use node 1's CPUs only (CPU 0's node keeps
+    the housekeeping), and one SMT sibling there is taken too. No candidate may name another CPU."""
+    host = read_host(HOST_FIXTURES / "epyc-9654-2s-nps4")
+    node = host.topology.nodes[1]
+    usable = set(node.cpus) - {max(node.cpus)}
+    space = SearchSpace(host, a_model(), "both", usable_cpus=usable)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    pinned = 0
+    for _ in range(300):
+        config = space.draw(study.ask())
+        assert set(config.cpus) <= usable, config
+        pinned += bool(config.cpus)
+    assert pinned > 50
+    inside = host.topology.restricted_to(usable)
+    assert space.baseline().threads == inside.physical_core_count
+    assert space.physical_cores == inside.physical_core_count < host.topology.physical_core_count
+
+
+def test_a_process_that_may_use_none_of_the_cpus_is_refused() -> None:
+    host = read_host(HOST_FIXTURES / "epyc-kvm-2vcpu")
+    with pytest.raises(UserError, match="none of this host's online CPUs"):
+        SearchSpace(host, a_model(), "both", usable_cpus=[4095])

@@ -2,7 +2,9 @@
 
 With ``--live`` the search runs on a running server under a real request workload instead (``--local``
 for a server on this machine, ``--inventory/--host`` for a host's systemd unit), and a proven winner can be
-written back into the inventory and applied.
+written back into the inventory and applied. A benchmark tune writes a proven winner with ``--host-vars`` too
+(through the same safety chain as ``llamahost write-back``); ``--apply`` and the other flags that act on a
+deployed server are refused without ``--live``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tuner.errors import UserError
 from tuner.live.measure import OBJECTIVES as LIVE_OBJECTIVES
 from tuner.live.setup import add_live_arguments, run_live_command
 from tuner.output import console, print_json
+from tuner.safe_change import save_and_write
 from tuner.search import Interrupted
 from tuner.stats import StopRule
 from tuner.summary import print_result
@@ -79,9 +82,24 @@ def request_from_args(args: argparse.Namespace) -> TuneRequest:
     )
 
 
+# Flags that act on a deployed server: a benchmark tune starts llama-server processes of its own.
+LIVE_ONLY_FLAGS = (("--apply", "apply"), ("--baseline-vars", "baseline_vars"), ("--max-ttft-p95", "max_ttft_p95"))
+
+
+def refuse_live_only_flags(args: argparse.Namespace) -> None:
+    """A benchmark tune given a flag that only a live run honours stops before it measures anything (exit 2)."""
+    given = [flag for flag, dest in LIVE_ONLY_FLAGS if getattr(args, dest, None) not in (None, False)]
+    if given:
+        raise UserError(f"{', '.join(given)} only work with --live: a benchmark tune measures llama-server "
+                        "processes of its own, not the deployed server",
+                        "add --live --local (this machine's server) or --live --inventory INV --host HOST; to "
+                        "deploy a benchmark winner, pass --host-vars FILE, then run playbooks/llama_server.yml")
+
+
 def run_tune(args: argparse.Namespace) -> int:
     if args.live or args.local or args.inventory or args.host:
         return run_live_and_report(args, verify_only=False)
+    refuse_live_only_flags(args)
     request = request_from_args(args)
     ctx = prepare(request)
     try:
@@ -91,6 +109,15 @@ def run_tune(args: argparse.Namespace) -> int:
         console(stderr=True).print(f"[bold]interrupted[/bold]: study {ctx.study.study_name} is intact ({trials} "
                                    "trials); run the same command again to resume", style="yellow")
         return EXIT_INTERRUPTED
+    if args.host_vars is not None:  # the same chain as `llamahost write-back`, checked against this host
+        written = save_and_write(outcome.result_path, outcome.result, args.host_vars, inventory=None,
+                                 hardware=ctx.probe.fingerprint())
+        err = console(stderr=True)
+        if written is None:
+            err.print(f"{args.host_vars} left unchanged: {outcome.result['summary']}")
+        else:
+            err.print(f"{args.host_vars}: {len(written.changed)} setting(s) written (previous file kept as "
+                      f"{args.host_vars.name}.prev)")
     print_outcome(outcome.result, as_json=args.json)
     return 0
 

@@ -35,8 +35,8 @@ from tuner.paths import data_dir, results_dir
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
 from tuner.report import write_report
-from tuner.result import IMPROVED, assemble_result, host_block, model_block, write_result
-from tuner.safe_change import write_back
+from tuner.result import IMPROVED, assemble_result, host_block, model_block
+from tuner.safe_change import STATE_APPLIED, STATE_APPLY_FAILED, record_write_back, save_and_write
 from tuner.search import Interrupted, Search, sigterm_as_interrupt
 from tuner.study import StudyBinding, fail_stale_trials, open_storage, open_study
 from tuner.tune import (
@@ -51,12 +51,6 @@ from tuner.verify import Verification
 from tuner.writeback import WriteBack
 
 # How far a proven result got on its way to the running server (the result file's write_back.state).
-STATE_NOTHING_TO_WRITE = "nothing to write"
-STATE_PROVEN = "proven, not yet written"
-STATE_REFUSED = "refused by the safety checks"
-STATE_WRITTEN = "written"
-STATE_APPLY_FAILED = "apply failed, vars file restored"
-STATE_APPLIED = "written and applied"
 
 TOKENS_PER_WORD = 1.6  # generous: the built-in mixes' plain English words, and most user prompts
 
@@ -237,20 +231,6 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
     return LiveOutcome(result, ctx.result_path, verification, written, applied)
 
 
-def _record(ctx: LiveContext, result: dict[str, Any], state: str, written: WriteBack | None = None,
-            applied: bool = False, reason: str | None = None) -> None:
-    """Save the result with the write-back's state: the proof is on disk before anything is changed, and the
-    file says how far the change got."""
-    result["write_back"] = {
-        "state": state,
-        "host_vars": str(ctx.request.host_vars) if ctx.request.host_vars else None,
-        "changed": {k: list(v) for k, v in written.changed.items()} if written else {},
-        "applied": applied,
-        **({"reason": reason} if reason else {}),
-    }
-    write_result(ctx.result_path, result)
-
-
 class Events(Protocol):
     """Where a step reports what it did (the run's progress display)."""
 
@@ -262,24 +242,15 @@ def save_write_and_apply(ctx: LiveContext, result: dict[str, Any],
     """Result first, then the vars file (:mod:`tuner.safe_change`), then the apply; a failed apply puts the vars
     file back, so the inventory never names a winner the host does not run."""
     req = ctx.request
-    if result["verdict"] != IMPROVED or (req.host_vars is None and not req.apply):
-        _record(ctx, result, STATE_NOTHING_TO_WRITE if result["verdict"] != IMPROVED else STATE_PROVEN)
-        if req.host_vars is not None:
-            progress.event(f"{req.host_vars} left unchanged: {result['summary']}")
-        return None, False
-    _record(ctx, result, STATE_PROVEN)
-    written: WriteBack | None = None
-    if req.host_vars is not None:
-        try:
-            written = write_back(result, req.host_vars, inventory=req.inventory,
-                                 hardware=ctx.probe.fingerprint()).written
-        except UserError as exc:
-            _record(ctx, result, STATE_REFUSED, reason=str(exc))
-            raise
-        assert written is not None  # an improved verdict either writes or raises
+    written = save_and_write(ctx.result_path, result, req.host_vars, inventory=req.inventory,
+                             hardware=ctx.probe.fingerprint(), will_apply=req.apply)
+    if req.host_vars is not None and written is None:
+        progress.event(f"{req.host_vars} left unchanged: {result['summary']}")
+    elif req.host_vars is not None and written is not None:
         progress.event(f"{req.host_vars}: {len(written.changed)} setting(s) written "
                        f"(previous file kept as {req.host_vars.name}.prev)")
-        _record(ctx, result, STATE_WRITTEN, written)
+    if result["verdict"] != IMPROVED:
+        return None, False
     if not req.apply:
         return written, False
     winner = RunConfig.from_dict(result["settings"]["config"], origin="the proven winner")
@@ -290,11 +261,11 @@ def save_write_and_apply(ctx: LiveContext, result: dict[str, Any],
         if restored and written is not None:
             written.restore()
         why = exc.problem if isinstance(exc, UserError) else str(exc)
-        _record(ctx, result, STATE_APPLY_FAILED, written, reason=why)
+        record_write_back(ctx.result_path, result, req.host_vars, STATE_APPLY_FAILED, written, reason=why)
         raise UserError(f"the proven winner could not be applied ({why})",
                         (f"{req.host_vars} was put back as it was; " if restored else "")
                         + f"the proof is kept in {ctx.result_path}: fix the cause, then "
                           f"`llamahost apply --study {ctx.study.study_name}`") from None
     progress.event(f"the server now runs the proven configuration: {' '.join(winner.server_args())}")
-    _record(ctx, result, STATE_APPLIED, written, applied=True)
+    record_write_back(ctx.result_path, result, req.host_vars, STATE_APPLIED, written, applied=True)
     return written, True

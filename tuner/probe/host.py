@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 
@@ -95,6 +95,16 @@ class Topology:
     def nodes_with_cpus(self) -> tuple[int, ...]:
         """Nodes that can run threads (memory-only nodes, e.g. CXL or HBM, are left out)."""
         return tuple(n.id for n in self.nodes if n.cpus)
+
+    def restricted_to(self, cpu_ids: Iterable[int]) -> Topology:
+        """This topology as a process confined to ``cpu_ids`` sees it (its affinity, its cgroup cpuset): only
+        those CPUs, each node keeping its memory. A core with a sibling outside the set has one thread left."""
+        keep = set(cpu_ids)
+        return Topology(
+            cpus=tuple(c for c in self.cpus if c.id in keep),
+            nodes=tuple(replace(node, cpus=tuple(c for c in node.cpus if c in keep)) for node in self.nodes),
+            llc_size_bytes=dict(self.llc_size_bytes),
+        )
 
     def primary_cpus(self) -> tuple[int, ...]:
         """The first logical CPU of every physical core: one thread per core, no SMT sibling."""

@@ -97,11 +97,33 @@ def current_memory_policy() -> tuple[str, tuple[int, ...]]:
 
 
 def pin_to_cpus(cpus: Iterable[int]) -> tuple[int, ...]:
-    """Restrict the calling process to ``cpus``; returns the mask the kernel actually applied."""
+    """Restrict the calling process to ``cpus`` and read the mask back; returns it.
+
+    The kernel quietly narrows a mask to the CPUs the process may use (its cgroup cpuset: user.slice on a
+    host partitioned by the cpu role, a taskset around the tuner). A trial pinned that way would measure a
+    configuration other than the one it records, so a mask that did not take is a :class:`PlacementError`.
+    """
     wanted = set(cpus)
-    if wanted:
+    if not wanted:
+        return tuple(sorted(os.sched_getaffinity(0)))
+    allowed = sorted(os.sched_getaffinity(0))
+    try:
         os.sched_setaffinity(0, wanted)
-    return tuple(sorted(os.sched_getaffinity(0)))
+    except OSError as exc:
+        raise PlacementError(f"cannot pin to CPUs {sorted(wanted)} ({exc.strerror}): this process may only "
+                             f"run on CPUs {allowed}") from None
+    applied = tuple(sorted(os.sched_getaffinity(0)))
+    if set(applied) != wanted:
+        raise PlacementError(f"the CPU mask {sorted(wanted)} did not take effect: the kernel applied "
+                             f"{list(applied)} (this process may only run on CPUs {allowed})")
+    return applied
+
+
+def check_memory_policy(wanted: str, nodes: Iterable[int], applied: tuple[str, tuple[int, ...]]) -> None:
+    """A memory policy read back from the kernel (:func:`current_memory_policy`) must be the one asked for."""
+    if applied != (wanted, tuple(sorted(set(nodes)))):
+        raise PlacementError(f"the memory policy {wanted} on nodes {sorted(set(nodes))} did not take effect: "
+                             f"the kernel reports {applied[0]} on nodes {list(applied[1])}")
 
 
 def evict_page_cache(files: Iterable[Path]) -> None:

@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from tuner.config import RunConfig
 from tuner.stats import sampling_should_stop, warmup_is_stable
-from tuner.trial.placement import current_memory_policy, pin_to_cpus, set_memory_policy
+from tuner.trial.placement import check_memory_policy, current_memory_policy, pin_to_cpus, set_memory_policy
 from tuner.trial.protocol import TrialSpec, measures_pp, measures_tg
 
 NUMA_STRATEGIES = {"none": 0, "distribute": 1, "isolate": 2, "numactl": 3}
@@ -221,6 +221,8 @@ def run(spec: TrialSpec, emit: Callable[..., None]) -> None:
             raise WorkerError("memory policy without nodes: the manager must resolve memory_nodes")
         set_memory_policy(config.memory_policy, nodes)
     policy = current_memory_policy()
+    if config.memory_policy != "default":
+        check_memory_policy(config.memory_policy, config.memory_nodes, policy)
 
     import llama_cpp as L
 
