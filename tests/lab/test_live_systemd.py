@@ -187,14 +187,16 @@ def test_a_trial_that_cannot_start_fails_with_the_journal_and_the_baseline_comes
     assert state["dropin"] == "absent" and runs(state, TUNED) and state["health"] == "200"
 
 
-def test_a_second_tuner_is_refused_within_a_second(served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
+def test_a_second_tuner_is_refused_at_once(served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
     second = RemoteConnection(live_args(served))
     second.control.connect()
     try:
         started = time.monotonic()
         with pytest.raises(UserError, match="another llamahost tune is already tuning"), second.control.lock():
             pass
-        assert time.monotonic() - started < 1.0
+        # Refused at once rather than queued behind the first tuner's lock; under TCG one SSH round trip on the
+        # emulated guest alone can take about a second, so the bound only tells "refused" from "waited".
+        assert time.monotonic() - started < 10.0
     finally:
         second.control.disconnect()
 
