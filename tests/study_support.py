@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 
 
 def study_trials(home: Path, name: str) -> list[optuna.trial.FrozenTrial]:
@@ -16,5 +17,7 @@ def study_trials(home: Path, name: str) -> list[optuna.trial.FrozenTrial]:
     try:
         study = optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(f"sqlite:///{db}"))
     except KeyError:  # the run has created the file but not the study yet
+        return []
+    except sqlalchemy.exc.OperationalError:  # the run is still creating the schema ("table ... already exists")
         return []
     return study.get_trials(deepcopy=False)

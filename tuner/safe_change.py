@@ -208,16 +208,13 @@ def record_write_back(result_path: Path, result: dict[str, Any], vars_file: Path
 
 
 def save_and_write(result_path: Path, result: dict[str, Any], vars_file: Path | None, *,
-                   inventory: Path | None, hardware: str | None, will_apply: bool = False) -> WriteBack | None:
+                   inventory: Path | None, hardware: str | None) -> WriteBack | None:
     """What a tuning run does with its result: save it first (``proven, not yet written`` when it proved a
     winner), then write the winner into ``vars_file`` through :func:`write_back`, recording each step. Returns
     what was written (``None``: nothing to write, or no file asked for); a refusal is recorded, then raised."""
     proven = result.get("verdict") == IMPROVED
-    if not proven or (vars_file is None and not will_apply):
-        record_write_back(result_path, result, vars_file, STATE_PROVEN if proven else STATE_NOTHING_TO_WRITE)
-        return None
-    record_write_back(result_path, result, vars_file, STATE_PROVEN)
-    if vars_file is None:
+    record_write_back(result_path, result, vars_file, STATE_PROVEN if proven else STATE_NOTHING_TO_WRITE)
+    if not proven or vars_file is None:
         return None
     try:
         written = write_back(result, vars_file, inventory=inventory, hardware=hardware).written
@@ -227,3 +224,10 @@ def save_and_write(result_path: Path, result: dict[str, Any], vars_file: Path | 
     assert written is not None  # an improved verdict either writes or raises
     record_write_back(result_path, result, vars_file, STATE_WRITTEN, written)
     return written
+
+
+def written_message(vars_file: Path, written: WriteBack | None, summary: object) -> str:
+    """One line for the user on what a run did to ``vars_file``."""
+    if written is None:
+        return f"{vars_file} left unchanged: {summary}"
+    return f"{vars_file}: {len(written.changed)} setting(s) written (previous file kept as {vars_file.name}.prev)"

@@ -84,10 +84,11 @@ class SearchSpace:
         self.probe = probe
         self.model = model
         self.objective = objective
-        self.topology = probe.topology if usable_cpus is None else probe.topology.restricted_to(usable_cpus)
+        usable = None if usable_cpus is None else sorted(set(usable_cpus))
+        self.topology = probe.topology if usable is None else probe.topology.restricted_to(usable)
         if not self.topology.cpus:
             raise UserError(f"none of this host's online CPUs {list(probe.topology.logical_cpus)} may be used by "
-                            f"this process (it may use {sorted(set(usable_cpus or ()))})",
+                            f"this process (it may use {usable})",
                             "run the tuner where it may use the inference CPUs (e.g. systemd-run --slice of the "
                             "server's slice), or widen its CPU affinity")
         topo = self.topology

@@ -18,7 +18,7 @@ from tuner.errors import UserError
 from tuner.live.measure import OBJECTIVES as LIVE_OBJECTIVES
 from tuner.live.setup import add_live_arguments, run_live_command
 from tuner.output import console, print_json
-from tuner.safe_change import save_and_write
+from tuner.safe_change import save_and_write, written_message
 from tuner.search import Interrupted
 from tuner.stats import StopRule
 from tuner.summary import print_result
@@ -112,12 +112,7 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.host_vars is not None:  # the same chain as `llamahost write-back`, checked against this host
         written = save_and_write(outcome.result_path, outcome.result, args.host_vars, inventory=None,
                                  hardware=ctx.probe.fingerprint())
-        err = console(stderr=True)
-        if written is None:
-            err.print(f"{args.host_vars} left unchanged: {outcome.result['summary']}")
-        else:
-            err.print(f"{args.host_vars}: {len(written.changed)} setting(s) written (previous file kept as "
-                      f"{args.host_vars.name}.prev)")
+        console(stderr=True).print(written_message(args.host_vars, written, outcome.result["summary"]))
     print_outcome(outcome.result, as_json=args.json)
     return 0
 

@@ -36,7 +36,7 @@ from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
 from tuner.report import write_report
 from tuner.result import IMPROVED, assemble_result, host_block, model_block
-from tuner.safe_change import STATE_APPLIED, STATE_APPLY_FAILED, record_write_back, save_and_write
+from tuner.safe_change import STATE_APPLIED, STATE_APPLY_FAILED, record_write_back, save_and_write, written_message
 from tuner.search import Interrupted, Search, sigterm_as_interrupt
 from tuner.study import StudyBinding, fail_stale_trials, open_storage, open_study
 from tuner.tune import (
@@ -49,8 +49,6 @@ from tuner.tune import (
 )
 from tuner.verify import Verification
 from tuner.writeback import WriteBack
-
-# How far a proven result got on its way to the running server (the result file's write_back.state).
 
 TOKENS_PER_WORD = 1.6  # generous: the built-in mixes' plain English words, and most user prompts
 
@@ -243,12 +241,9 @@ def save_write_and_apply(ctx: LiveContext, result: dict[str, Any],
     file back, so the inventory never names a winner the host does not run."""
     req = ctx.request
     written = save_and_write(ctx.result_path, result, req.host_vars, inventory=req.inventory,
-                             hardware=ctx.probe.fingerprint(), will_apply=req.apply)
-    if req.host_vars is not None and written is None:
-        progress.event(f"{req.host_vars} left unchanged: {result['summary']}")
-    elif req.host_vars is not None and written is not None:
-        progress.event(f"{req.host_vars}: {len(written.changed)} setting(s) written "
-                       f"(previous file kept as {req.host_vars.name}.prev)")
+                             hardware=ctx.probe.fingerprint())
+    if req.host_vars is not None:
+        progress.event(written_message(req.host_vars, written, result["summary"]))
     if result["verdict"] != IMPROVED:
         return None, False
     if not req.apply:
