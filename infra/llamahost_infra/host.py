@@ -331,6 +331,9 @@ class CpuInferenceHost(pulumi.ComponentResource):
             )
             variables.update(args.facts)
             variables["llamahost_private_ip"] = private_ip
+            # The security group opens the server port to the client group, so the server binds the
+            # address clients reach; the role then requires (or generates) an API key.
+            variables["llama_server_host"] = private_ip
             variables["llamahost_availability_zone"] = zone
             return {
                 "name": name,

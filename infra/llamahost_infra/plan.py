@@ -88,6 +88,7 @@ class HostPlan:
     facts_from_aws: InstanceTypeFacts
     cpu_options: CpuOptionsPlan | None
     data_volume: DataVolumePlan
+    install_mode: str = "binary"
     root_volume_gib: int = ROOT_VOLUME_GIB
 
     @property
@@ -103,12 +104,15 @@ class HostPlan:
         return self.cpu_options.core_count if self.cpu_options else self.facts_from_aws.cores
 
     def host_facts(self, settings: StackSettings) -> dict[str, Any]:
-        """The ``llamahost_*`` host variables the roles and the tuner read.
+        """The host variables the roles and the tuner read: ``llamahost_*`` facts about the host, and the
+        ``llama_server_*`` settings the stack itself decided (the port its security group opens, the data
+        volume it mounts, the install mode its architecture needs). The bind address is the host's private
+        IP, added per host by the component.
 
-        No ``llama_server_*`` setting is a host variable: host variables outrank ``group_vars``, so a thread
-        count set here would override a fleet's tuned ``group_vars/<group>.yml`` and roll out a mix that was
-        never measured. The role's own default (threads 0: the physical cores, llama.cpp's default) serves
-        until the tuner writes a measured value.
+        No *tuned* ``llama_server_*`` setting is a host variable: host variables outrank ``group_vars``, so
+        a thread count set here would override a fleet's tuned ``group_vars/<group>.yml`` and roll out a mix
+        that was never measured. The role's own default (threads 0: the physical cores, llama.cpp's default)
+        serves until the tuner writes a measured value.
         """
         size = self.instance
         facts: dict[str, Any] = {
@@ -126,8 +130,9 @@ class HostPlan:
             "llamahost_predicted_tg_tokens_per_second": round(self.choice.predicted_tg, 2),
             "llamahost_model_name": self.model.name,
             "llamahost_model_bytes": self.model.weight_bytes,
-            "llamahost_model_dir": MODEL_DIR,
-            "llamahost_server_port": settings.server_port,
+            "llama_server_model_dir": MODEL_DIR,
+            "llama_server_port": settings.server_port,
+            "llama_server_install_mode": self.install_mode,
         }
         if settings.model_s3_uri:
             facts["llamahost_model_s3_uri"] = settings.model_s3_uri
@@ -306,6 +311,25 @@ def instance_type_facts(name: str, result: Mapping[str, Any]) -> InstanceTypeFac
     )
 
 
+def serving_install_mode(requested: str, architecture: str) -> str:
+    """The llama_server install mode for a host of ``architecture``: ``auto`` picks one that serves there,
+    and an explicit mode that cannot serve there is refused now, before the host exists.
+
+    ``binary`` copies the controller's portable x86-64 build, so it serves only x86_64 hosts; ``source``
+    (built on the host with its native flags) and ``python`` serve both architectures.
+    """
+    if requested == "auto":
+        return "binary" if architecture == "x86_64" else "source"
+    if requested == "binary" and architecture != "x86_64":
+        raise UserError(
+            f"llamahost:installMode binary ships the controller's x86-64 llama-server, which cannot run on "
+            f"this {architecture} instance type",
+            "set llamahost:installMode source (llama.cpp built on the host, for its CPU) or auto, or choose an "
+            "x86_64 type (llamahost:instanceType or llamahost:families)",
+        )
+    return requested
+
+
 def plan_hosts(
     settings: StackSettings,
     model: ModelDemand,
@@ -316,6 +340,7 @@ def plan_hosts(
     choice, report = choose_instance(settings, model, catalog)
     facts = facts_for(choice.instance.name)
     check_catalog_against_aws(choice.instance, facts)
+    install_mode = serving_install_mode(settings.install_mode, choice.instance.family.architecture)
     return HostPlan(
         model=model,
         report=report,
@@ -329,4 +354,5 @@ def plan_hosts(
             throughput_mibs=settings.data_volume_throughput,
             iops=settings.data_volume_iops,
         ),
+        install_mode=install_mode,
     )

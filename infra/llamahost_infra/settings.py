@@ -40,6 +40,8 @@ MODEL_PARAM_KEYS = {
     "name",
 }
 DEFAULT_NETWORK_CIDR = "10.42.0.0/16"
+# "auto" and the llama_server role's own modes (roles/llama_server/defaults/main.yml).
+INSTALL_MODES = ("auto", "binary", "source", "python")
 
 Access = Literal["ssm", "ssh"]
 
@@ -69,6 +71,11 @@ KEYS: dict[str, tuple[str, str]] = {
     ),
     "clientSecurityGroupId": ("string", "security group allowed to reach the server port; unset = a new one"),
     "serverPort": ("integer", "llama-server port opened to the client group (default 8080)"),
+    "installMode": (
+        "string",
+        "how the role installs llama-server: auto (default: binary on x86_64, source on arm64), binary, source, "
+        "python",
+    ),
     "access": ("string", "how Ansible connects: ssm (default) or ssh"),
     "keyName": ("string", "EC2 key pair, access=ssh only"),
     "ssmBucket": ("string", "existing S3 bucket for Ansible's SSM file transfers; unset = a new one"),
@@ -114,6 +121,7 @@ class StackSettings:
     ssm_endpoints: bool = False
     client_security_group_id: str | None = None
     server_port: int = 8080
+    install_mode: str = "auto"
     access: Access = "ssm"
     key_name: str | None = None
     ssm_bucket: str | None = None
@@ -337,6 +345,7 @@ def parse_settings(raw: Mapping[str, str], *, stack: str, region: str | None) ->
         ssm_endpoints=read.boolean("ssmEndpoints", default=False),
         client_security_group_id=read.string("clientSecurityGroupId", SG_PATTERN, "sg-0123456789abcdef0"),
         server_port=read.integer_or("serverPort", 1024, 65535, 8080),
+        install_mode=read.choice("installMode", INSTALL_MODES, "auto"),
         access="ssh" if access == "ssh" else "ssm",
         key_name=read.string("keyName"),
         ssm_bucket=read.string("ssmBucket"),

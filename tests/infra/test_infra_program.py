@@ -27,6 +27,8 @@ from infra_mocks import (
 from llamahost_policies import violations
 from ruamel.yaml import YAML
 
+from tuner.config import RunConfig
+
 INSTANCE = "aws:ec2/instance:Instance"
 SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
 BASE = BASE_CONFIG
@@ -225,7 +227,8 @@ def test_smt_is_turned_off_on_intel_with_all_cores() -> None:
         1,
         48,
     )
-    assert not [key for key in facts if key.startswith("llama_server_")], "no host var outranks tuned group_vars"
+    tuned = set(RunConfig(threads=1, threads_batch=1).role_vars())
+    assert not tuned & set(facts), "no host var outranks tuned group_vars"
 
 
 def test_smt_kept_on_when_asked() -> None:
@@ -318,8 +321,32 @@ def test_outputs_carry_ids_addresses_and_facts(default: Deployment) -> None:
     assert facts["llamahost_numa_nodes"] == 1
     assert facts["llamahost_smt"] is False
     assert facts["llamahost_model_bytes"] == 42_801_250_000
-    assert facts["llamahost_model_dir"] == "/srv/models"
     assert facts["llamahost_physical_cores"] == 96
+
+
+def test_the_inventory_hands_the_role_what_the_stack_decided(default: Deployment) -> None:
+    """Port, bind address, model directory and install mode reach the llama_server role under its own
+    names: the port the security group opens, the private IP clients reach, the mounted data volume, and a
+    mode that serves the arm64 type the sizing engine chose."""
+    (host,) = default.outputs["hosts"]
+    facts = host["vars"]
+    opened = {rule["fromPort"] for rule in group_named(default, "-hosts")["ingress"]}
+    assert facts["llama_server_port"] == 8080 and opened == {8080}
+    assert facts["llama_server_host"] == host["private_ip"] == "10.42.0.10"
+    assert facts["llama_server_model_dir"] == "/srv/models"
+    assert facts["llama_server_install_mode"] == "source"
+    assert not any(name.startswith("llamahost_server") or name == "llamahost_model_dir" for name in facts)
+
+
+@pytest.mark.parametrize(
+    ("config", "mode"),
+    [({**INTEL, "serverPort": "9090"}, "binary"), ({**INTEL, "installMode": "python"}, "python")],
+)
+def test_an_x86_host_gets_the_binary_mode_and_the_configured_port(config: dict[str, Any], mode: str) -> None:
+    run = deploy(config)
+    facts = run.outputs["hosts"][0]["vars"]
+    assert facts["llama_server_install_mode"] == mode
+    assert facts["llama_server_port"] == int(config.get("serverPort", 8080))
 
 
 def test_inventory_output_puts_hosts_in_llama_hosts_with_ssm(default: Deployment) -> None:
@@ -424,6 +451,12 @@ def test_every_resource_passes_every_policy(config: dict[str, Any]) -> None:
         ({**BASE, "dataVolumeThroughput": "1000", "dataVolumeIops": "3000"}, r"needs at least 4000 IOPS"),
         ({**BASE, "modelParams": {**LLAMA_70B, "layer": 80}}, r"modelParams has unknown keys layer"),
         ({**BASE, "networkCidr": "8.8.0.0/16"}, r"must be a private IPv4 network"),
+        (
+            {**BASE, "installMode": "binary"},
+            r"installMode binary ships the controller's x86-64 llama-server, which cannot run on this arm64 "
+            r"instance type\n  fix: set llamahost:installMode source",
+        ),
+        ({**BASE, "installMode": "docker"}, r"llamahost:installMode"),
     ],
 )
 def test_configuration_errors_fail_with_a_clear_message(config: dict[str, Any], message: str) -> None:

@@ -73,6 +73,14 @@ def render(config: RunConfig, expressions: list[str], **extra: Any) -> list[Any]
 
 
 def run_plays(plays: list[dict[str, Any]]) -> list[list[Any]]:
+    """Every task's ``msg`` per play (None for a task without one); the run must succeed."""
+    rc, report, output = run_playbook(plays)
+    assert rc == 0, output
+    return [[task["hosts"]["localhost"].get("msg") for task in play["tasks"]] for play in report["plays"]]
+
+
+def run_playbook(plays: list[dict[str, Any]]) -> tuple[int, dict[str, Any], str]:
+    """Run ``plays`` on localhost with real Ansible: exit status, the JSON report, the output's tail."""
     with tempfile.TemporaryDirectory(prefix="llamahost-render-") as tmp:
         # Not the repository's ansible.cfg: its timing callback would print into the JSON report.
         config = Path(tmp) / "ansible.cfg"
@@ -82,9 +90,60 @@ def run_plays(plays: list[dict[str, Any]]) -> list[list[Any]]:
         env = {**os.environ, "ANSIBLE_CONFIG": str(config)}
         done = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", str(playbook)], env=env,
                               capture_output=True, text=True, timeout=300, check=False, cwd=tmp)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(done.stdout)
-    return [[task["hosts"]["localhost"]["msg"] for task in play["tasks"]] for play in report["plays"]]
+    return done.returncode, json.loads(done.stdout), done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def key_play(tmp_path: Path, role_vars: dict[str, Any], tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A play with the role's defaults and internal vars, its key files moved into ``tmp_path``."""
+    paths = tmp_path / "key-paths.yml"
+    paths.write_text(yaml.safe_dump({"__llama_server_api_key_file": str(tmp_path / "api-key"),
+                                     "__llama_server_api_key_env_file": str(tmp_path / "api-key.env")}))
+    return {"name": "key", "hosts": "localhost", "gather_facts": False, "connection": "local",
+            "vars_files": [str(ROLE / "vars" / "main.yml"), str(paths)],
+            "vars": {**DEFAULTS, "llama_server_model_src": "/models/m.gguf",
+                     "ansible_python_interpreter": sys.executable, **role_vars},
+            "tasks": tasks}
+
+
+@pytest.mark.parametrize(
+    ("role_vars", "kept", "expected", "generated"),
+    [
+        ({}, None, "", False),  # loopback, no key: none in use
+        ({"llama_server_api_key": "chosen"}, "old", "chosen", False),  # a set key wins over a kept one
+        ({"llama_server_host": "10.42.0.10"}, "kept-key\n", "kept-key", False),  # reused, not replaced
+        ({"llama_server_host": "10.42.0.10", "llama_server_install_mode": "python"}, "API_KEY=env-key\n",
+         "env-key", False),
+        ({"llama_server_host": "0.0.0.0"}, None, None, True),  # open, no key anywhere: a new one
+    ],
+    ids=["loopback", "set", "kept", "kept-python", "generated"],
+)
+def test_an_open_bind_always_has_a_key_and_a_generated_key_is_kept(
+        tmp_path: Path, role_vars: dict[str, Any], kept: str | None, expected: str | None, generated: bool) -> None:
+    python = role_vars.get("llama_server_install_mode") == "python"
+    if kept is not None:
+        (tmp_path / ("api-key.env" if python else "api-key")).write_text(kept)
+    tasks: list[dict[str, Any]] = [{"ansible.builtin.include_tasks": str(ROLE / "tasks" / "api_key.yml")},
+             {"ansible.builtin.debug": {"msg": "{{ [__llama_server_key, __llama_server_key_generated | bool,"
+                                               " __llama_server_uses_key | bool] }}"}}]
+    key, was_generated, uses_key = run_plays([key_play(tmp_path, role_vars, tasks)])[0][-1]
+    assert was_generated is generated and uses_key is (expected != "")
+    if expected is None:
+        assert re.fullmatch(r"[A-Za-z0-9]{48}", key), key
+    else:
+        assert key == expected
+
+
+def test_an_open_bind_without_a_key_is_refused_when_generation_is_off(tmp_path: Path) -> None:
+    """The validation task itself (read from validate.yml) refuses the bind, naming both variables."""
+    validate = yaml.safe_load((ROLE / "tasks" / "validate.yml").read_text())
+    (check,) = [task for task in validate if task["name"].startswith("Check that a server reachable")]
+    plays = [key_play(tmp_path, {"llama_server_host": "0.0.0.0", "llama_server_api_key_generate": value},
+                      [check]) for value in (True, False)]
+    rc, report, _ = run_playbook(plays)
+    allowed, refused = (play["tasks"][0]["hosts"]["localhost"] for play in report["plays"])
+    assert rc != 0 and not allowed.get("failed") and refused.get("failed")
+    assert "llama_server_host 0.0.0.0 is not loopback" in refused["msg"]
+    assert "llama_server_api_key_generate is off" in refused["msg"]
 
 
 def test_role_accepts_exactly_the_variables_the_tuner_writes_with_the_same_choices() -> None:
