@@ -56,6 +56,16 @@ def tiny_model_path(model_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_split_model_path(model_path: Path) -> Path:
+    """The tiny model split in two like gguf-split publishes big models (the first shard's path), for the
+    paths that place and serve split models."""
+    from tuner.model.default_model import models_dir
+    from tuner.model.tiny import tiny_model
+
+    return tiny_model(models_dir() / "tiny", source=model_path, shards=2)
+
+
+@pytest.fixture(scope="session")
 def llama_server_build() -> ServerBuild:
     """The portable llama-server built from the pinned llama.cpp: built at most once per machine
     (``make test`` builds it first; this reuses that build, or builds it when tests run alone)."""

@@ -32,6 +32,7 @@ from typing import Any
 from tuner.config import RunConfig, RunKind, plain_scalar
 from tuner.errors import UserError
 from tuner.inventory import ResolvedInventory, files_setting, inventory_of, resolve_inventory
+from tuner.model.checksum import combined_sha256
 from tuner.result import IMPROVED, run_kind, write_result
 from tuner.writeback import WriteBack, load_vars_file, write_vars
 
@@ -114,16 +115,19 @@ def check_hardware(change: ProvenChange, expected: str | None) -> None:
 
 
 def check_model(change: ProvenChange, deployed: Any, where: str) -> None:
-    """The target must serve the model the result was measured on."""
-    if not isinstance(deployed, str) or not deployed.strip():
+    """The target must serve the model the result was measured on (a split model's list of shard digests is
+    compared as the one digest the tuner gives it)."""
+    digests = [str(d) for d in deployed] if isinstance(deployed, list) else [str(deployed or "")]
+    if not all(d.strip() for d in digests) or not digests:
         raise UserError(f"{where} does not say which model it serves ({MODEL_SHA_VAR} is not set)",
                         f"set {MODEL_SHA_VAR} for it (the role needs it too); nothing was written")
-    if "{{" in deployed:
+    if any("{{" in d for d in digests):
         raise UserError(f"{where} sets {MODEL_SHA_VAR} through a template, which only ansible-playbook resolves",
                         f"write {MODEL_SHA_VAR} as the literal sha256; nothing was written")
-    if deployed.strip().lower() != change.model_sha256:
+    served = combined_sha256(digests)
+    if served != change.model_sha256:
         raise UserError(f"the result was measured on model {change.model_sha256[:12]}..., but {where} serves "
-                        f"{deployed.strip()[:12]}...",
+                        f"{served[:12]}...",
                         "nothing was written; tune the model the hosts serve (pass it with --model)")
 
 

@@ -11,20 +11,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import llama_cpp
 import pytest
 import yaml
+from role_support import COMMON, REPO, ROLE, load_plugin, run_playbook, run_plays
+from role_support import run_module as run_role_module
 
 from tuner.config import (
     CACHE_TYPES,
@@ -40,9 +38,6 @@ from tuner.errors import UserError
 from tuner.server.build import cmake_flags
 from tuner.server.source import SDIST_SHA256, pinned_version
 
-REPO = Path(__file__).resolve().parents[2]
-ROLE = REPO / "roles" / "llama_server"
-COMMON = REPO / "roles" / "llamahost_common"
 BIN = Path(sys.executable).parent
 DEFAULTS: dict[str, Any] = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
 SPECS: dict[str, Any] = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]
@@ -70,27 +65,6 @@ def render(config: RunConfig, expressions: list[str], **extra: Any) -> list[Any]
         "tasks": [{"ansible.builtin.debug": {"msg": "{{ " + expression + " }}"}} for expression in expressions],
     }
     return run_plays([play])[0]
-
-
-def run_plays(plays: list[dict[str, Any]]) -> list[list[Any]]:
-    """Every task's ``msg`` per play (None for a task without one); the run must succeed."""
-    rc, report, output = run_playbook(plays)
-    assert rc == 0, output
-    return [[task["hosts"]["localhost"].get("msg") for task in play["tasks"]] for play in report["plays"]]
-
-
-def run_playbook(plays: list[dict[str, Any]]) -> tuple[int, dict[str, Any], str]:
-    """Run ``plays`` on localhost with real Ansible: exit status, the JSON report, the output's tail."""
-    with tempfile.TemporaryDirectory(prefix="llamahost-render-") as tmp:
-        # Not the repository's ansible.cfg: its timing callback would print into the JSON report.
-        config = Path(tmp) / "ansible.cfg"
-        config.write_text("[defaults]\nstdout_callback = ansible.builtin.json\nlocalhost_warning = false\n")
-        playbook = Path(tmp) / "render.yml"
-        playbook.write_text(yaml.safe_dump(plays))
-        env = {**os.environ, "ANSIBLE_CONFIG": str(config)}
-        done = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", str(playbook)], env=env,
-                              capture_output=True, text=True, timeout=300, check=False, cwd=tmp)
-    return done.returncode, json.loads(done.stdout), done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def key_play(tmp_path: Path, role_vars: dict[str, Any], tasks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -190,14 +164,6 @@ def test_source_mode_builds_from_the_tuners_pinned_source_with_its_native_flags(
     assert DEFAULTS["llama_server_source_url"].endswith(f"llama_cpp_python-{pinned_version()}.tar.gz")
 
 
-def load_plugin(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 CPU_LISTS = load_plugin(COMMON / "filter_plugins" / "cpu_lists.py")
 
 
@@ -221,13 +187,8 @@ def test_exec_start_quoting_survives_spaces_percent_and_dollar() -> None:
 
 
 def run_module(name: str, args: dict[str, Any], tmp_path: Path, *, check_mode: bool = False) -> dict[str, Any]:
-    args_file = tmp_path / "args.json"
-    args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {**args, "_ansible_check_mode": check_mode}}))
     library = COMMON / "library" if name != "llama_server_health" else ROLE / "library"
-    done = subprocess.run([sys.executable, str(library / f"{name}.py"), str(args_file)], capture_output=True,
-                          text=True, timeout=60, check=False)
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
+    return run_role_module(library / f"{name}.py", args, tmp_path, check_mode=check_mode)
 
 
 def test_sysfs_settings_applies_persists_and_honours_check_mode(tmp_path: Path) -> None:

@@ -8,13 +8,14 @@ Under TCG every module an Ansible task runs on the guest costs seconds, so a pla
 run proves as much as it can: the two converges of the clean image are kept with the converged disk they leave
 (conftest.py), so a session with unchanged inputs starts from that disk; one verify.yml run reports both a drift
 made by hand and the 1 GiB pages still waiting for a reboot; one --check run covers the converged host and
-five bad inputs (six inventory names for the one lab); verify.yml after the reboot proves it kept everything.
+six bad inputs (seven inventory names for the one lab); verify.yml after the reboot proves it kept everything.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +136,8 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "malformed-cpu-list": ({"llama_server_cpus": "4,x"}, ["llama_server_cpus", "malformed"]),
     "smt-off-more-threads-than-cores": ({"llama_server_cpus": "", "llama_server_threads": 5},
                                         ["llama_server_threads", "cpu_smt: off"]),
-    "model-checksum-mismatch": ({"llama_server_model_sha256": "0" * 64}, ["llama_server_model_sha256",
-                                                                            "does not match"]),
+    "model-checksum-mismatch": ({"llama_server_model_sha256": ["0" * 64] * 2}, ["llama_server_model_sha256",
+                                                                                  "does not match"]),
     "open-bind-without-key": ({"llama_server_host": "0.0.0.0", "llama_server_api_key_generate": False},
                               ["llama_server_host 0.0.0.0 is not loopback", "llama_server_api_key_generate"]),
 }
@@ -155,28 +156,37 @@ def failure_of(output: str, host: str) -> str:
 
 def test_check_mode_changes_nothing_and_bad_variables_fail_in_validation(lab: Lab, converged: PlaybookRun,
                                                                          tmp_path: Path) -> None:
-    """One ``site.yml --check --diff`` run over six inventory names for the one lab: the good one reports no
+    """One ``site.yml --check --diff`` run over seven inventory names for the one lab: the good one reports no
     change on the converged host; each bad one fails in the validation play, naming its variables."""
     good = "good-vars"
     connection = yaml.safe_load(lab.instance.inventory.read_text())["llama_hosts"]["hosts"][lab.state.alias]
+    # A split model whose second shard is missing: its first shard alone in a directory of its own.
+    group_vars = yaml.safe_load((lab.inventory / "group_vars" / "llama_hosts.yml").read_text())
+    served = Path(group_vars["llama_server_model_src"])
+    lonely = tmp_path / "lonely" / served.name
+    lonely.parent.mkdir()
+    shutil.copyfile(served, lonely)
+    missing = served.name.replace("-00001-of-", "-00002-of-")
+    bad_inputs = {**BAD_INPUTS, "missing-shard": ({"llama_server_model_src": str(lonely)},
+                                                  [f"{missing} does not exist", "every shard"])}
     inventory = tmp_path / "inventory"
     (inventory / "host_vars").mkdir(parents=True)
     (inventory / "group_vars").symlink_to(lab.inventory / "group_vars")
     (inventory / "hosts.yml").write_text(yaml.safe_dump({"llama_hosts": {"hosts": {
-        name: connection for name in (good, *BAD_INPUTS)}}}))
+        name: connection for name in (good, *bad_inputs)}}}))
     (inventory / "host_vars" / f"{good}.yml").write_text(yaml.safe_dump(TUNED.role_vars()))
-    for name, (bad_vars, _) in BAD_INPUTS.items():
+    for name, (bad_vars, _) in bad_inputs.items():
         (inventory / "host_vars" / f"{name}.yml").write_text(yaml.safe_dump({**TUNED.role_vars(), **bad_vars}))
     lab.ssh("echo madvise | sudo tee /sys/kernel/mm/transparent_hugepage/enabled")  # the drift made above
     before = probe(lab)
     run = Lab(lab.instance, lab.state, inventory, lab.timings).playbook(
-        SITE, "--check", "--diff", stage="--check --diff, with five bad inputs beside the good host")
+        SITE, "--check", "--diff", stage="--check --diff, with six bad inputs beside the good host")
     after = probe(lab)
     recaps = {match["host"]: match for match in RECAP.finditer(run.output)}
-    assert run.rc != 0 and sorted(recaps) == sorted([good, *BAD_INPUTS]), tail(run)
+    assert run.rc != 0 and sorted(recaps) == sorted([good, *bad_inputs]), tail(run)
     assert (recaps[good]["failed"], recaps[good]["changed"]) == ("0", "0"), tail(run)
     assert "+++ after" not in run.output  # no diff: the bad names stop before any task that could change
-    for name, (_, named) in BAD_INPUTS.items():
+    for name, (_, named) in bad_inputs.items():
         assert (recaps[name]["failed"], recaps[name]["changed"]) == ("1", "0"), (name, tail(run))
         failure = failure_of(run.output, name)
         assert all(word in failure for word in named), (name, failure)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tuner.config import RunConfig
+from tuner.model.gguf_file import inspect_model
 from tuner.server.client import complete, health
 from tuner.server.process import ServerProcess
 
@@ -42,6 +43,20 @@ def test_llama_server_generates_the_requested_tokens(llama_server_binary: Path, 
     assert timings.prompt_n > 1  # the real tokenizer split the prompt
     assert timings.predicted_ms > 0 and timings.predicted_per_second > 0
     assert 0 < result.total_s <= request_s
+
+
+def test_llama_server_serves_a_split_model_from_its_first_shard(llama_server_binary: Path,
+                                                               tiny_split_model_path: Path, tiny: Path,
+                                                               small_config: RunConfig) -> None:
+    """Split as gguf-split splits: the shards together hold the tiny model's tensors, and llama-server, given
+    the first shard, finds the second beside it and generates."""
+    model = inspect_model(tiny_split_model_path)
+    assert [f.name[-20:] for f in model.files] == ["-00001-of-00002.gguf", "-00002-of-00002.gguf"]
+    assert sum(f.stat().st_size for f in model.files) > tiny.stat().st_size  # a header per shard
+    with ServerProcess(llama_server_binary, tiny_split_model_path, small_config, ctx_size=256) as server:
+        server.wait_healthy(60)
+        result = complete(server.base_url, "The capital of France is", 4, ignore_eos=True, cache_prompt=False)
+    assert result.timings.predicted_n == 4
 
 
 def test_llama_cpp_python_loads_and_generates(tiny: Path) -> None:

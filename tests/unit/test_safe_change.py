@@ -20,6 +20,7 @@ from tuner.atomic import previous_path
 from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.inventory import ResolvedInventory, vars_file_owner
+from tuner.model.checksum import combined_sha256
 from tuner.safe_change import proven_change, write_back
 
 DEPLOYED = f"""\
@@ -192,6 +193,21 @@ def test_a_host_serving_another_model_stops_the_group_write_back(tmp_path: Path)
     done = cli_write_back(str(write_result_file(tmp_path / "r.yaml", proven_result())), "--vars", str(group_vars))
     assert done.returncode == 2 and "host h1 serves cdcdcdcdcdcd" in done.stderr, done.stderr
     assert group_vars.read_bytes() == before
+
+
+def test_a_split_model_pinned_shard_by_shard_is_the_model_the_tuner_measured(tmp_path: Path) -> None:
+    """The role pins a split model as one sha256 per shard; the tuner names it by the digest of that list. A
+    result measured on it is written; the same shards pinned in another order are another model."""
+    shards = ["ab" * 32, "ef" * 32]
+    hosts = inventory(tmp_path / "inv", host_override=False)
+    group_vars = hosts.parent / "group_vars" / "rack7.yml"
+    result = write_result_file(tmp_path / "r.yaml", proven_result(model_sha=combined_sha256(shards)))
+    for order, expected in ((shards[::-1], 2), (shards, 0)):
+        pinned = yaml.safe_dump({"llama_server_model_sha256": order})
+        (hosts.parent / "group_vars" / "llama_hosts.yml").write_text(pinned)
+        done = cli_write_back(str(result), "--vars", str(group_vars), "--inventory", str(hosts))
+        assert done.returncode == expected, (order, done.stderr)
+    assert yaml.safe_load(group_vars.read_text())["llama_server_threads"] == WINNER.threads
 
 
 def test_the_inventory_listing_resolves_groups_through_their_children() -> None:

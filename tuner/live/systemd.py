@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import dataclasses
 import fnmatch
-import hashlib
 import json
 import os
 import re
@@ -49,7 +48,7 @@ from tuner.errors import UserError
 from tuner.inventory import read_host_variables
 from tuner.live.control import TrialStartFailed
 from tuner.live.setup import Target
-from tuner.model.checksum import model_sha256
+from tuner.model.checksum import combined_sha256, model_sha256
 from tuner.model.gguf_file import check_fits_in_memory, inspect_model
 from tuner.probe.collect import read_host
 from tuner.probe.host import HostProbe, Topology
@@ -735,9 +734,7 @@ class SystemdServer:
         digests = [line.split()[0] for line in out.splitlines() if line.strip()]
         if len(digests) != len(shards):
             raise UserError(f"cannot read the model on {self.facts.name}", "converge the host with site.yml")
-        if len(digests) == 1:
-            return digests[0]
-        return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+        return combined_sha256(digests)
 
 
 # ---- the Connection for `tune --live --inventory FILE --host NAME` --------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from tuner.atomic import write_atomic
@@ -53,7 +54,14 @@ def cached_sha256(path: Path) -> str:
 
 def model_sha256(files: tuple[Path, ...]) -> str:
     """One digest for a model: the file's own, or for a split model the digest of its shards' digests."""
-    if len(files) == 1:
-        return cached_sha256(files[0])
-    joined = "\n".join(cached_sha256(p) for p in files)
-    return hashlib.sha256(joined.encode()).hexdigest()
+    return combined_sha256([cached_sha256(p) for p in files])
+
+
+def combined_sha256(digests: Sequence[str]) -> str:
+    """A model's identity from its files' sha256 digests in shard order: the one digest itself, or the sha256
+    of the digests joined by newlines. The llama_server role pins a split model the same way (a list in
+    ``llama_server_model_sha256``), so both sides name a model with one string."""
+    lowered = [d.strip().lower() for d in digests]
+    if len(lowered) == 1:
+        return lowered[0]
+    return hashlib.sha256("\n".join(lowered).encode()).hexdigest()

@@ -167,11 +167,13 @@ def tensor_shapes(n_vocab: int, *, n_embd: int, n_layer: int, n_head: int, n_hea
 
 def write_tiny_model(path: Path, *, source: Path, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
                      n_head_kv: int | None = None, n_ff: int = 128, context_length: int = DEFAULT_CONTEXT_LENGTH,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, shards: int = 1) -> Path:
     """Write a tiny llama GGUF with random weights and the tokenizer of ``source`` to ``path`` (atomically).
 
     Matrices are F16 (normal, std 0.02: logits stay small and finite), norm weights F32 ones. The bytes depend
-    only on the arguments and on the source's tokenizer fields. Returns ``path``.
+    only on the arguments and on the source's tokenizer fields. Returns ``path``; with ``shards`` > 1 the model
+    is split as gguf-split splits it (``<stem>-00001-of-0000N.gguf`` beside ``path``, the tensors shared out
+    evenly) and the first shard's path is returned.
     """
     import gguf
 
@@ -180,7 +182,11 @@ def write_tiny_model(path: Path, *, source: Path, n_embd: int = 64, n_layer: int
     _check_shape(n_embd, n_layer, n_head, kv_heads, n_ff, context_length)
     fields, n_vocab = _tokenizer_fields(Path(source))
 
-    writer = gguf.GGUFWriter(None, ARCH)
+    shapes = tensor_shapes(n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=kv_heads, n_ff=n_ff)
+    if not 1 <= shards <= len(shapes):
+        raise UserError(f"a tiny model of {len(shapes)} tensors cannot be split into {shards} shards",
+                        f"pass 1 to {len(shapes)} shards")
+    writer = gguf.GGUFWriter(None, ARCH, split_max_tensors=0 if shards == 1 else -(-len(shapes) // shards))
     writer.add_name(f"tiny-llama-random-e{n_embd}-l{n_layer}-s{seed}")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_vocab_size(n_vocab)
@@ -198,7 +204,6 @@ def write_tiny_model(path: Path, *, source: Path, n_embd: int = 64, n_layer: int
                              sub_type=None if field.sub_type is None else gguf.GGUFValueType(field.sub_type))
 
     rng = np.random.default_rng(seed)
-    shapes = tensor_shapes(n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=kv_heads, n_ff=n_ff)
     for name, shape in shapes.items():
         if len(shape) == 1:  # norm weights: F32, as llama.cpp's converter writes them
             tensor: np.ndarray[Any, Any] = np.ones(shape, dtype=np.float32)
@@ -211,9 +216,14 @@ def write_tiny_model(path: Path, *, source: Path, n_embd: int = 64, n_layer: int
         writer.write_header_to_file(path=staged)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+        files = writer.format_shard_names(staged)
         writer.close()
-        write_atomic(path, staged.read_bytes(), keep_previous=False)
-    return path
+        if len(files) != shards:
+            raise UserError(f"{len(shapes)} tensors do not split evenly into {shards} shards",
+                            "pass a number of shards that divides them evenly")
+        for written in files:
+            write_atomic(path.with_name(written.name), written.read_bytes(), keep_previous=False)
+    return path.with_name(files[0].name)
 
 
 def tiny_model_name(source_sha256: str, *, n_embd: int = 64, n_layer: int = 2, n_head: int = 4,
@@ -227,8 +237,9 @@ def tiny_model_name(source_sha256: str, *, n_embd: int = 64, n_layer: int = 2, n
 
 def tiny_model(cache_dir: Path, *, source: Path | None = None, n_embd: int = 64, n_layer: int = 2,
                n_head: int = 4, n_head_kv: int | None = None, n_ff: int = 128,
-               context_length: int = DEFAULT_CONTEXT_LENGTH, seed: int = 0) -> Path:
-    """The tiny model under ``cache_dir``, generated on first use (``source`` defaults to the default model).
+               context_length: int = DEFAULT_CONTEXT_LENGTH, seed: int = 0, shards: int = 1) -> Path:
+    """The tiny model under ``cache_dir``, generated on first use (``source`` defaults to the default model);
+    with ``shards`` > 1 split like gguf-split, and the path is the first shard's.
 
     Concurrent callers may both generate it; each replaces the file atomically with the same bytes.
     """
@@ -241,7 +252,8 @@ def tiny_model(cache_dir: Path, *, source: Path | None = None, n_embd: int = 64,
     target = Path(cache_dir) / tiny_model_name(
         cached_sha256(Path(source)), n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
         n_ff=n_ff, context_length=context_length, seed=seed)
-    if target.is_file():
-        return target
+    names = [f"{target.stem}-{i:05d}-of-{shards:05d}.gguf" for i in range(1, shards + 1)] if shards > 1 else []
+    if all(target.with_name(name).is_file() for name in names or [target.name]):
+        return target.with_name((names or [target.name])[0])
     return write_tiny_model(target, source=Path(source), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                            n_head_kv=n_head_kv, n_ff=n_ff, context_length=context_length, seed=seed)
+                            n_head_kv=n_head_kv, n_ff=n_ff, context_length=context_length, seed=seed, shards=shards)

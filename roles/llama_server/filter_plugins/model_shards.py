@@ -1,0 +1,93 @@
+"""Jinja filters for the model's files: one GGUF, or a split GGUF as llama.cpp's gguf-split publishes it.
+
+A split model is named by its first shard (``name-00001-of-00003.gguf``, a controller path or a URL); the
+other shards have the same name with their own number, as ``tuner.model.gguf_file.split_files`` expects.
+``llama_server_model_sha256`` is one sha256 for one file, or a list with one sha256 per shard in shard order.
+The server is started on the first shard; llama.cpp finds the others beside it.
+"""
+
+from __future__ import annotations
+
+import re
+
+
+_FIRST_SHARD = re.compile(r"-00001-of-(\d{5})\.gguf$")
+_SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def _split_source(source):
+    """(path part, suffix): a URL's query or fragment stays on every shard's URL."""
+    source = str(source)
+    cut = min([i for i in (source.find("?"), source.find("#")) if i >= 0], default=len(source))
+    return source[:cut], source[cut:]
+
+
+def _shard_count(source):
+    path, _ = _split_source(source)
+    match = _FIRST_SHARD.search(path)
+    return int(match.group(1)) if match else 1
+
+
+def _digests(sha256):
+    if isinstance(sha256, str):
+        return [sha256]
+    if isinstance(sha256, (list, tuple)):
+        return [str(d) for d in sha256]
+    return [str(sha256)]
+
+
+def model_shard_problems(source, sha256, name=""):
+    """What is wrong with a model source, its sha256 value and the file name on the host (empty when nothing
+    is)."""
+    count = _shard_count(source)
+    digests = _digests(sha256)
+    problems = []
+    bad = [d for d in digests if not _SHA256.match(d)]
+    if bad or not digests:
+        problems.append(f"llama_server_model_sha256 must be a 64-hex-digit sha256 (a list of them for a split "
+                        f"model), got {bad or digests!r}")
+    if count == 1 and len(digests) != 1:
+        problems.append(f"llama_server_model_sha256 lists {len(digests)} digests, but {source} is one file "
+                        "(a split model is named by its first shard, NAME-00001-of-000NN.gguf)")
+    if count > 1 and len(digests) != count:
+        problems.append(f"{source} is the first of {count} shards, so llama_server_model_sha256 must list "
+                        f"{count} sha256 digests in shard order (sha256sum NAME-000*-of-{count:05d}.gguf), "
+                        f"got {len(digests)}")
+    if count > 1 and name and not str(name).endswith(f"-00001-of-{count:05d}.gguf"):
+        problems.append(f"llama_server_model_name {name} must end in -00001-of-{count:05d}.gguf like the first "
+                        "shard: llama.cpp finds the other shards by their numbers")
+    return problems
+
+
+def model_shards(source, sha256, directory, name=""):
+    """The files to place: ``[{name, source, sha256, path}]`` in shard order, the first one served.
+
+    ``name`` renames the file on the host (a split model keeps its shard numbers: llama.cpp needs them).
+    Names and paths depend only on the source, so the unit's model path renders before validation; the
+    sha256 values are checked by :func:`model_shard_problems` in validation (a missing one is "").
+    """
+    count = _shard_count(source)
+    path, suffix = _split_source(source)
+    base = name or path.rstrip("/").rsplit("/", 1)[-1]
+    digests = _digests(sha256) + [""] * count
+    shards = []
+    for number in range(1, count + 1):
+        tag = f"-{number:05d}-of-{count:05d}.gguf"
+        this_source = _FIRST_SHARD.sub(tag, path) + suffix if count > 1 else str(source)
+        this_name = _FIRST_SHARD.sub(tag, base) if count > 1 else base
+        shards.append({"name": this_name, "source": this_source, "sha256": str(digests[number - 1]).lower(),
+                       "path": f"{str(directory).rstrip('/')}/{this_name}"})
+    return shards
+
+
+def model_fetch_files(shards, sizes=None):
+    """The ``files`` of the model_fetch module: each shard's URL, or its size when the controller copies it."""
+    if sizes:
+        return [{"path": s["path"], "sha256": s["sha256"], "size": int(n)} for s, n in zip(shards, sizes)]
+    return [{"path": s["path"], "sha256": s["sha256"], "url": s["source"]} for s in shards]
+
+
+class FilterModule:
+    def filters(self):
+        return {"model_shards": model_shards, "model_shard_problems": model_shard_problems,
+                "model_fetch_files": model_fetch_files}

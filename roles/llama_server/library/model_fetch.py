@@ -1,0 +1,215 @@
+#!/usr/bin/python3
+"""Ansible module: place a model's files (one GGUF or every shard of a split one) from URLs, resumably.
+
+``get_url`` starts a 50 GB download again from zero after any interruption, stages it in the remote
+temporary directory (often the small root disk) and learns only at the end that the volume is full. This
+module, for every file of the model at once:
+
+* ``state: checked`` (validation, writes nothing): learns each missing file's size (``Content-Length`` of
+  a HEAD request, or ``size`` when the caller knows it, as for a controller copy) and refuses when the
+  volume that will hold the files has less room than they need, before the first byte is written;
+* ``state: present``: keeps a file whose sha256 is right; downloads any other to ``<path>.part`` beside
+  it, resuming a partial ``.part`` with an HTTP range request, checks the sha256 and the GGUF magic, then
+  renames it into place (fsynced). A wrong download is deleted; an interrupted one is kept for the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.urls import open_url
+
+DOCUMENTATION = r"""
+module: model_fetch
+short_description: Check room for, and resumably download and verify, a model's GGUF files
+options:
+  files:
+    description: The files, in shard order; each has path and sha256, and url (to download) or size (bytes).
+    type: list
+    elements: dict
+    required: true
+  state: {description: checked (room only, no writes) or present., type: str, default: present}
+  timeout: {description: Seconds to wait for a stalled connection., type: int, default: 60}
+author: llamahost
+extends_documentation_fragment: [files]
+"""
+
+RETURN = r"""
+downloaded: {description: Paths that were written., returned: always, type: list}
+resumed: {description: Bytes of each path that a partial download already held., returned: always, type: dict}
+needed_bytes: {description: Bytes the missing files still need on the volume., returned: always, type: int}
+free_bytes: {description: Bytes free for root on that volume., returned: always, type: int}
+"""
+
+CHUNK = 4 * 1024 * 1024
+GGUF_MAGIC = b"GGUF"
+
+
+def nearest_existing(path):
+    while not os.path.exists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def free_bytes(directory):
+    stat = os.statvfs(nearest_existing(directory))
+    return stat.f_bavail * stat.f_frsize
+
+
+def size_on_disk(path):
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def sha256_of(path, digest=None, limit=None):
+    digest = digest or hashlib.sha256()
+    left = limit
+    with open(path, "rb") as handle:
+        while left is None or left > 0:
+            block = handle.read(CHUNK if left is None else min(CHUNK, left))
+            if not block:
+                break
+            digest.update(block)
+            if left is not None:
+                left -= len(block)
+    return digest
+
+
+def remote_size(module, url, timeout):
+    try:
+        response = open_url(url, method="HEAD", timeout=timeout, follow_redirects="all")
+        length = response.headers.get("Content-Length")
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the URL is reported the same way
+        module.fail_json(msg=f"cannot reach {url}: {exc}; check the URL and that the host can reach it")
+    if length is None or not str(length).isdigit():
+        module.fail_json(msg=f"{url} does not say its size (no Content-Length on HEAD), so the free space on the "
+                             "model volume cannot be checked before downloading; serve it with a Content-Length")
+    return int(length)
+
+
+def has_magic(path):
+    with open(path, "rb") as handle:
+        return handle.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+
+
+def fsync_directory(directory):
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def download(module, entry, timeout):
+    """Download ``entry`` into ``<path>.part`` (resuming it), check it, rename it into place. Returns the
+    bytes that a partial download already held."""
+    path, url, wanted = entry["path"], entry["url"], entry["sha256"].lower()
+    part = path + ".part"
+    have = size_on_disk(part)
+    digest = sha256_of(part) if have else hashlib.sha256()
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    try:
+        response = open_url(url, headers=headers, timeout=timeout, follow_redirects="all")
+    except Exception as exc:  # noqa: BLE001
+        if have and getattr(exc, "code", None) == 416:  # the part is already whole
+            response = None
+        else:
+            module.fail_json(msg=f"cannot download {url}: {exc}; check the URL (the {have} bytes already "
+                                 f"downloaded to {part} are kept for the next run)")
+    resumed = have
+    if response is not None:
+        if have and response.getcode() != 206:  # the server ignored the range: start again
+            digest, resumed = hashlib.sha256(), 0
+            mode = "wb"
+        else:
+            mode = "ab" if have else "wb"
+        written = resumed
+        with open(part, mode) as handle:
+            try:
+                while True:
+                    block = response.read(CHUNK)
+                    if not block:
+                        break
+                    handle.write(block)
+                    digest.update(block)
+                    written += len(block)
+            except Exception as exc:  # noqa: BLE001 - a dropped connection: keep the part, resume next run
+                handle.flush()
+                os.fsync(handle.fileno())
+                module.fail_json(msg=f"the download of {url} stopped after {written} bytes ({exc}); run the play "
+                                     f"again to resume from {part}")
+            handle.flush()
+            os.fsync(handle.fileno())
+        # A connection closed early ends the body without an error: compare with what the server announced.
+        length = response.headers.get("Content-Length")
+        if length is not None and str(length).isdigit() and written < resumed + int(length):
+            module.fail_json(msg=f"the download of {url} stopped after {written} of {resumed + int(length)} bytes; "
+                                 f"run the play again to resume from {part}")
+    got = digest.hexdigest()
+    if got != wanted:
+        os.unlink(part)
+        module.fail_json(msg=f"{url} has sha256 {got}, not the pinned {wanted} (llama_server_model_sha256): the "
+                             "download was deleted; pin the right digest or fix the URL")
+    if not has_magic(part):
+        os.unlink(part)
+        module.fail_json(msg=f"{url} matches its sha256 but is not a GGUF file (no GGUF magic): pin a .gguf file")
+    os.replace(part, path)
+    fsync_directory(os.path.dirname(path))
+    return resumed
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "files": {"type": "list", "elements": "dict", "required": True},
+            "state": {"type": "str", "default": "present", "choices": ["checked", "present"]},
+            "timeout": {"type": "int", "default": 60},
+        },
+        add_file_common_args=True,
+        supports_check_mode=True,
+    )
+    files, state, timeout = module.params["files"], module.params["state"], module.params["timeout"]
+    for entry in files:
+        if not entry.get("path") or not (entry.get("url") or entry.get("size") is not None):
+            module.fail_json(msg=f"each file needs a path and a url or a size, got {entry}")
+    directory = os.path.dirname(files[0]["path"])
+    # A file in place stays: when checking, on trust (its sha256 is checked when it is placed); when
+    # placing, only if its sha256 is the pinned one. The others need room: a partial download only the rest.
+    pending = [entry for entry in files
+               if not (os.path.exists(entry["path"])
+                       and (state == "checked" or sha256_of(entry["path"]).hexdigest() == entry["sha256"].lower()))]
+    needed = 0
+    for entry in pending:
+        size = int(entry["size"]) if entry.get("size") is not None else remote_size(module, entry["url"], timeout)
+        needed += max(0, size - size_on_disk(entry["path"] + ".part"))
+    room = free_bytes(directory)
+    result = {"changed": False, "downloaded": [], "resumed": {}, "needed_bytes": needed, "free_bytes": room}
+    if needed > room:
+        module.fail_json(msg=f"the model needs {needed} more bytes in {directory}, but its volume has {room} free: "
+                             "make room, or give the model a larger volume (llama_server_model_dir)", **result)
+    if state == "checked":
+        module.exit_json(**result)
+    for entry in pending:
+        if not entry.get("url"):
+            module.fail_json(msg=f"{entry['path']} is missing or not the pinned sha256, and has no url to fetch "
+                                 "it from", **result)
+        if not module.check_mode:
+            result["resumed"][entry["path"]] = download(module, entry, timeout)
+        result["downloaded"].append(entry["path"])
+        result["changed"] = True
+    for entry in files:
+        if os.path.exists(entry["path"]):
+            file_args = module.load_file_common_arguments(module.params, path=entry["path"])
+            result["changed"] = module.set_fs_attributes_if_different(file_args, result["changed"])
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

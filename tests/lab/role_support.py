@@ -1,0 +1,63 @@
+"""Run the roles' own Python (filter plugins, modules) on this machine, without Ansible's executor."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+ROLE = REPO / "roles" / "llama_server"
+COMMON = REPO / "roles" / "llamahost_common"
+BIN = Path(sys.executable).parent
+
+
+def load_plugin(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_module(path: Path, args: dict[str, Any], tmp_path: Path, *, check_mode: bool = False,
+               timeout: float = 60) -> dict[str, Any]:
+    """Run an Ansible module file as Ansible would (arguments in a JSON file); its JSON result."""
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {**args, "_ansible_check_mode": check_mode}}))
+    done = subprocess.run([sys.executable, str(path), str(args_file)], capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def run_plays(plays: list[dict[str, Any]]) -> list[list[Any]]:
+    """Every task's ``msg`` per play (None for a task without one); the run must succeed."""
+    rc, report, output = run_playbook(plays)
+    assert rc == 0, output
+    return [[task["hosts"]["localhost"].get("msg") for task in play["tasks"]] for play in report["plays"]]
+
+
+def run_playbook(plays: list[dict[str, Any]]) -> tuple[int, dict[str, Any], str]:
+    """Run ``plays`` on localhost with real Ansible: exit status, the JSON report, the output's tail."""
+    with tempfile.TemporaryDirectory(prefix="llamahost-render-") as tmp:
+        # Not the repository's ansible.cfg: its timing callback would print into the JSON report.
+        config = Path(tmp) / "ansible.cfg"
+        # The role's own filters and modules, as Ansible finds them for tasks that run inside the role.
+        config.write_text("[defaults]\nstdout_callback = ansible.builtin.json\nlocalhost_warning = false\n"
+                          f"filter_plugins = {ROLE / 'filter_plugins'}:{COMMON / 'filter_plugins'}\n"
+                          f"library = {ROLE / 'library'}:{COMMON / 'library'}\n")
+        playbook = Path(tmp) / "render.yml"
+        playbook.write_text(yaml.safe_dump(plays))
+        env = {**os.environ, "ANSIBLE_CONFIG": str(config)}
+        done = subprocess.run([str(BIN / "ansible-playbook"), "-i", "localhost,", str(playbook)], env=env,
+                              capture_output=True, text=True, timeout=300, check=False, cwd=tmp)
+    return done.returncode, json.loads(done.stdout), done.stdout[-3000:] + done.stderr[-3000:]

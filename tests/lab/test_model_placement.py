@@ -1,0 +1,245 @@
+"""The llama_server role's model files, without the lab. Fast.
+
+* The ``model_shards`` filters name every shard of a split GGUF from its first one, and say what is wrong
+  with a source and its sha256 list.
+* The role's own validate_model and model tasks, run by real Ansible on localhost, place a split model from
+  the controller and from a URL, and refuse one whose shards disagree with the pinned digests.
+* The ``model_fetch`` module, run as Ansible runs it, against a real HTTP server on loopback that honours
+  range requests and can drop a connection mid-file: it checks room before writing, resumes an interrupted
+  download, checks sha256 and GGUF magic, keeps files already in place, and writes nothing in check mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from role_support import BIN, ROLE, load_plugin, run_module, run_playbook
+
+from tuner.model.checksum import cached_sha256
+from tuner.model.gguf_file import inspect_model
+
+SHARDS = load_plugin(ROLE / "filter_plugins" / "model_shards.py")
+FETCH = ROLE / "library" / "model_fetch.py"
+MIB = 1024 * 1024
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---- naming the shards ------------------------------------------------------------------------------------
+
+def test_a_split_model_is_named_by_its_first_shard_and_keeps_a_urls_query() -> None:
+    url = "https://mirror.example/m/Llama-70B-Q4_K_M-00001-of-00003.gguf?download=true"
+    shards = SHARDS.model_shards(url, ["AA" * 32, "bb" * 32, "cc" * 32], "/srv/models")
+    assert [s["name"] for s in shards] == [f"Llama-70B-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
+    assert shards[1]["source"] == "https://mirror.example/m/Llama-70B-Q4_K_M-00002-of-00003.gguf?download=true"
+    assert shards[0]["path"] == "/srv/models/Llama-70B-Q4_K_M-00001-of-00003.gguf"
+    assert shards[0]["sha256"] == "aa" * 32
+    (single,) = SHARDS.model_shards("/models/m.gguf", "ab" * 32, "/srv/models/", "served.gguf")
+    assert single == {"name": "served.gguf", "source": "/models/m.gguf", "sha256": "ab" * 32,
+                      "path": "/srv/models/served.gguf"}
+
+
+@pytest.mark.parametrize(
+    ("source", "sha256", "name", "problem"),
+    [
+        ("/m/x-00001-of-00003.gguf", ["ab" * 32, "cd" * 32], "", "must list 3 sha256 digests"),
+        ("/m/x.gguf", ["ab" * 32, "cd" * 32], "", "but /m/x.gguf is one file"),
+        ("/m/x.gguf", "xyz", "", "64-hex-digit"),
+        ("/m/x.gguf", "", "", "64-hex-digit"),
+        ("/m/x-00001-of-00002.gguf", ["ab" * 32, "cd" * 32], "renamed.gguf", "must end in -00001-of-00002.gguf"),
+    ],
+)
+def test_a_source_and_its_digests_that_disagree_are_named(source: str, sha256: Any, name: str, problem: str) -> None:
+    problems = SHARDS.model_shard_problems(source, sha256, name)
+    assert any(problem in p for p in problems), problems
+
+
+def test_a_consistent_split_model_has_no_problems() -> None:
+    assert SHARDS.model_shard_problems("/m/x-00001-of-00002.gguf", ["ab" * 32, "CD" * 32], "") == []
+    assert SHARDS.model_shard_problems("/m/x.gguf", "ab" * 32, "y.gguf") == []
+
+
+# ---- fetching them ----------------------------------------------------------------------------------------
+
+class ModelMirror(ThreadingHTTPServer):
+    """Serves ``files`` by name with HEAD and range GETs; ``drop_after[name]`` bytes, once, then hangs up."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), MirrorHandler)
+        self.files: dict[str, bytes] = {}
+        self.drop_after: dict[str, int] = {}
+        self.ranges: list[str] = []
+        self.gets = 0
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+class MirrorHandler(BaseHTTPRequestHandler):
+    server: ModelMirror
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_HEAD(self) -> None:
+        data = self.server.files.get(self.path.lstrip("/"))
+        self.send_response(404 if data is None else 200)
+        self.send_header("Content-Length", str(0 if data is None else len(data)))
+        self.end_headers()
+
+    def do_GET(self) -> None:
+        name = self.path.lstrip("/")
+        data = self.server.files.get(name)
+        self.server.gets += 1
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        if "Range" in self.headers:
+            self.server.ranges.append(self.headers["Range"])
+            start = int(self.headers["Range"].removeprefix("bytes=").split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        cut = self.server.drop_after.pop(name, None)
+        self.wfile.write(data[start:] if cut is None else data[start:cut])
+        if cut is not None:
+            self.wfile.flush()
+            self.close_connection = True
+
+
+@pytest.fixture
+def mirror() -> Iterator[ModelMirror]:
+    server = ModelMirror()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def gguf_bytes(size: int, seed: int) -> bytes:
+    return b"GGUF" + bytes((seed * 31 + i * 7) % 251 for i in range(size - 4))
+
+
+def split_model(mirror: ModelMirror, target: Path) -> list[dict[str, Any]]:
+    files = []
+    for number in (1, 2):
+        name = f"m-0000{number}-of-00002.gguf"
+        mirror.files[name] = gguf_bytes(3 * MIB if number == 1 else MIB, number)
+        files.append({"path": str(target / name), "url": mirror.url(name), "sha256": sha(mirror.files[name])})
+    return files
+
+
+def test_an_interrupted_split_download_resumes_and_lands_whole(mirror: ModelMirror, tmp_path: Path) -> None:
+    target = tmp_path / "models"
+    target.mkdir()
+    files = split_model(mirror, target)
+    first = Path(files[0]["path"])
+    mirror.drop_after["m-00001-of-00002.gguf"] = MIB + 123
+    stopped = run_module(FETCH, {"files": files, "mode": "0640"}, tmp_path)
+    assert stopped.get("failed") and "run the play again to resume" in stopped["msg"], stopped
+    part = Path(f"{first}.part")
+    assert part.stat().st_size == MIB + 123 and not first.exists()
+
+    done = run_module(FETCH, {"files": files, "mode": "0640"}, tmp_path)
+    assert not done.get("failed") and done["changed"], done
+    assert mirror.ranges == [f"bytes={MIB + 123}-"]  # the second run asked only for the rest
+    assert done["resumed"][str(first)] == MIB + 123
+    for entry in files:
+        placed = Path(entry["path"])
+        assert sha(placed.read_bytes()) == entry["sha256"] and oct(placed.stat().st_mode & 0o777) == "0o640"
+    assert not part.exists()
+
+    gets = mirror.gets
+    again = run_module(FETCH, {"files": files, "mode": "0640"}, tmp_path)
+    assert not again.get("failed") and not again["changed"] and mirror.gets == gets  # in place: nothing fetched
+
+
+def test_a_download_with_the_wrong_sha256_or_no_gguf_magic_is_deleted(mirror: ModelMirror, tmp_path: Path) -> None:
+    mirror.files["m.gguf"] = gguf_bytes(MIB, 3)
+    mirror.files["page.html"] = b"<html>not a model</html>"
+    wrong = run_module(FETCH, {"files": [{"path": str(tmp_path / "m.gguf"), "url": mirror.url("m.gguf"),
+                                          "sha256": "ab" * 32}]}, tmp_path)
+    assert wrong.get("failed") and f"not the pinned {'ab' * 32}" in wrong["msg"], wrong
+    html = run_module(FETCH, {"files": [{"path": str(tmp_path / "page.gguf"), "url": mirror.url("page.html"),
+                                         "sha256": sha(mirror.files["page.html"])}]}, tmp_path)
+    assert html.get("failed") and "not a GGUF file" in html["msg"], html
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["args.json"]  # no file, no part left behind
+
+
+def test_room_is_checked_before_the_first_byte(mirror: ModelMirror, tmp_path: Path) -> None:
+    target = tmp_path / "models" / "not-yet-created"
+    files = split_model(mirror, target)
+    checked = run_module(FETCH, {"files": files, "state": "checked"}, tmp_path)
+    assert not checked.get("failed") and checked["needed_bytes"] == 4 * MIB, checked  # sizes from HEAD
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    too_big = [{"path": str(target / "huge.gguf"), "sha256": "ab" * 32, "size": free + 10 * MIB}]
+    refused = run_module(FETCH, {"files": too_big, "state": "checked"}, tmp_path)
+    assert refused.get("failed") and "more bytes in" in refused["msg"] and "llama_server_model_dir" in refused["msg"]
+    refused = run_module(FETCH, {"files": [{**too_big[0], "url": mirror.url("m-00001-of-00002.gguf")}]}, tmp_path)
+    assert refused.get("failed") and "more bytes in" in refused["msg"]
+    assert not target.exists() and mirror.gets == 0
+
+
+def test_check_mode_reports_the_download_and_writes_nothing(mirror: ModelMirror, tmp_path: Path) -> None:
+    files = split_model(mirror, tmp_path)
+    dry = run_module(FETCH, {"files": files}, tmp_path, check_mode=True)
+    assert dry["changed"] and dry["downloaded"] == [f["path"] for f in files]
+    assert mirror.gets == 0 and not any(Path(f["path"]).exists() for f in files)
+
+
+# ---- the role's tasks, end to end on localhost -------------------------------------------------------------
+
+def model_play(tmp_path: Path, model_vars: dict[str, Any]) -> dict[str, Any]:
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    return {"name": "model", "hosts": "localhost", "gather_facts": False, "connection": "local",
+            "vars_files": [str(ROLE / "vars" / "main.yml")],
+            "vars": {**defaults, "llama_server_user": "root", "llama_server_model_dir": str(tmp_path / "models"),
+                     "llama_server_llamahost_command": str(BIN / "llamahost"),
+                     "ansible_python_interpreter": sys.executable, **model_vars},
+            "tasks": [{"ansible.builtin.import_tasks": str(ROLE / "tasks" / "validate_model.yml")},
+                      {"ansible.builtin.file": {"path": str(tmp_path / "models"), "state": "directory"}},
+                      {"ansible.builtin.import_tasks": str(ROLE / "tasks" / "model.yml")}]}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role gives the model files to root, which needs root")
+def test_the_role_places_a_split_model_from_the_controller_or_a_url(
+        mirror: ModelMirror, tmp_path: Path, tiny_split_model_path: Path) -> None:
+    shards = inspect_model(tiny_split_model_path).files
+    digests = [cached_sha256(shard) for shard in shards]
+    for shard in shards:
+        mirror.files[shard.name] = shard.read_bytes()
+    copied, fetched, refused = tmp_path / "copied", tmp_path / "fetched", tmp_path / "refused"
+    for directory in (copied, fetched, refused):
+        directory.mkdir()
+    rc, _, output = run_playbook([
+        model_play(copied, {"llama_server_model_src": str(tiny_split_model_path),
+                            "llama_server_model_sha256": digests}),
+        model_play(fetched, {"llama_server_model_url": mirror.url(shards[0].name),
+                             "llama_server_model_sha256": digests})])
+    assert rc == 0, output
+    for directory in (copied, fetched):
+        placed = sorted((directory / "models").iterdir())
+        assert [p.name for p in placed] == [s.name for s in shards]
+        assert [cached_sha256(p) for p in placed] == digests
+    rc, report, output = run_playbook([model_play(refused, {"llama_server_model_src": str(tiny_split_model_path),
+                                                            "llama_server_model_sha256": digests[:1]})])
+    failed = [task["hosts"]["localhost"] for task in report["plays"][0]["tasks"]
+              if task["hosts"]["localhost"].get("failed")]
+    assert rc != 0 and "must list 2 sha256 digests" in failed[0]["msg"], output
+    assert not (refused / "models").exists()  # refused in validation, before anything was made
