@@ -1,5 +1,7 @@
-"""Reading a study the way a test watching a running ``llamahost`` process must: the database file and the
-study row appear a moment apart, and until both exist there are simply no trials yet."""
+"""Reading a study the way a test watching a running ``llamahost`` process must: the database file, its schema
+and the study row appear a moment apart, and until all exist there are simply no trials yet. The watcher only
+reads: it never creates the schema itself, which would race the tuner creating it (both insert the schema
+version; the loser fails with a unique-constraint error, and the loser could be the tuner)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ def study_trials(home: Path, name: str) -> list[optuna.trial.FrozenTrial]:
     if not db.exists():
         return []
     try:
-        study = optuna.load_study(study_name=name, storage=optuna.storages.RDBStorage(f"sqlite:///{db}"))
-    except KeyError:  # the run has created the file but not the study yet
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db}", skip_compatibility_check=True,
+                                             skip_table_creation=True)
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:  # the run has created the schema but not the study yet
         return []
-    except sqlalchemy.exc.OperationalError:  # the run is still creating the schema ("table ... already exists")
+    except sqlalchemy.exc.DatabaseError:  # the run is still creating the schema (no such table, locked)
         return []
     return study.get_trials(deepcopy=False)

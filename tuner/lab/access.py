@@ -42,6 +42,10 @@ def ssh_options(access: SshAccess) -> list[str]:
         "StrictHostKeyChecking=yes",
         "BatchMode=yes",
         "LogLevel=ERROR",
+        # A guest that reboots under QEMU's user networking never closes its TCP connections: without
+        # keepalives an SSH session (Ansible's reboot command among them) waits on it for as long as TCP does.
+        "ServerAliveInterval=15",
+        "ServerAliveCountMax=8",
     ]
 
 
