@@ -107,7 +107,7 @@ def patch(path: Path, offset: int, data: bytes) -> None:
     (lambda p: patch(p, 4, struct.pack("<I", 99)), "unsupported GGUF version 99"),
     (lambda p: patch(p, 8, struct.pack("<Q", 2**40)), r"tensors \(limit"),
     (lambda p: patch(p, 16, struct.pack("<Q", 2**40)), r"metadata keys \(limit"),
-    (lambda p: patch(p, 24, b"\xff" * 64), "cannot be parsed"),
+    (lambda p: patch(p, 24, b"\xff" * 64), "the header is corrupt"),
 ])
 def test_damaged_headers_are_refused(real_header: Path, damage, message: str) -> None:  # type: ignore[no-untyped-def]
     damage(real_header)

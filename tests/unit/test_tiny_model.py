@@ -13,7 +13,7 @@ import pytest
 from tuner.errors import UserError
 from tuner.model.checksum import sha256_of
 from tuner.model.gguf_file import inspect_model
-from tuner.model.tiny import read_metadata, tensor_shapes, tiny_model, tiny_model_name, write_tiny_model
+from tuner.model.tiny import tensor_shapes, tiny_model, tiny_model_name, write_tiny_model
 
 MAX_BYTES = 10 * 1024 * 1024
 
@@ -177,22 +177,6 @@ def test_a_source_without_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="not found"):
         write_tiny_model(tmp_path / "tiny.gguf", source=tmp_path / "missing.gguf")
     assert not (tmp_path / "tiny.gguf").exists()
-
-
-def test_read_metadata_matches_the_reference_reader(tmp_path: Path) -> None:
-    source = write_small_source(tmp_path / "source.gguf")
-    reference = gguf.GGUFReader(source).fields
-    fields = read_metadata(source)
-    assert [f.key for f in fields] == [k for k in reference if not k.startswith("GGUF.")]
-    for field in fields:
-        expected = reference[field.key]
-        assert field.value_type == expected.types[0], field.key
-        value = field.value
-        if isinstance(value, bytes):
-            value = value.decode()
-        elif isinstance(value, list) and value and isinstance(value[0], bytes):
-            value = [item.decode() for item in value]
-        assert value == expected.contents(), field.key
 
 
 def test_a_truncated_source_is_refused(tmp_path: Path) -> None:

@@ -4,31 +4,27 @@ Nothing is handed to llama.cpp before :func:`inspect_model` has accepted it. lla
 process (or worse, reads past a mapping) on a broken file; a tuner that runs overnight must say at once,
 in one sentence, which file is wrong and why.
 
-The header is checked by hand first (magic, version, counts within sane limits) because ``GGUFReader``
-trusts the counts and would try to allocate or loop on a corrupt header. Then ``gguf.GGUFReader`` parses
-the rest; its assorted ``ValueError``/``IndexError``/``KeyError`` become one :class:`UserError`. Finally
-every tensor must lie inside the file, which catches truncated downloads.
+The header is read by :mod:`tuner.model.gguf_header`, which bounds every length by the bytes left in the file
+(a hostile file costs neither memory nor time) and checks every tensor's range. Here come the checks of
+meaning: an architecture, layers, an embedding size and parameters, and the shards of a split model agreeing
+with their names and with each other. Only then is a file "a valid model".
 """
 
 from __future__ import annotations
 
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
+from tuner.model.gguf_header import GGUFHeader, corrupt, read_header
 
-GGUF_MAGIC = b"GGUF"
-SUPPORTED_VERSIONS = (2, 3)
-# Far above any real model (a 400B MoE has a few thousand tensors and a few hundred metadata keys),
-# far below what would make the reader allocate gigabytes for a corrupt header.
-MAX_TENSORS = 1_000_000
-MAX_METADATA_KEYS = 100_000
-HEADER_BYTES = 24
 SHARD_PATTERN = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
+MAX_SHARDS = 65535  # split.count is a uint16 in gguf-split's files
+# Per-layer arrays (head counts of some architectures) are kept; a vocabulary is only counted.
+MAX_KEPT_ARRAY = 65536
 
 
 @dataclass(frozen=True)
@@ -100,51 +96,8 @@ class ModelInfo:
         }
 
 
-def _bad(path: Path, what: str, fix: str = "") -> UserError:
-    return UserError(
-        f"{path}: {what}",
-        fix or "download the model again (a truncated or corrupted download is the usual cause)",
-    )
-
-
-def check_header(path: Path) -> tuple[int, int, int]:
-    """Check magic, version and counts from the first bytes; return (version, n_tensors, n_kv)."""
-    try:
-        with path.open("rb") as handle:
-            head = handle.read(HEADER_BYTES)
-    except FileNotFoundError:
-        raise UserError(f"{path}: model file not found", "pass the path of an existing .gguf file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, not a model file", "pass the path of a .gguf file") from None
-    except PermissionError:
-        raise UserError(f"{path}: cannot read the model file (permission denied)",
-                        "make the file readable by this user") from None
-    if len(head) < 4 or head[:4] != GGUF_MAGIC:
-        raise _bad(path, "not a GGUF file (the magic bytes 'GGUF' are missing)",
-                   "pass a llama.cpp model in GGUF format (convert other formats with convert_hf_to_gguf.py)")
-    if len(head) < HEADER_BYTES:
-        raise _bad(path, f"GGUF header truncated ({len(head)} of {HEADER_BYTES} bytes)")
-    version, n_tensors, n_kv = struct.unpack("<IQQ", head[4:HEADER_BYTES])
-    if version not in SUPPORTED_VERSIONS:
-        raise _bad(path, f"unsupported GGUF version {version} (supported: {', '.join(map(str, SUPPORTED_VERSIONS))})",
-                   "re-export the model with a current llama.cpp (version 3 files)")
-    if n_tensors > MAX_TENSORS:
-        raise _bad(path, f"header claims {n_tensors} tensors (limit {MAX_TENSORS}): the header is corrupt")
-    if n_kv > MAX_METADATA_KEYS:
-        raise _bad(path, f"header claims {n_kv} metadata keys (limit {MAX_METADATA_KEYS}): the header is corrupt")
-    return version, n_tensors, n_kv
-
-
-def _field_value(reader: Any, key: str) -> Any:
-    field_ = reader.get_field(key)
-    if field_ is None:
-        return None
-    value = field_.contents()
-    return value
-
-
-def _int_field(reader: Any, key: str, default: int = 0) -> int:
-    value = _field_value(reader, key)
+def _int_field(header: GGUFHeader, key: str, default: int = 0) -> int:
+    value = header.value(key)
     if value is None:
         return default
     if isinstance(value, list):  # per-layer arrays (e.g. head_count_kv on some archs): take the max
@@ -156,39 +109,53 @@ def _int_field(reader: Any, key: str, default: int = 0) -> int:
         return default
 
 
+def _keep_small_arrays(key: str, count: int) -> bool:
+    return not key.startswith("tokenizer.") and count <= MAX_KEPT_ARRAY
+
+
 def shard_paths(path: Path, split_count: int) -> tuple[Path, ...]:
-    """The files of a split model (``name-00001-of-00003.gguf``), in order, starting from the first."""
-    if split_count <= 1:
-        return (path,)
+    """The files of a split model (``name-00001-of-00003.gguf``), in order, starting from the first.
+
+    The name and ``split.count`` must agree, and ``path`` must be the first shard: llama.cpp loads a split
+    model from its first file and finds the rest by name.
+    """
+    if not 1 <= split_count <= MAX_SHARDS:
+        raise corrupt(path, f"split.count is {split_count} (1 to {MAX_SHARDS}): the header is corrupt")
     match = SHARD_PATTERN.match(path.name)
+    named_count = int(match.group("count")) if match else 1
+    if split_count == 1 and named_count <= 1:
+        return (path,)
     if match is None:
-        raise _bad(path, f"model is split into {split_count} files but the name does not follow "
-                   "'<name>-00001-of-000NN.gguf'", "pass the first shard under its original name")
+        raise corrupt(path, f"model is split into {split_count} files but the name does not follow "
+                      "'<name>-00001-of-000NN.gguf'", "pass the first shard under its original name")
     stem = match.group("stem")
+    if named_count != split_count:
+        raise corrupt(path, f"the name says {named_count} shards but the file's split.count says {split_count}",
+                      "pass the shards under the names gguf-split gave them, or download them again")
+    if int(match.group("no")) != 1:
+        raise UserError(f"{path}: is shard {int(match.group('no'))} of {split_count}, not the first",
+                        f"pass the first shard, {stem}-00001-of-{split_count:05d}.gguf")
     return tuple(path.with_name(f"{stem}-{i:05d}-of-{split_count:05d}.gguf") for i in range(1, split_count + 1))
 
 
-def _read_one(path: Path) -> tuple[Any, int]:
-    """Parse one GGUF file with the reference reader and check that all tensors lie inside it."""
-    version, _, _ = check_header(path)
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except ValueError as exc:
-        if "reshape" in str(exc):  # the reader maps each tensor; a short file leaves the last one short
-            raise _bad(path, f"tensor data runs past the end of the file ({path.stat().st_size} bytes): "
-                       "the file is truncated") from None
-        raise _bad(path, f"GGUF metadata cannot be parsed ({exc})") from None
-    except (IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError) as exc:
-        raise _bad(path, f"GGUF metadata cannot be parsed ({exc})") from None
-    size = path.stat().st_size
-    for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
-        if end > size:
-            raise _bad(path, f"tensor '{tensor.name}' ends at byte {end} but the file has {size} bytes "
-                       "(the file is truncated)")
-    return reader, version
+def _read_shards(path: Path, first: GGUFHeader) -> list[GGUFHeader]:
+    """Every shard's header; each must name the same split and its own place in it."""
+    split_count = _int_field(first, "split.count", 1)
+    files = shard_paths(path, split_count)
+    headers = [first]
+    for number, shard in enumerate(files[1:], start=2):
+        if not shard.exists():
+            raise corrupt(shard, f"shard {number} of {split_count} is missing",
+                          f"download every shard next to {path.name}")
+        headers.append(read_header(shard, keep_array=_keep_small_arrays))
+    for number, header in enumerate(headers, start=1):
+        count = _int_field(header, "split.count", 1)
+        index = header.value("split.no")
+        if count != split_count or (index is not None and index != number - 1):
+            raise corrupt(header.path, f"shard {number} of {split_count} says it is "
+                          f"{'shard ' + str(index + 1) if isinstance(index, int) else 'a shard'} of {count}: "
+                          "the shards belong to different splits", "download every shard of one model again")
+    return headers
 
 
 def _shared_tensor_names(names: set[str]) -> set[str]:
@@ -199,46 +166,37 @@ def _shared_tensor_names(names: set[str]) -> set[str]:
 def inspect_model(path: Path | str) -> ModelInfo:
     """Validate ``path`` (and its shards) and return its metadata, or raise one clear :class:`UserError`."""
     path = Path(path).expanduser()
-    if path.suffix.lower() != ".gguf" and not path.exists():
-        raise UserError(f"{path}: model file not found", "pass the path of an existing .gguf file")
-    reader, version = _read_one(path)
-    arch = str(_field_value(reader, "general.architecture") or "")
+    first = read_header(path, keep_array=_keep_small_arrays)
+    headers = _read_shards(path, first)
+    arch = str(first.value("general.architecture") or "")
     if not arch:
-        raise _bad(path, "GGUF metadata has no general.architecture: not a llama.cpp language model",
-                   "pass a model converted by llama.cpp's convert_hf_to_gguf.py")
-    split_count = _int_field(reader, "split.count", 1)
-    files = shard_paths(path, split_count)
-    readers = [reader]
-    for shard in files[1:]:
-        if not shard.exists():
-            raise _bad(shard, f"shard {files.index(shard) + 1} of {split_count} is missing",
-                       f"download every shard next to {path.name}")
-        readers.append(_read_one(shard)[0])
+        raise corrupt(path, "GGUF metadata has no general.architecture: not a llama.cpp language model",
+                      "pass a model converted by llama.cpp's convert_hf_to_gguf.py")
 
     tensor_types: Counter[str] = Counter()
     n_params = 0
     tensor_bytes = 0
     expert_bytes = 0
-    shared_bytes = 0
     names: set[str] = set()
-    for r in readers:
-        for tensor in r.tensors:
-            n_params += int(tensor.n_elements)
-            tensor_bytes += int(tensor.n_bytes)
-            type_name = tensor.tensor_type.name
-            tensor_types[type_name] += int(tensor.n_bytes)
-            names.add(tensor.name)
-            if "_exps." in tensor.name:
-                expert_bytes += int(tensor.n_bytes)
-    for r in readers:
-        for tensor in r.tensors:
-            if tensor.name in _shared_tensor_names(names):
-                shared_bytes += int(tensor.n_bytes)
-    if not names:
-        raise _bad(path, "the model has no tensors", "pass a complete model, not a vocabulary-only file")
+    tensors = [tensor for header in headers for tensor in header.tensors]
+    for tensor in tensors:
+        if tensor.name in names:
+            raise corrupt(tensor_path(headers, tensor.name), f"tensor '{tensor.name}' is in two shards",
+                          "download every shard of one model again")
+        names.add(tensor.name)
+        n_params += tensor.n_elements
+        tensor_bytes += tensor.n_bytes
+        tensor_types[tensor.type_name] += tensor.n_bytes
+        if "_exps." in tensor.name:
+            expert_bytes += tensor.n_bytes
+    shared = _shared_tensor_names(names)
+    shared_bytes = sum(tensor.n_bytes for tensor in tensors if tensor.name in shared)
+    n_layers = _int_field(first, f"{arch}.block_count")
+    n_embd = _int_field(first, f"{arch}.embedding_length")
+    _check_meaning(path, arch, tensors=len(names), n_params=n_params, n_layers=n_layers, n_embd=n_embd)
 
-    expert_count = _int_field(reader, f"{arch}.expert_count")
-    expert_used = _int_field(reader, f"{arch}.expert_used_count")
+    expert_count = _int_field(first, f"{arch}.expert_count")
+    expert_used = _int_field(first, f"{arch}.expert_used_count")
     tied_output = "output.weight" not in names
     streamed = tensor_bytes - shared_bytes - expert_bytes
     if tied_output:  # the embedding matrix doubles as the output projection and is read in full per token
@@ -248,43 +206,59 @@ def inspect_model(path: Path | str) -> ModelInfo:
     else:
         streamed += expert_bytes
 
-    n_embd = _int_field(reader, f"{arch}.embedding_length")
-    n_head = _int_field(reader, f"{arch}.attention.head_count")
+    n_head = _int_field(first, f"{arch}.attention.head_count")
     head_dim_default = n_embd // n_head if n_head else 0
-    file_type_raw = _field_value(reader, "general.file_type")
-    file_type = _file_type_name(file_type_raw)
+    file_type = _file_type_name(first.value("general.file_type"))
     dominant = tensor_types.most_common(1)[0][0]
     return ModelInfo(
         path=path,
-        files=files,
-        size_bytes=sum(p.stat().st_size for p in files),
-        gguf_version=version,
+        files=tuple(header.path for header in headers),
+        size_bytes=sum(header.file_size for header in headers),
+        gguf_version=first.version,
         architecture=arch,
-        name=str(_field_value(reader, "general.name") or path.stem),
+        name=str(first.value("general.name") or path.stem),
         file_type=file_type or dominant,
         dominant_tensor_type=dominant,
         n_params=n_params,
-        n_layers=_int_field(reader, f"{arch}.block_count"),
+        n_layers=n_layers,
         n_embd=n_embd,
         n_head=n_head,
-        n_head_kv=_int_field(reader, f"{arch}.attention.head_count_kv", n_head),
-        head_dim_k=_int_field(reader, f"{arch}.attention.key_length", head_dim_default),
-        head_dim_v=_int_field(reader, f"{arch}.attention.value_length", head_dim_default),
-        context_length=_int_field(reader, f"{arch}.context_length"),
+        n_head_kv=_int_field(first, f"{arch}.attention.head_count_kv", n_head),
+        head_dim_k=_int_field(first, f"{arch}.attention.key_length", head_dim_default),
+        head_dim_v=_int_field(first, f"{arch}.attention.value_length", head_dim_default),
+        context_length=_int_field(first, f"{arch}.context_length"),
         expert_count=expert_count,
         expert_used_count=expert_used,
         tensor_bytes=tensor_bytes,
         bytes_per_token=streamed,
         tensor_types=dict(tensor_types),
-        n_vocab=_vocab_size(reader, arch),
+        n_vocab=_vocab_size(first, arch),
     )
 
 
-def _vocab_size(reader: Any, arch: str) -> int:
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    if tokens is not None:
-        return len(tokens.data)  # one index per array element
-    return _int_field(reader, f"{arch}.vocab_size")
+def tensor_path(headers: list[GGUFHeader], name: str) -> Path:
+    """The last shard that holds tensor ``name`` (where a duplicate shows up)."""
+    return next(h.path for h in reversed(headers) if any(t.name == name for t in h.tensors))
+
+
+def _check_meaning(path: Path, arch: str, *, tensors: int, n_params: int, n_layers: int, n_embd: int) -> None:
+    """What a well-formed file still needs to be a model llama.cpp can run: checked before "valid"."""
+    fix = "pass a complete model converted by llama.cpp's convert_hf_to_gguf.py, not a vocabulary-only file"
+    if not tensors:
+        raise corrupt(path, "the model has no tensors", fix)
+    if n_params <= 0:
+        raise corrupt(path, "the model's tensors hold no parameters (every tensor is empty)", fix)
+    if n_layers <= 0:
+        raise corrupt(path, f"the model has no layers ({arch}.block_count is missing or 0)", fix)
+    if n_embd <= 0:
+        raise corrupt(path, f"the model has no embedding size ({arch}.embedding_length is missing or 0)", fix)
+
+
+def _vocab_size(header: GGUFHeader, arch: str) -> int:
+    tokens = header.field("tokenizer.ggml.tokens")
+    if tokens is not None and tokens.count is not None:
+        return tokens.count
+    return _int_field(header, f"{arch}.vocab_size")
 
 
 def _file_type_name(raw: Any) -> str:

@@ -12,10 +12,7 @@ back to ``token_embd.weight``, as for SmolLM2 itself, and the file is spared n_v
 
 from __future__ import annotations
 
-import mmap
-import struct
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,7 @@ import numpy as np
 
 from tuner.atomic import write_atomic
 from tuner.errors import UserError
+from tuner.model.gguf_header import ARRAY, STRING, MetadataField, read_header
 
 ARCH = "llama"
 # Bumped whenever the bytes written for the same arguments change, so cached copies are not reused.
@@ -35,96 +33,16 @@ TOKENIZER_PREFIX = "tokenizer."
 TOKENS_KEY = "tokenizer.ggml.tokens"
 
 
-# GGUF metadata value types (gguf.GGUFValueType) -> struct format of one scalar.
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
-                   12: "<d"}
-_STRING = 8
-_ARRAY = 9
-
-
-@dataclass(frozen=True)
-class MetadataField:
-    """One metadata key-value pair as stored: its GGUF value type (and element type for arrays), strings raw."""
-
-    key: str
-    value_type: int
-    value: Any  # int | float | bool | bytes, or a list of those for arrays
-    sub_type: int | None = None
-
-
-class _Cursor:
-    """Sequential little-endian reads from the GGUF header, every read checked against the end of the file."""
-
-    def __init__(self, path: Path, data: mmap.mmap, offset: int) -> None:
-        self.path = path
-        self.data = data
-        self.offset = offset
-
-    def take(self, n: int) -> bytes:
-        end = self.offset + n
-        if n < 0 or end > len(self.data):
-            raise UserError(f"{self.path}: GGUF metadata runs past the end of the file (the file is truncated)",
-                            "download the model again (a truncated or corrupted download is the usual cause)")
-        chunk = self.data[self.offset:end]
-        self.offset = end
-        return chunk
-
-    def scalar(self, value_type: int) -> Any:
-        fmt = _SCALAR_FORMATS.get(value_type)
-        if fmt is None:
-            raise UserError(f"{self.path}: unknown GGUF metadata value type {value_type}: the header is corrupt",
-                            "download the model again (a truncated or corrupted download is the usual cause)")
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> bytes:
-        return self.take(int(self.scalar(10)))
-
-    def value(self, value_type: int) -> tuple[Any, int | None]:
-        if value_type == _STRING:
-            return self.string(), None
-        if value_type != _ARRAY:
-            return self.scalar(value_type), None
-        sub_type = int(self.scalar(4))
-        count = int(self.scalar(10))
-        if sub_type == _STRING:
-            return [self.string() for _ in range(count)], sub_type
-        if sub_type == _ARRAY:
-            return [self.value(_ARRAY)[0] for _ in range(count)], sub_type
-        fmt = _SCALAR_FORMATS.get(sub_type)
-        if fmt is None:
-            return self.scalar(sub_type), None  # raises the corrupt-header error
-        size = struct.calcsize(fmt)
-        return [item[0] for item in struct.iter_unpack(fmt, self.take(size * count))], sub_type
-
-
-def read_metadata(path: Path) -> list[MetadataField]:
-    """Every metadata field of a GGUF file, in file order, read without parsing the tensors.
-
-    ``gguf.GGUFReader`` makes one numpy view per string, which takes seconds for a 49k-token vocabulary;
-    this reads the same fields in a fraction of that. Strings stay raw bytes, so copying them is exact.
-    """
-    from tuner.model.gguf_file import HEADER_BYTES, check_header
-
-    _, _, n_kv = check_header(path)
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        cursor = _Cursor(path, data, HEADER_BYTES)
-        fields = []
-        for _ in range(n_kv):
-            key = cursor.string().decode("utf-8", errors="replace")
-            value_type = int(cursor.scalar(4))
-            value, sub_type = cursor.value(value_type)
-            fields.append(MetadataField(key, value_type, value, sub_type))
-    return fields
-
-
 def _tokenizer_fields(source: Path) -> tuple[list[MetadataField], int]:
-    """The ``tokenizer.*`` fields of ``source`` in file order, and its vocabulary size."""
-    fields = [field for field in read_metadata(source) if field.key.startswith(TOKENIZER_PREFIX)]
+    """The ``tokenizer.*`` fields of ``source`` in file order (strings as raw bytes, so copies are exact), and
+    its vocabulary size."""
+    header = read_header(source, keep_array=lambda key, count: key.startswith(TOKENIZER_PREFIX))
+    fields = [field for field in header.fields if field.key.startswith(TOKENIZER_PREFIX)]
     tokens = next((field for field in fields if field.key == TOKENS_KEY), None)
-    if tokens is None or tokens.sub_type != _STRING or not tokens.value:
+    if tokens is None or tokens.sub_type != STRING or not tokens.value:
         raise UserError(f"{source}: has no tokenizer ({TOKENS_KEY} is missing)",
                         "pass a complete model (the default SmolLM2 model) as the tokenizer source")
-    if any(field.sub_type == _ARRAY for field in fields):
+    if any(field.sub_type == ARRAY for field in fields):
         raise UserError(f"{source}: a tokenizer field is a nested array, which cannot be copied",
                         "use a source model converted by llama.cpp's convert_hf_to_gguf.py")
     return fields, len(tokens.value)
