@@ -70,8 +70,11 @@ def run_workers(n: int, args: argparse.Namespace, url: str, home: Path, study: s
     if args.model:
         cmd += ["--model", str(args.model)]
     started = time.monotonic()
-    procs = [subprocess.Popen([*cmd, "--worker-name", f"bench-{i}"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(n)]
+    # Co-located on purpose (what N workers cost on one machine): each gets a measuring lock of its own,
+    # as it would on its own host.
+    procs = [subprocess.Popen([*cmd, "--worker-name", f"bench-{i}"],
+                              env={**env, "LLAMAHOST_LOCK_DIR": str(home / "locks" / f"bench-{i}")},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
     reports = []
     for proc in procs:
         out, err = proc.communicate()

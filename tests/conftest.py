@@ -1,7 +1,8 @@
 """Session-wide test setup.
 
 * Every test session gets a throw-away ``LLAMAHOST_HOME``, so no test reads or writes a user's studies,
-  results or caches.
+  results or caches, and a lock directory of its own (``LLAMAHOST_LOCK_DIR``), so a tune on this machine or
+  another test session does not refuse its runs (tests that need two "hosts" on one machine give each its own).
 * Fetched models and the built llama-server are shared between sessions (``LLAMAHOST_MODEL_CACHE``,
   ``LLAMAHOST_SERVER_CACHE``, under ~/.cache/llamahost), so CI fetches and builds them once per machine.
 """
@@ -23,9 +24,10 @@ HOST_FIXTURES = FIXTURES / "hosts"
 @pytest.fixture(scope="session", autouse=True)
 def isolated_llamahost_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("llamahost-home")
-    keys = ("LLAMAHOST_HOME", "LLAMAHOST_MODEL_CACHE", "LLAMAHOST_SERVER_CACHE")
+    keys = ("LLAMAHOST_HOME", "LLAMAHOST_LOCK_DIR", "LLAMAHOST_MODEL_CACHE", "LLAMAHOST_SERVER_CACHE")
     previous = {key: os.environ.get(key) for key in keys}
     os.environ["LLAMAHOST_HOME"] = str(home)
+    os.environ["LLAMAHOST_LOCK_DIR"] = str(home / "lock")
     persistent = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamahost"
     os.environ.setdefault("LLAMAHOST_MODEL_CACHE", str(persistent / "models"))
     os.environ.setdefault("LLAMAHOST_SERVER_CACHE", str(persistent / "llama-server"))

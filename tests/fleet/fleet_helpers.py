@@ -44,17 +44,22 @@ def new_store(cluster: PgCluster) -> Store:
     return Store(cluster, database)
 
 
-def llamahost_env(home: Path) -> dict[str, str]:
+def llamahost_env(home: Path, host: str | None = None) -> dict[str, str]:
+    """The environment of a llamahost run; ``host`` names the simulated host it runs on: each has its own
+    measuring lock, as separate machines would (one machine plays every host here)."""
     env = {**os.environ, "LLAMAHOST_HOME": str(home), "PYTHONUNBUFFERED": "1"}
     env.pop("LLAMAHOST_STORAGE", None)
+    if host is not None:
+        env["LLAMAHOST_LOCK_DIR"] = str(home / "locks" / host)
     return env
 
 
-def llamahost(*args: str, home: Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def llamahost(*args: str, home: Path, timeout: float = 600, host: str | None = None
+              ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "tuner.cli", *args], capture_output=True, text=True,
-                          env=llamahost_env(home), timeout=timeout, check=False)
+                          env=llamahost_env(home, host), timeout=timeout, check=False)
 
 
-def start_llamahost(*args: str, home: Path) -> subprocess.Popen[str]:
+def start_llamahost(*args: str, home: Path, host: str | None = None) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "tuner.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=llamahost_env(home))
+                            stderr=subprocess.PIPE, text=True, env=llamahost_env(home, host))

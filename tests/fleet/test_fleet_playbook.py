@@ -50,15 +50,26 @@ def llamahost_bin() -> str:
     return found
 
 
+def host_command(root: Path, host: str) -> str:
+    """llamahost as ``host`` runs it: with a measuring lock of its own, as on a machine of its own (one machine
+    plays every host here, and one lock per machine would refuse the second worker)."""
+    wrapper = root / "bin" / f"llamahost-{host}"
+    wrapper.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.write_text(f'#!/bin/sh\nLLAMAHOST_LOCK_DIR={root / "locks" / host} exec {llamahost_bin()} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
+
+
 def write_inventory(root: Path, host_models: dict[str, Path]) -> Path:
     """An inventory of this machine under two names, in a group of the hosts the roles prepare (llama_hosts);
     each host's study selection names its model, the model it serves (its sha256)."""
     hosts = {name: {"tune_selection_args": ["--model", str(model), *TINY],
-                    "llama_server_model_sha256": sha256_of(model)} for name, model in host_models.items()}
+                    "llama_server_model_sha256": sha256_of(model),
+                    "tune_llamahost_command": host_command(root, name)} for name, model in host_models.items()}
     inventory = {"all": {"children": {"llama_hosts": {"children": {GROUP: {
         "hosts": hosts,
         "vars": {"ansible_connection": "local", "ansible_python_interpreter": sys.executable,
-                 "tune_llamahost_command": llamahost_bin(), "llama_server_llamahost_command": llamahost_bin()},
+                 "llama_server_llamahost_command": llamahost_bin()},
     }}}}}}
     (root / "group_vars").mkdir(parents=True)
     (root / "group_vars" / f"{GROUP}.yml").write_text(GROUP_VARS)

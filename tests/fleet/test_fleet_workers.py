@@ -70,7 +70,7 @@ def fleet_run(tmp_path_factory: pytest.TempPathFactory, pg: PgCluster, model_pat
     store = new_store(pg)
     home = tmp_path_factory.mktemp("fleet-home")
     procs = [start_llamahost(*work(store, model_path, f"host-{i}", "--trials", str(TRIALS_EACH), "--budget", "10m",
-                                   "--json"), home=home) for i in range(WORKERS)]
+                                   "--json"), home=home, host=f"host-{i}") for i in range(WORKERS)]
     outputs = [proc.communicate(timeout=600) for proc in procs]
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err[-3000:]
@@ -141,8 +141,9 @@ def test_finish_proves_the_winner_and_writes_the_result(fleet_run: dict[str, Any
 
 def test_a_killed_worker_s_trial_fails_within_the_grace_period_and_is_retried_once(
         store: Store, model_path: Path, tmp_path: Path) -> None:
-    killed = start_llamahost(*work(store, model_path, "host-a", "--budget", "10m"), home=tmp_path)
-    survivor = start_llamahost(*work(store, model_path, "host-b", "--budget", "10m", "--json"), home=tmp_path)
+    killed = start_llamahost(*work(store, model_path, "host-a", "--budget", "10m"), home=tmp_path, host="host-a")
+    survivor = start_llamahost(*work(store, model_path, "host-b", "--budget", "10m", "--json"), home=tmp_path,
+                               host="host-b")
     try:
         def running_trial_of_killed() -> FrozenTrial | None:
             studies = store.studies()

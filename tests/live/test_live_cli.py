@@ -148,7 +148,7 @@ def test_a_killed_controller_leaves_the_baseline_running_and_the_next_run_resume
         assert baseline_args
 
         second = run(home, *args, "--budget", "5m", timeout=120)  # the same host, while the first one runs
-        assert second.returncode == 2 and "another llamahost tune is already tuning" in second.stderr
+        assert second.returncode == 2 and "another llamahost run is already measuring on this host" in second.stderr
         assert "Traceback" not in second.stderr
 
         controller.send_signal(signal.SIGKILL)

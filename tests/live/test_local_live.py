@@ -81,7 +81,7 @@ def test_dead_man_switch_restores_the_baseline_when_the_controller_goes_quiet(se
 def test_a_second_tuner_is_refused_within_a_second(server: LocalServer) -> None:
     with server.lock():
         started = time.monotonic()
-        with pytest.raises(UserError, match="another llamahost tune is already tuning"), server.lock():
+        with pytest.raises(UserError, match="another llamahost run is already measuring on this host"), server.lock():
             pass
         assert time.monotonic() - started < 1.0
 

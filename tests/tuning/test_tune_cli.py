@@ -115,21 +115,33 @@ def test_show_lists_the_trials_and_the_result(tuned_home: tuple[Path, dict[str, 
     assert "<img" in (home / "again.html").read_text()
 
 
+def wait_for_running_trial(proc: subprocess.Popen[str], home: Path, study: str, *, complete: int) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        states = [t.state for t in study_trials(home, study)]
+        if states.count(optuna.trial.TrialState.COMPLETE) >= complete and states[-1] == optuna.trial.TrialState.RUNNING:
+            return
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"the study never got {complete} finished trials and a running one")
+
+
 def test_sigterm_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, model_path: Path) -> None:
+    """Also: while it measures, a second tune and a fleet worker on this host are refused and measure nothing."""
     home = tmp_path / "home"
     env = {**os.environ, "LLAMAHOST_HOME": str(home)}
     cmd = [sys.executable, "-m", "tuner.cli", "tune", "--model", str(model_path), "--budget", "20m",
            "--study", "resume-me", *FAST]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        states = [t.state for t in study_trials(home, "resume-me")]
-        if states.count(optuna.trial.TrialState.COMPLETE) >= 2 and states[-1] == optuna.trial.TrialState.RUNNING:
-            break
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the study never got two finished trials")
+    wait_for_running_trial(proc, home, "resume-me", complete=2)
+    fleet_store = f"sqlite:///{tmp_path / 'f.db'}"
+    for second in (["tune", "--study", "second", *FAST], ["fleet", "work", "--storage", fleet_store]):
+        refused = llamahost(*second, "--model", str(model_path), "--budget", "1m", home=home, timeout=120)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"already measuring on this host: llamahost tune (pid {proc.pid}" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    assert not study_trials(home, "second") and not (tmp_path / "f.db").exists()
+    wait_for_running_trial(proc, home, "resume-me", complete=2)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -146,7 +158,7 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, model_pa
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed" in again.stderr
     after = study_trials(home, "resume-me")
-    assert len(after) > len(before)
+    assert len(after) > len(before), again.stderr[-3000:]
     assert [t.number for t in after[: len(before)]] == [t.number for t in before]
     baselines = [t for t in after if t.user_attrs.get("role") == "baseline"]
     assert len(baselines) == 1, "resuming must not measure the baseline again"

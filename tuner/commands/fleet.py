@@ -27,6 +27,7 @@ from tuner.fleet.group import NOT_READ
 from tuner.fleet.session import DEFAULT_MEASURE_CAP_S, STORAGE_ENV, fleet_storage_url, host_in_group, open_group
 from tuner.fleet.status import group_status
 from tuner.fleet.worker import STOPPED_BY_INTERRUPT, run_worker
+from tuner.host_lock import measuring_lock
 from tuner.output import console, print_json, table
 from tuner.search import Interrupted
 from tuner.study import FLEET_STUDY, load_existing_study, open_storage, quiet_optuna
@@ -132,8 +133,9 @@ def run_work(args: argparse.Namespace) -> int:
     if args.trials is not None and args.trials < 1:
         raise UserError("--trials must be at least 1", "pass e.g. --trials 20, or leave it out to search until "
                                                        "the budget is spent")
-    session = open_group(_request(args, budget=args.budget), create=True)
-    report = run_worker(session, worker_name=args.worker_name, trials=args.trials)
+    with measuring_lock("llamahost fleet work"):
+        session = open_group(_request(args, budget=args.budget), create=True)
+        report = run_worker(session, worker_name=args.worker_name, trials=args.trials)
     if args.json:
         print_json(report.to_dict())
     else:
@@ -146,12 +148,14 @@ def run_work(args: argparse.Namespace) -> int:
 def run_finish(args: argparse.Namespace) -> int:
     if args.candidates < 1:
         raise UserError("--candidates must be at least 1", "pass --candidates 3")
-    session = open_group(_request(args, budget=args.budget), create=False)
-    try:
-        outcome = finish_group(session)
-    except Interrupted:
-        console(stderr=True).print("[bold]interrupted[/bold]: nothing written; the study is intact", style="yellow")
-        return EXIT_INTERRUPTED
+    with measuring_lock("llamahost fleet finish"):  # it measures the candidates against the baseline
+        session = open_group(_request(args, budget=args.budget), create=False)
+        try:
+            outcome = finish_group(session)
+        except Interrupted:
+            console(stderr=True).print("[bold]interrupted[/bold]: nothing written; the study is intact",
+                                       style="yellow")
+            return EXIT_INTERRUPTED
     print_outcome(outcome.result, as_json=args.json)
     return 0
 

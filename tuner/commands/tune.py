@@ -15,6 +15,7 @@ from typing import Any
 
 from tuner.durations import parse_duration
 from tuner.errors import UserError
+from tuner.host_lock import measuring_lock
 from tuner.live.measure import OBJECTIVES as LIVE_OBJECTIVES
 from tuner.live.setup import add_live_arguments, run_live_command
 from tuner.output import console, print_json
@@ -101,14 +102,15 @@ def run_tune(args: argparse.Namespace) -> int:
         return run_live_and_report(args, verify_only=False)
     refuse_live_only_flags(args)
     request = request_from_args(args)
-    ctx = prepare(request)
-    try:
-        outcome = run(ctx)
-    except Interrupted:
-        trials = len(ctx.study.trials)
-        console(stderr=True).print(f"[bold]interrupted[/bold]: study {ctx.study.study_name} is intact ({trials} "
-                                   "trials); run the same command again to resume", style="yellow")
-        return EXIT_INTERRUPTED
+    with measuring_lock("llamahost tune"):
+        ctx = prepare(request)  # measures the bandwidth on a host seen for the first time
+        try:
+            outcome = run(ctx)
+        except Interrupted:
+            trials = len(ctx.study.trials)
+            console(stderr=True).print(f"[bold]interrupted[/bold]: study {ctx.study.study_name} is intact "
+                                       f"({trials} trials); run the same command again to resume", style="yellow")
+            return EXIT_INTERRUPTED
     if args.host_vars is not None:  # the same chain as `llamahost write-back`, checked against this host
         written = save_and_write(outcome.result_path, outcome.result, args.host_vars, inventory=None,
                                  hardware=ctx.probe.fingerprint())

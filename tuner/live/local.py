@@ -12,14 +12,12 @@ llama-server running with the configuration the state directory asks for:
 
 Like ``Restart=on-failure``, a server that dies is started again. A trial configuration that cannot
 start is reported as failed and not retried until the tuner asks for something else. The tuner side is
-:class:`LocalServer`; it holds ``tune.lock`` with ``flock`` so a second tuner is refused at once, and
-the kernel releases the lock if the tuner dies.
+:class:`LocalServer`; it holds the host's measuring lock (:mod:`tuner.host_lock`) so a second tuner is
+refused at once, and the kernel releases the lock if the tuner dies.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from typing import Any
 from tuner.atomic import write_atomic
 from tuner.config import RunConfig
 from tuner.errors import UserError
+from tuner.host_lock import measuring_lock
 from tuner.live.control import TrialStartFailed
 from tuner.server.process import ServerProcess, ServerStartError, api_key_from_text
 
@@ -236,26 +235,10 @@ class LocalServer:
         (self.state / "trial.json").unlink(missing_ok=True)
         self._wait_for(self._entry(config), what="the adopted configuration")
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
-        """One tuner per server: ``flock`` on the state directory's lock file, released by the kernel
-        when this process ends however it ends."""
-        self.state.mkdir(parents=True, exist_ok=True)
-        path = self.state / "tune.lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = Path(path).read_text().strip() or "?"
-            os.close(fd)
-            raise UserError(f"another llamahost tune is already tuning {self.base_url} (pid {holder})",
-                            "wait for it to finish, or stop it (Ctrl-C / kill), then run again") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        try:
-            yield
-        finally:
-            os.close(fd)
+    def lock(self) -> AbstractContextManager[None]:
+        """One measuring run per host (:mod:`tuner.host_lock`): a second tuner, or a benchmark tune or fleet
+        worker on this machine, is refused at once; the kernel releases the lock if the tuner dies."""
+        return measuring_lock(f"llamahost tune --live of {self.base_url}")
 
     def _entry(self, config: RunConfig) -> dict[str, Any]:
         return desired_entry(config.validate())
