@@ -9,11 +9,16 @@ target, so a reader sees either the old or the new file, never half of one. The 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
 
+from tuner.errors import UserError
+
 PREVIOUS_SUFFIX = ".prev"
+# A full disk or quota, a read-only file system, no permission: the user can fix these, and the old file stands.
+_USER_FIXABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def previous_path(path: Path) -> Path:
@@ -77,6 +82,10 @@ def write_atomic(path: Path, content: str | bytes, *, keep_previous: bool = True
         os.chmod(tmp, mode)
         os.replace(tmp, path)
         _fsync_directory(directory)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _USER_FIXABLE:
+            raise UserError(f"cannot write {path}: {exc.strerror}",
+                            f"free space on (or write access to) {directory}; {path.name} is unchanged"
+                            ) from None
         raise

@@ -23,6 +23,7 @@ from tuner.errors import UserError
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
 from tuner.verify import Arm, Verification
+from tuner.yamlfile import read_user_text
 
 FORMAT_VERSION = 1
 # How each measured metric is shown to people, in display order; live runs measure the latter ones.
@@ -79,13 +80,7 @@ def write_result(path: Path, data: dict[str, Any]) -> None:
 
 
 def load_result(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserError(f"no result file at {path}", "run `llamahost tune` first") from None
-    except OSError as exc:
-        raise UserError(f"cannot read the result file {path} ({exc.strerror})",
-                        "check the path and its permissions") from None
+    text = read_user_text(path, what="result file", fix_missing="run `llamahost tune` first")
     return parse_result(text, origin=str(path))
 
 

@@ -25,6 +25,7 @@ from ruamel.yaml.scalarstring import ScalarString, SingleQuotedScalarString
 
 from tuner.atomic import write_atomic
 from tuner.errors import UserError
+from tuner.yamlfile import read_user_text
 
 
 @dataclass(frozen=True)
@@ -60,12 +61,9 @@ def _yaml() -> YAML:
 def load_vars_file(path: Path) -> CommentedMap:
     if not path.exists():
         return CommentedMap()
+    text = read_user_text(path, what="vars file", fix_missing="check the path")
     try:
-        data = _yaml().load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text", "save it as UTF-8 (Ansible reads vars files as UTF-8)") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path} ({exc.strerror})", "check the path and its permissions") from None
+        data = _yaml().load(text)
     except YAMLError as exc:
         raise UserError(f"{path} is not valid YAML ({str(exc).splitlines()[0]})",
                         f"fix the file (its last good version may be {path.name}.prev)") from None

@@ -1,4 +1,4 @@
-"""Reading a user's YAML file that must hold a mapping, with errors that name the file and the fix."""
+"""Reading a user's file (text, or YAML that must hold a mapping), with errors that name the file and the fix."""
 
 from __future__ import annotations
 
@@ -11,12 +11,26 @@ from ruamel.yaml.error import YAMLError
 from tuner.errors import UserError
 
 
-def read_yaml_mapping(path: Path, *, what: str, fix_missing: str, fix_shape: str) -> dict[str, Any]:
-    """The mapping in ``path``; a missing file, bad YAML or another shape is a :class:`UserError`."""
+def read_user_text(path: Path, *, what: str, fix_missing: str) -> str:
+    """The UTF-8 text of ``path``; a missing, unreadable or undecodable file is a :class:`UserError`, never a
+    traceback (vars files and results are UTF-8 for Ansible and for llamahost alike)."""
     try:
-        data = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: {what} not found", fix_missing) from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: {what} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start})", "save it as UTF-8") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the {what} ({exc.strerror})",
+                        "check the path and its permissions") from None
+
+
+def read_yaml_mapping(path: Path, *, what: str, fix_missing: str, fix_shape: str) -> dict[str, Any]:
+    """The mapping in ``path``; a missing file, bad YAML or another shape is a :class:`UserError`."""
+    text = read_user_text(path, what=what, fix_missing=fix_missing)
+    try:
+        data = YAML(typ="safe").load(text)
     except YAMLError as exc:
         raise UserError(f"{path}: {what} is not valid YAML ({str(exc).splitlines()[0]})",
                         "fix the YAML syntax") from None

@@ -24,7 +24,7 @@ def test_result_round_trips_keeps_order_and_previous(tmp_path: Path) -> None:
 
 
 def test_unreadable_results_are_user_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="no result file"):
+    with pytest.raises(UserError, match=r"missing\.yaml: result file not found"):
         load_result(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("format: 99\n")

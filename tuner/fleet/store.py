@@ -37,6 +37,7 @@ CONNECT_TIMEOUT_S = 10
 UNREACHABLE_MARKERS = ("connection refused", "could not connect", "timeout expired", "could not translate host",
                        "no route to host", "network is unreachable", "server closed the connection",
                        "name or service not known")
+CORRUPT_SQLITE_MARKERS = ("file is not a database", "database disk image is malformed")
 
 
 def parse_url(url: str) -> URL | None:
@@ -178,6 +179,11 @@ def explain_open_error(url: str, exc: BaseException) -> UserError:
             return UserError(f"{prefix}: cannot reach PostgreSQL at {host} ({first})",
                              "check that the server runs and listens there (listen_addresses, port, firewall), "
                              "and the host name in the URL")
+    if backend(url) == "sqlite" and any(marker in lowered for marker in CORRUPT_SQLITE_MARKERS):
+        path = sqlite_path(url)
+        return UserError(f"{prefix}: {path} is corrupt, not a readable SQLite database ({first})",
+                         f"nothing in it was changed: keep it as the backup (mv {path} {path}.corrupt) and run "
+                         "again to start a new store, or put back a copy you trust")
     if isinstance(original, ModuleNotFoundError | ImportError):
         return UserError(f"{prefix}: the database driver is not installed ({first})",
                          "install llamahost with its fleet extra: pip install 'llamahost[fleet]'")

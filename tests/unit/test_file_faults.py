@@ -1,0 +1,97 @@
+"""A full disk, undecodable files and a corrupt study store: one message with exit 2, no traceback, and the
+files as they were.
+
+The full disk is a real one: a 64 KiB tmpfs mounted for the test (root only; skipped elsewhere with the reason).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from result_support import MODEL_SHA, proven_result, write_result_file
+
+DEPLOYED = f'llama_server_model_sha256: "{MODEL_SHA}"\nllama_server_threads: 32\n'
+
+
+def llamahost(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tuner.cli", *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "LLAMAHOST_HOME": str(home)}, check=False)
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert fragment in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tiny tmpfs holding a deployed vars file, then filled to the last byte."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                             text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        (mount / "h1.yml").write_text(DEPLOYED)
+        with (mount / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
+            while True:
+                filler.write(b"\0" * 4096)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_keeps_the_vars_file_and_says_so(full_disk: Path, tmp_path: Path) -> None:
+    vars_file = full_disk / "h1.yml"
+    result = write_result_file(tmp_path / "r.yaml", proven_result())
+    done = llamahost("write-back", str(result), "--vars", str(vars_file), home=tmp_path / "home")
+    assert_refused(done, f"cannot write {vars_file}: No space left on device")
+    assert "h1.yml is unchanged" in done.stderr
+    assert vars_file.read_text() == DEPLOYED
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler", "h1.yml"], "no temporary file is left"
+
+
+def test_a_vars_file_that_is_not_utf8_is_refused_untouched(tmp_path: Path) -> None:
+    vars_file = tmp_path / "h1.yml"
+    vars_file.write_bytes(DEPLOYED.encode() + b"# caf\xe9 in latin-1\n")
+    before = vars_file.read_bytes()
+    result = write_result_file(tmp_path / "r.yaml", proven_result())
+    done = llamahost("write-back", str(result), "--vars", str(vars_file), home=tmp_path / "home")
+    assert_refused(done, "vars file is not UTF-8 text (byte 0xe9 at offset")
+    assert vars_file.read_bytes() == before and not list(tmp_path.glob("h1.yml.*"))
+
+
+def test_a_result_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    vars_file = tmp_path / "h1.yml"
+    vars_file.write_text(DEPLOYED)
+    result = tmp_path / "r.yaml"
+    result.write_bytes(b"verdict: \xff\xfe\n")
+    done = llamahost("write-back", str(result), "--vars", str(vars_file), home=tmp_path / "home")
+    assert_refused(done, "result file is not UTF-8 text (byte 0xff at offset 9)")
+    assert vars_file.read_text() == DEPLOYED
+
+
+def test_role_variables_that_are_not_utf8_are_refused(tmp_path: Path) -> None:
+    baseline = tmp_path / "baseline.yml"
+    baseline.write_bytes(b"llama_server_threads: 4 # \x80\n")
+    done = llamahost("tune", "--live", "--local", "--baseline-vars", str(baseline), "--budget", "1m",
+                     home=tmp_path / "home")
+    assert_refused(done, "role variables file is not UTF-8 text (byte 0x80 at offset 26)")
+
+
+@pytest.mark.parametrize("command", [["show"], ["tune", "--budget", "1m"]], ids=["show", "tune"])
+def test_a_corrupt_study_store_is_named_corrupt_and_left_as_it_was(tmp_path: Path, command: list[str]) -> None:
+    store = tmp_path / "studies.db"
+    garbage = bytes(range(256)) * 64
+    store.write_bytes(garbage)
+    done = llamahost(*command, "--storage", f"sqlite:///{store}", home=tmp_path / "home")
+    assert_refused(done, f"{store} is corrupt, not a readable SQLite database")
+    assert f"mv {store} {store}.corrupt" in done.stderr
+    assert store.read_bytes() == garbage and not list(tmp_path.glob("studies.db?*")), "no journal, no rewrite"
