@@ -78,6 +78,34 @@ def test_dead_man_switch_restores_the_baseline_when_the_controller_goes_quiet(se
     assert "baseline restored" in (server.state / "supervisor.log").read_text()
 
 
+def test_a_wall_clock_step_neither_fires_the_dead_man_switch_nor_keeps_it_from_firing(server: LocalServer) -> None:
+    """While the tuner beats, the heartbeat file looks an hour old (the clock stepped ahead): the trial stays.
+    Then silence, and the file looks an hour newer (the clock stepped back): the baseline is back within the
+    limit. tests/unit/test_deadman_clock.py does the same to the host-side switch."""
+    beat = server.state / "heartbeat"
+    server.apply(TRIAL)
+    until = time.monotonic() + 2 * server.spec.deadman_s
+    while time.monotonic() < until:
+        server.heartbeat()
+        stamp = time.time() - 3600
+        os.utime(beat, (stamp, stamp))
+        time.sleep(0.5)
+    assert "baseline restored" not in supervisor_log(server) and "--parallel 2" in running_args(server)
+    silent_from = time.monotonic()
+    stamp = time.time() + 3600
+    os.utime(beat, (stamp, stamp))
+    while "baseline restored" not in supervisor_log(server) and time.monotonic() - silent_from < 60:
+        time.sleep(0.2)
+    waited = time.monotonic() - silent_from
+    assert "baseline restored" in supervisor_log(server)
+    assert waited < server.spec.deadman_s + 10, f"restored after {waited:.0f} s (limit {server.spec.deadman_s} s)"
+
+
+def supervisor_log(server: LocalServer) -> str:
+    path = server.state / "supervisor.log"
+    return path.read_text() if path.exists() else ""
+
+
 def test_a_second_tuner_is_refused_within_a_second(server: LocalServer) -> None:
     with server.lock():
         started = time.monotonic()

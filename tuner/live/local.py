@@ -5,8 +5,9 @@ llama-server running with the configuration the state directory asks for:
 
 ``baseline.json``  the configuration the server runs when nobody is tuning (like the unit file);
 ``trial.json``     a trial's configuration while it is present (like the transient drop-in);
-``heartbeat``      touched by the tuner; when it is older than the dead-man limit while a trial is
-                   active, the supervisor deletes ``trial.json`` and restores the baseline;
+``heartbeat``      written by the tuner (seconds since boot, :mod:`tuner.live.heartbeat`); when it is older
+                   than the dead-man limit while a trial is active, the supervisor deletes ``trial.json``
+                   and restores the baseline;
 ``status.json``    what the supervisor runs now: configuration key, state, server pid, last error;
 ``stop``           ask the supervisor to stop the server and exit.
 
@@ -35,6 +36,7 @@ from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.host_lock import measuring_lock
 from tuner.live.control import TrialStartFailed
+from tuner.live.heartbeat import heartbeat_age, write_heartbeat
 from tuner.server.process import ServerProcess, ServerStartError, api_key_from_text
 
 POLL_S = 0.2
@@ -112,10 +114,7 @@ class Supervisor:
     def desired(self) -> dict[str, Any]:
         trial = self.state / "trial.json"
         if trial.exists():
-            try:
-                age = time.time() - (self.state / "heartbeat").stat().st_mtime
-            except FileNotFoundError:
-                age = float("inf")
+            age = heartbeat_age(self.state / "heartbeat")
             if age > self.spec.deadman_s:
                 trial.unlink(missing_ok=True)
                 self.log(f"controller silent for {age:.0f} s (limit {self.spec.deadman_s:.0f} s): baseline restored")
@@ -297,8 +296,7 @@ class LocalServer:
         self._wait_for(self._entry(self.baseline), what="the baseline")
 
     def heartbeat(self) -> None:
-        path = self.state / "heartbeat"
-        path.touch()
+        write_heartbeat(self.state / "heartbeat")
 
     def server_pid(self) -> int | None:
         status = _read_json(self.state / "status.json") or {}

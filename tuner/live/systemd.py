@@ -11,8 +11,9 @@ never touched:
     the trial: an ``ExecStart=`` reset and a new ``ExecStart=`` that keeps the role's binary, model,
     address and key file and carries the trial's flags, plus its CPU placement and memory policy;
 ``/run/llamahost/heartbeat``
-    touched by the tuner; a transient unit ``llamahost-deadman`` (``systemd-run``) removes the trial,
-    reloads and restarts the unit on its baseline when the file is older than the dead-man limit;
+    written by the tuner: the host's seconds since boot (:mod:`tuner.live.heartbeat`). A transient unit
+    ``llamahost-deadman`` (``systemd-run``) removes the trial, reloads and restarts the unit on its
+    baseline when the heartbeat is older than the dead-man limit;
 ``/run/llamahost/tune.lock``
     ``flock``-ed by an SSH session the tuner keeps open for the whole run: when the tuner dies, its end
     of that session's stdin closes, the remote ``cat`` exits and the kernel drops the lock.
@@ -47,6 +48,7 @@ from tuner.durations import parse_duration
 from tuner.errors import UserError
 from tuner.inventory import read_host_variables
 from tuner.live.control import TrialStartFailed
+from tuner.live.heartbeat import SHELL_WRITE
 from tuner.live.setup import Target
 from tuner.model.checksum import combined_sha256, model_sha256
 from tuner.model.gguf_file import check_fits_in_memory, inspect_model
@@ -268,8 +270,10 @@ heartbeat={HEARTBEAT_FILE}
 dropin={dropin_path(service)}
 limit={limit}
 while :; do
-    now=$(date +%s)
-    beat=$(stat -c %Y "$heartbeat" 2>/dev/null || echo 0)
+    # seconds since boot on both sides (tuner.live.heartbeat): a wall-clock step moves neither
+    now=$(cut -d. -f1 /proc/uptime)
+    beat=$(cut -d. -f1 "$heartbeat" 2>/dev/null)
+    case "$beat" in ''|*[!0-9]*) beat=0 ;; esac
     silent=$((now - beat))
     if [ "$silent" -gt "$limit" ]; then
         if [ -e "$dropin" ]; then
@@ -288,10 +292,14 @@ done
 """
 
 
+def write_heartbeat_command() -> str:
+    return SHELL_WRITE.format(path=HEARTBEAT_FILE)
+
+
 def deadman_start_script() -> str:
     """Shell lines that (re)start the dead-man unit unless it runs; the heartbeat is touched first so a
     new switch never fires at once."""
-    return (f"touch {HEARTBEAT_FILE}\n"
+    return (f"{write_heartbeat_command()}\n"
             f"if ! systemctl is-active -q {DEADMAN_UNIT}; then\n"
             f"    systemctl reset-failed {DEADMAN_UNIT} 2>/dev/null || true\n"
             f"    systemd-run --quiet --collect --unit={DEADMAN_UNIT} "
@@ -631,7 +639,7 @@ class SystemdServer:
         self._wait_healthy("the baseline", None)
 
     def heartbeat(self) -> None:
-        self._ssh().run(f"touch {HEARTBEAT_FILE}", timeout=30)
+        self._ssh().run(write_heartbeat_command(), timeout=30)
 
     def stop_deadman(self) -> None:
         self._ssh().run(f"systemctl stop {DEADMAN_UNIT} 2>/dev/null || true", check=False)

@@ -1,0 +1,39 @@
+"""The dead-man switch's clock: a heartbeat holds the host's seconds since boot, not a file time.
+
+A dead-man switch that compares a file's modification time with the wall clock fires early when the clock
+steps forward (an NTP correction, a hand-set date) and never when it steps back. Seconds since boot
+(``CLOCK_BOOTTIME``, the first field of ``/proc/uptime``) only move forward, keep counting through a suspend,
+and are one clock for every process on the host, so the tuner writes them and the switch reads them: the
+supervisor of a local server here, the shell script of the systemd switch on a host (the same format, written
+and read with ``/proc/uptime``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+# Shell: write the host's seconds since boot into a heartbeat file, atomically (the reader never sees it empty).
+SHELL_WRITE = "cut -d' ' -f1 /proc/uptime > {path}.tmp && mv -f {path}.tmp {path}"
+
+
+def boot_seconds() -> float:
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def write_heartbeat(path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{boot_seconds():.2f}\n")
+    os.replace(tmp, path)
+
+
+def heartbeat_age(path: Path) -> float:
+    """Seconds since the last heartbeat; infinite when there is none or it cannot be read (a switch then fires:
+    no proof of a live controller is no controller)."""
+    try:
+        beat = float(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return math.inf
+    return boot_seconds() - beat if math.isfinite(beat) else math.inf
