@@ -120,6 +120,29 @@ def test_an_open_bind_without_a_key_is_refused_when_generation_is_off(tmp_path: 
     assert "llama_server_api_key_generate is off" in refused["msg"]
 
 
+@pytest.mark.parametrize(("role_vars", "refused"), [
+    ({}, False),
+    ({"llama_server_service_name": "llama-server-70b.node0", "llama_server_user": "llm_svc"}, False),
+    ({"llama_server_user": "root"}, True),
+    ({"llama_server_user": "Bad User"}, True),
+    ({"llama_server_service_name": "llama server"}, True),
+    ({"llama_server_service_name": "x\nExecStartPre=/bin/sh"}, True),
+    ({"llama_server_service_name": "../etc/evil"}, True),
+    ({"llama_server_service_name": "-dash"}, True),
+], ids=["defaults", "custom", "root", "space-in-user", "space-in-unit", "newline-in-unit", "path-in-unit", "dash"])
+def test_the_unit_name_and_user_are_checked_in_validation(
+        tmp_path: Path, role_vars: dict[str, Any], refused: bool) -> None:
+    """The validation task itself (read from validate.yml): a root server or a unit name systemd would not take
+    (or that reaches outside /etc/systemd/system) fails before any change."""
+    validate = yaml.safe_load((ROLE / "tasks" / "validate.yml").read_text())
+    (check,) = [task for task in validate if task["name"].startswith("Check the unit's name and the unprivileged")]
+    rc, report, _ = run_playbook([key_play(tmp_path, role_vars, [check])])
+    result = report["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    assert bool(result.get("failed")) is refused and (rc != 0) is refused, result
+    if refused:
+        assert "must be a systemd unit name" in result["msg"] and "not root" in result["msg"]
+
+
 def test_role_accepts_exactly_the_variables_the_tuner_writes_with_the_same_choices() -> None:
     written = set(RunConfig(threads=1, threads_batch=1, ctx_size=1).role_vars())
     assert written <= set(DEFAULTS) and written <= set(OPTIONS)
