@@ -60,12 +60,19 @@ def running_args(control: LocalServer) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
 
 
+def oom_score_adj(server: LocalServer) -> str:
+    return Path(f"/proc/{server.server_pid()}/oom_score_adj").read_text().strip()
+
+
 def test_trial_and_baseline_configurations_swap(server: LocalServer) -> None:
-    assert "--parallel 1" in running_args(server)
+    """A trial's server is the out-of-memory killer's first choice; the baseline keeps the score it inherits."""
+    inherited = Path("/proc/self/oom_score_adj").read_text().strip()
+    assert "--parallel 1" in running_args(server) and oom_score_adj(server) == inherited
     server.apply(TRIAL)
     assert "--parallel 2" in running_args(server) and "--ctx-size 2048" in running_args(server)
+    assert oom_score_adj(server) == "1000"
     server.restore_baseline()
-    assert "--parallel 1" in running_args(server)
+    assert "--parallel 1" in running_args(server) and oom_score_adj(server) == inherited
 
 
 def test_dead_man_switch_restores_the_baseline_when_the_controller_goes_quiet(server: LocalServer) -> None:

@@ -88,11 +88,16 @@ def test_llama_cpp_refusing_the_model_is_a_failed_trial(tmp_path: Path) -> None:
 
 
 def test_a_worker_killed_by_sigkill_is_a_failed_trial(model_path: Path, tmp_path: Path) -> None:
+    """Also: the worker is the out-of-memory killer's first choice (oom_score_adj 1000), so when a trial runs
+    the host out of memory the kernel kills the trial, not the tuner or sshd."""
+    scores: list[str] = []
+
     def kill_first_worker() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             for pid in workers():
                 time.sleep(1.0)  # let it load and start measuring
+                scores.append(Path(f"/proc/{pid}/oom_score_adj").read_text().strip())
                 os.kill(pid, signal.SIGKILL)
                 return
             time.sleep(0.05)
@@ -103,6 +108,7 @@ def test_a_worker_killed_by_sigkill_is_a_failed_trial(model_path: Path, tmp_path
         run_trial(spec(model_path, RunConfig(threads=1, threads_batch=1), samples=30), timeout_s=120,
                   log_path=tmp_path / "t.log")
     killer.join()
+    assert scores == ["1000"], "the tuner itself keeps its own score (inherited otherwise)"
 
 
 def test_a_trial_past_its_deadline_is_killed(model_path: Path, tmp_path: Path) -> None:

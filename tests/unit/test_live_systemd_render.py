@@ -160,6 +160,13 @@ def test_the_trial_dropin_resets_exec_start_and_carries_placement() -> None:
     assert dropin_path("llama-server") == "/run/systemd/system/llama-server.service.d/50-llamahost-trial.conf"
 
 
+def test_a_trial_is_the_oom_killers_first_choice_and_capped_at_the_memory_guard() -> None:
+    command = server_command(role_unit(ROLE_ARGV))
+    capped = render_trial_dropin(command, TUNED, (1,), memory_max_bytes=57 * 2**30).splitlines()
+    assert "OOMScoreAdjust=1000" in capped and f"MemoryMax={57 * 2**30}" in capped
+    assert "MemoryMax=infinity" in render_trial_dropin(command, TUNED, (1,)).splitlines()
+
+
 def test_the_numa_mask_follows_the_role() -> None:
     topology = read_host(HOSTS / "epyc-9654-2s-nps4").topology
     assert numa_mask(RunConfig(threads=1, threads_batch=1, memory_policy="bind", memory_nodes=(3,)), topology) == (3,)

@@ -146,7 +146,8 @@ class Supervisor:
         server = ServerProcess(Path(self.spec.binary), Path(self.spec.model), config, host=self.spec.host,
                                port=self.spec.port,
                                api_key_file=Path(self.spec.api_key_file) if self.spec.api_key_file else None,
-                               log_path=self.state / "server.log", die_with_parent=True)
+                               log_path=self.state / "server.log", die_with_parent=True,
+                               oom_victim=(self.state / "trial.json").exists())  # a trial dies first, not sshd
         try:
             server.start()
             self.server = server

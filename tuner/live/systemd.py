@@ -56,7 +56,7 @@ from tuner.probe.collect import read_host
 from tuner.probe.host import HostProbe, Topology
 from tuner.rollout.converge import converge_host
 from tuner.server.client import health
-from tuner.server.process import api_key_from_text, child_setup, free_port
+from tuner.server.process import OOM_VICTIM_SCORE_ADJ, api_key_from_text, child_setup, free_port
 
 DROPIN_NAME = "50-llamahost-trial.conf"
 STATE_DIR = "/run/llamahost"
@@ -228,8 +228,13 @@ def numa_mask(config: RunConfig, topology: Topology) -> tuple[int, ...]:
     return topology.nodes_of(config.cpus) if config.cpus else topology.node_ids
 
 
-def render_trial_dropin(command: ServerCommand, config: RunConfig, mask: tuple[int, ...]) -> str:
-    """The transient drop-in that makes the unit run ``config`` (placement included) until removed."""
+def render_trial_dropin(command: ServerCommand, config: RunConfig, mask: tuple[int, ...],
+                        memory_max_bytes: int | None = None) -> str:
+    """The transient drop-in that makes the unit run ``config`` (placement included) until removed.
+
+    A trial is contained: the out-of-memory killer takes it first (``OOMScoreAdjust=1000``), and with
+    ``memory_max_bytes`` (the memory guard's limit) its cgroup is capped, so a trial that grows past the
+    limit is reclaimed or killed inside its own unit instead of pushing sshd or a neighbour out."""
     cpus = format_cpu_list(config.cpus)
     lines = [
         "# llamahost live tuning: a trial configuration. Transient (under /run); the tuner or its dead-man",
@@ -237,6 +242,8 @@ def render_trial_dropin(command: ServerCommand, config: RunConfig, mask: tuple[i
         "[Service]",
         "ExecStart=",
         f"ExecStart={exec_words(command.with_config(config))}",
+        f"OOMScoreAdjust={OOM_VICTIM_SCORE_ADJ}",
+        f"MemoryMax={memory_max_bytes if memory_max_bytes else 'infinity'}",
         # An empty assignment resets what the role's unit set; then the trial's value, if any.
         "CPUAffinity=",
         "AllowedCPUs=",
@@ -466,11 +473,14 @@ def read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
 class SystemdServer:
     """ServerControl for a host's llama_server unit (see the module docstring)."""
 
-    def __init__(self, facts: HostFacts, *, inventory: Path, deadman_s: float) -> None:
+    def __init__(self, facts: HostFacts, *, inventory: Path, deadman_s: float,
+                 max_memory_fraction: float | None = None) -> None:
         self.facts = facts
         self.inventory = inventory
         self.service = facts.service
         self._deadman_s = deadman_s
+        self._max_memory_fraction = max_memory_fraction
+        self.memory_max_bytes: int | None = None  # a trial's MemoryMax=, from the probe
         self._control_dir: tempfile.TemporaryDirectory[str] | None = None
         self.link: SshLink | None = None
         self.command: ServerCommand | None = None
@@ -617,7 +627,8 @@ class SystemdServer:
     def apply(self, config: RunConfig) -> None:
         if self.topology is None:
             raise RuntimeError("probe() the host before applying trials")
-        text = render_trial_dropin(self.server_command(), config, numa_mask(config, self.topology))
+        text = render_trial_dropin(self.server_command(), config, numa_mask(config, self.topology),
+                                   self.memory_max_bytes)
         path = dropin_path(self.service)
         unit = f"{self.service}.service"
         script = (f"set -e\nmkdir -p {STATE_DIR} {shlex.quote(str(Path(path).parent))}\n"
@@ -734,6 +745,8 @@ class SystemdServer:
         files = json.loads(done.stdout)
         probe = probe_from_files(files)
         self.topology = probe.topology
+        if self._max_memory_fraction is not None:
+            self.memory_max_bytes = int(self._max_memory_fraction * probe.memory_total_bytes)
         return probe
 
     def model_digest(self, shards: Sequence[str]) -> str:
@@ -770,7 +783,8 @@ class RemoteConnection:
         self.args = args
         self.variables = read_host_variables(Path(args.inventory), args.host)
         self.control = SystemdServer(host_facts(args.host, self.variables), inventory=Path(args.inventory),
-                                     deadman_s=parse_duration(args.deadman, what="--deadman"))
+                                     deadman_s=parse_duration(args.deadman, what="--deadman"),
+                                     max_memory_fraction=args.max_server_memory)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:

@@ -57,6 +57,9 @@ class ServerStartError(UserError):
         self.log_tail = log_tail
 
 
+OOM_VICTIM_SCORE_ADJ = 1000  # the kernel's maximum: killed first when memory runs out
+
+
 def free_port(host: str = DEFAULT_HOST) -> int:
     """A TCP port nothing listens on right now (the kernel picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
@@ -71,7 +74,7 @@ def server_environment(environ: dict[str, str]) -> dict[str, str]:
 
 
 def _child_setup(cpus: tuple[int, ...], die_with_parent: bool, parent_pid: int,
-                 prctl: Callable[..., int] | None) -> Callable[[], None]:
+                 prctl: Callable[..., int] | None, oom_score_adj: bytes | None) -> Callable[[], None]:
     """What runs in the child between fork and exec: only system calls, no locks, no imports."""
 
     def setup() -> None:
@@ -81,6 +84,12 @@ def _child_setup(cpus: tuple[int, ...], die_with_parent: bool, parent_pid: int,
                 os._exit(1)
         if cpus:
             os.sched_setaffinity(0, cpus)
+        if oom_score_adj is not None:  # raising it needs no privilege
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            try:
+                os.write(fd, oom_score_adj)
+            finally:
+                os.close(fd)
 
     return setup
 
@@ -93,11 +102,16 @@ def _libc_prctl() -> Callable[..., int] | None:
         return None
 
 
-def child_setup(cpus: tuple[int, ...] = (), *, die_with_parent: bool = True) -> Callable[[], None]:
+def child_setup(cpus: tuple[int, ...] = (), *, die_with_parent: bool = True,
+                oom_victim: bool = False) -> Callable[[], None]:
     """The ``preexec_fn`` of a child process that must not outlive this one (the kernel sends it SIGKILL
     when the starting thread dies) and, with ``cpus``, runs pinned. Build it in the parent, just before
-    starting the child: it captures this process's pid to catch a parent that died during the fork."""
-    return _child_setup(cpus, die_with_parent, os.getpid(), _libc_prctl() if die_with_parent else None)
+    starting the child: it captures this process's pid to catch a parent that died during the fork.
+
+    ``oom_victim`` makes the child the out-of-memory killer's first choice (``oom_score_adj`` 1000): a trial
+    that runs the host out of memory is what dies, not sshd, the tuner or a neighbouring service."""
+    return _child_setup(cpus, die_with_parent, os.getpid(), _libc_prctl() if die_with_parent else None,
+                        str(OOM_VICTIM_SCORE_ADJ).encode() if oom_victim else None)
 
 
 def api_key_from_text(text: str) -> str | None:
@@ -116,7 +130,8 @@ class ServerProcess:
     def __init__(self, binary: Path, model: Path, config: RunConfig, *, host: str = DEFAULT_HOST,
                  port: int | None = None, ctx_size: int | None = None, api_key_file: Path | None = None,
                  log_path: Path | None = None, metrics: bool = True, extra_args: Sequence[str] = (),
-                 stop_grace_s: float = DEFAULT_STOP_GRACE_S, die_with_parent: bool = True) -> None:
+                 stop_grace_s: float = DEFAULT_STOP_GRACE_S, die_with_parent: bool = True,
+                 oom_victim: bool = False) -> None:
         self.binary = Path(binary)
         self.model = Path(model)
         self.config = config.validate()
@@ -128,6 +143,7 @@ class ServerProcess:
         self.extra_args = tuple(extra_args)
         self.stop_grace_s = stop_grace_s
         self.die_with_parent = die_with_parent
+        self.oom_victim = oom_victim
         self._log_path = log_path
         self._owns_log = log_path is None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -176,7 +192,7 @@ class ServerProcess:
             self._log_path = Path(name)
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [*self._placement.launcher, str(self.binary), *args]
-        setup = child_setup(self._placement.cpus, die_with_parent=self.die_with_parent)
+        setup = child_setup(self._placement.cpus, die_with_parent=self.die_with_parent, oom_victim=self.oom_victim)
         try:
             with self._log_path.open("ab") as log:
                 self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,

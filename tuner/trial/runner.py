@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.server.process import child_setup
 from tuner.stats import Summary, summarize
 from tuner.trial.protocol import TrialSpec
 
@@ -164,6 +165,7 @@ def run_trial(
                 [python, "-m", "tuner.trial.worker", str(write_fd)],
                 stdin=subprocess.PIPE, stdout=log, stderr=log, pass_fds=(write_fd,),
                 start_new_session=True,  # its own process group: one kill takes every thread and child
+                preexec_fn=child_setup(die_with_parent=False, oom_victim=True),  # noqa: PLW1509 (system calls)
             )
         finally:
             os.close(write_fd)
