@@ -23,6 +23,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import RunConfig
+from tuner.errors import UserError
+from tuner.model.checksum import file_identity, model_sha256
 from tuner.model.gguf_file import ModelInfo
 from tuner.progress import TuneProgress
 from tuner.space import SearchSpace
@@ -85,14 +87,35 @@ class MeasurerLike(Protocol):
 class Measurer:
     """Runs configurations in workers: the one place that knows logs, timeouts and page-cache resets."""
 
-    def __init__(self, model: ModelInfo, settings: MeasureSettings, log_dir: Path, *, multi_node: bool) -> None:
+    def __init__(self, model: ModelInfo, settings: MeasureSettings, log_dir: Path, *, multi_node: bool,
+                 model_sha256: str) -> None:
         self.model = model
+        self.model_sha256 = model_sha256
         self.settings = settings
         self.log_dir = log_dir
         self.multi_node = multi_node
         self._last_placement: tuple[Any, ...] | None = None
         self.measuring_seconds = 0.0
         self.runs = 0
+        self._identities = {path: file_identity(path) for path in model.files}
+
+    def check_model_unchanged(self) -> None:
+        """Refuse to measure once a model file was replaced or rewritten since the run began: trials on two
+        different files would be compared as if they were one model. A file whose identity changed is hashed
+        again; the same bytes (a copy put back) let the run go on."""
+        try:
+            now = {path: file_identity(path) for path in self._identities}
+        except OSError:
+            now = None
+        if now == self._identities:
+            return
+        if now is not None and model_sha256(self.model.files) == self.model_sha256:
+            self._identities = now
+            return
+        how = "it is gone" if now is None else "its sha256 is not the one measured so far"
+        raise UserError(f"{self.model.path} changed during the run ({how}): the trials so far measured the "
+                        "model as it was", "put the original file back and run the same command to resume, or "
+                        "start a new study (--study NAME) for the new file")
 
     def _reset_page_cache_if_needed(self, config: RunConfig) -> bool:
         """Pages of an mmap'd model keep the NUMA placement of the process that first touched them.
@@ -106,6 +129,7 @@ class Measurer:
 
     def run(self, config: RunConfig, label: str, *, stop: StopRule | None = None,
             on_sample: Callable[[int, float], bool] | None = None) -> TrialOutcome:
+        self.check_model_unchanged()
         evicted = self._reset_page_cache_if_needed(config)
         spec = self.settings.spec(self.model, config, stop=stop)
         try:

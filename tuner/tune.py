@@ -225,7 +225,8 @@ def run(ctx: TuneContext) -> TuneOutcome:
     started = time.monotonic()
     deadline = started + req.budget_seconds
     log_dir = data_dir() / "logs" / ctx.study.study_name
-    measurer = Measurer(ctx.model, ctx.settings, log_dir, multi_node=ctx.space.multi_node)
+    measurer = Measurer(ctx.model, ctx.settings, log_dir, multi_node=ctx.space.multi_node,
+                        model_sha256=ctx.model_sha256)
     unit = UNITS[req.objective]
     title = f"tuning {ctx.model.path.name} for {req.objective} on {ctx.probe.hostname}"
     with sigterm_as_interrupt(), TuneProgress(req.budget_seconds, title=title) as progress:

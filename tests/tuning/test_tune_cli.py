@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,30 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, model_pa
     assert [t.number for t in after[: len(before)]] == [t.number for t in before]
     baselines = [t for t in after if t.user_attrs.get("role") == "baseline"]
     assert len(baselines) == 1, "resuming must not measure the baseline again"
+
+
+def test_a_model_replaced_mid_run_stops_the_run_and_keeps_the_trials(tmp_path: Path, model_path: Path,
+                                                                     tiny_model_path: Path) -> None:
+    """Another model copied over the one being tuned: the next trial refuses to measure it (exit 2, no
+    traceback); what was measured on the original stays in the study, nothing is left running."""
+    home = tmp_path / "home"
+    model = tmp_path / "m.gguf"
+    shutil.copy(model_path, model)
+    env = {**os.environ, "LLAMAHOST_HOME": str(home)}
+    proc = subprocess.Popen([sys.executable, "-m", "tuner.cli", "tune", "--model", str(model), "--budget", "20m",
+                             "--study", "swapped", *FAST], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    wait_for_running_trial(proc, home, "swapped", complete=1)
+    staged = tmp_path / "other.gguf"
+    shutil.copy(tiny_model_path, staged)
+    os.replace(staged, model)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert f"{model} changed during the run (its sha256 is not the one measured so far)" in err
+    assert "Traceback" not in err
+    trials = study_trials(home, "swapped")
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 1
+    assert not any(t.state == optuna.trial.TrialState.RUNNING for t in trials)
 
 
 # ---- bad input --------------------------------------------------------------------------------------

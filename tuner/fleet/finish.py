@@ -74,7 +74,7 @@ def finish_group(session: GroupSession) -> TuneOutcome:
     started = time.monotonic()
     deadline = started + req.budget_seconds
     measurer = Measurer(ctx.model, ctx.settings, data_dir() / "logs" / ctx.study.study_name,
-                        multi_node=ctx.space.multi_node)
+                        multi_node=ctx.space.multi_node, model_sha256=ctx.model_sha256)
     title = f"proving the winner of {ctx.study.study_name} on {ctx.probe.hostname}"
     with sigterm_as_interrupt(), TuneProgress(req.budget_seconds, title=title) as progress:
         trials = ctx.study.get_trials(deepcopy=False)

@@ -129,7 +129,8 @@ def run_worker(session: GroupSession, *, worker_name: str | None, trials: int | 
     started = time.monotonic()
     deadline = started + req.budget_seconds
     log_dir = data_dir() / "logs" / ctx.study.study_name
-    measurer = Measurer(ctx.model, ctx.settings, log_dir, multi_node=ctx.space.multi_node)
+    measurer = Measurer(ctx.model, ctx.settings, log_dir, multi_node=ctx.space.multi_node,
+                        model_sha256=ctx.model_sha256)
     title = f"fleet worker {identity.name} (pid {identity.pid}) on {ctx.study.study_name}"
     stopped_by = STOPPED_BY_BUDGET
     with sigterm_as_interrupt(), TuneProgress(req.budget_seconds, title=title) as progress, \

@@ -1,8 +1,10 @@
 """SHA-256 of model files, remembered across runs.
 
 Result files and fleet study names carry the model's sha256 so results from different files are never
-compared. Hashing a 200 GB model takes minutes, so the digest is cached per (path, size, mtime) in the
-cache directory; a changed file gets a new digest.
+compared. Hashing a 200 GB model takes minutes, so the digest is cached per file identity in the cache
+directory: path, size, modification time, inode and change time. The change time cannot be set back by hand
+(``touch -d`` sets the modification time and moves the change time to now), so a file rewritten in place
+with its old size and modification time still gets a new digest.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+FileIdentity = tuple[int, int, int, int, int]  # device, inode, size, mtime_ns, ctime_ns
+
+
+def file_identity(path: Path) -> FileIdentity:
+    """What changes whenever the file's bytes may have: replaced (inode), rewritten (size, times)."""
+    stat = path.stat()
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
 def _cache_file() -> Path:
     return cache_dir() / "sha256.json"
 
@@ -33,8 +44,7 @@ def _cache_file() -> Path:
 def cached_sha256(path: Path) -> str:
     """sha256 of ``path`` (all shards joined by '+' for a split model is the caller's business)."""
     path = path.resolve()
-    stat = path.stat()
-    key = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    key = f"{path}:" + ":".join(map(str, file_identity(path)))
     cache = _cache_file()
     known: dict[str, str] = {}
     if cache.exists():
