@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,ansible,infra,fleet
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=25
 DEMO_BUDGET ?= 5m
 # Built llama-server binaries: kept across runs (and across test sessions with a throw-away LLAMAHOST_HOME).
 LLAMAHOST_SERVER_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llamahost/llama-server

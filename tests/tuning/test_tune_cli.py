@@ -196,6 +196,7 @@ def sparse_model(path: Path, gib: int) -> Path:
     n_bytes = gib * 1024**3
     writer = GGUFWriter(path, "llama")
     writer.add_block_count(1)
+    writer.add_embedding_length(4096)
     writer.add_tensor_info("blk.0.ffn_up.weight", (n_bytes // 4 // 4096, 4096), np.dtype(np.float32), n_bytes,
                            raw_dtype=GGMLQuantizationType.F32)
     writer.write_header_to_file()

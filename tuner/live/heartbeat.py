@@ -25,7 +25,8 @@ def boot_seconds() -> float:
 
 def write_heartbeat(path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{boot_seconds():.2f}\n")
+    # Rounded down, as /proc/uptime is: a beat rounded up would lie in the future and read as a negative age.
+    tmp.write_text(f"{math.floor(boot_seconds() * 100) / 100:.2f}\n")
     os.replace(tmp, path)
 
 
@@ -36,4 +37,4 @@ def heartbeat_age(path: Path) -> float:
         beat = float(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return math.inf
-    return boot_seconds() - beat if math.isfinite(beat) else math.inf
+    return max(0.0, boot_seconds() - beat) if math.isfinite(beat) else math.inf
