@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from process_support import SESSION_ENV
 
 from tuner.server.build import ServerBuild, ensure_server
 
@@ -24,8 +26,9 @@ HOST_FIXTURES = FIXTURES / "hosts"
 @pytest.fixture(scope="session", autouse=True)
 def isolated_llamahost_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     home = tmp_path_factory.mktemp("llamahost-home")
-    keys = ("LLAMAHOST_HOME", "LLAMAHOST_LOCK_DIR", "LLAMAHOST_MODEL_CACHE", "LLAMAHOST_SERVER_CACHE")
+    keys = ("LLAMAHOST_HOME", "LLAMAHOST_LOCK_DIR", "LLAMAHOST_MODEL_CACHE", "LLAMAHOST_SERVER_CACHE", SESSION_ENV)
     previous = {key: os.environ.get(key) for key in keys}
+    os.environ[SESSION_ENV] = uuid.uuid4().hex  # marks this session's processes (process_support.py)
     os.environ["LLAMAHOST_HOME"] = str(home)
     os.environ["LLAMAHOST_LOCK_DIR"] = str(home / "lock")
     persistent = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamahost"

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from process_support import session_processes
 
 from tuner.config import RunConfig
 from tuner.errors import UserError
@@ -28,18 +29,6 @@ BASE = RunConfig(threads=1, threads_batch=1, parallel=1, ctx_size=1024)
 TRIAL = RunConfig(threads=1, threads_batch=1, parallel=2, cont_batching=True, ctx_size=2048)
 
 
-def processes_named(fragment: bytes) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if fragment in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
 @pytest.fixture
 def server(tmp_path: Path, llama_server_binary: Path, model_path: Path) -> Iterator[LocalServer]:
     spec = ServerSpec(binary=str(llama_server_binary), model=str(model_path), host="127.0.0.1", port=free_port(),
@@ -49,9 +38,9 @@ def server(tmp_path: Path, llama_server_binary: Path, model_path: Path) -> Itera
     yield control
     control.shutdown()
     deadline = time.monotonic() + 10
-    while processes_named(str(tmp_path / "state").encode()) and time.monotonic() < deadline:
+    while session_processes(str(tmp_path / "state").encode()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert processes_named(str(tmp_path / "state").encode()) == [], "the supervisor outlived its shutdown"
+    assert session_processes(str(tmp_path / "state").encode()) == [], "the supervisor outlived its shutdown"
 
 
 def running_args(control: LocalServer) -> str:

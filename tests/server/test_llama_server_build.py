@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from process_support import session_processes
 
 from tuner.config import CACHE_TYPES, FLASH_ATTN, LOAD_MODES, NUMA_MODES, RunConfig
 from tuner.errors import UserError
@@ -125,18 +126,6 @@ def test_pip_refuses_an_sdist_whose_hash_is_not_the_recorded_one(tmp_path: Path,
     assert list(tmp_path.glob("*.tar.gz")) == []
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if text.encode() in (proc / "cmdline").read_bytes():
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
-
-
 def test_an_interrupted_build_stops_its_compilers_and_leaves_nothing(tmp_path: Path) -> None:
     cache = tmp_path / "server-cache"
     env = {**os.environ, "LLAMAHOST_SERVER_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
@@ -150,7 +139,7 @@ def test_an_interrupted_build_stops_its_compilers_and_leaves_nothing(tmp_path: P
         else:
             pytest.fail(f"the build ended before compiling (exit {build.wait()})")
         time.sleep(2)  # let ninja start a compiler
-        assert _processes_mentioning(str(cache)), "no compiler was running"
+        assert session_processes(str(cache)), "no compiler was running"
         build.send_signal(signal.SIGTERM)
         assert build.wait(timeout=60) == 143
     finally:
@@ -158,7 +147,7 @@ def test_an_interrupted_build_stops_its_compilers_and_leaves_nothing(tmp_path: P
             build.kill()
             build.wait()
     deadline = time.monotonic() + 10  # SIGKILLed compilers take a moment to go
-    while _processes_mentioning(str(cache)) and time.monotonic() < deadline:
+    while session_processes(str(cache)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _processes_mentioning(str(cache)) == []
+    assert session_processes(str(cache)) == []
     assert sorted(p.name for p in cache.iterdir() if p.is_dir()) == []

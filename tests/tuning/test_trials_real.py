@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from process_support import session_processes
 
 from tuner.config import RunConfig
 from tuner.stats import StopRule
@@ -33,17 +34,8 @@ def spec(model: Path, config: RunConfig, *, objective: str = "tg", samples: int 
 
 
 def workers() -> list[int]:
-    """PIDs of trial workers still alive (their command line names the worker module)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"tuner.trial.worker" in cmdline:
-                found.append(int(entry.name))
-    return found
+    """PIDs of this session's trial workers still alive (their command line names the worker module)."""
+    return session_processes("tuner.trial.worker")
 
 
 @pytest.fixture(autouse=True)
