@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from types import FrameType
 from typing import Any, Protocol
 
 import optuna
+from optuna.storages._heartbeat import get_heartbeat_thread  # what optimize runs per trial
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import RunConfig
@@ -148,6 +150,7 @@ class SearchReport:
     complete: int = 0
     pruned: int = 0
     failed: int = 0
+    lost: int = 0  # measured, but failed as stale by the store during an outage (counted in failed too)
     interrupted: bool = False
 
 
@@ -209,21 +212,47 @@ class Search:
         return outcome.value
 
     def run_one(self) -> FrozenTrial:
-        """One trial, returned as it was recorded. With other workers on the same study the study's last
-        trial may be someone else's, so the trial is taken from Optuna's end-of-trial callback."""
-        finished: list[FrozenTrial] = []
-        with quiet_optuna():
-            self.study.optimize(self._objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=False,
-                                callbacks=[lambda _study, trial: finished.append(trial)])
-        trial = finished[-1]
-        self._log(trial)
-        return trial
+        """One trial through ask and tell, returned as it was recorded.
 
-    def _log(self, trial: FrozenTrial) -> None:
+        Not ``study.optimize(n_trials=1)``: when a database outage outlasts the grace period, the store fails
+        the trial as stale while it is still measuring, and optimize's own tell then ends the worker. Here the
+        tell skips a trial that is already finished, the trial is logged as lost, and the search goes on.
+        Stale trials are failed first and the heartbeat runs while the trial measures, as optimize does."""
+        storage = self.study._storage
+        lost = False
+        with quiet_optuna(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # fail_stale_trials
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.opt")
+            optuna.storages.fail_stale_trials(self.study)
+            trial = self.study.ask()
+            value: float | None = None
+            with get_heartbeat_thread(trial._trial_id, storage):
+                try:
+                    value = self._objective(trial)
+                    state = TrialState.COMPLETE
+                except optuna.TrialPruned:
+                    state = TrialState.PRUNED
+                except TrialFailed:
+                    state = TrialState.FAIL
+                except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale while it measured
+                    state, lost = TrialState.FAIL, True
+                except BaseException:
+                    self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    raise
+            recorded = self.study.tell(trial, value, state=state, skip_if_finished=True)
+        self._log(recorded, lost=lost or recorded.state != state)
+        return recorded
+
+    def _log(self, trial: FrozenTrial, *, lost: bool = False) -> None:
         self.report.trials_run += 1
         tag = " (baseline)" if is_baseline(trial) else ""
         config = trial.user_attrs.get("config", {})
-        if trial.state == TrialState.COMPLETE:
+        if lost:
+            self.report.failed += 1
+            self.report.lost += 1
+            self.progress.event(f"trial {trial.number}{tag}: LOST - the study store failed it as stale while it "
+                                "could not be reached; its measurement is not recorded")
+        elif trial.state == TrialState.COMPLETE:
             self.report.complete += 1
             summary = trial.user_attrs["summary"]
             self.progress.event(

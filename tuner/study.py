@@ -38,6 +38,7 @@ from tuner.fleet.store import (
     store_init_lock,
 )
 from tuner.paths import data_dir, default_storage_url
+from tuner.resilient_storage import ResilientRDBStorage
 
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 30
@@ -118,7 +119,7 @@ def open_storage(url: str | None) -> RDBStorage:
     try:
         with store_init_lock(url), quiet_optuna():
             check_schema(url)
-            return RDBStorage(
+            return ResilientRDBStorage(
                 driver_url(url),
                 heartbeat_interval=HEARTBEAT_INTERVAL_S,
                 grace_period=GRACE_PERIOD_S,

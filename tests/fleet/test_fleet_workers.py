@@ -15,6 +15,7 @@ import pytest
 from fleet_helpers import FLEET_PASSWORD, TINY, Store, llamahost, new_store, start_llamahost
 from optuna.trial import FrozenTrial, TrialState
 from pg_cluster import PgCluster
+from process_support import session_processes
 
 from tuner.fleet.group import current_build, group_binding, group_fingerprint, group_study_name
 from tuner.model.checksum import model_sha256
@@ -44,16 +45,8 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, poll: floa
 
 
 def trial_workers() -> list[int]:
-    """PIDs of llama.cpp trial processes alive on this machine."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"tuner.trial.worker" in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
+    """PIDs of this session's llama.cpp trial processes."""
+    return session_processes("tuner.trial.worker")
 
 
 def only_study(store: Store) -> tuple[str, list[FrozenTrial]]:
@@ -192,6 +185,36 @@ def test_a_killed_worker_s_trial_fails_within_the_grace_period_and_is_retried_on
     assert not any(t.state == TrialState.RUNNING for t in trials)
     retried_numbers = [t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs]
     assert retried_numbers == [victim.number], "one retry, for the killed trial only"
+
+
+# ---- a database restart mid-night -----------------------------------------------------------------------------
+
+def test_a_database_restart_mid_trial_loses_nothing_and_the_night_goes_on(
+        pg: PgCluster, model_path: Path, tmp_path: Path) -> None:
+    """PostgreSQL stopped at once while a worker measures (every connection drops) and started 8 s later, inside
+    the grace period: the trial that was measuring is recorded COMPLETE (its heartbeats and writes waited), and
+    the worker runs its remaining trials and ends normally."""
+    store = new_store(pg)
+    worker = start_llamahost(*work(store, model_path, "host-a", "--trials", "4", "--budget", "10m", "--json"),
+                             home=tmp_path, host="host-a")
+    try:
+        def measuring() -> FrozenTrial | None:
+            trials = next(iter(store.studies().values()), [])
+            return next((t for t in trials if t.state == TrialState.RUNNING and t.number >= 1), None)
+
+        during = wait_for(measuring, 300, "a search trial to be measuring")
+        pg.pause()
+        time.sleep(8)
+    finally:
+        pg.resume()
+    out, err = worker.communicate(timeout=600)
+    assert worker.returncode == 0, err[-3000:]
+    assert "study store unreachable" in err and "Traceback" not in err
+    report = json.loads(out)
+    assert report["trials_run"] == 4 and report["lost"] == 0 and report["failed"] == 0, report
+    _, trials = only_study(store)
+    assert trials[during.number].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials) == len(trials) >= 4
 
 
 # ---- groups --------------------------------------------------------------------------------------------------

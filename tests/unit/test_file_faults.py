@@ -1,7 +1,8 @@
 """A full disk, undecodable files and a corrupt study store: one message with exit 2, no traceback, and the
 files as they were.
 
-The full disk is a real one: a 64 KiB tmpfs mounted for the test (root only; skipped elsewhere with the reason).
+The full disk is a real one: a small tmpfs mounted for the test (root only; skipped elsewhere with the reason), under
+a vars file or under a SQLite study store in use.
 """
 
 from __future__ import annotations
@@ -10,11 +11,17 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.trial import TrialState
 from result_support import MODEL_SHA, proven_result, write_result_file
+
+from tuner.errors import UserError
+from tuner.study import open_storage
 
 DEPLOYED = f'llama_server_model_sha256: "{MODEL_SHA}"\nllama_server_threads: 32\n'
 
@@ -29,23 +36,35 @@ def assert_refused(done: subprocess.CompletedProcess[str], fragment: str) -> Non
     assert fragment in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
-@pytest.fixture
-def full_disk(tmp_path: Path) -> Iterator[Path]:
-    """A tiny tmpfs holding a deployed vars file, then filled to the last byte."""
-    mount = tmp_path / "full"
+@contextlib.contextmanager
+def small_tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``mount`` (root only: skipped elsewhere, with the reason)."""
     mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
-                             text=True, check=False)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
+                             capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
     try:
-        (mount / "h1.yml").write_text(DEPLOYED)
-        with (mount / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
-            while True:
-                filler.write(b"\0" * 4096)
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        if subprocess.run(["umount", str(mount)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(mount: Path) -> None:
+    """Write ``mount``'s last free byte."""
+    with (mount / "filler").open("wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(b"\0" * 4096)
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tiny tmpfs holding a deployed vars file, then filled to the last byte."""
+    with small_tmpfs(tmp_path / "full", "64k") as mount:
+        (mount / "h1.yml").write_text(DEPLOYED)
+        fill(mount)
+        yield mount
 
 
 def test_a_full_disk_keeps_the_vars_file_and_says_so(full_disk: Path, tmp_path: Path) -> None:
@@ -95,3 +114,29 @@ def test_a_corrupt_study_store_is_named_corrupt_and_left_as_it_was(tmp_path: Pat
     assert_refused(done, f"{store} is corrupt, not a readable SQLite database")
     assert f"mv {store} {store}.corrupt" in done.stderr
     assert store.read_bytes() == garbage and not list(tmp_path.glob("studies.db?*")), "no journal, no rewrite"
+
+
+def test_a_full_disk_under_the_sqlite_store_ends_the_run_at_once_with_one_message(tmp_path: Path) -> None:
+    """Not an outage to wait out for a quarter of an hour: the first write that finds the disk full ends the run
+    with the fix, and every trial recorded before is there once space is freed."""
+    with small_tmpfs(tmp_path / "store", "2m") as mount:
+        url = f"sqlite:///{mount / 'studies.db'}"
+        storage = open_storage(url)
+        study = optuna.create_study(study_name="night", storage=storage)
+        for value in (1.0, 2.0):
+            study.tell(study.ask(), value)
+        fill(mount)
+        started = time.monotonic()
+        with pytest.raises(UserError) as full:
+            for _ in range(64):  # the pages SQLite had free are used up within a few writes
+                study.ask().set_user_attr("samples", "x" * 65536)
+        assert time.monotonic() - started < 10, "waited as for an outage"
+        assert "the study store cannot be written" in full.value.problem
+        assert "disk is full" in full.value.problem or "disk i/o error" in full.value.problem.lower()
+        assert "free space on the disk that holds the study store" in full.value.fix
+        storage.engine.dispose()
+        (mount / "filler").unlink()
+        reopened = open_storage(url)
+        kept = optuna.load_study(study_name="night", storage=reopened)
+        assert sorted(t.values[0] for t in kept.trials if t.state == TrialState.COMPLETE) == [1.0, 2.0]
+        reopened.engine.dispose()
