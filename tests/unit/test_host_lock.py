@@ -2,7 +2,8 @@
 once, names the holder, and leaves nothing behind; the lock dies with its holder.
 
 The holder here is a real second process holding :func:`tuner.host_lock.measuring_lock`; a real tune holding it
-against a second tune and a fleet worker is in tests/tuning/test_tune_cli.py.
+against a second tune and a fleet worker is in tests/tuning/test_tune_cli.py. The lock a live run over SSH takes
+on its host is the same file (its shell runs here with sh).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 from tuner.errors import UserError
 from tuner.host_lock import LOCK_DIR_ENV, LOCK_NAME, lock_path, measuring_lock
+from tuner.live.systemd import LOCK_REFUSED_RC, remote_lock_script
 
 HOLDER = ("import sys, time\nfrom tuner.host_lock import measuring_lock\n"
           "with measuring_lock('llamahost tune'):\n    print('held', flush=True)\n    time.sleep(600)\n")
@@ -96,3 +98,27 @@ def test_every_measuring_command_is_refused_while_another_run_measures(
     assert "another llamahost run is already measuring on this host" in done.stderr
     assert f"llamahost tune (pid {holder.pid}" in done.stderr and "Traceback" not in done.stderr
     assert not (home / "fleet.db").exists() and not (home / "data" / "studies.db").exists(), "nothing measured"
+
+
+def test_a_live_run_over_ssh_and_a_benchmark_run_refuse_each_other(lock_dir: Path,
+                                                                     holder: subprocess.Popen[str]) -> None:
+    """The shell a live run over SSH runs on the host takes the same lock: run here with sh, as on the host."""
+    script = remote_lock_script("live tune over SSH (pid 1 on controller)", str(lock_path()))
+    refused = subprocess.run(["sh", "-c", script], check=False, capture_output=True, text=True, timeout=10)
+    assert refused.returncode == LOCK_REFUSED_RC
+    assert refused.stdout.startswith("busy\n") and f"llamahost tune (pid {holder.pid} on " in refused.stdout
+    holder.kill()
+    holder.wait()
+    live = subprocess.Popen(["sh", "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout is not None and live.stdout.readline().strip() == "locked"
+        with (pytest.raises(UserError, match="already measuring on this host: live tune over SSH") as refusal,
+              measuring_lock("llamahost tune")):
+            pytest.fail("a benchmark tune measured beside a live run")
+        assert "pid 1 on controller" in str(refusal.value)
+    finally:
+        assert live.stdin is not None
+        live.stdin.close()  # the tuner's end of the SSH session closes: the lock goes with it
+        assert live.wait(timeout=10) == 0
+    with measuring_lock("llamahost tune"):
+        assert "llamahost tune (pid" in lock_path().read_text()

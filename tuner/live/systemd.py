@@ -14,9 +14,10 @@ never touched:
     written by the tuner: the host's seconds since boot (:mod:`tuner.live.heartbeat`). A transient unit
     ``llamahost-deadman`` (``systemd-run``) removes the trial, reloads and restarts the unit on its
     baseline when the heartbeat is older than the dead-man limit;
-``/run/llamahost/tune.lock``
-    ``flock``-ed by an SSH session the tuner keeps open for the whole run: when the tuner dies, its end
-    of that session's stdin closes, the remote ``cat`` exits and the kernel drops the lock.
+``/run/lock/llamahost-measure.lock``
+    the host's measuring lock (:mod:`tuner.host_lock`), the one a benchmark ``tune`` or a fleet worker on the
+    host takes too: ``flock``-ed by an SSH session the tuner keeps open for the whole run. When the tuner dies,
+    its end of that session's stdin closes, the remote ``cat`` exits and the kernel drops the lock.
 
 Making a proven winner permanent is the role's job: :meth:`SystemdServer.adopt` checks that the winner is
 in the inventory (the write-back to host_vars happened) and converges the host with ``playbooks/llama_server.yml
@@ -46,6 +47,7 @@ from typing import Any
 from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
 from tuner.durations import parse_duration
 from tuner.errors import UserError
+from tuner.host_lock import LOCK_NAME, SYSTEM_LOCK_DIRS
 from tuner.inventory import read_host_variables
 from tuner.live.control import TrialStartFailed
 from tuner.live.heartbeat import SHELL_WRITE
@@ -61,14 +63,14 @@ from tuner.server.process import OOM_VICTIM_SCORE_ADJ, api_key_from_text, child_
 DROPIN_NAME = "50-llamahost-trial.conf"
 STATE_DIR = "/run/llamahost"
 HEARTBEAT_FILE = f"{STATE_DIR}/heartbeat"
-LOCK_FILE = f"{STATE_DIR}/tune.lock"
-OWNER_FILE = f"{STATE_DIR}/tune.owner"
+LOCK_FILE = str(SYSTEM_LOCK_DIRS[0] / LOCK_NAME)  # the host's measuring lock: one measuring run per host
 DEADMAN_UNIT = "llamahost-deadman"
 DEADMAN_SCRIPT = f"{STATE_DIR}/deadman.sh"
 DEADMAN_LOG = f"{STATE_DIR}/deadman.log"
 DEFAULT_SERVICE = "llama-server"
 DEFAULT_HEALTH_TIMEOUT_S = 600.0
 LOCK_REFUSED_RC = 75
+
 JOURNAL_LINES = 30
 
 _PLAIN_WORD = re.compile(r"^[A-Za-z0-9_./:=+,@-]+$")  # needs no quotes in ExecStart= (as the role's filter)
@@ -80,6 +82,18 @@ TUNED_FLAGS: dict[str, int] = {
     "--cache-type-k": 1, "--cache-type-v": 1, "--parallel": 1, "--cont-batching": 0, "--no-cont-batching": 0,
     "--ctx-size": 1, "--numa": 1, "--load-mode": 1,
 }
+
+
+def remote_lock_script(owner: str, lock_file: str = LOCK_FILE) -> str:
+    """Shell that takes the host's measuring lock without waiting and holds it until its stdin closes.
+
+    The lock is :mod:`tuner.host_lock`'s file, so a live run over SSH, a benchmark tune and a fleet worker on the
+    host refuse each other; like that module it leaves the file open to every user and names its holder in it.
+    Prints ``locked``, or ``busy`` and the holder, then exits with :data:`LOCK_REFUSED_RC`."""
+    lock = shlex.quote(lock_file)
+    return (f"mkdir -p {shlex.quote(str(Path(lock_file).parent))}; exec 9>>{lock}; chmod 0666 {lock} 2>/dev/null\n"
+            f"if flock -n 9; then printf '%s\\n' {shlex.quote(owner)} > {lock}; echo locked; exec cat >/dev/null\n"
+            f"else echo busy; cat {lock} 2>/dev/null; exit {LOCK_REFUSED_RC}; fi\n")
 
 
 # ---- inventory facts (pure) -----------------------------------------------------------------------
@@ -556,11 +570,8 @@ class SystemdServer:
         session. On a clean exit the dead-man switch is stopped (the unit runs its baseline or the
         adopted winner); after a failure it is left to do its job."""
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        owner = f"pid {os.getpid()} on {socket.gethostname()} since {since}"
-        script = (f"mkdir -p {STATE_DIR}; exec 9>>{LOCK_FILE}\n"
-                  f"if flock -n 9; then echo {shlex.quote(owner)} > {OWNER_FILE}; echo locked; exec cat >/dev/null\n"
-                  f"else echo busy; cat {OWNER_FILE} 2>/dev/null; exit {LOCK_REFUSED_RC}; fi\n")
-        holder = self._ssh().popen(script)
+        owner = f"live tune over SSH (pid {os.getpid()} on {socket.gethostname()}, since {since})"
+        holder = self._ssh().popen(remote_lock_script(owner))
         first = read_line(holder, 30.0)
         if first != "locked":
             try:
