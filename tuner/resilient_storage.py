@@ -118,7 +118,8 @@ def retry_through_outages(call: Callable[..., T], *, what: str, sleep: Callable[
 # methods Optuna's cache in front of every study's storage calls instead of the public ones. Studies are created
 # and bound before the night starts, where a failure is better reported at once.
 RETRIED_CALLS = (
-    "_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id", "create_new_trial", "set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr",
+    "_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id", "create_new_trial",
+    "set_trial_param", "set_trial_intermediate_value", "set_trial_user_attr",
     "set_trial_system_attr", "get_trial", "get_all_trials", "get_n_trials", "get_best_trial",
     "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_trial_param",
     "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
