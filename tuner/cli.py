@@ -13,8 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from tuner import __version__
-from tuner.errors import EXIT_USAGE, UserError
-from tuner.trial.runner import TrialFailed
+from tuner.errors import EXIT_USAGE, TrialFailed, UserError
 
 EXIT_INTERRUPTED = 130
 EXIT_FAILED = 1

@@ -22,3 +22,13 @@ class UserError(Exception):
         if self.fix:
             return f"{self.problem}\n  fix: {self.fix}"
         return self.problem
+
+
+class TrialFailed(Exception):
+    """The trial produced no valid measurement; ``reason`` says why, for the study record.
+
+    Here rather than beside the trial runner, so the command line can catch it without importing the runner."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -25,7 +25,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread  # what optimize run
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import RunConfig
-from tuner.errors import UserError
+from tuner.errors import TrialFailed, UserError
 from tuner.model.checksum import file_identity, model_sha256
 from tuner.model.gguf_file import ModelInfo
 from tuner.progress import TuneProgress
@@ -34,7 +34,7 @@ from tuner.stats import StopRule
 from tuner.study import FIXED_CONFIG_ATTR, is_baseline, quiet_optuna
 from tuner.trial.placement import evict_page_cache
 from tuner.trial.protocol import TrialSpec, Warmup, Workload
-from tuner.trial.runner import TrialFailed, TrialOutcome, TrialStopped, run_trial
+from tuner.trial.runner import TrialOutcome, TrialStopped, run_trial
 
 SPAWN_OVERHEAD_S = 1.5  # interpreter start + llama.cpp import, measured on a 2-core guest
 

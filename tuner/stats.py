@@ -21,8 +21,15 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from scipy import stats as scipy_stats
+
+def _scipy_stats() -> Any:
+    """scipy.stats, imported when a number is first needed: it takes about a second to import, and every
+    ``llamahost`` command, ``--help`` included, would pay for it."""
+    from scipy import stats
+
+    return stats
 
 
 @dataclass(frozen=True)
@@ -83,8 +90,10 @@ def median_ci_ranks(n: int, confidence: float) -> tuple[int, int, float]:
     if n < 1:
         raise ValueError("n must be >= 1")
 
+    binom = _scipy_stats().binom
+
     def coverage(k: int) -> float:
-        return float(scipy_stats.binom.cdf(n - 1 - k, n, 0.5) - scipy_stats.binom.cdf(k, n, 0.5))
+        return float(binom.cdf(n - 1 - k, n, 0.5) - binom.cdf(k, n, 0.5))
 
     best = 0
     for k in range(1, (n - 1) // 2 + 1):
@@ -223,9 +232,10 @@ def compare_paired(
         p_value = 0.0 if mean > 0 else 1.0
     else:
         se = sd / math.sqrt(n)
-        t_crit = float(scipy_stats.t.ppf(1.0 - level / 2.0, n - 1))
+        student_t = _scipy_stats().t
+        t_crit = float(student_t.ppf(1.0 - level / 2.0, n - 1))
         low, high = mean - t_crit * se, mean + t_crit * se
-        p_value = float(scipy_stats.t.sf(mean / se, n - 1))
+        p_value = float(student_t.sf(mean / se, n - 1))
     ratio = math.exp(mean)
     significant = low > 0.0 and p_value < level and ratio >= 1.0 + min_effect
     return Comparison(

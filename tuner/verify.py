@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuner.config import RunConfig
+from tuner.errors import TrialFailed
 from tuner.stats import Comparison, Summary, compare_paired, summarize
-from tuner.trial.runner import TrialFailed, TrialOutcome
+from tuner.trial.runner import TrialOutcome
 
 MIN_ROUNDS = 3
 

@@ -14,14 +14,13 @@ import pytest
 from process_support import session_processes
 
 from tuner.config import RunConfig
-from tuner.errors import UserError
+from tuner.errors import TrialFailed, UserError
 from tuner.live.control import TrialStartFailed
 from tuner.live.local import LocalServer, ServerSpec
 from tuner.live.measure import Guards, Heartbeat, LiveMeasurer, LiveObjective, LiveSettings
 from tuner.live.workload import make_request_mix
 from tuner.server.process import free_port
 from tuner.stats import StopRule
-from tuner.trial.runner import TrialFailed
 
 pytestmark = pytest.mark.server
 

@@ -18,9 +18,10 @@ import pytest
 from process_support import session_processes
 
 from tuner.config import RunConfig
+from tuner.errors import TrialFailed
 from tuner.stats import StopRule
 from tuner.trial.protocol import TrialSpec, Warmup, Workload
-from tuner.trial.runner import TrialFailed, TrialStopped, run_trial
+from tuner.trial.runner import TrialStopped, run_trial
 
 pytestmark = pytest.mark.model
 

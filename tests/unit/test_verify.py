@@ -12,7 +12,8 @@ import random
 import pytest
 
 from tuner.config import RunConfig
-from tuner.trial.runner import TrialFailed, TrialOutcome
+from tuner.errors import TrialFailed
+from tuner.trial.runner import TrialOutcome
 from tuner.verify import MIN_ROUNDS, plan_rounds, verify
 
 BASE = RunConfig(threads=4, threads_batch=4)

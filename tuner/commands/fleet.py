@@ -15,24 +15,21 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from tuner.commands.tune import print_outcome
 from tuner.durations import format_duration, parse_duration
 from tuner.errors import UserError
-from tuner.fleet.finish import finish_group
-from tuner.fleet.group import NOT_READ
-from tuner.fleet.session import DEFAULT_MEASURE_CAP_S, STORAGE_ENV, fleet_storage_url, host_in_group, open_group
-from tuner.fleet.status import group_status
-from tuner.fleet.worker import STOPPED_BY_INTERRUPT, run_worker
+from tuner.fleet import DEFAULT_MEASURE_CAP_S, STORAGE_ENV
 from tuner.host_lock import measuring_lock
 from tuner.output import console, print_json, table
-from tuner.search import Interrupted
-from tuner.study import FLEET_STUDY, load_existing_study, open_storage, quiet_optuna
 from tuner.trial.protocol import OBJECTIVES, Workload
-from tuner.tune import TuneRequest
+
+if TYPE_CHECKING:
+    from tuner.tune import TuneRequest
+
+# Optuna, the store and the search are imported by the subcommand that runs, not here: building the parser
+# (``--help`` included) loads none of them.
 
 EXIT_INTERRUPTED = 130
 
@@ -91,6 +88,9 @@ def _add_selection(parser: argparse.ArgumentParser, *, storage: bool = True) -> 
 
 
 def _request(args: argparse.Namespace, *, budget: str | None = None) -> TuneRequest:
+    from tuner.fleet.session import fleet_storage_url
+    from tuner.tune import TuneRequest
+
     budget_seconds = parse_duration(budget, what="budget") if budget is not None else 0.0
     if budget is not None and budget_seconds <= 0:
         raise UserError("the budget must be positive", "pass e.g. --budget 30m or --budget 8h")
@@ -113,6 +113,9 @@ def _request(args: argparse.Namespace, *, budget: str | None = None) -> TuneRequ
 
 
 def run_fingerprint(args: argparse.Namespace) -> int:
+    from tuner.fleet.group import NOT_READ
+    from tuner.fleet.session import host_in_group
+
     request = _request(args)
     host = host_in_group(request)
     data = {"group": host.group.digest, "study": host.study_name(request), "fields": host.group.fields,
@@ -130,6 +133,9 @@ def run_fingerprint(args: argparse.Namespace) -> int:
 
 
 def run_work(args: argparse.Namespace) -> int:
+    from tuner.fleet.session import open_group
+    from tuner.fleet.worker import STOPPED_BY_INTERRUPT, run_worker
+
     if args.trials is not None and args.trials < 1:
         raise UserError("--trials must be at least 1", "pass e.g. --trials 20, or leave it out to search until "
                                                        "the budget is spent")
@@ -146,6 +152,10 @@ def run_work(args: argparse.Namespace) -> int:
 
 
 def run_finish(args: argparse.Namespace) -> int:
+    from tuner.fleet.finish import finish_group
+    from tuner.fleet.session import open_group
+    from tuner.search import Interrupted
+
     if args.candidates < 1:
         raise UserError("--candidates must be at least 1", "pass --candidates 3")
     with measuring_lock("llamahost fleet finish"):  # it measures the candidates against the baseline
@@ -161,6 +171,12 @@ def run_finish(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    import optuna
+
+    from tuner.fleet.session import fleet_storage_url
+    from tuner.fleet.status import group_status
+    from tuner.study import FLEET_STUDY, load_existing_study, open_storage, quiet_optuna
+
     storage = open_storage(fleet_storage_url(args.storage))
     with quiet_optuna():
         summaries = optuna.get_all_study_summaries(storage, include_best_trial=False)

@@ -9,10 +9,6 @@ from typing import Any
 from tuner.errors import UserError
 from tuner.output import console, print_json
 from tuner.paths import results_dir
-from tuner.report import write_report
-from tuner.result import load_result
-from tuner.study import baseline_trial, list_study_names, load_existing_study, open_existing_storage
-from tuner.summary import failures_table, print_result, state_counts, study_rows, trial_row, trials_table
 
 
 def register(sub: Any) -> None:
@@ -25,6 +21,12 @@ def register(sub: Any) -> None:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    # Optuna, the store and matplotlib are imported here, not at the top: `llamahost --help` loads none of them.
+    from tuner.report import write_report
+    from tuner.result import load_result
+    from tuner.study import baseline_trial, list_study_names, load_existing_study, open_existing_storage
+    from tuner.summary import failures_table, print_result, state_counts, study_rows, trial_row, trials_table
+
     storage = open_existing_storage(args.storage)
     name = args.study
     if name is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuner.durations import parse_duration
 from tuner.errors import UserError
@@ -19,12 +19,13 @@ from tuner.host_lock import measuring_lock
 from tuner.live.measure import OBJECTIVES as LIVE_OBJECTIVES
 from tuner.live.setup import add_live_arguments, run_live_command
 from tuner.output import console, print_json
-from tuner.safe_change import save_and_write, written_message
-from tuner.search import Interrupted
-from tuner.stats import StopRule
-from tuner.summary import print_result
 from tuner.trial.protocol import OBJECTIVES, Workload
-from tuner.tune import TuneRequest, prepare, run
+
+if TYPE_CHECKING:
+    from tuner.tune import TuneRequest
+
+# Optuna, the search and the report are imported by the handlers, not here: building the parser (``--help``
+# included) loads none of them.
 
 EXIT_INTERRUPTED = 130
 
@@ -63,6 +64,9 @@ def register_common(parser: argparse.ArgumentParser, *, live_only: bool) -> None
 
 
 def request_from_args(args: argparse.Namespace) -> TuneRequest:
+    from tuner.stats import StopRule
+    from tuner.tune import TuneRequest
+
     if args.objective in LIVE_OBJECTIVES:
         raise UserError(f"--objective {args.objective} needs --live", "benchmark runs use tg, pp or both")
     return TuneRequest(
@@ -98,6 +102,10 @@ def refuse_live_only_flags(args: argparse.Namespace) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    from tuner.safe_change import save_and_write, written_message
+    from tuner.search import Interrupted
+    from tuner.tune import prepare, run
+
     if args.live or args.local or args.inventory or args.host:
         return run_live_and_report(args, verify_only=False)
     refuse_live_only_flags(args)
@@ -120,6 +128,8 @@ def run_tune(args: argparse.Namespace) -> int:
 
 
 def run_live_and_report(args: argparse.Namespace, *, verify_only: bool) -> int:
+    from tuner.search import Interrupted
+
     try:
         outcome = run_live_command(args, verify_only=verify_only)
     except Interrupted:
@@ -132,6 +142,8 @@ def run_live_and_report(args: argparse.Namespace, *, verify_only: bool) -> int:
 
 def print_outcome(result: dict[str, Any], *, as_json: bool) -> None:
     """A result as JSON on stdout (for programs: a playbook, a benchmark) or as tables (for people)."""
+    from tuner.summary import print_result
+
     if as_json:
         print_json(result)
     else:

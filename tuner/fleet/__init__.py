@@ -7,5 +7,11 @@
 * :mod:`tuner.fleet.finish`  proving the group's winner on one host and writing the result file;
 * :mod:`tuner.fleet.status`  per-group progress, best so far and ETA, computed from the trials.
 
-This package's ``__init__`` imports nothing: :mod:`tuner.study` uses :mod:`tuner.fleet.store`.
+This package's ``__init__`` imports nothing: :mod:`tuner.study` uses :mod:`tuner.fleet.store`, and the command
+line reads the defaults below without loading Optuna.
 """
+
+STORAGE_ENV = "LLAMAHOST_STORAGE"
+# Seconds of sampling per trial at most, the same on every worker and in `fleet finish` (a single-host
+# run derives it from its budget, but workers with different budgets must still measure alike).
+DEFAULT_MEASURE_CAP_S = 30.0

@@ -17,16 +17,12 @@ from dataclasses import dataclass
 from optuna.storages import RDBStorage
 
 from tuner.errors import UserError
+from tuner.fleet import STORAGE_ENV
 from tuner.fleet.group import GroupFingerprint, current_build, group_binding, group_fingerprint, group_study_name
 from tuner.fleet.store import backend, redact
 from tuner.paths import results_dir
 from tuner.study import check_binding, list_study_names, load_existing_study, open_storage, open_study
 from tuner.tune import Intake, TuneContext, TuneRequest, intake, measure_settings, workload_attrs
-
-STORAGE_ENV = "LLAMAHOST_STORAGE"
-# Seconds of sampling per trial at most, the same on every worker and in `fleet finish` (a single-host
-# run derives it from its budget, but workers with different budgets must still measure alike).
-DEFAULT_MEASURE_CAP_S = 30.0
 
 
 def fleet_storage_url(url: str | None) -> str:

@@ -19,11 +19,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from tuner.config import RunConfig
-from tuner.errors import UserError
+from tuner.errors import TrialFailed, UserError
 from tuner.live.control import ServerControl, TrialStartFailed
 from tuner.live.workload import RequestMix, Window, run_window
 from tuner.stats import StopRule, sampling_should_stop, summarize, warmup_is_stable
-from tuner.trial.runner import TrialFailed, TrialOutcome, TrialStopped
+from tuner.trial.runner import TrialOutcome, TrialStopped
 
 OBJECTIVES = ("throughput", "latency")
 MIN_REQUEST_DEADLINE_S = 10.0  # never cut a request off sooner: restarts and first requests are slow

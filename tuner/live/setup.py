@@ -13,7 +13,7 @@ import dataclasses
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tuner.config import RunConfig
 from tuner.durations import parse_duration
@@ -21,7 +21,6 @@ from tuner.errors import UserError
 from tuner.live.control import ServerControl
 from tuner.live.local import DEFAULT_LOCAL_PORT, LocalServer, ServerSpec
 from tuner.live.measure import OBJECTIVES, Guards, LiveObjective, LiveSettings
-from tuner.live.session import LiveOutcome, LiveRequest, prepare_live, run_live
 from tuner.live.workload import make_request_mix
 from tuner.model.checksum import model_sha256
 from tuner.model.default_model import default_model_path
@@ -32,6 +31,9 @@ from tuner.probe.host import HostProbe
 from tuner.server.build import server_binary
 from tuner.stats import StopRule
 from tuner.yamlfile import read_yaml_mapping
+
+if TYPE_CHECKING:  # the session (Optuna, the search) is imported when a live run starts, not with the parser
+    from tuner.live.session import LiveOutcome, LiveRequest
 
 
 def add_live_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +84,8 @@ class Connection(Protocol):
 
 
 def live_request(args: argparse.Namespace, *, verify_only: bool) -> LiveRequest:
+    from tuner.live.session import LiveRequest
+
     objective = args.objective or "throughput"
     if objective not in OBJECTIVES:
         raise UserError(f"--objective {objective} is a benchmark objective",
@@ -154,6 +158,8 @@ def connection_from_args(args: argparse.Namespace) -> Connection:
 
 def run_live_command(args: argparse.Namespace, *, verify_only: bool) -> LiveOutcome:
     """Lock first (a second tuner is refused at once), then check, then start the baseline, then tune."""
+    from tuner.live.session import prepare_live, run_live
+
     request = live_request(args, verify_only=verify_only)
     mix = make_request_mix(args.workload, concurrency=args.concurrency, count=args.requests,
                            scale=args.prompt_scale)

@@ -21,20 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tuner.errors import TrialFailed
 from tuner.server.process import child_setup
 from tuner.stats import Summary, summarize
 from tuner.trial.protocol import TrialSpec
 
 LOG_TAIL_BYTES = 2000
 KILL_GRACE_S = 2.0
-
-
-class TrialFailed(Exception):
-    """The trial produced no valid measurement; ``reason`` says why, for the study record."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class TrialStopped(Exception):
