@@ -125,6 +125,8 @@ class LocalConnection:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        # The user's file first: a bad one is reported before anything on this machine is looked up.
+        self.role_vars = read_role_vars(args.baseline_vars) if args.baseline_vars else None
         spec = ServerSpec(binary=str(server_binary("portable")), model="", host="127.0.0.1", port=args.port,
                           deadman_s=parse_duration(args.deadman, what="--deadman"))
         self.control = LocalServer(data_dir() / "live" / f"local-{args.port}", spec)
@@ -136,9 +138,8 @@ class LocalConnection:
         model = inspect_model(self.args.model or default_model_path())
         probe = probe_host(bandwidth=False)
         check_fits_in_memory(model, probe.memory_available_bytes)
-        deployed = RunConfig.from_role_vars(read_role_vars(self.args.baseline_vars),
-                                            physical_cores=probe.topology.physical_core_count) \
-            if self.args.baseline_vars else None
+        deployed = RunConfig.from_role_vars(self.role_vars, physical_cores=probe.topology.physical_core_count) \
+            if self.role_vars is not None else None
         self.control.spec = dataclasses.replace(self.control.spec, model=str(model.path))
         return Target(model, model_sha256(model.files), probe, deployed)
 
