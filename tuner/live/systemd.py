@@ -314,7 +314,9 @@ done
 
 
 def write_heartbeat_command() -> str:
-    return SHELL_WRITE.format(path=HEARTBEAT_FILE)
+    """The heartbeat write, creating the state directory first: the measuring lock lives in /run/lock, so
+    nothing before the first heartbeat is sure to have made /run/llamahost (it is gone after every boot)."""
+    return f"mkdir -p {STATE_DIR} && " + SHELL_WRITE.format(path=HEARTBEAT_FILE)
 
 
 def deadman_start_script() -> str:
