@@ -25,6 +25,8 @@ The rollout (``playbooks/llama_server.yml``) starts only after all of this held.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ from tuner.errors import UserError
 from tuner.inventory import ResolvedInventory, files_setting, inventory_of, resolve_inventory
 from tuner.model.checksum import combined_sha256
 from tuner.result import IMPROVED, run_kind, write_result
-from tuner.writeback import WriteBack, load_vars_file, write_vars
+from tuner.writeback import PlannedWrite, WriteBack, load_vars_file, plan_vars, write_vars
 
 # How far a run's change got, recorded in its result file as ``write_back.state``.
 STATE_NOTHING_TO_WRITE = "nothing to write"
@@ -138,6 +140,9 @@ class WriteBackOutcome:
     change: ProvenChange | None
     written: WriteBack | None
     targets: tuple[str, ...]  # the inventory hosts whose resolved vars were checked (empty: a bare file)
+    diff: str = ""  # the vars file's unified diff (a dry run)
+    dry_run: bool = False
+    resolved_checked: bool = False  # whether Ansible's resolution of the written values was checked
 
 
 def _resolve(inventory: Path | None, *, inferred: bool) -> ResolvedInventory | None:
@@ -170,9 +175,40 @@ def _outranked(vars_file: Path, root: Path, beaten: dict[str, list[str]]) -> Use
                      "result into the file that sets them), then write back again")
 
 
+def _check_resolution_dry(source: Path, resolved: ResolvedInventory, vars_file: Path, plan: PlannedWrite,
+                          targets: tuple[str, ...], wanted: dict[str, Any]) -> bool:
+    """Step 5 of the chain for a dry run: the planned file is written into a throw-away copy of the inventory
+    directory, and that copy is resolved (a file that would not change is checked as it resolves now). Raises
+    as the real check does; returns False when the vars file lies outside the inventory directory, so no copy
+    can show what Ansible would resolve."""
+    root = (source if source.is_dir() else source.parent).resolve()
+    if not plan.changed:
+        beaten = overrides(resolved, targets, wanted)
+        if beaten:
+            raise _outranked(vars_file, root, beaten)
+        return True
+    try:
+        inside = vars_file.resolve().relative_to(root)
+    except ValueError:
+        return False
+    with tempfile.TemporaryDirectory(prefix="llamahost-dry-run-") as scratch:
+        copy = Path(scratch) / root.name
+        shutil.copytree(root, copy, symlinks=True, ignore=shutil.ignore_patterns("*.prev", "*.tmp"))
+        (copy / inside).parent.mkdir(parents=True, exist_ok=True)
+        (copy / inside).write_text(plan.text)
+        copied_source = copy if source.is_dir() else copy / source.resolve().relative_to(root)
+        beaten = overrides(resolve_inventory(copied_source), targets, wanted)
+    if beaten:
+        raise _outranked(vars_file, root, beaten)
+    return True
+
+
 def write_back(result: dict[str, Any], vars_file: Path, *, inventory: Path | None = None,
-               hardware: str | None = None) -> WriteBackOutcome:
-    """Run the whole chain (module docstring) and write a proven change into ``vars_file``."""
+               hardware: str | None = None, dry_run: bool = False) -> WriteBackOutcome:
+    """Run the whole chain (module docstring) and write a proven change into ``vars_file``.
+
+    ``dry_run`` runs every check, the resolved-vars one on a copy of the inventory, and writes nothing: the
+    outcome carries the diff the write would make."""
     change = proven_change(result)
     if change is None:
         return WriteBackOutcome(change=None, written=None, targets=())
@@ -188,13 +224,20 @@ def write_back(result: dict[str, Any], vars_file: Path, *, inventory: Path | Non
         deployed = load_vars_file(vars_file).get(MODEL_SHA_VAR)
         if deployed is not None:
             check_model(change, deployed, str(vars_file))
+    if dry_run:
+        plan = plan_vars(vars_file, change.role_vars, note=change.note)
+        checked = source is not None and resolved is not None and _check_resolution_dry(
+            source, resolved, vars_file, plan, targets, change.role_vars)
+        return WriteBackOutcome(change=change, written=WriteBack(vars_file, plan.changed, plan.previous),
+                                targets=targets, diff=plan.diff, dry_run=True, resolved_checked=checked)
     written = write_vars(vars_file, change.role_vars, note=change.note)
     if source is not None and resolved is not None:
         beaten = overrides(resolve_inventory(source), targets, change.role_vars)
         if beaten:
             written.restore()
             raise _outranked(vars_file, source if source.is_dir() else source.parent, beaten)
-    return WriteBackOutcome(change=change, written=written, targets=targets)
+    return WriteBackOutcome(change=change, written=written, targets=targets,
+                            resolved_checked=source is not None and resolved is not None)
 
 
 def record_write_back(result_path: Path, result: dict[str, Any], vars_file: Path | None, state: str,

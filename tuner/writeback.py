@@ -12,6 +12,7 @@ validated change, the same model, the resolved variables), are :mod:`tuner.safe_
 
 from __future__ import annotations
 
+import difflib
 import io
 import warnings
 from dataclasses import dataclass
@@ -127,17 +128,45 @@ def apply_changes(data: CommentedMap, changes: dict[str, Any], note: str) -> dic
     return changed
 
 
-def write_vars(path: Path, changes: dict[str, Any], *, note: str) -> WriteBack:
-    """Write ``changes`` into the vars file at ``path`` (created if missing). Nothing is written when
-    every value is already what it should be."""
+@dataclass(frozen=True)
+class PlannedWrite:
+    """What writing ``changes`` into a vars file would do, computed without touching it."""
+
+    path: Path
+    changed: dict[str, tuple[Any, Any]]
+    previous: bytes | None  # the file's bytes now; None when it does not exist
+    text: str  # the file as it would be written (the old text when nothing changes)
+
+    @property
+    def diff(self) -> str:
+        """A unified diff from the file as it is to the file as it would be (empty when nothing changes)."""
+        old = self.previous.decode() if self.previous is not None else ""
+        lines = difflib.unified_diff(old.splitlines(keepends=True), self.text.splitlines(keepends=True),
+                                     fromfile=str(self.path) if self.previous is not None else "/dev/null",
+                                     tofile=str(self.path))
+        return "".join(lines) if self.changed else ""
+
+
+def plan_vars(path: Path, changes: dict[str, Any], *, note: str) -> PlannedWrite:
+    """Edit the vars file at ``path`` in memory: what :func:`write_vars` would write (``--dry-run`` shows it)."""
     data = load_vars_file(path)
     previous = path.read_bytes() if path.exists() else None
     changed = apply_changes(data, changes, note)
-    if changed:
-        explicit_start = previous is None or previous.lstrip().startswith(b"---")
+    if not changed:
+        return PlannedWrite(path=path, changed={}, previous=previous, text=(previous or b"").decode())
+    explicit_start = previous is None or previous.lstrip().startswith(b"---")
+    return PlannedWrite(path=path, changed=changed, previous=previous,
+                        text=render(data, explicit_start=explicit_start))
+
+
+def write_vars(path: Path, changes: dict[str, Any], *, note: str) -> WriteBack:
+    """Write ``changes`` into the vars file at ``path`` (created if missing). Nothing is written when
+    every value is already what it should be."""
+    plan = plan_vars(path, changes, note=note)
+    if plan.changed:
         try:
-            write_atomic(path, render(data, explicit_start=explicit_start))
+            write_atomic(path, plan.text)
         except OSError as exc:
             raise UserError(f"cannot write {path} ({exc.strerror})", "the file was left as it was; free space "
                             "or fix permissions, then write back again") from None
-    return WriteBack(path=path, changed=changed, previous=previous)
+    return WriteBack(path=path, changed=plan.changed, previous=plan.previous)

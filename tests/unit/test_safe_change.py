@@ -185,6 +185,37 @@ def test_the_group_write_back_is_checked_on_every_host_as_ansible_resolves_it(tm
     assert "# rack 7" in group_vars.read_text()
 
 
+def test_a_dry_run_checks_everything_on_a_copy_shows_the_diff_and_writes_nothing(tmp_path: Path) -> None:
+    hosts = inventory(tmp_path / "inv", host_override=False)
+    group_vars = hosts.parent / "group_vars" / "rack7.yml"
+    before = group_vars.read_bytes()
+    result = str(write_result_file(tmp_path / "r.yaml", proven_result()))
+    dry = cli_write_back(result, "--vars", str(group_vars), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    planned = json.loads(dry.stdout)
+    assert planned["dry_run"] and not planned["wrote"] and planned["resolved_checked"]
+    assert planned["checked_hosts"] == ["h1", "h2"]
+    assert group_vars.read_bytes() == before and not previous_path(group_vars).exists()
+    assert "+llama_server_threads: 24" in planned["diff"] and " # rack 7" in planned["diff"]
+    done = cli_write_back(result, "--vars", str(group_vars), "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["changed"] == planned["changed"]
+    added = [line[1:] for line in planned["diff"].splitlines() if line.startswith("+") and not line.startswith("+++")]
+    assert added and all(line in group_vars.read_text().splitlines() for line in added), "the diff is what was written"
+
+
+def test_a_dry_run_finds_the_override_a_real_write_would_find_and_writes_nothing(tmp_path: Path) -> None:
+    hosts = inventory(tmp_path / "inv", host_override=True)
+    group_vars = hosts.parent / "group_vars" / "rack7.yml"
+    before = group_vars.read_bytes()
+    done = cli_write_back(str(write_result_file(tmp_path / "r.yaml", proven_result())), "--vars", str(group_vars),
+                          "--dry-run")
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "llama_server_threads on h2" in done.stderr and str(hosts.parent / "host_vars" / "h2.yml") in done.stderr
+    assert "Traceback" not in done.stderr
+    assert group_vars.read_bytes() == before and not previous_path(group_vars).exists()
+
+
 def test_a_host_serving_another_model_stops_the_group_write_back(tmp_path: Path) -> None:
     hosts = inventory(tmp_path / "inv", host_override=False)
     (hosts.parent / "host_vars" / "h1.yml").write_text(f"llama_server_model_sha256: {'cd' * 32}\n")

@@ -10,7 +10,8 @@ host must serve the model it was measured on (and be of its hardware group, with
 the write Ansible must resolve every written variable to the written value on every target host, or the
 file is put back as it was. A refusal exits 2 with the file byte-identical. A result that proved no
 improvement leaves the file untouched and exits 0: the current configuration standing is a finding, not an
-error. The inventory is the one the vars file sits in, or ``--inventory``.
+error. The inventory is the one the vars file sits in, or ``--inventory``. ``--dry-run`` runs every check
+(Ansible's resolution on a throw-away copy of the inventory) and prints the diff instead of writing.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--hardware", metavar="ID",
                         help="refuse a result not measured on this hardware: a fleet group digest or a host "
                              "fingerprint (`llamahost fleet fingerprint` on a target host)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run every check (Ansible's resolution on a copy of the inventory), print the diff "
+                             "the write would make, and change nothing")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
     parser.set_defaults(handler=run_write_back)
 
@@ -46,16 +50,19 @@ def run_write_back(args: argparse.Namespace) -> int:
         result = parse_result(sys.stdin.read(), origin="the result on stdin")
     else:
         result = load_result(Path(args.result))
-    outcome = write_back(result, args.vars, inventory=args.inventory, hardware=args.hardware)
+    outcome = write_back(result, args.vars, inventory=args.inventory, hardware=args.hardware, dry_run=args.dry_run)
     written = outcome.written
     report = {
         "vars_file": str(args.vars),
         "study": result.get("study"),
         "verdict": result.get("verdict"),
         "summary": result.get("summary"),
-        "wrote": bool(written and written.wrote),
+        "dry_run": outcome.dry_run,
+        "wrote": bool(written and written.wrote and not outcome.dry_run),
         "changed": {key: list(change) for key, change in written.changed.items()} if written else {},
         "checked_hosts": list(outcome.targets),
+        "resolved_checked": outcome.resolved_checked,
+        **({"diff": outcome.diff} if outcome.dry_run else {}),
     }
     if args.json:
         print_json(report)
@@ -65,11 +72,17 @@ def run_write_back(args: argparse.Namespace) -> int:
         out.print(f"{args.vars} left unchanged: {report['summary']}")
     elif not written.wrote:
         out.print(f"{args.vars} already holds the proven settings; nothing to write")
+    elif outcome.dry_run:
+        out.print(f"dry run: {args.vars} would get {len(written.changed)} setting(s); nothing was written")
+        sys.stdout.write(outcome.diff)  # as diff(1) prints it: no markup, no wrapping
     else:
         out.print(f"{args.vars}: {len(written.changed)} setting(s) written (previous file kept as "
                   f"{args.vars.name}.prev)")
         for key, (old, new) in written.changed.items():
             out.print(f"  {key}: {old!r} -> {new!r}")
     if outcome.targets:
-        out.print(f"checked on {', '.join(outcome.targets)}: same model, and Ansible resolves every written value")
+        resolves = "would resolve" if outcome.dry_run else "resolves"
+        checked = f"and Ansible {resolves} every written value" if outcome.resolved_checked else (
+            f"(Ansible's resolution not checked: {args.vars} lies outside the inventory directory)")
+        out.print(f"checked on {', '.join(outcome.targets)}: same model, {checked}")
     return 0

@@ -1,0 +1,37 @@
+"""The wheel ``pip wheel .`` builds from this tree: what a ``pipx install`` user gets.
+
+Built from a copy of the files the build reads, so the test leaves no ``build/`` or ``*.egg-info`` in the
+checkout."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_wheel_builds_and_carries_the_license_pyproject_names(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(REPO / name, source / name)
+    shutil.copytree(REPO / "tuner", source / "tuner", ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(tmp_path / "out"),
+                            str(source)], capture_output=True, text=True, timeout=300, check=False)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "out").glob("llamahost-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        licenses = [n for n in names if n.endswith("/licenses/LICENSE")]
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        assert licenses, f"no LICENSE in the wheel: {names[-8:]}"
+        text = archive.read(licenses[0]).decode()
+    spdx = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["license"]
+    assert spdx == "Apache-2.0" and "Apache License" in text and "Version 2.0, January 2004" in text
+    assert f"License-Expression: {spdx}" in metadata
+    assert "tuner/cli.py" in names and "tuner/commands/writeback.py" in names
