@@ -23,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tuner.proof_defaults import ALPHA, MIN_EFFECT
+
 
 def _scipy_stats() -> Any:
     """scipy.stats, imported when a number is first needed: it takes about a second to import, and every
@@ -200,9 +202,9 @@ def compare_paired(
     candidate: Sequence[float],
     baseline: Sequence[float],
     *,
-    alpha: float = 0.05,
+    alpha: float = ALPHA,
     comparisons: int = 1,
-    min_effect: float = 0.01,
+    min_effect: float = MIN_EFFECT,
 ) -> Comparison:
     """Is ``candidate`` faster than ``baseline``? Round ``i`` of each was measured back to back.
 

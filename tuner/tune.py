@@ -27,6 +27,7 @@ from tuner.paths import data_dir, results_dir
 from tuner.probe import BandwidthError, probe_host
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
+from tuner.proof_defaults import ALPHA, BENCHMARK_VERIFY_SAMPLES, CANDIDATES, MIN_EFFECT, RESERVE_MAX_FRACTION
 from tuner.report import write_report
 from tuner.result import assemble_result, host_block, model_block, write_result
 from tuner.roofline import mean_context_depth, roofline
@@ -55,7 +56,6 @@ from tuner.study import (
 from tuner.trial.protocol import Warmup, Workload
 from tuner.verify import MIN_ROUNDS, Arm, Verification, plan_rounds, verify
 
-RESERVE_MAX_FRACTION = 0.4
 TARGET_VERIFY_ROUNDS = 5
 MIN_BUDGET_S = 30.0
 UNITS = {"tg": "tg tok/s", "pp": "pp tok/s", "both": "sqrt(pp*tg) tok/s"}
@@ -70,10 +70,10 @@ class TuneRequest:
     storage_url: str | None = None
     output: Path | None = None
     workload: Workload = field(default_factory=Workload)
-    candidates: int = 3
-    verify_samples: int = 5
-    alpha: float = 0.05
-    min_effect: float = 0.01
+    candidates: int = CANDIDATES
+    verify_samples: int = BENCHMARK_VERIFY_SAMPLES
+    alpha: float = ALPHA
+    min_effect: float = MIN_EFFECT
     search_kv_cache: bool = True
     max_measure_seconds: float | None = None  # None: derived from the budget, see measure_cap()
     seed: int | None = None
@@ -286,9 +286,9 @@ class ProofSettings:
     """How the final verification measures and decides (see :mod:`tuner.verify`)."""
 
     stop: StopRule
-    samples: int = 5
-    alpha: float = 0.05
-    min_effect: float = 0.01
+    samples: int = BENCHMARK_VERIFY_SAMPLES
+    alpha: float = ALPHA
+    min_effect: float = MIN_EFFECT
     seed: int = 0
 
     @classmethod

@@ -18,6 +18,7 @@ from typing import Any
 
 from tuner.config import RunConfig
 from tuner.errors import TrialFailed
+from tuner.proof_defaults import ALPHA, MIN_EFFECT
 from tuner.stats import Comparison, Summary, compare_paired, summarize
 from tuner.trial.runner import TrialOutcome
 
@@ -105,8 +106,8 @@ def verify(
     run_once: RunOnce,
     *,
     rounds: int,
-    alpha: float = 0.05,
-    min_effect: float = 0.01,
+    alpha: float = ALPHA,
+    min_effect: float = MIN_EFFECT,
     seed: int = 0,
     on_round: RoundCallback | None = None,
 ) -> Verification:

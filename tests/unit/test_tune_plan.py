@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tuner.errors import UserError
-from tuner.tune import RESERVE_MAX_FRACTION, TuneRequest, measure_cap, plan_verification, validate_request
+from tuner.proof_defaults import RESERVE_MAX_FRACTION
+from tuner.tune import TuneRequest, measure_cap, plan_verification, validate_request
 from tuner.verify import MIN_ROUNDS
 
 
@@ -44,3 +45,27 @@ def test_trial_sampling_cap_scales_with_the_budget() -> None:
 def test_request_validation(request_: TuneRequest, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment):
         validate_request(request_)
+
+
+def test_every_path_takes_the_proofs_defaults_from_one_place() -> None:
+    """A benchmark tune, a live tune, ``apply`` and ``fleet finish`` prove a winner with the same defaults: the
+    command lines and the request types all read tuner.proof_defaults (the live run once hard-coded its own)."""
+    from tuner import proof_defaults as proof
+    from tuner.cli import build_parser
+    from tuner.live.session import LiveRequest
+    from tuner.tune import ProofSettings
+    from tuner.verify import verify
+
+    parser = build_parser()
+    for argv in (["tune"], ["apply"], ["fleet", "finish"]):
+        args = parser.parse_args(argv)
+        assert (args.candidates, args.alpha, args.min_effect) == (proof.CANDIDATES, proof.ALPHA, proof.MIN_EFFECT)
+    assert parser.parse_args(["tune"]).verify_windows == proof.LIVE_VERIFY_WINDOWS
+    benchmark, live = TuneRequest(budget_seconds=600), LiveRequest(budget_seconds=600)
+    assert (benchmark.candidates, benchmark.alpha, benchmark.min_effect, benchmark.verify_samples) == (
+        proof.CANDIDATES, proof.ALPHA, proof.MIN_EFFECT, proof.BENCHMARK_VERIFY_SAMPLES)
+    assert (live.candidates, live.alpha, live.min_effect, live.verify_windows) == (
+        proof.CANDIDATES, proof.ALPHA, proof.MIN_EFFECT, proof.LIVE_VERIFY_WINDOWS)
+    assert verify.__kwdefaults__ is not None
+    assert (verify.__kwdefaults__["alpha"], verify.__kwdefaults__["min_effect"]) == (proof.ALPHA, proof.MIN_EFFECT)
+    assert ProofSettings.__dataclass_fields__["samples"].default == proof.BENCHMARK_VERIFY_SAMPLES

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuner.commands.tune import print_outcome
+from tuner import proof_defaults
+from tuner.commands.tune import add_proof_arguments, print_outcome
 from tuner.durations import format_duration, parse_duration
 from tuner.errors import UserError
 from tuner.fleet import DEFAULT_MEASURE_CAP_S, STORAGE_ENV
@@ -55,10 +56,7 @@ def register(sub: Any) -> None:
     finish = fleet.add_parser("finish", help="prove the group's winner on this host and write the result file")
     _add_selection(finish)
     finish.add_argument("--budget", default="15m", help="time for the interleaved verification (default 15m)")
-    finish.add_argument("--candidates", type=int, default=3, help="best trials re-measured against the baseline")
-    finish.add_argument("--alpha", type=float, default=0.05, help="significance level of the final test")
-    finish.add_argument("--min-effect", type=float, default=0.01,
-                        help="smallest speed-up worth a configuration change (0.01 = 1%%)")
+    add_proof_arguments(finish)
     finish.add_argument("--output", type=Path, help="result file (default: <data dir>/results/<study>.yaml)")
     finish.add_argument("--json", action="store_true", help="print the result as JSON at the end")
     finish.set_defaults(handler=run_finish)
@@ -104,9 +102,9 @@ def _request(args: argparse.Namespace, *, budget: str | None = None) -> TuneRequ
         storage_url=fleet_storage_url(args.storage) if hasattr(args, "storage") else None,
         output=getattr(args, "output", None),
         workload=Workload(pp_tokens=args.pp_tokens, tg_tokens=args.tg_tokens),
-        candidates=getattr(args, "candidates", 3),
-        alpha=getattr(args, "alpha", 0.05),
-        min_effect=getattr(args, "min_effect", 0.01),
+        candidates=getattr(args, "candidates", proof_defaults.CANDIDATES),
+        alpha=getattr(args, "alpha", proof_defaults.ALPHA),
+        min_effect=getattr(args, "min_effect", proof_defaults.MIN_EFFECT),
         search_kv_cache=not args.no_kv_quant,
         max_measure_seconds=args.max_measure,
     )

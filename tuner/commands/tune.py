@@ -13,6 +13,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuner import proof_defaults
 from tuner.durations import parse_duration
 from tuner.errors import UserError
 from tuner.host_lock import measuring_lock
@@ -28,6 +29,17 @@ if TYPE_CHECKING:
 # included) loads none of them.
 
 EXIT_INTERRUPTED = 130
+
+
+def add_proof_arguments(parser: argparse.ArgumentParser) -> None:
+    """The proof's knobs, shared by ``tune``/``apply`` and ``fleet finish`` (defaults: tuner.proof_defaults)."""
+    parser.add_argument("--candidates", type=int, default=proof_defaults.CANDIDATES,
+                        help=f"best trials re-measured against the baseline ({proof_defaults.CANDIDATES})")
+    parser.add_argument("--alpha", type=float, default=proof_defaults.ALPHA,
+                        help=f"significance level of the final test ({proof_defaults.ALPHA})")
+    parser.add_argument("--min-effect", type=float, default=proof_defaults.MIN_EFFECT,
+                        help="smallest speed-up worth a configuration change "
+                             f"({proof_defaults.MIN_EFFECT} = {proof_defaults.MIN_EFFECT * 100:g}%%)")
 
 
 def register(sub: Any) -> None:
@@ -47,10 +59,7 @@ def register_common(parser: argparse.ArgumentParser, *, live_only: bool) -> None
     parser.add_argument("--study", help="study name (default: derived from model, objective and host)")
     parser.add_argument("--storage", help="Optuna storage URL (default: a SQLite file in the data directory)")
     parser.add_argument("--output", type=Path, help="result file (default: <data dir>/results/<study>.yaml)")
-    parser.add_argument("--candidates", type=int, default=3, help="best trials re-measured against the baseline")
-    parser.add_argument("--alpha", type=float, default=0.05, help="significance level of the final test")
-    parser.add_argument("--min-effect", type=float, default=0.01,
-                        help="smallest speed-up worth a configuration change (0.01 = 1%%)")
+    add_proof_arguments(parser)
     parser.add_argument("--no-kv-quant", action="store_true", help="keep the KV cache in f16 (do not search q8_0)")
     parser.add_argument("--seed", type=int, help="sampler seed, for reproducible searches")
     parser.add_argument("--json", action="store_true", help="print the result as JSON at the end")

@@ -34,6 +34,7 @@ from tuner.model.gguf_file import ModelInfo
 from tuner.paths import data_dir, results_dir
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
+from tuner.proof_defaults import ALPHA, CANDIDATES, LIVE_VERIFY_WINDOWS, MIN_EFFECT, RESERVE_MAX_FRACTION
 from tuner.report import write_report
 from tuner.result import IMPROVED, assemble_result, host_block, model_block
 from tuner.safe_change import STATE_APPLIED, STATE_APPLY_FAILED, record_write_back, save_and_write, written_message
@@ -60,10 +61,10 @@ class LiveRequest:
     study_name: str | None = None
     storage_url: str | None = None
     output: Path | None = None
-    candidates: int = 3
-    verify_windows: int = 3
-    alpha: float = 0.05
-    min_effect: float = 0.01
+    candidates: int = CANDIDATES
+    verify_windows: int = LIVE_VERIFY_WINDOWS
+    alpha: float = ALPHA
+    min_effect: float = MIN_EFFECT
     seed: int | None = None
     guards: Guards = field(default_factory=Guards)
     settings: LiveSettings = field(default_factory=LiveSettings)
@@ -197,7 +198,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             measurer.baseline_latency_p95 = latency["median"] if latency else None
             measurer.baseline = ctx.space.baseline()
             run_cost = verification_run_cost(base.user_attrs["outcome"], req.verify_windows)
-            fraction = 1.0 if req.verify_only else 0.4
+            fraction = 1.0 if req.verify_only else RESERVE_MAX_FRACTION
             verify_k, reserve = plan_verification(req.budget_seconds, run_cost, req.candidates, max_fraction=fraction)
             if not req.verify_only:
                 trial_cost = base.user_attrs["outcome"]["wall_seconds"]

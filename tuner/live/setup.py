@@ -28,6 +28,7 @@ from tuner.model.gguf_file import ModelInfo, check_fits_in_memory, inspect_model
 from tuner.paths import data_dir
 from tuner.probe import probe_host
 from tuner.probe.host import HostProbe
+from tuner.proof_defaults import LIVE_VERIFY_WINDOWS
 from tuner.server.build import server_binary
 from tuner.stats import StopRule
 from tuner.yamlfile import read_yaml_mapping
@@ -51,7 +52,8 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stop a trial whose p95 latency exceeds this multiple of the baseline's (3)")
     group.add_argument("--max-server-memory", type=float, default=0.9,
                        help="stop a trial whose server uses more than this fraction of RAM (0.9)")
-    group.add_argument("--verify-windows", type=int, default=3, help="windows per verification run (3)")
+    group.add_argument("--verify-windows", type=int, default=LIVE_VERIFY_WINDOWS,
+                       help=f"windows per verification run ({LIVE_VERIFY_WINDOWS})")
     group.add_argument("--deadman", default="60s", help="restore the baseline when the controller is silent "
                                                          "this long (default 60s)")
     group.add_argument("--port", type=int, default=DEFAULT_LOCAL_PORT,

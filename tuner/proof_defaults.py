@@ -1,0 +1,10 @@
+"""The proof's defaults, in one place: every run that proves a winner against the baseline (a benchmark tune, a
+live tune, ``apply``, ``fleet finish``) and every command line that offers these knobs reads them here, so the
+paths cannot drift apart. A module of constants only: the command line's parser imports it."""
+
+ALPHA = 0.05  # level of the one-sided "candidate is faster" test, before the correction for several candidates
+MIN_EFFECT = 0.01  # the smallest speed-up worth a configuration change (1 %)
+CANDIDATES = 3  # the best trials measured again against the baseline
+BENCHMARK_VERIFY_SAMPLES = 5  # measurements per benchmark verification run
+LIVE_VERIFY_WINDOWS = 3  # workload windows per live verification run
+RESERVE_MAX_FRACTION = 0.4  # the most of a budget the proof may reserve when a search shares it
