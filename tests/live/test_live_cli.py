@@ -101,6 +101,8 @@ def test_live_run_measures_trials_under_the_workload_and_proves_or_keeps_the_bas
         assert 0 < low <= median <= high, metric
     workload = result["workload"]
     assert isinstance(workload, dict) and workload["concurrency"] == 2
+    heartbeat = result["heartbeat"]
+    assert isinstance(heartbeat, dict) and heartbeat["missed"] == 0 and heartbeat["lapses"] == 0, heartbeat
     report = (home / "data" / "results" / f"{result['study']}.yaml").with_suffix(".html").read_text()
     assert html.escape(str(result["summary"])) in report and "aggregate generated tok/s" in report
 

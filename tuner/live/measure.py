@@ -74,24 +74,63 @@ class LiveSettings:
 
 
 class Heartbeat:
-    """Confirms to the server side, every ``interval_s``, that the controller is alive (dead-man switch)."""
+    """Confirms to the server side, every ``interval_s``, that the controller is alive (dead-man switch).
 
-    def __init__(self, control: ServerControl, interval_s: float) -> None:
+    A missed beat is not fatal - the switch is there for a controller that is gone - but it is not silent
+    either: each miss is reported through ``on_miss`` and counted (the result records them), and a silence
+    longer than the switch's limit is remembered as a *lapse*, because the host may then have put the baseline
+    back while the controller went on measuring a trial (:meth:`lapsed_since`)."""
+
+    def __init__(self, control: ServerControl, interval_s: float,
+                 on_miss: Callable[[str], None] | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.control = control
         self.interval_s = interval_s
+        self.on_miss = on_miss
+        self.clock = clock
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llamahost-heartbeat", daemon=True)
         self.failures = 0
+        self.last_error: str | None = None
+        self.last_success = clock()
+        self._lapses: list[float] = []  # when a silence first exceeded the limit: the switch could fire from then
+
+    @property
+    def limit_s(self) -> float:
+        return self.control.deadman_seconds
+
+    def beat(self) -> None:
+        """One beat (the thread's loop; a test calls it directly)."""
+        try:
+            self.control.heartbeat()
+        except Exception as exc:  # a missed beat is what the dead-man switch is for; keep trying
+            self.failures += 1
+            self.last_error = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            silent = self.clock() - self.last_success
+            if silent > self.limit_s and (not self._lapses or self._lapses[-1] < self.last_success):
+                self._lapses.append(self.last_success + self.limit_s)
+            if self.on_miss is not None:
+                self.on_miss(f"heartbeat missed ({self.last_error}); silent for {silent:.0f} s of the dead-man "
+                             f"limit's {self.limit_s:.0f} s")
+        else:
+            self.last_success = self.clock()
+
+    def lapsed_since(self, since: float) -> bool:
+        """Whether the server side may have restored its baseline at or after ``since`` (a ``clock()`` time):
+        some silence since then, or the one going on now, outlasted the dead-man limit."""
+        now_lapse = self.last_success + self.limit_s
+        return any(moment >= since for moment in self._lapses) or (self.clock() > now_lapse >= since)
+
+    def report(self) -> dict[str, object]:
+        return {"interval_s": self.interval_s, "missed": self.failures, "lapses": len(self._lapses),
+                **({"last_error": self.last_error} if self.last_error else {})}
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self.control.heartbeat()
-            except Exception:  # a missed beat is what the dead-man switch is for; keep trying
-                self.failures += 1
+            self.beat()
 
     def __enter__(self) -> Heartbeat:
         self.control.heartbeat()
+        self.last_success = self.clock()
         self._thread.start()
         return self
 
@@ -114,6 +153,7 @@ class LiveMeasurer:
         self.baseline: RunConfig | None = None  # the reference: never held to the guards measured against it
         self.measuring_seconds = 0.0
         self.runs = 0
+        self.heartbeat: Heartbeat | None = None  # set while a run beats: a lapse voids the trial it crossed
 
     def _latency_limit(self, config: RunConfig) -> float | None:
         """The p95 latency a trial must stay under: a multiple of the baseline's (none for the baseline)."""
@@ -147,6 +187,17 @@ class LiveMeasurer:
             raise TrialFailed(f"the server uses {memory / 2**30:.1f} GiB, over the limit of "
                               f"{self.guards.max_memory_bytes / 2**30:.1f} GiB")
         return metrics
+
+    def _check_heartbeat(self, config: RunConfig, *, since: float) -> None:
+        """A trial that a heartbeat lapse crossed may have been measured on the baseline the dead-man switch put
+        back: it fails (and the baseline is restored on purpose) instead of being scored. The baseline's own
+        numbers stand, since a revert runs the baseline anyway."""
+        if self.heartbeat is None or self.baseline is None or config == self.baseline:
+            return
+        if self.heartbeat.lapsed_since(since):
+            raise TrialFailed(f"no heartbeat reached the host for longer than its dead-man limit "
+                              f"({self.heartbeat.limit_s:.0f} s) during this trial, so the host may have put the "
+                              f"baseline back mid-trial (last error: {self.heartbeat.last_error})")
 
     @contextlib.contextmanager
     def _restoring_on_failure(self) -> Iterator[None]:
@@ -195,6 +246,7 @@ class LiveMeasurer:
                     reason = "max-time"
             outcome.stop_reason = reason
             outcome.measure_seconds = time.monotonic() - measure_start
+            self._check_heartbeat(config, since=started)
         outcome.wall_seconds = time.monotonic() - started
         self.measuring_seconds += outcome.measuring_seconds
         return outcome

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial
+from rich.markup import escape
 
 from tuner.config import RunConfig
 from tuner.errors import UserError
@@ -184,8 +185,9 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
     measurer = LiveMeasurer(ctx.control, ctx.mix, req.objective, req.settings, req.guards)
     title = f"live tuning {ctx.control.describe()} ({req.objective.name}, {ctx.mix.name} x{ctx.mix.concurrency})"
     heartbeat_every = max(1.0, ctx.control.deadman_seconds / 4)
-    with sigterm_as_interrupt(), Heartbeat(ctx.control, heartbeat_every), \
-            TuneProgress(req.budget_seconds, title=title) as progress:
+    with sigterm_as_interrupt(), TuneProgress(req.budget_seconds, title=title) as progress, \
+            Heartbeat(ctx.control, heartbeat_every, on_miss=lambda miss: progress.event(escape(miss))) as heartbeat:
+        measurer.heartbeat = heartbeat
         baseline_args = " ".join(ctx.space.baseline().server_args())
         progress.event(f"study {ctx.study.study_name} ({'new' if ctx.study_created else 'resumed'}, "
                        f"{len(ctx.study.trials)} trials so far); baseline: {baseline_args}")
@@ -223,6 +225,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             measuring_seconds=measurer.measuring_seconds, roofline=None,
             baseline_name="the deployed configuration")
         result["server"] = ctx.control.describe()
+        result["heartbeat"] = heartbeat.report()
         written, applied = save_write_and_apply(ctx, result, progress)
         report = ctx.result_path.with_suffix(".html")
         write_report(report, result, ctx.study)
