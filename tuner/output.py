@@ -19,11 +19,15 @@ def print_json(data: Any) -> None:
     sys.stdout.write("\n")
 
 
+PIPED_WIDTH = 4096  # columns when the output is not a terminal: wide enough that no row wraps
+
+
 def console(*, stderr: bool = False) -> Console:
     """Tables and results go to stdout; messages about the run (interrupted, warnings) to stderr.
-    In a log (no terminal) long lines are kept whole rather than wrapped at 80 columns."""
+    Piped or in a log (no terminal), nothing is wrapped: a table is as wide as its widest row, so ``grep`` and
+    ``cut`` see one row per line (a table is never wider than its content, so the large width costs nothing)."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(highlight=False, stderr=stderr, width=None if stream.isatty() else 160)
+    return Console(highlight=False, stderr=stderr, width=None if stream.isatty() else PIPED_WIDTH)
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
