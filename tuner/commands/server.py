@@ -47,7 +47,10 @@ def register(sub: Any) -> None:
 
     run = actions.add_parser("run", help="serve a model with llama-server and a run configuration")
     _add_flavour(run)
-    run.add_argument("--model", "-m", type=Path, required=True, help="the .gguf model file")
+    run.add_argument("--model", "-m", type=Path, help="the .gguf model file (default with --result: the result's)")
+    run.add_argument("--result", type=Path, metavar="FILE",
+                     help="serve the configuration a result file settled on (its proven winner, or the baseline "
+                          "that stood), on the model it was measured on, instead of the options below")
     run.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
     run.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     run.add_argument("--ctx-size", type=int, default=None, help="context size in tokens (default: model's)")
@@ -167,11 +170,61 @@ def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(EXIT_TERMINATED)
 
 
+def config_defaults() -> dict[str, Any]:
+    """The run-configuration options' defaults, from the same definitions the command line uses."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_config_options(parser)
+    return vars(parser.parse_args([]))
+
+
+CONFIG_OPTIONS = ("threads", "threads_batch", "batch_size", "ubatch_size", "cpus", "numa", "memory_policy",
+                  "memory_nodes", "load_mode", "flash_attn", "cache_type_k", "cache_type_v", "parallel",
+                  "cont_batching")
+
+
+def result_config(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> tuple[RunConfig, Path, str]:
+    """The configuration, model and a line saying what is served, for ``server run --result``: the result's
+    ``settings.config`` rebuilt and validated (a result file is input from elsewhere), its model unless one is
+    passed - and then only the same bytes. A run-configuration option beside ``--result`` is refused rather than
+    silently overruling what was measured."""
+    from tuner.model.checksum import model_sha256
+    from tuner.model.gguf_file import inspect_model
+    from tuner.result import IMPROVED, load_result
+
+    clashing = [f"--{name.replace('_', '-')}" for name in CONFIG_OPTIONS
+                if getattr(args, name) != parser_defaults.get(name)]
+    if clashing:
+        raise UserError(f"--result sets the run configuration, and {', '.join(clashing)} would change it",
+                        "drop those options to serve the result as measured, or drop --result")
+    result = load_result(args.result)
+    settings, model = result.get("settings"), result.get("model")
+    if not isinstance(settings, dict) or not isinstance(model, dict) or not model.get("sha256"):
+        raise UserError(f"{args.result} names no configuration or model (settings.config, model.sha256)",
+                        "pass a result written by `llamahost tune`, `tune --live` or `fleet finish`")
+    config = RunConfig.from_dict(settings.get("config") or {}, origin=f"{args.result}: settings.config")
+    if config.ctx_size and args.ctx_size is not None and args.ctx_size != config.ctx_size:
+        raise UserError(f"{args.result} was measured with a context of {config.ctx_size} tokens, and --ctx-size "
+                        f"{args.ctx_size} would change it", "drop --ctx-size to serve the result as measured")
+    path = args.model or Path(str(model.get("path")))
+    served = model_sha256(inspect_model(path).files)
+    if served != model["sha256"]:
+        raise UserError(f"{path} is not the model {args.result} was measured on (sha256 {served[:12]}..., the "
+                        f"result's {str(model['sha256'])[:12]}...)", "pass that model with --model, or tune this one")
+    what = "the proven winner" if result.get("verdict") == IMPROVED else "the baseline, which no candidate beat"
+    return config, path, f"serving {what} of study {result.get('study')}: {result.get('summary')}"
+
+
 def run_server(args: argparse.Namespace) -> int:
-    config = config_from_args(args)
+    if args.result is not None:
+        config, model, line = result_config(args, config_defaults())
+        _say(line)
+    elif args.model is None:
+        raise UserError("server run needs a model", "pass --model FILE.gguf, or --result FILE to serve a result")
+    else:
+        config, model = config_from_args(args), args.model
     binary = server_binary(args.flavour)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)  # stop the server cleanly on `kill`, too
-    with ServerProcess(binary, args.model, config, host=args.host, port=args.port, ctx_size=args.ctx_size,
+    with ServerProcess(binary, model, config, host=args.host, port=args.port, ctx_size=args.ctx_size,
                        api_key_file=args.api_key_file, log_path=args.log_file) as server:
         # plain, unwrapped lines: scripts read them
         _say(f"starting: {' '.join(server.command)}")
