@@ -6,9 +6,10 @@
 #   cmake, g++                               : llama-cpp-python's build and llama-server
 #   numactl                                  : NUMA placement for trials and the server
 #   openssh-client                           : Ansible's connection to the test host
+#   zsh                                      : the zsh completion script is loaded by a real zsh (tests/unit)
 set -euo pipefail
 packages=(qemu-system-x86 qemu-utils mmdebstrap e2fsprogs postgresql cmake g++ numactl openssh-client
-          python3-venv ca-certificates)
+          python3-venv ca-certificates zsh)
 missing=()
 for pkg in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

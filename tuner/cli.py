@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "tuner.commands.size",
     "tuner.commands.server",
     "tuner.commands.lab",
+    "tuner.commands.completion",
 )
 
 
