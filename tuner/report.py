@@ -21,9 +21,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import optuna
 from matplotlib.figure import Figure
-from optuna.trial import TrialState
+from optuna.importance import BaseImportanceEvaluator, PedAnovaImportanceEvaluator
+from optuna.trial import FrozenTrial, TrialState
 
 from tuner.atomic import write_atomic
+from tuner.config import format_cpu_list
 from tuner.result import METRIC_LABELS, metric_names
 from tuner.study import is_baseline, quiet_optuna
 from tuner.summary import CONFIG_COLUMNS
@@ -38,8 +40,9 @@ def _png(figure: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def history_figure(study: optuna.Study, unit: str) -> Figure:
-    """Every trial's median with its interval, pruned and failed trials marked, the baseline as a band."""
+def history_figure(study: optuna.Study, unit: str, result: dict[str, Any] | None = None) -> Figure:
+    """Every trial's median with its interval, pruned and failed trials marked, the baseline as a band, and
+    the trials the proof measured again ringed (the chosen one as a star)."""
     figure, axes = plt.subplots(figsize=(9, 4))
     trials = study.get_trials(deepcopy=False)
     base = next((t for t in trials if is_baseline(t) and t.state == TrialState.COMPLETE), None)
@@ -61,6 +64,7 @@ def history_figure(study: optuna.Study, unit: str) -> Figure:
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
     if failed:
         axes.plot(failed, [0.0] * len(failed), "|", ms=14, color=COLORS["failed"], label="failed")
+    _mark_verified(axes, {t.number: t for t in done}, result)
     axes.set_xlabel("trial")
     axes.set_ylabel(unit)
     axes.set_ylim(bottom=0)
@@ -68,6 +72,21 @@ def history_figure(study: optuna.Study, unit: str) -> Figure:
     axes.legend(loc="lower right", fontsize=8)
     axes.set_title("search")
     return figure
+
+
+def _mark_verified(axes: Any, searched: dict[int, FrozenTrial], result: dict[str, Any] | None) -> None:
+    """Ring the search trials whose configurations the proof measured again; star the one it chose."""
+    if not result:
+        return
+    chosen = result.get("chosen", {}).get("label")
+    arms = [a for a in result.get("candidates") or [] if a.get("trial") in searched]
+    for chosen_only in (False, True):
+        picked = [a for a in arms if (a["label"] == chosen) is chosen_only]
+        if not picked:
+            continue
+        axes.plot([a["trial"] for a in picked], [searched[a["trial"]].user_attrs["summary"]["median"] for a in picked],
+                  "*" if chosen_only else "o", ms=16 if chosen_only else 11, mfc="none", mew=1.6,
+                  color=COLORS["chosen"], label="chosen by the proof" if chosen_only else "re-measured in the proof")
 
 
 def throughput_figure(result: dict[str, Any]) -> Figure:
@@ -123,21 +142,44 @@ def roofline_figure(roof: dict[str, Any]) -> Figure:
     return figure
 
 
+# Optuna's evaluators as people name them. The one used is passed explicitly, never left to Optuna's default
+# (which changed from fANOVA to PED-ANOVA), so the plot says what computed it.
+EVALUATOR_NAMES = {"PedAnovaImportanceEvaluator": "PED-ANOVA", "FanovaImportanceEvaluator": "fANOVA",
+                   "MeanDecreaseImpurityImportanceEvaluator": "mean decrease in impurity"}
+TRIALS_PER_SETTING_FOR_A_RANKING = 5  # below this many complete trials per searched setting, the order is noise
+MIN_TRIALS_FOR_A_RANKING = 20
+
+
+def importance_evaluator() -> BaseImportanceEvaluator:
+    return PedAnovaImportanceEvaluator()
+
+
+def too_few_for_a_ranking(trials: int, settings: int) -> bool:
+    """Whether a ranking of ``settings`` from ``trials`` complete trials is noise rather than a finding (pure)."""
+    return trials < max(MIN_TRIALS_FOR_A_RANKING, TRIALS_PER_SETTING_FOR_A_RANKING * settings)
+
+
 def importance_figure(study: optuna.Study) -> Figure | None:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if len(complete) < 4:
         return None
+    evaluator = importance_evaluator()
     try:
         with quiet_optuna():
-            importances = optuna.importance.get_param_importances(study)
+            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
     except (ValueError, RuntimeError):
         return None  # e.g. every trial had the same parameters: nothing to attribute
     if not importances:
         return None
     names = list(importances)[::-1]
-    figure, axes = plt.subplots(figsize=(8, 0.35 * len(names) + 1))
+    figure, axes = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2))
     axes.barh(names, [importances[n] for n in names], color=COLORS["search"])
-    axes.set_title("which settings mattered (fANOVA importance over the search trials)")
+    method = EVALUATOR_NAMES.get(type(evaluator).__name__, type(evaluator).__name__)
+    title = f"which settings mattered ({method} importance over {len(complete)} complete trials)"
+    if too_few_for_a_ranking(len(complete), len(names)):
+        title += (f"\n{len(complete)} trials over {len(names)} settings are too few: the order is noise, "
+                  f"read it as a hint at most")
+    axes.set_title(title, fontsize=10)
     return figure
 
 
@@ -149,6 +191,31 @@ def _table(rows: Sequence[Sequence[object]], header: tuple[str, ...]) -> str:
 
 def _ci(block: dict[str, Any] | None) -> str:
     return f"{block['median']:.1f} [{block['ci_low']:.1f}, {block['ci_high']:.1f}]" if block else "-"
+
+
+def trial_rows(trials: Sequence[FrozenTrial]) -> tuple[list[tuple[str, ...]], tuple[str, ...]]:
+    """Every trial of the study, one row each: its state, its median or why it has none, and its settings
+    (pure: the tests build trials by hand)."""
+    header = ("trial", "state", "median", *CONFIG_COLUMNS, "note")
+    rows = []
+    for trial in trials:
+        config = trial.user_attrs.get("config") or {}
+        summary = trial.user_attrs.get("summary")
+        median = f"{summary['median']:.2f}" if summary else "-"
+        note = "baseline" if is_baseline(trial) else str(trial.user_attrs.get("failure", ""))
+        if trial.state == TrialState.PRUNED and "pruned_at" in trial.user_attrs:
+            note = f"pruned at sample {trial.user_attrs['pruned_at']}"
+        rows.append((str(trial.number), trial.state.name.lower(), median,
+                     *(_setting(config.get(key)) for key in CONFIG_COLUMNS), note))
+    return rows, header
+
+
+def _setting(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple):
+        return format_cpu_list(int(v) for v in value)  # cpus and memory nodes, as 0-23,48-71
+    return str(value)
 
 
 STYLE = """body{font-family:system-ui,sans-serif;max-width:980px;margin:2em auto;color:#212529}
@@ -182,7 +249,7 @@ def build_report(result: dict[str, Any], study: optuna.Study) -> str:
     figures: list[tuple[str, Callable[[], Figure | None]]] = [
         ("Baseline vs. chosen", lambda: throughput_figure(result)),
         ("Verification", lambda: verification_figure(result)),
-        ("Search", lambda: history_figure(study, unit)),
+        ("Search", lambda: history_figure(study, unit, result)),
         ("Settings that mattered", lambda: importance_figure(study)),
     ]
     if result.get("roofline"):
@@ -198,12 +265,11 @@ def build_report(result: dict[str, Any], study: optuna.Study) -> str:
             rows.append((arm["label"], arm["failure"] or "",
                          f"{comp['ratio']:.3f} [{comp['ci_low']:.3f}, {comp['ci_high']:.3f}]" if comp else "-",
                          f"{comp['p_value']:.3g}" if comp else "-", "yes" if comp and comp["significant"] else "no"))
-        parts.append("<h2>Candidates</h2>" + _table(rows, ("candidate", "failure", "speed vs baseline [CI]",
-                                                           "p", "significant")))
-    failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
-    if failed:
-        parts.append("<h2>Failed trials</h2>" + _table(
-            [(str(t.number), str(t.user_attrs.get("failure", "?"))) for t in failed], ("trial", "reason")))
+        level = result["verification"].get("level", result["verification"]["alpha"])
+        parts.append("<h2>Candidates</h2>" + _table(rows, (
+            "candidate", "failure", f"speed vs baseline [{100 * (1 - level):.3g}% CI]",
+            f"p (significant < {level:.3g})", "significant")))
+    parts.append("<h2>Every trial</h2>" + _table(*trial_rows(study.get_trials(deepcopy=False))))
     search = result["search"]
     parts.append(f"<p>{search['study_trials']} trials in the study; this run took {search['wall_seconds']:.0f} s, "
                  f"{100 * search['measuring_fraction']:.0f}% of it measuring.</p>")

@@ -136,8 +136,8 @@ def summary_line(verification: Verification, baseline_name: str) -> str:
                 f"({verification.rounds} interleaved rounds)")
     c = winner.comparison
     return (f"{winner.label} is {100 * (c.ratio - 1):+.1f}% better than the baseline "
-            f"(95% CI {100 * (c.ci_low - 1):+.1f}% .. {100 * (c.ci_high - 1):+.1f}%, p={c.p_value:.3g}, "
-            f"{verification.rounds} interleaved rounds)")
+            f"({100 * (1 - c.level):.3g}% CI {100 * (c.ci_low - 1):+.1f}% .. {100 * (c.ci_high - 1):+.1f}%, "
+            f"p={c.p_value:.3g} < {c.level:.3g}, {verification.rounds} interleaved rounds)")
 
 
 def run_kind(result: dict[str, Any]) -> RunKind:
@@ -182,6 +182,7 @@ def assemble_result(*, kind: RunKind, study: str, study_trials: int, objective: 
         "improvement": winner.comparison.to_dict() if winner and winner.comparison else None,
         "candidates": [a.to_dict() for a in verification.candidates],
         "verification": {"rounds": verification.rounds, "alpha": verification.alpha,
+                         "comparisons": verification.comparisons, "level": verification.level,
                          "min_effect": verification.min_effect,
                          "baseline_round_values": verification.baseline.round_values},
         "host": host,

@@ -176,13 +176,20 @@ class Comparison:
     ci_low: float
     ci_high: float
     p_value: float
-    alpha: float
+    alpha: float  # the family-wise level asked for
     min_effect: float
     significant: bool
+    comparisons: int = 1  # candidates compared with the same baseline: the test runs at alpha / comparisons
 
     @property
     def improvement(self) -> float:
         return self.ratio - 1.0
+
+    @property
+    def level(self) -> float:
+        """The level the test actually used: ``p_value`` is compared with it, and the interval is the two-sided
+        ``1 - level`` interval (Bonferroni over :attr:`comparisons`)."""
+        return self.alpha / self.comparisons
 
     def to_dict(self) -> dict[str, float | int | bool]:
         return {
@@ -193,6 +200,9 @@ class Comparison:
             "ci_high": self.ci_high,
             "p_value": self.p_value,
             "alpha": self.alpha,
+            "comparisons": self.comparisons,
+            "level": self.level,
+            "ci_confidence": 1.0 - self.level,
             "min_effect": self.min_effect,
             "significant": self.significant,
         }
@@ -228,7 +238,7 @@ def compare_paired(
     n = len(logs)
     mean = statistics.fmean(logs)
     sd = statistics.stdev(logs)
-    level = alpha / comparisons
+    level = alpha / comparisons  # Comparison.level: what the result file records is what is tested here
     if sd == 0.0:
         low = high = mean
         p_value = 0.0 if mean > 0 else 1.0
@@ -249,6 +259,7 @@ def compare_paired(
         alpha=alpha,
         min_effect=min_effect,
         significant=significant,
+        comparisons=comparisons,
     )
 
 

@@ -79,6 +79,16 @@ class Verification:
     min_effect: float
 
     @property
+    def comparisons(self) -> int:
+        """How many candidates share the baseline, so the Bonferroni divisor of every comparison's level."""
+        return max(1, len(self.candidates))
+
+    @property
+    def level(self) -> float:
+        """The level each candidate's test ran at (and ``1 - level`` its interval's confidence)."""
+        return self.alpha / self.comparisons
+
+    @property
     def winner(self) -> Arm | None:
         """The significantly better candidate with the largest speed-up, if any."""
         proven = [a for a in self.candidates if a.comparison is not None and a.comparison.significant]
@@ -88,6 +98,8 @@ class Verification:
         return {
             "rounds": self.rounds,
             "alpha": self.alpha,
+            "comparisons": self.comparisons,
+            "level": self.level,
             "min_effect": self.min_effect,
             "baseline": self.baseline.to_dict(),
             "candidates": [a.to_dict() for a in self.candidates],
@@ -136,7 +148,9 @@ def verify(
     for arm in live:
         arm.comparison = compare_paired(arm.round_values, base.round_values, alpha=alpha,
                                         comparisons=max(1, len(arms)), min_effect=min_effect)
-    return Verification(baseline=base, candidates=arms, rounds=rounds, alpha=alpha, min_effect=min_effect)
+    verification = Verification(baseline=base, candidates=arms, rounds=rounds, alpha=alpha, min_effect=min_effect)
+    assert all(a.comparison is None or a.comparison.level == verification.level for a in arms)
+    return verification
 
 
 def plan_rounds(seconds_available: float, seconds_per_run: float, arms: int, *, max_rounds: int = 8) -> int:
