@@ -23,7 +23,7 @@ from tuner.model.checksum import model_sha256
 from tuner.model.default_model import default_model_path
 from tuner.model.gguf_file import ModelInfo, check_fits_in_memory, inspect_model
 from tuner.output import console
-from tuner.paths import data_dir, results_dir
+from tuner.paths import results_dir, trial_log_dir
 from tuner.probe import BandwidthError, probe_host
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
@@ -224,7 +224,7 @@ def run(ctx: TuneContext) -> TuneOutcome:
     req = ctx.request
     started = time.monotonic()
     deadline = started + req.budget_seconds
-    log_dir = data_dir() / "logs" / ctx.study.study_name
+    log_dir = trial_log_dir(ctx.study.study_name)
     measurer = Measurer(ctx.model, ctx.settings, log_dir, multi_node=ctx.space.multi_node,
                         model_sha256=ctx.model_sha256)
     unit = UNITS[req.objective]

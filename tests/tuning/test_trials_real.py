@@ -53,6 +53,7 @@ def test_a_trial_measures_pp_and_tg(model_path: Path, tmp_path: Path) -> None:
     config = RunConfig(threads=1, threads_batch=1, cpus=(cpu,), placement="compact", memory_policy="interleave",
                        memory_nodes=(0,))
     outcome = run_trial(spec(model_path, config, objective="both"), timeout_s=120, log_path=tmp_path / "t.log")
+    assert not (tmp_path / "t.log").exists() or (tmp_path / "t.log").stat().st_size > 0, "an empty log is not kept"
     assert 3 <= len(outcome.values) <= 4
     pp, tg = outcome.series["pp_tps"], outcome.series["tg_tps"]
     assert all(v > 0 for v in pp + tg)
@@ -125,3 +126,18 @@ def test_a_prune_decision_stops_the_worker(model_path: Path, tmp_path: Path) -> 
                   log_path=tmp_path / "t.log", on_sample=prune_after_two)
     assert stopped.value.step == 1
     assert steps == [0, 1]
+
+
+@pytest.mark.parametrize(("says", "kept"), [("", False), ("echo 'ggml: out of memory' >&2", True)])
+def test_a_trial_log_is_kept_only_when_the_worker_wrote_to_it(tmp_path: Path, says: str, kept: bool) -> None:
+    """A worker stand-in (run as the trial's python) that dies with or without a word: the empty log goes, the
+    one that holds something stays, and the failure quotes it."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"#!/bin/sh\n{says}\nexit 3\n")
+    stand_in.chmod(0o755)
+    log = tmp_path / "logs" / "trial-1.log"
+    with pytest.raises(TrialFailed, match="exited with status 3") as failed:
+        run_trial(spec(tmp_path / "m.gguf", RunConfig(threads=1, threads_batch=1)), timeout_s=30, log_path=log,
+                  python=str(stand_in))
+    assert log.exists() is kept
+    assert ("out of memory" in str(failed.value)) is kept

@@ -23,7 +23,7 @@ from tuner.fleet.group import NOT_READ
 from tuner.fleet.session import GroupSession
 from tuner.fleet.status import counts, hosts
 from tuner.output import console
-from tuner.paths import data_dir
+from tuner.paths import trial_log_dir
 from tuner.progress import TuneProgress
 from tuner.search import Interrupted, Measurer, sigterm_as_interrupt
 from tuner.study import baseline_trial, best_trials
@@ -73,7 +73,7 @@ def finish_group(session: GroupSession) -> TuneOutcome:
     verify_k, _ = plan_verification(req.budget_seconds, run_cost, req.candidates, max_fraction=1.0)
     started = time.monotonic()
     deadline = started + req.budget_seconds
-    measurer = Measurer(ctx.model, ctx.settings, data_dir() / "logs" / ctx.study.study_name,
+    measurer = Measurer(ctx.model, ctx.settings, trial_log_dir(ctx.study.study_name),
                         multi_node=ctx.space.multi_node, model_sha256=ctx.model_sha256)
     title = f"proving the winner of {ctx.study.study_name} on {ctx.probe.hostname}"
     with sigterm_as_interrupt(), TuneProgress(req.budget_seconds, title=title) as progress:

@@ -29,7 +29,7 @@ from optuna.storages import RDBStorage
 
 from tuner.fleet.session import GroupSession
 from tuner.output import console
-from tuner.paths import data_dir
+from tuner.paths import trial_log_dir
 from tuner.progress import TuneProgress
 from tuner.search import Interrupted, Measurer, Search, SearchReport, sigterm_as_interrupt
 from tuner.study import HEARTBEAT_INTERVAL_S, quiet_optuna
@@ -128,7 +128,7 @@ def run_worker(session: GroupSession, *, worker_name: str | None, trials: int | 
                               trials_limit=trials)
     started = time.monotonic()
     deadline = started + req.budget_seconds
-    log_dir = data_dir() / "logs" / ctx.study.study_name
+    log_dir = trial_log_dir(ctx.study.study_name)
     measurer = Measurer(ctx.model, ctx.settings, log_dir, multi_node=ctx.space.multi_node,
                         model_sha256=ctx.model_sha256)
     title = f"fleet worker {identity.name} (pid {identity.pid}) on {ctx.study.study_name}"

@@ -54,3 +54,6 @@ class ServerControl(Protocol):
         """Make ``config`` the configuration the server runs from now on (a proven winner)."""
 
     def describe(self) -> str: ...
+
+    def server_log(self) -> str:
+        """Where a person reads the server's own log (named in messages about a failed start)."""

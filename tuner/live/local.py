@@ -224,6 +224,9 @@ class LocalServer:
     def describe(self) -> str:
         return f"local llama-server on {self.base_url} (supervised, state in {self.state})"
 
+    def server_log(self) -> str:
+        return f"{self.state / 'server.log'} (the supervisor's own in supervisor.log beside it)"
+
     @property
     def deadman_seconds(self) -> float:
         return self.spec.deadman_s

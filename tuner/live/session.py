@@ -32,7 +32,7 @@ from tuner.live.measure import Guards, Heartbeat, LiveMeasurer, LiveObjective, L
 from tuner.live.space import LiveSearchSpace
 from tuner.live.workload import RequestMix
 from tuner.model.gguf_file import ModelInfo
-from tuner.paths import data_dir, results_dir
+from tuner.paths import results_dir
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
 from tuner.proof_defaults import ALPHA, CANDIDATES, LIVE_VERIFY_WINDOWS, MIN_EFFECT, RESERVE_MAX_FRACTION
@@ -181,7 +181,6 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
     req = ctx.request
     started = time.monotonic()
     deadline = started + req.budget_seconds
-    log_dir = data_dir() / "logs" / ctx.study.study_name
     measurer = LiveMeasurer(ctx.control, ctx.mix, req.objective, req.settings, req.guards)
     title = f"live tuning {ctx.control.describe()} ({req.objective.name}, {ctx.mix.name} x{ctx.mix.concurrency})"
     heartbeat_every = max(1.0, ctx.control.deadman_seconds / 4)
@@ -194,8 +193,8 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
         search = Search(ctx.study, ctx.space, measurer, progress, unit=req.objective.unit)
         try:
             base = measure_baseline(search, deadline, baseline_name="the deployed configuration",
-                                    fix=f"check that the baseline serves this workload; server logs and trial "
-                                        f"notes are in {log_dir}")
+                                    fix=f"check that the baseline serves this workload; the server's log: "
+                                        f"{ctx.control.server_log()}")
             latency = base.user_attrs.get("latency_p95_s")
             measurer.baseline_latency_p95 = latency["median"] if latency else None
             measurer.baseline = ctx.space.baseline()

@@ -629,6 +629,9 @@ class SystemdServer:
     def describe(self) -> str:
         return f"{self.service}.service on {self.facts.name}"
 
+    def server_log(self) -> str:
+        return f"`journalctl -u {self.service}` on {self.facts.name}"
+
     def start(self, baseline: RunConfig) -> None:
         """Before tuning: a fresh dead-man switch, no leftover trial, the unit healthy on its own config."""
         self._baseline = baseline

@@ -16,10 +16,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from tuner.errors import TrialFailed
 from tuner.server.process import child_setup
@@ -122,6 +122,19 @@ def _log_tail(path: Path) -> str:
     return " | ".join(lines[-5:])
 
 
+@contextlib.contextmanager
+def _kept_only_if_written(log_path: Path) -> Iterator[BinaryIO]:
+    """The worker's log, opened for appending and removed again if the worker wrote nothing to it: a study's
+    log directory then lists only the trials that had something to say (llama.cpp's warnings, a crash)."""
+    try:
+        with log_path.open("ab") as log:
+            yield log
+    finally:
+        with contextlib.suppress(OSError):
+            if log_path.stat().st_size == 0:
+                log_path.unlink()
+
+
 def _death_reason(returncode: int, error: str | None, log_path: Path) -> str:
     if error:
         return error
@@ -152,7 +165,7 @@ def run_trial(
     started = time.monotonic()
     deadline = started + timeout_s
     outcome = TrialOutcome()
-    with log_path.open("ab") as log:
+    with _kept_only_if_written(log_path) as log:
         try:
             proc = subprocess.Popen(
                 [python, "-m", "tuner.trial.worker", str(write_fd)],
