@@ -4,7 +4,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS ?= dev,ansible,infra,fleet
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# One stamp per pyproject.toml and set of extras: `make demo` installs none, `make test` all of them.
+STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; echo "$(EXTRAS)") | sha256sum | cut -c1-12)
 PYTEST_ARGS ?= --durations=25
 DEMO_BUDGET ?= 5m
 # Built llama-server binaries: kept across runs (and across test sessions with a throw-away LLAMAHOST_HOME).
@@ -24,9 +25,14 @@ help:
 	@echo "make lab-up / lab-down - boot / stop the QEMU test host for the Ansible roles (llamahost lab)"
 
 $(STAMP): pyproject.toml
+	@echo "== installing llamahost$(if $(EXTRAS), with $(EXTRAS),) into $(VENV): the first time on a machine" \
+	      "this compiles llama-cpp-python (about 10 min on 2 cores); later runs take seconds"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel
-	$(BIN)/python -m pip install --quiet -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install --progress-bar off -e '.$(if $(EXTRAS),[$(EXTRAS)])' \
+		| { grep --line-buffered -E '^(Collecting|Building wheel|Successfully)' || true; }; \
+		test $${PIPESTATUS[0]} -eq 0
+	$(BIN)/python -c 'import tuner.cli'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -53,7 +59,10 @@ test: system-deps venv lint llama-server
 unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
-demo: venv
+# Only what the demo uses: the build tools (no QEMU, no PostgreSQL) and no extras (no Ansible, no Pulumi).
+demo:
+	.ci/system-deps.sh demo
+	$(MAKE) --no-print-directory venv EXTRAS=
 	$(BIN)/llamahost tune --budget $(DEMO_BUDGET)
 
 lab-up: system-deps venv
