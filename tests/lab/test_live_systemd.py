@@ -23,9 +23,8 @@ from labkit import BIN, REPO, TUNED, Lab
 from tuner.cli import build_parser
 from tuner.config import RunConfig
 from tuner.errors import UserError
-from tuner.live.control import TrialStartFailed
+from tuner.live.control import Target, TrialStartFailed
 from tuner.live.measure import Heartbeat
-from tuner.live.setup import Target
 from tuner.live.systemd import DEADMAN_LOG, DEADMAN_UNIT, RemoteConnection, dropin_path
 from tuner.writeback import write_vars
 

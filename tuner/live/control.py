@@ -12,9 +12,13 @@ a lock the kernel releases if the holder dies.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Protocol
 
 from tuner.config import RunConfig
+from tuner.model.gguf_file import ModelInfo
+from tuner.probe.host import HostProbe
 
 
 class TrialStartFailed(Exception):
@@ -57,3 +61,24 @@ class ServerControl(Protocol):
 
     def server_log(self) -> str:
         """Where a person reads the server's own log (named in messages about a failed start)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a live run needs to know about the server it tunes (read once the lock is held)."""
+
+    model: ModelInfo
+    model_sha256: str
+    probe: HostProbe
+    deployed: RunConfig | None
+
+
+class Connection(Protocol):
+    """The server to tune: its control, the one-tuner lock, and a way to describe it."""
+
+    @property
+    def control(self) -> ServerControl: ...
+
+    def lock(self) -> AbstractContextManager[None]: ...
+
+    def describe(self) -> Target: ...

@@ -11,23 +11,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from tuner.config import RunConfig
 from tuner.durations import parse_duration
 from tuner.errors import UserError
-from tuner.live.control import ServerControl
+from tuner.live.control import Connection, Target
 from tuner.live.local import DEFAULT_LOCAL_PORT, LocalServer, ServerSpec
 from tuner.live.measure import OBJECTIVES, Guards, LiveObjective, LiveSettings
 from tuner.live.workload import make_request_mix
 from tuner.model.checksum import model_sha256
 from tuner.model.default_model import default_model_path
-from tuner.model.gguf_file import ModelInfo, check_fits_in_memory, inspect_model
+from tuner.model.gguf_file import check_fits_in_memory, inspect_model
 from tuner.paths import data_dir
 from tuner.probe import probe_host
-from tuner.probe.host import HostProbe
 from tuner.proof_defaults import LIVE_VERIFY_WINDOWS
 from tuner.server.build import server_binary
 from tuner.stats import StopRule
@@ -62,27 +60,6 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
                        help="--local: YAML with the deployed llama_server_* settings (default: llama-server's)")
     group.add_argument("--host-vars", type=Path, help="write a proven winner into this host_vars file")
     group.add_argument("--apply", action="store_true", help="make a proven winner the running configuration")
-
-
-@dataclass(frozen=True)
-class Target:
-    """What a live run needs to know about the server it tunes (read once the lock is held)."""
-
-    model: ModelInfo
-    model_sha256: str
-    probe: HostProbe
-    deployed: RunConfig | None
-
-
-class Connection(Protocol):
-    """The server to tune: its control, the one-tuner lock, and a way to describe it."""
-
-    @property
-    def control(self) -> ServerControl: ...
-
-    def lock(self) -> AbstractContextManager[None]: ...
-
-    def describe(self) -> Target: ...
 
 
 def live_request(args: argparse.Namespace, *, verify_only: bool) -> LiveRequest:
@@ -154,7 +131,7 @@ def connection_from_args(args: argparse.Namespace) -> Connection:
         return LocalConnection(args)
     if not (args.inventory and args.host):
         raise UserError("--inventory and --host go together", "pass both, e.g. --inventory inv.yml --host h1")
-    from tuner.live.systemd import RemoteConnection  # it builds on this module's Target
+    from tuner.live.systemd import RemoteConnection  # only for --inventory: an SSH control the local path never needs
 
     return RemoteConnection(args)
 

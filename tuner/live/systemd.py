@@ -49,9 +49,8 @@ from tuner.durations import parse_duration
 from tuner.errors import UserError
 from tuner.host_lock import LOCK_NAME, SYSTEM_LOCK_DIRS
 from tuner.inventory import read_host_variables
-from tuner.live.control import TrialStartFailed
+from tuner.live.control import Target, TrialStartFailed
 from tuner.live.heartbeat import SHELL_WRITE
-from tuner.live.setup import Target
 from tuner.model.checksum import combined_sha256, model_sha256
 from tuner.model.gguf_file import check_fits_in_memory, inspect_model
 from tuner.probe.collect import read_host
