@@ -8,7 +8,7 @@ user attributes when the study is created.
 Storage is an Optuna ``RDBStorage`` with heartbeats: a controller killed with SIGKILL leaves its trial
 RUNNING, and the next run (or another fleet worker) marks it FAIL after the grace period and re-queues
 it once (``RetryHeartbeatStaleTrialCallback(max_retry=1)``). The embedded default is one SQLite file in
-the user's data directory; PostgreSQL is the store for many hosts (see :mod:`tuner.fleet.store` for how
+the user's data directory; PostgreSQL is the store for many hosts (see :mod:`tuner.store` for how
 a store is opened and checked).
 """
 
@@ -28,7 +28,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import RunConfig
 from tuner.errors import UserError
-from tuner.fleet.store import (
+from tuner.paths import data_dir, default_storage_url
+from tuner.resilient_storage import ResilientRDBStorage
+from tuner.store import (
     check_schema,
     creation_lock,
     driver_url,
@@ -37,8 +39,6 @@ from tuner.fleet.store import (
     redact,
     store_init_lock,
 )
-from tuner.paths import data_dir, default_storage_url
-from tuner.resilient_storage import ResilientRDBStorage
 
 HEARTBEAT_INTERVAL_S = 10
 GRACE_PERIOD_S = 30
@@ -104,7 +104,7 @@ def open_storage(url: str | None) -> RDBStorage:
     """Open (and for the default, create) the study store, or raise a :class:`UserError`.
 
     The store's Optuna schema is checked read-only before Optuna touches it, and every way opening can
-    fail becomes one message with its fix and without the password (see :mod:`tuner.fleet.store`)."""
+    fail becomes one message with its fix and without the password (see :mod:`tuner.store`)."""
     if url is None:
         data_dir().mkdir(parents=True, exist_ok=True)
         url = default_storage_url()

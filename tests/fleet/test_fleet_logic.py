@@ -15,8 +15,8 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.commands.fleet import print_status
 from tuner.fleet.group import NOT_READ, LlamaCppBuild, group_binding, group_fingerprint, group_study_name
 from tuner.fleet.status import BETWEEN, FINISHED, LOST, RUNNING, STOPPED, group_status
-from tuner.fleet.store import explain_open_error, hide_secret, redact
 from tuner.probe import read_host
+from tuner.store import explain_open_error, hide_secret, redact
 from tuner.study import FLEET_STUDY, HOST_STUDY
 from tuner.trial.protocol import Workload
 
@@ -189,7 +189,7 @@ def test_open_errors_name_the_cause_and_the_fix(driver_message: str, fragment: s
 
 def test_an_older_optuna_schema_is_known_to_this_optuna() -> None:
     # the revision the incompatible-schema test builds with Optuna's own migrations must be one Optuna knows
-    from tuner.fleet.store import optuna_schema
+    from tuner.store import optuna_schema
 
     head, known = optuna_schema()
     assert head in known and "v3.0.0.d" in known and head != "v3.0.0.d"

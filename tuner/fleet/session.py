@@ -2,7 +2,7 @@
 
 1. the store URL (given, PostgreSQL) - nothing else is read before that;
 2. the model and this host (the same intake as ``llamahost tune``), then the group fingerprint;
-3. the store itself (reachable, credentials, schema: see :mod:`tuner.fleet.store`);
+3. the store itself (reachable, credentials, schema: see :mod:`tuner.store`);
 4. the study: created or joined (``fleet work``), or found (``fleet finish``), and in both cases bound to
    this host's group - a host that does not match is refused with the fields that differ.
 
@@ -19,8 +19,8 @@ from optuna.storages import RDBStorage
 from tuner.errors import UserError
 from tuner.fleet import STORAGE_ENV
 from tuner.fleet.group import GroupFingerprint, current_build, group_binding, group_fingerprint, group_study_name
-from tuner.fleet.store import backend, redact
 from tuner.paths import results_dir
+from tuner.store import backend, redact
 from tuner.study import check_binding, list_study_names, load_existing_study, open_storage, open_study
 from tuner.tune import Intake, TuneContext, TuneRequest, intake, measure_settings, workload_attrs
 
