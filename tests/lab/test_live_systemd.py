@@ -23,7 +23,7 @@ from labkit import BIN, REPO, TUNED, Lab
 from tuner.cli import build_parser
 from tuner.config import RunConfig
 from tuner.errors import UserError
-from tuner.live.control import Target, TrialStartFailed
+from tuner.live.control import Target, TargetOptions, TrialStartFailed
 from tuner.live.measure import Heartbeat
 from tuner.live.systemd import DEADMAN_LOG, DEADMAN_UNIT, RemoteConnection, dropin_path
 from tuner.writeback import write_vars
@@ -87,9 +87,10 @@ CONTROLLER = """
 import sys, time, dataclasses
 from tuner.cli import build_parser
 from tuner.live.measure import Heartbeat
+from tuner.live.control import TargetOptions
 from tuner.live.systemd import RemoteConnection
 args = build_parser().parse_args(sys.argv[1:])
-connection = RemoteConnection(args)
+connection = RemoteConnection(TargetOptions.from_args(args))
 with connection.lock():
     target = connection.describe()
     with Heartbeat(connection.control, 5):  # as a tuning run does while it works
@@ -124,14 +125,14 @@ def test_a_killed_controller_is_reverted_by_the_dead_man_unit_and_its_lock_relea
     assert "controller silent" in served.ssh(f"sudo cat {DEADMAN_LOG}")
     assert served.ssh(f"systemctl is-active {DEADMAN_UNIT} || true").strip() != "active"
     # The dead controller's lock went with its SSH session: a new tuner gets it at once.
-    connection = RemoteConnection(live_args(served))
+    connection = RemoteConnection(TargetOptions.from_args(live_args(served)))
     with connection.lock():
         pass
 
 
 @pytest.fixture(scope="module")
 def remote(served: Lab) -> Iterator[tuple[RemoteConnection, Target]]:
-    connection = RemoteConnection(live_args(served))
+    connection = RemoteConnection(TargetOptions.from_args(live_args(served)))
     with connection.lock(), Heartbeat(connection.control, DEADMAN_S / 4):  # as run_live does
         target = connection.describe()
         assert target.deployed is not None
@@ -187,7 +188,7 @@ def test_a_trial_that_cannot_start_fails_with_the_journal_and_the_baseline_comes
 
 
 def test_a_second_tuner_is_refused_at_once(served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
-    second = RemoteConnection(live_args(served))
+    second = RemoteConnection(TargetOptions.from_args(live_args(served)))
     second.control.connect()
     try:
         started = time.monotonic()

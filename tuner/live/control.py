@@ -12,8 +12,10 @@ a lock the kernel releases if the holder dies.
 
 from __future__ import annotations
 
+import argparse
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from tuner.config import RunConfig
@@ -61,6 +63,32 @@ class ServerControl(Protocol):
 
     def server_log(self) -> str:
         """Where a person reads the server's own log (named in messages about a failed start)."""
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """What the command line says about the server to tune: the typed values the connections are built from
+    (they never read an ``argparse.Namespace``). Paths are as given; nothing is checked or opened here."""
+
+    local: bool = False
+    port: int = 0  # --local: the supervised server's port
+    inventory: Path | None = None
+    host: str | None = None
+    model: Path | None = None  # a local copy of the served GGUF (default: the inventory's, or the embedded model)
+    baseline_vars: Path | None = None  # --local: the deployed llama_server_* settings
+    host_vars: Path | None = None
+    apply: bool = False
+    deadman: str = "60s"
+    max_server_memory: float = 0.9
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TargetOptions:
+        def path(value: object) -> Path | None:
+            return Path(str(value)) if value else None
+
+        return cls(local=bool(args.local), port=int(args.port), inventory=path(args.inventory), host=args.host or None,
+                   model=path(args.model), baseline_vars=path(args.baseline_vars), host_vars=path(args.host_vars),
+                   apply=bool(args.apply), deadman=str(args.deadman), max_server_memory=float(args.max_server_memory))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tuner.config import RunConfig
 from tuner.durations import parse_duration
 from tuner.errors import UserError
-from tuner.live.control import Connection, Target
+from tuner.live.control import Connection, Target, TargetOptions
 from tuner.live.local import DEFAULT_LOCAL_PORT, LocalServer, ServerSpec
 from tuner.live.measure import OBJECTIVES, Guards, LiveObjective, LiveSettings
 from tuner.live.workload import make_request_mix
@@ -102,19 +102,19 @@ def read_role_vars(path: Path) -> dict[str, Any]:
 class LocalConnection:
     """A supervised llama-server on this machine (``--local``)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, options: TargetOptions) -> None:
+        self.options = options
         # The user's file first: a bad one is reported before anything on this machine is looked up.
-        self.role_vars = read_role_vars(args.baseline_vars) if args.baseline_vars else None
-        spec = ServerSpec(binary=str(server_binary("portable")), model="", host="127.0.0.1", port=args.port,
-                          deadman_s=parse_duration(args.deadman, what="--deadman"))
-        self.control = LocalServer(data_dir() / "live" / f"local-{args.port}", spec)
+        self.role_vars = read_role_vars(options.baseline_vars) if options.baseline_vars else None
+        spec = ServerSpec(binary=str(server_binary("portable")), model="", host="127.0.0.1", port=options.port,
+                          deadman_s=parse_duration(options.deadman, what="--deadman"))
+        self.control = LocalServer(data_dir() / "live" / f"local-{options.port}", spec)
 
     def lock(self) -> AbstractContextManager[None]:
         return self.control.lock()
 
     def describe(self) -> Target:
-        model = inspect_model(self.args.model or default_model_path())
+        model = inspect_model(self.options.model or default_model_path())
         probe = probe_host(bandwidth=False)
         check_fits_in_memory(model, probe.memory_available_bytes)
         deployed = RunConfig.from_role_vars(self.role_vars, physical_cores=probe.topology.physical_core_count) \
@@ -124,16 +124,17 @@ class LocalConnection:
 
 
 def connection_from_args(args: argparse.Namespace) -> Connection:
-    if args.local == bool(args.inventory or args.host):
+    options = TargetOptions.from_args(args)
+    if options.local == bool(options.inventory or options.host):
         raise UserError("a live run needs either --local or --inventory FILE --host NAME",
                         "pass --local to tune a server on this machine, or name the inventory host")
-    if args.local:
-        return LocalConnection(args)
-    if not (args.inventory and args.host):
+    if options.local:
+        return LocalConnection(options)
+    if not (options.inventory and options.host):
         raise UserError("--inventory and --host go together", "pass both, e.g. --inventory inv.yml --host h1")
     from tuner.live.systemd import RemoteConnection  # only for --inventory: an SSH control the local path never needs
 
-    return RemoteConnection(args)
+    return RemoteConnection(options)
 
 
 def run_live_command(args: argparse.Namespace, *, verify_only: bool) -> LiveOutcome:

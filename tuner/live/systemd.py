@@ -26,7 +26,6 @@ in the inventory (the write-back to host_vars happened) and converges the host w
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fnmatch
@@ -49,7 +48,7 @@ from tuner.durations import parse_duration
 from tuner.errors import UserError
 from tuner.host_lock import LOCK_NAME, SYSTEM_LOCK_DIRS
 from tuner.inventory import read_host_variables
-from tuner.live.control import Target, TrialStartFailed
+from tuner.live.control import Target, TargetOptions, TrialStartFailed
 from tuner.live.heartbeat import SHELL_WRITE
 from tuner.model.checksum import combined_sha256, model_sha256
 from tuner.model.gguf_file import check_fits_in_memory, inspect_model
@@ -786,20 +785,23 @@ def serving_cores(topology: Topology, cpus: Sequence[int]) -> int:
 class RemoteConnection:
     """A host's llama_server unit named by an Ansible inventory (``--inventory FILE --host NAME``)."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        if args.baseline_vars:
+    def __init__(self, options: TargetOptions) -> None:
+        if options.inventory is None or not options.host:
+            raise UserError("--inventory and --host go together", "pass both, e.g. --inventory inv.yml --host h1")
+        if options.baseline_vars:
             raise UserError("--baseline-vars is for --local runs",
                             "with --inventory the host's inventory variables are the baseline: drop it")
-        if args.apply and args.host_vars is None:
+        if options.apply and options.host_vars is None:
             raise UserError("--apply on an inventory host needs --host-vars",
                             f"pass the host's host_vars file, e.g. --host-vars "
-                            f"{Path(args.inventory).parent}/host_vars/{args.host}.yml, so the role applies the "
+                            f"{options.inventory.parent}/host_vars/{options.host}.yml, so the role applies the "
                             "winner and keeps it")
-        self.args = args
-        self.variables = read_host_variables(Path(args.inventory), args.host)
-        self.control = SystemdServer(host_facts(args.host, self.variables), inventory=Path(args.inventory),
-                                     deadman_s=parse_duration(args.deadman, what="--deadman"),
-                                     max_memory_fraction=args.max_server_memory)
+        self.options = options
+        self.host = options.host
+        self.variables = read_host_variables(options.inventory, options.host)
+        self.control = SystemdServer(host_facts(options.host, self.variables), inventory=options.inventory,
+                                     deadman_s=parse_duration(options.deadman, what="--deadman"),
+                                     max_memory_fraction=options.max_server_memory)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -811,11 +813,11 @@ class RemoteConnection:
             self.control.disconnect()
 
     def _local_model(self) -> Path:
-        if self.args.model:
-            return Path(self.args.model)
+        if self.options.model:
+            return self.options.model
         source = str(self.variables.get("llama_server_model_src") or "")
         if not source or "{{" in source:
-            raise UserError(f"the controller has no copy of {self.args.host}'s model to read its metadata from "
+            raise UserError(f"the controller has no copy of {self.host}'s model to read its metadata from "
                             "(llama_server_model_src is empty or a template)",
                             "pass --model with a local copy of the GGUF file the host serves")
         return Path(source).expanduser()
@@ -828,7 +830,7 @@ class RemoteConnection:
         local_digest = model_sha256(model.files)
         remote_digest = self.control.model_digest(shards)
         if remote_digest != local_digest:
-            raise UserError(f"the model {self.args.host} serves ({remote}, sha256 {remote_digest[:12]}...) is not "
+            raise UserError(f"the model {self.host} serves ({remote}, sha256 {remote_digest[:12]}...) is not "
                             f"{model.path} (sha256 {local_digest[:12]}...)",
                             "converge the host with playbooks/site.yml, or pass --model with the file it serves")
         check_fits_in_memory(model, probe.memory_available_bytes + (self.control.server_memory_bytes() or 0))
