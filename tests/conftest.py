@@ -89,11 +89,22 @@ def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "home"
 
 
+# Markers that follow from what a test uses, so a tier selected by marker means what it says: a test that needs
+# the llama-server build (compiled once per machine, about 10 min) or the fetched model is marked whatever
+# directory it lives in.
+FIXTURE_MARKERS = {"llama_server_build": "builds", "llama_server_binary": "builds", "model_path": "fetches",
+                   "tiny_model_path": "fetches", "tiny_split_model_path": "fetches"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the QEMU lab tier last: it is the slowest, and whatever it leaves behind on a bad day (a guest
-    still spinning its vCPUs) must not starve the timing-sensitive llama.cpp tests that follow it. Inside
-    the tier the roles' tests go first: they converge the host once, and the tests after them find it
-    serving and use it as it is."""
+    """Mark each test by the fixtures it uses (:data:`FIXTURE_MARKERS`), then order: the QEMU lab tier runs
+    last, since it is the slowest, and whatever it leaves behind on a bad day (a guest still spinning its vCPUs)
+    must not starve the timing-sensitive llama.cpp tests that follow it. Inside the tier the roles' tests go
+    first: they converge the host once, and the tests after them find it serving and use it as it is."""
+    for item in items:
+        for marker in sorted({FIXTURE_MARKERS[f] for f in getattr(item, "fixturenames", ()) if f in FIXTURE_MARKERS}):
+            item.add_marker(marker)
+
     def order(item: pytest.Item) -> tuple[bool, bool]:
         lab = item.get_closest_marker("lab") is not None
         return lab, lab and "test_roles_on_lab" not in item.nodeid
