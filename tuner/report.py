@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import optuna
+import optuna.visualization.matplotlib
 from matplotlib.figure import Figure
 from optuna.importance import BaseImportanceEvaluator, PedAnovaImportanceEvaluator
 from optuna.trial import FrozenTrial, TrialState
@@ -183,6 +184,28 @@ def importance_figure(study: optuna.Study) -> Figure | None:
     return figure
 
 
+SLICE_PARAMS = 4  # the most important settings shown one by one
+
+
+def slice_figure(study: optuna.Study, unit: str) -> Figure | None:
+    """Optuna's slice plot of the most important settings: every complete trial's value against each setting,
+    so a reader sees *how* a setting mattered (more threads, then a plateau), not only that it did."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if len(complete) < 4:
+        return None
+    try:
+        with quiet_optuna():
+            ranked = list(optuna.importance.get_param_importances(study, evaluator=importance_evaluator()))
+            axes = optuna.visualization.matplotlib.plot_slice(study, params=ranked[:SLICE_PARAMS], target_name=unit)
+    except (ValueError, RuntimeError):
+        return None  # nothing varied, so there is nothing to slice
+    first = axes.flat[0] if hasattr(axes, "flat") else axes
+    figure = first.get_figure(root=True)
+    assert isinstance(figure, Figure)
+    figure.set_size_inches(min(12.0, 3.2 * SLICE_PARAMS), 3.4)
+    return figure
+
+
 def _table(rows: Sequence[Sequence[object]], header: tuple[str, ...]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
@@ -251,6 +274,7 @@ def build_report(result: dict[str, Any], study: optuna.Study) -> str:
         ("Verification", lambda: verification_figure(result)),
         ("Search", lambda: history_figure(study, unit, result)),
         ("Settings that mattered", lambda: importance_figure(study)),
+        ("How each of them mattered", lambda: slice_figure(study, unit)),
     ]
     if result.get("roofline"):
         figures.insert(1, ("Bandwidth roofline", lambda: roofline_figure(result["roofline"])))

@@ -13,7 +13,14 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
 
 from tuner.config import RunConfig
-from tuner.report import build_report, history_figure, importance_figure, too_few_for_a_ranking, trial_rows
+from tuner.report import (
+    build_report,
+    history_figure,
+    importance_figure,
+    slice_figure,
+    too_few_for_a_ranking,
+    trial_rows,
+)
 from tuner.result import summary_line
 from tuner.stats import compare_paired, summarize
 from tuner.study import BASELINE, ROLE_ATTR
@@ -65,6 +72,14 @@ def test_the_importance_plot_names_its_evaluator_and_says_when_the_ranking_is_no
     assert f"PED-ANOVA importance over {count} complete trials" in title, title
     assert ("too few" in title) is noise, title
     assert too_few_for_a_ranking(19, 1) and too_few_for_a_ranking(39, 8) and not too_few_for_a_ranking(40, 8)
+
+
+def test_the_slice_plot_shows_each_searched_setting_against_the_result() -> None:
+    figure = slice_figure(study_of(40), "tg tok/s")
+    assert figure is not None
+    labels = sorted(axes.get_xlabel() for axes in figure.axes if axes.get_xlabel())
+    assert labels == ["flash_attn", "threads"], labels
+    assert slice_figure(study_of(2), "tg tok/s") is None, "two complete trials show nothing"
 
 
 def test_the_search_plot_rings_the_re_measured_trials_and_stars_the_chosen_one() -> None:
@@ -120,7 +135,8 @@ def test_the_report_carries_every_trial_the_evaluator_and_the_tests_level() -> N
         "search": {"study_trials": len(study.trials), "wall_seconds": 60.0, "measuring_fraction": 0.9},
     }
     report = build_report(result, study)
-    assert "<h2>Every trial</h2>" in report and report.count("<tr>") >= len(study.trials) + 1
+    assert "<h2>Every trial</h2>" in report and "<h2>How each of them mattered</h2>" in report
+    assert report.count("<tr>") >= len(study.trials) + 1
     assert "the server did not come up healthy" in report and "pruned at sample 2" in report
     assert "97.5% CI" in report and "significant &lt; 0.025" in report
     assert "&lt;b&gt;" in report and "<b>" not in report.split("</h1>")[1].split("</p>")[0]
