@@ -124,6 +124,25 @@ def test_host_vars_change_only_for_a_proven_winner_and_keep_their_comments(
         assert write_back["changed"] == {} and "left unchanged" in stderr
 
 
+def test_apply_dry_run_names_the_candidates_and_the_diff_and_changes_nothing(
+        live_run: tuple[Path, Path, dict[str, object], str], model_path: Path, tmp_path: Path) -> None:
+    home, _, result, _ = live_run
+    study = str(result["study"])
+    deployed = tmp_path / "h2.yml"
+    deployed.write_text(DEPLOYED)
+    trials = len(study_trials(home, study))
+    done = run(home, "apply", "--dry-run", "--local", "--port", str(free_port()), "--model", str(model_path),
+               "--candidates", "2", *WORKLOAD, "--baseline-vars", str(deployed), "--host-vars", str(deployed),
+               "--json", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads(done.stdout)
+    assert plan["dry_run"] and plan["study"] == study and 1 <= len(plan["candidates"]) <= 2
+    assert plan["baseline_server_args"][:4] == ["--threads", "1", "--threads-batch", "1"]
+    assert plan["host_vars_diff"].startswith(f"--- {deployed}") and "+llama_server_" in plan["host_vars_diff"]
+    assert deployed.read_text() == DEPLOYED and not deployed.with_name("h2.yml.prev").exists()
+    assert len(study_trials(home, study)) == trials, "a dry run measures nothing"
+
+
 def test_a_killed_controller_leaves_the_baseline_running_and_the_next_run_resumes(
         tmp_path: Path, model_path: Path, llama_server_binary: Path) -> None:
     home = tmp_path / "home"

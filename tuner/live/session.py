@@ -40,7 +40,17 @@ from tuner.report import write_report
 from tuner.result import IMPROVED, assemble_result, host_block, model_block
 from tuner.safe_change import STATE_APPLIED, STATE_APPLY_FAILED, record_write_back, save_and_write, written_message
 from tuner.search import Interrupted, Search, sigterm_as_interrupt
-from tuner.study import StudyBinding, fail_stale_trials, open_storage, open_study
+from tuner.study import (
+    StudyBinding,
+    baseline_trial,
+    best_trials,
+    check_binding,
+    fail_stale_trials,
+    load_existing_study,
+    open_existing_storage,
+    open_storage,
+    open_study,
+)
 from tuner.tune import (
     MIN_BUDGET_S,
     ProofSettings,
@@ -50,7 +60,7 @@ from tuner.tune import (
     verify_candidates,
 )
 from tuner.verify import Verification
-from tuner.writeback import WriteBack
+from tuner.writeback import WriteBack, plan_vars
 
 TOKENS_PER_WORD = 1.6  # generous: the built-in mixes' plain English words, and most user prompts
 
@@ -134,13 +144,12 @@ def eligible(objective: LiveObjective) -> Any:
     return within_limit
 
 
-def prepare_live(request: LiveRequest, *, control: ServerControl, mix: RequestMix, model: ModelInfo,
-                 model_sha256: str, probe: HostProbe, deployed: RunConfig | None) -> LiveContext:
-    """Everything is checked before the study is opened; opening it is the first write."""
-    validate_live_request(request)
+def _study_identity(request: LiveRequest, *, control: ServerControl, mix: RequestMix, model: ModelInfo,
+                    model_sha256: str, probe: HostProbe,
+                    deployed: RunConfig | None) -> tuple[LiveSearchSpace, str, StudyBinding]:
+    """The search space, the study's name and what binds the study to this server, model and workload."""
     space = LiveSearchSpace(probe, model, concurrency=mix.concurrency, ctx_per_slot=ctx_per_slot(mix),
                             baseline=deployed, search_kv_cache=request.search_kv_cache)
-    storage = open_storage(request.storage_url)
     key = objective_key(request.objective)
     name = request.study_name or f"live-{model.path.stem.lower()[:32]}-{model_sha256[:8]}-{key}-" \
                                  f"{mix.name}-c{mix.concurrency}-{probe.fingerprint()[:8]}"
@@ -150,6 +159,50 @@ def prepare_live(request: LiveRequest, *, control: ServerControl, mix: RequestMi
         extra={"host": probe.fingerprint_fields(), "hostname": probe.hostname, "server": control.describe(),
                "baseline": space.baseline().to_dict()},
     )
+    return space, name, binding
+
+
+@dataclass(frozen=True)
+class ApplyPlan:
+    """What ``llamahost apply`` would do, read without measuring or changing anything (``--dry-run``)."""
+
+    study: str
+    baseline: RunConfig
+    baseline_median: float | None
+    candidates: list[tuple[str, RunConfig, float | None]]  # label, configuration, its search median
+    unit: str
+    host_vars_diff: str  # the vars file's diff if the first candidate is proven (empty: no file, or no change)
+
+
+def plan_apply(request: LiveRequest, *, control: ServerControl, mix: RequestMix, model: ModelInfo,
+               model_sha256: str, probe: HostProbe, deployed: RunConfig | None) -> ApplyPlan:
+    """The candidates ``apply`` would prove against the deployed configuration, from the existing study (never
+    created here, and checked against this server, model and workload as a real run checks it), and the
+    change ``--host-vars`` would get if the first of them is proven."""
+    validate_live_request(request)
+    space, name, binding = _study_identity(request, control=control, mix=mix, model=model,
+                                           model_sha256=model_sha256, probe=probe, deployed=deployed)
+    study = load_existing_study(name, open_existing_storage(request.storage_url))
+    check_binding(study, binding)
+    top = best_trials(study, request.candidates, eligible=eligible(request.objective))
+    candidates = [(f"trial-{t.number}", RunConfig.from_dict(t.user_attrs["config"], origin=f"trial {t.number}"),
+                   t.value) for t in top]
+    base = baseline_trial(study)
+    diff = ""
+    if request.host_vars is not None and candidates:
+        diff = plan_vars(request.host_vars, candidates[0][1].role_vars("live"),
+                         note=f"tuned by llamahost apply: study {name}, {candidates[0][0]}").diff
+    return ApplyPlan(study=name, baseline=space.baseline(), baseline_median=base.value if base else None,
+                     candidates=candidates, unit=request.objective.unit, host_vars_diff=diff)
+
+
+def prepare_live(request: LiveRequest, *, control: ServerControl, mix: RequestMix, model: ModelInfo,
+                 model_sha256: str, probe: HostProbe, deployed: RunConfig | None) -> LiveContext:
+    """Everything is checked before the study is opened; opening it is the first write."""
+    validate_live_request(request)
+    space, name, binding = _study_identity(request, control=control, mix=mix, model=model,
+                                           model_sha256=model_sha256, probe=probe, deployed=deployed)
+    storage = open_storage(request.storage_url)
     study, created = open_study(name, storage, binding, baseline_params=space.baseline_params(),
                                 baseline_config=space.baseline(), seed=request.seed,
                                 constraints=ttft_constraint(request.objective))

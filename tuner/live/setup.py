@@ -20,7 +20,7 @@ from tuner.errors import UserError
 from tuner.live.control import Connection, Target, TargetOptions
 from tuner.live.local import DEFAULT_LOCAL_PORT, LocalServer, ServerSpec
 from tuner.live.measure import OBJECTIVES, Guards, LiveObjective, LiveSettings
-from tuner.live.workload import make_request_mix
+from tuner.live.workload import RequestMix, make_request_mix
 from tuner.model.checksum import model_sha256
 from tuner.model.default_model import default_model_path
 from tuner.model.gguf_file import check_fits_in_memory, inspect_model
@@ -32,7 +32,7 @@ from tuner.stats import StopRule
 from tuner.yamlfile import read_yaml_mapping
 
 if TYPE_CHECKING:  # the session (Optuna, the search) is imported when a live run starts, not with the parser
-    from tuner.live.session import LiveOutcome, LiveRequest
+    from tuner.live.session import ApplyPlan, LiveOutcome, LiveRequest
 
 
 def add_live_arguments(parser: argparse.ArgumentParser) -> None:
@@ -137,14 +137,30 @@ def connection_from_args(args: argparse.Namespace) -> Connection:
     return RemoteConnection(options)
 
 
+def _live_inputs(args: argparse.Namespace, *, verify_only: bool) -> tuple[LiveRequest, RequestMix, Connection]:
+    request = live_request(args, verify_only=verify_only)
+    mix = make_request_mix(args.workload, concurrency=args.concurrency, count=args.requests,
+                           scale=args.prompt_scale)
+    return request, mix, connection_from_args(args)
+
+
+def plan_apply_command(args: argparse.Namespace) -> ApplyPlan:
+    """``apply --dry-run``: the same checks and the same lock as ``apply`` (so what it reads is not changing
+    under it), then the plan; the server is neither restarted nor measured, and no file is written."""
+    from tuner.live.session import plan_apply
+
+    request, mix, connection = _live_inputs(args, verify_only=True)
+    with connection.lock():
+        target = connection.describe()
+        return plan_apply(request, control=connection.control, mix=mix, model=target.model,
+                          model_sha256=target.model_sha256, probe=target.probe, deployed=target.deployed)
+
+
 def run_live_command(args: argparse.Namespace, *, verify_only: bool) -> LiveOutcome:
     """Lock first (a second tuner is refused at once), then check, then start the baseline, then tune."""
     from tuner.live.session import prepare_live, run_live
 
-    request = live_request(args, verify_only=verify_only)
-    mix = make_request_mix(args.workload, concurrency=args.concurrency, count=args.requests,
-                           scale=args.prompt_scale)
-    connection = connection_from_args(args)
+    request, mix, connection = _live_inputs(args, verify_only=verify_only)
     with connection.lock():
         target = connection.describe()
         guards = dataclasses.replace(request.guards,
