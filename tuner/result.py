@@ -22,6 +22,7 @@ from tuner.config import RUN_KINDS, RunKind
 from tuner.errors import UserError
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
+from tuner.stats import MAX_ROUNDS_TO_SETTLE
 from tuner.verify import Arm, Verification
 from tuner.yamlfile import read_user_text
 
@@ -47,6 +48,7 @@ def metric_names(result: dict[str, Any]) -> list[str]:
     return [name for name in METRIC_LABELS if name in present] + sorted(present - set(METRIC_LABELS))
 IMPROVED = "improved"
 BASELINE_STANDS = "baseline-stands"
+INCONCLUSIVE = "inconclusive"  # no winner, but a candidate leads by a trend that more rounds could settle
 
 
 def _yaml() -> YAML:
@@ -127,10 +129,32 @@ def metric_blocks(arm: Arm) -> dict[str, Any]:
     return out
 
 
+def trend_of(verification: Verification) -> Arm | None:
+    """The candidate with the largest unproven lead that more rounds could settle, when nothing was proven."""
+    if verification.winner is not None:
+        return None
+    trending = [a for a in verification.candidates if a.comparison is not None and a.comparison.trending]
+    return max(trending, key=lambda a: a.comparison.ratio if a.comparison else 0.0, default=None)
+
+
+def verdict_of(verification: Verification) -> str:
+    if verification.winner is not None:
+        return IMPROVED
+    return INCONCLUSIVE if trend_of(verification) is not None else BASELINE_STANDS
+
+
 def summary_line(verification: Verification, baseline_name: str) -> str:
     winner = verification.winner
     if not verification.candidates:
         return "baseline stands: the budget left no time to measure any candidate"
+    trend = trend_of(verification)
+    if trend is not None and trend.comparison is not None:
+        c = trend.comparison
+        settle = (f"about {c.rounds_to_settle} rounds would settle it" if c.rounds_to_settle
+                  else f"more than {MAX_ROUNDS_TO_SETTLE} rounds would be needed")
+        return (f"inconclusive: {trend.label} looks {100 * (c.ratio - 1):+.1f}% faster than {baseline_name}, "
+                f"p={c.p_value:.2g} is not below {c.level:.3g} after {verification.rounds} interleaved rounds; "
+                f"{settle}: run again with a longer --budget (the study resumes, nothing was written)")
     if winner is None or winner.comparison is None:
         return (f"baseline stands: no candidate was significantly better than {baseline_name} "
                 f"({verification.rounds} interleaved rounds)")
@@ -166,7 +190,7 @@ def assemble_result(*, kind: RunKind, study: str, study_trials: int, objective: 
         "format": FORMAT_VERSION,
         "study": study,
         "written": now_iso(),
-        "verdict": IMPROVED if winner else BASELINE_STANDS,
+        "verdict": verdict_of(verification),
         "kind": kind,
         "objective": objective,
         "unit": unit,

@@ -180,10 +180,19 @@ class Comparison:
     min_effect: float
     significant: bool
     comparisons: int = 1  # candidates compared with the same baseline: the test runs at alpha / comparisons
+    # Rounds after which the same mean and spread would be significant; None when already significant, when the
+    # candidate is not ahead by the minimum effect, or when no round count up to MAX_ROUNDS_TO_SETTLE would do.
+    rounds_to_settle: int | None = None
 
     @property
     def improvement(self) -> float:
         return self.ratio - 1.0
+
+    @property
+    def trending(self) -> bool:
+        """Ahead by at least the minimum effect, and likely faster (p below :data:`TREND_P`), yet not proven:
+        what more rounds could settle, unlike a candidate that is simply no better."""
+        return (not self.significant and self.ratio >= 1.0 + self.min_effect and self.p_value < TREND_P)
 
     @property
     def level(self) -> float:
@@ -191,7 +200,7 @@ class Comparison:
         ``1 - level`` interval (Bonferroni over :attr:`comparisons`)."""
         return self.alpha / self.comparisons
 
-    def to_dict(self) -> dict[str, float | int | bool]:
+    def to_dict(self) -> dict[str, float | int | bool | None]:
         return {
             "rounds": self.rounds,
             "ratio": self.ratio,
@@ -205,6 +214,8 @@ class Comparison:
             "ci_confidence": 1.0 - self.level,
             "min_effect": self.min_effect,
             "significant": self.significant,
+            "trending": self.trending,
+            "rounds_to_settle": self.rounds_to_settle,
         }
 
 
@@ -250,6 +261,7 @@ def compare_paired(
         p_value = float(student_t.sf(mean / se, n - 1))
     ratio = math.exp(mean)
     significant = low > 0.0 and p_value < level and ratio >= 1.0 + min_effect
+    settle = None if significant or ratio < 1.0 + min_effect else rounds_to_settle(mean, sd, n, level)
     return Comparison(
         rounds=n,
         ratio=ratio,
@@ -260,7 +272,24 @@ def compare_paired(
         min_effect=min_effect,
         significant=significant,
         comparisons=comparisons,
+        rounds_to_settle=settle,
     )
+
+
+TREND_P = 0.2  # one-sided p below which an unproven lead counts as a trend worth more rounds
+MAX_ROUNDS_TO_SETTLE = 60  # beyond this a "trend" is noise for any budget a user would give
+
+
+def rounds_to_settle(mean: float, sd: float, rounds: int, level: float) -> int | None:
+    """The fewest rounds after which a candidate with this mean log ratio and spread would be significant (its
+    two-sided ``1 - level`` interval clear of zero), if more rounds show what these did. Pure."""
+    if mean <= 0.0 or sd <= 0.0:
+        return None
+    student_t = _scipy_stats().t
+    for n in range(rounds + 1, MAX_ROUNDS_TO_SETTLE + 1):
+        if mean / (sd / math.sqrt(n)) > float(student_t.ppf(1.0 - level / 2.0, n - 1)):
+            return n
+    return None
 
 
 def geometric_mean(values: Sequence[float]) -> float:

@@ -21,7 +21,7 @@ from tuner.report import (
     too_few_for_a_ranking,
     trial_rows,
 )
-from tuner.result import summary_line
+from tuner.result import summary_line, verdict_of
 from tuner.stats import compare_paired, summarize
 from tuner.study import BASELINE, ROLE_ATTR
 from tuner.verify import Arm, Verification
@@ -106,10 +106,11 @@ def test_the_level_recorded_and_quoted_is_the_one_the_test_used() -> None:
     verification = Verification(baseline=Arm("baseline", RunConfig(threads=8, threads_batch=8), 0, baseline),
                                 candidates=arms, rounds=5, alpha=0.05, min_effect=0.01)
     assert verification.level == pytest.approx(0.05 / 3)
-    recorded = arms[0].comparison.to_dict() if arms[0].comparison else {}
+    assert arms[0].comparison is not None
+    recorded = arms[0].comparison.to_dict()
     assert recorded["level"] == pytest.approx(0.05 / 3) and recorded["comparisons"] == 3
     assert recorded["ci_confidence"] == pytest.approx(1 - 0.05 / 3)
-    assert recorded["significant"] and recorded["p_value"] < recorded["level"]
+    assert recorded["significant"] and arms[0].comparison.p_value < arms[0].comparison.level
     line = summary_line(verification, "the baseline")
     assert "98.3% CI" in line and "< 0.0167" in line and "95% CI" not in line, line
 
@@ -140,3 +141,34 @@ def test_the_report_carries_every_trial_the_evaluator_and_the_tests_level() -> N
     assert "the server did not come up healthy" in report and "pruned at sample 2" in report
     assert "97.5% CI" in report and "significant &lt; 0.025" in report
     assert "&lt;b&gt;" in report and "<b>" not in report.split("</h1>")[1].split("</p>")[0]
+
+
+def verification_of(gains: list[float], noise: list[float], rounds: int = 3) -> Verification:
+    """Three candidates against one baseline: candidate ``i`` is ``gains[i]`` faster, with round-to-round noise."""
+    baseline = [100.0 + r for r in range(rounds)]
+    arms = []
+    for i, gain in enumerate(gains):
+        values = [v * gain * (1 + noise[r % len(noise)]) for r, v in enumerate(baseline)]
+        arm = Arm(f"trial-{i}", RunConfig(threads=i + 1, threads_batch=i + 1), i, round_values=values)
+        arm.comparison = compare_paired(values, baseline, alpha=0.05, comparisons=len(gains))
+        arms.append(arm)
+    return Verification(baseline=Arm("baseline", RunConfig(threads=8, threads_batch=8), 0, baseline),
+                        candidates=arms, rounds=rounds, alpha=0.05, min_effect=0.01)
+
+
+def test_a_lead_short_of_proof_is_inconclusive_with_the_rounds_that_would_settle_it() -> None:
+    noisy = verification_of([1.06, 0.99, 0.97], noise=[0.0, 0.05, -0.02])
+    lead = noisy.candidates[0].comparison
+    assert lead is not None and not lead.significant and lead.trending
+    assert verdict_of(noisy) == "inconclusive"
+    line = summary_line(noisy, "the baseline")
+    assert line.startswith("inconclusive: trial-0 looks +") and f"about {lead.rounds_to_settle} rounds" in line
+    assert lead.rounds_to_settle is not None and lead.rounds_to_settle > 3
+    # The same pattern repeated to that many rounds is proven: the estimate is what it says.
+    settled = verification_of([1.06, 0.99, 0.97], noise=[0.0, 0.05, -0.02], rounds=lead.rounds_to_settle + 2)
+    assert verdict_of(settled) == "improved"
+
+
+def test_no_lead_stands_and_a_proven_lead_improves() -> None:
+    assert verdict_of(verification_of([0.98, 1.0, 0.97], noise=[0.0, 0.03, -0.02])) == "baseline-stands"
+    assert verdict_of(verification_of([1.3, 1.0, 0.97], noise=[0.0, 0.002, -0.001], rounds=5)) == "improved"
