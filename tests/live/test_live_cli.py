@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from study_support import study_trials
 
 from tuner.config import RunConfig
@@ -75,7 +76,7 @@ def live_run(tmp_path_factory: pytest.TempPathFactory, model_path: Path,
     host_vars.write_text(DEPLOYED)
     port = free_port()
     done = run(home, "tune", "--live", "--local", "--port", str(port), "--model", str(model_path),
-               "--budget", "4m", "--candidates", "2", *WORKLOAD, "--baseline-vars", str(host_vars),
+               "--budget", "4m", "--candidates", "1", *WORKLOAD, "--baseline-vars", str(host_vars),
                "--host-vars", str(host_vars), "--json")
     try:
         assert done.returncode == 0, done.stderr[-3000:]
@@ -107,21 +108,28 @@ def test_live_run_measures_trials_under_the_workload_and_proves_or_keeps_the_bas
     assert html.escape(str(result["summary"])) in report and "aggregate generated tok/s" in report
 
 
-def test_host_vars_change_only_for_a_proven_winner_and_keep_their_comments(
+def test_a_handicapped_deployment_is_beaten_and_the_winner_written_back_with_its_comments(
         live_run: tuple[Path, Path, dict[str, object], str]) -> None:
-    _, host_vars, result, stderr = live_run
-    text = host_vars.read_text()
+    """The deployment serves two concurrent clients with one thread and one slot on a two-core machine. A
+    four-minute live tune must prove it can do better and write that into host_vars: "baseline stands" fails
+    this test. Measured on this machine: +44%, p=0.0015 over 5 rounds against the 0.05 level of one candidate
+    (with two candidates, three runs gave +57% to +81% at p 0.004 to 0.010 over 3 rounds against 0.025, too
+    close for a test that must not flake). That a standing baseline leaves the file alone is tested in
+    tests/unit/test_safe_change.py."""
+    _, host_vars, result, _ = live_run
+    assert result["verdict"] == "improved", result["summary"]
+    improvement = result["improvement"]
+    assert isinstance(improvement, dict) and improvement["ci_low"] > 1.0 and improvement["significant"]
     write_back = result["write_back"]
-    assert isinstance(write_back, dict)
-    if result["verdict"] == "improved":
-        assert write_back["host_vars"] == str(host_vars) and write_back["changed"]
-        assert "# one core for the server, one for the rest" in text and "# set through Vault in production" in text
-        assert host_vars.with_name("h1.yml.prev").read_text() == DEPLOYED
-        improvement = result["improvement"]
-        assert isinstance(improvement, dict) and improvement["ci_low"] > 1.0
-    else:
-        assert text == DEPLOYED and not host_vars.with_name("h1.yml.prev").exists()
-        assert write_back["changed"] == {} and "left unchanged" in stderr
+    assert isinstance(write_back, dict) and write_back["state"] == "written"
+    assert write_back["host_vars"] == str(host_vars) and write_back["changed"]
+    text = host_vars.read_text()
+    assert "# one core for the server, one for the rest" in text and "# set through Vault in production" in text
+    assert host_vars.with_name("h1.yml.prev").read_text() == DEPLOYED
+    settings = result["settings"]
+    assert isinstance(settings, dict)
+    written = yaml.safe_load(text)
+    assert all(written[key] == value for key, value in settings["role_vars"].items()), "the proven settings"
 
 
 def test_apply_dry_run_names_the_candidates_and_the_diff_and_changes_nothing(
