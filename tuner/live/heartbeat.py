@@ -16,7 +16,9 @@ import time
 from pathlib import Path
 
 # Shell: write the host's seconds since boot into a heartbeat file, atomically (the reader never sees it empty).
-SHELL_WRITE = "cut -d' ' -f1 /proc/uptime > {path}.tmp && mv -f {path}.tmp {path}"
+# The temporary file is the writing shell's own ($$): the heartbeat thread and a command that beats first (the
+# dead-man start before a trial) may write at the same moment, and with one shared name the second `mv` failed.
+SHELL_WRITE = "cut -d' ' -f1 /proc/uptime > {path}.$$ && mv -f {path}.$$ {path}"
 
 
 def boot_seconds() -> float:
