@@ -160,25 +160,30 @@ def too_few_for_a_ranking(trials: int, settings: int) -> bool:
     return trials < max(MIN_TRIALS_FOR_A_RANKING, TRIALS_PER_SETTING_FOR_A_RANKING * settings)
 
 
-def importance_figure(study: optuna.Study) -> Figure | None:
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if len(complete) < 4:
-        return None
-    evaluator = importance_evaluator()
+def importances_of(study: optuna.Study) -> tuple[int, dict[str, float]]:
+    """The complete trials' count and the settings' importances by :func:`importance_evaluator`, computed once
+    for both plots that use them (empty when there is nothing to attribute)."""
+    complete = sum(1 for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE)
+    if complete < 4:
+        return complete, {}
     try:
         with quiet_optuna():
-            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+            return complete, dict(optuna.importance.get_param_importances(study, evaluator=importance_evaluator()))
     except (ValueError, RuntimeError):
-        return None  # e.g. every trial had the same parameters: nothing to attribute
+        return complete, {}  # e.g. every trial had the same parameters: nothing to attribute
+
+
+def importance_figure(complete: int, importances: dict[str, float]) -> Figure | None:
     if not importances:
         return None
     names = list(importances)[::-1]
     figure, axes = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2))
     axes.barh(names, [importances[n] for n in names], color=COLORS["search"])
-    method = EVALUATOR_NAMES.get(type(evaluator).__name__, type(evaluator).__name__)
-    title = f"which settings mattered ({method} importance over {len(complete)} complete trials)"
-    if too_few_for_a_ranking(len(complete), len(names)):
-        title += (f"\n{len(complete)} trials over {len(names)} settings are too few: the order is noise, "
+    evaluator = type(importance_evaluator()).__name__
+    method = EVALUATOR_NAMES.get(evaluator, evaluator)
+    title = f"which settings mattered ({method} importance over {complete} complete trials)"
+    if too_few_for_a_ranking(complete, len(names)):
+        title += (f"\n{complete} trials over {len(names)} settings are too few: the order is noise, "
                   f"read it as a hint at most")
     axes.set_title(title, fontsize=10)
     return figure
@@ -187,16 +192,15 @@ def importance_figure(study: optuna.Study) -> Figure | None:
 SLICE_PARAMS = 4  # the most important settings shown one by one
 
 
-def slice_figure(study: optuna.Study, unit: str) -> Figure | None:
+def slice_figure(study: optuna.Study, unit: str, importances: dict[str, float]) -> Figure | None:
     """Optuna's slice plot of the most important settings: every complete trial's value against each setting,
     so a reader sees *how* a setting mattered (more threads, then a plateau), not only that it did."""
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if len(complete) < 4:
+    if not importances:
         return None
     try:
         with quiet_optuna():
-            ranked = list(optuna.importance.get_param_importances(study, evaluator=importance_evaluator()))
-            axes = optuna.visualization.matplotlib.plot_slice(study, params=ranked[:SLICE_PARAMS], target_name=unit)
+            axes = optuna.visualization.matplotlib.plot_slice(study, params=list(importances)[:SLICE_PARAMS],
+                                                              target_name=unit)
     except (ValueError, RuntimeError):
         return None  # nothing varied, so there is nothing to slice
     first = axes.flat[0] if hasattr(axes, "flat") else axes
@@ -269,12 +273,13 @@ def build_report(result: dict[str, Any], study: optuna.Study) -> str:
     parts.append("<h2>Measured</h2>")
     parts.append(_table([(METRIC_LABELS.get(n, n), _ci(result["baseline"].get(n)), _ci(result["chosen"].get(n)))
                          for n in metric_names(result)], ("median [95% CI]", "baseline", "chosen")))
+    complete, importances = importances_of(study)
     figures: list[tuple[str, Callable[[], Figure | None]]] = [
         ("Baseline vs. chosen", lambda: throughput_figure(result)),
         ("Verification", lambda: verification_figure(result)),
         ("Search", lambda: history_figure(study, unit, result)),
-        ("Settings that mattered", lambda: importance_figure(study)),
-        ("How each of them mattered", lambda: slice_figure(study, unit)),
+        ("Settings that mattered", lambda: importance_figure(complete, importances)),
+        ("How each of them mattered", lambda: slice_figure(study, unit, importances)),
     ]
     if result.get("roofline"):
         figures.insert(1, ("Bandwidth roofline", lambda: roofline_figure(result["roofline"])))

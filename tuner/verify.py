@@ -144,12 +144,10 @@ def verify(
                 arm.failure = failed.reason
         if on_round is not None:
             on_round(r + 1, rounds)
-    live = [a for a in arms if a.failure is None]
-    for arm in live:
-        arm.comparison = compare_paired(arm.round_values, base.round_values, alpha=alpha,
-                                        comparisons=max(1, len(arms)), min_effect=min_effect)
     verification = Verification(baseline=base, candidates=arms, rounds=rounds, alpha=alpha, min_effect=min_effect)
-    assert all(a.comparison is None or a.comparison.level == verification.level for a in arms)
+    for arm in (a for a in arms if a.failure is None):
+        arm.comparison = compare_paired(arm.round_values, base.round_values, alpha=alpha,
+                                        comparisons=verification.comparisons, min_effect=min_effect)
     return verification
 
 

@@ -17,6 +17,7 @@ from tuner.report import (
     build_report,
     history_figure,
     importance_figure,
+    importances_of,
     slice_figure,
     too_few_for_a_ranking,
     trial_rows,
@@ -66,7 +67,7 @@ def test_every_trial_is_a_row_with_its_settings_state_and_why() -> None:
 
 @pytest.mark.parametrize(("count", "noise"), [(8, True), (40, False)])
 def test_the_importance_plot_names_its_evaluator_and_says_when_the_ranking_is_noise(count: int, noise: bool) -> None:
-    figure = importance_figure(study_of(count))
+    figure = importance_figure(*importances_of(study_of(count)))
     assert figure is not None
     title = figure.axes[0].get_title()
     assert f"PED-ANOVA importance over {count} complete trials" in title, title
@@ -75,11 +76,13 @@ def test_the_importance_plot_names_its_evaluator_and_says_when_the_ranking_is_no
 
 
 def test_the_slice_plot_shows_each_searched_setting_against_the_result() -> None:
-    figure = slice_figure(study_of(40), "tg tok/s")
+    study = study_of(40)
+    figure = slice_figure(study, "tg tok/s", importances_of(study)[1])
     assert figure is not None
     labels = sorted(axes.get_xlabel() for axes in figure.axes if axes.get_xlabel())
     assert labels == ["flash_attn", "threads"], labels
-    assert slice_figure(study_of(2), "tg tok/s") is None, "two complete trials show nothing"
+    few = study_of(2)
+    assert slice_figure(few, "tg tok/s", importances_of(few)[1]) is None, "two complete trials show nothing"
 
 
 def test_the_search_plot_rings_the_re_measured_trials_and_stars_the_chosen_one() -> None:

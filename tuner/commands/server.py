@@ -177,11 +177,6 @@ def config_defaults() -> dict[str, Any]:
     return vars(parser.parse_args([]))
 
 
-CONFIG_OPTIONS = ("threads", "threads_batch", "batch_size", "ubatch_size", "cpus", "numa", "memory_policy",
-                  "memory_nodes", "load_mode", "flash_attn", "cache_type_k", "cache_type_v", "parallel",
-                  "cont_batching")
-
-
 def result_config(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> tuple[RunConfig, Path, str]:
     """The configuration, model and a line saying what is served, for ``server run --result``: the result's
     ``settings.config`` rebuilt and validated (a result file is input from elsewhere), its model unless one is
@@ -191,8 +186,8 @@ def result_config(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> 
     from tuner.model.gguf_file import inspect_model
     from tuner.result import IMPROVED, load_result
 
-    clashing = [f"--{name.replace('_', '-')}" for name in CONFIG_OPTIONS
-                if getattr(args, name) != parser_defaults.get(name)]
+    clashing = [f"--{name.replace('_', '-')}" for name, default in parser_defaults.items()
+                if getattr(args, name) != default]
     if clashing:
         raise UserError(f"--result sets the run configuration, and {', '.join(clashing)} would change it",
                         "drop those options to serve the result as measured, or drop --result")
