@@ -18,7 +18,7 @@ export LLAMAHOST_LAB_CACHE
 .PHONY: help venv system-deps test lint typecheck unit demo clean llama-server lab-up lab-down
 
 help:
-	@echo "make demo   - install, fetch the default model, tune this host (budget $(DEMO_BUDGET)), write the result"
+	@echo "make demo   - install, build llama-server (once), tune this host (budget $(DEMO_BUDGET)), write the result"
 	@echo "make test   - install everything (Debian packages, Python deps) and run the whole test suite"
 	@echo "make lint   - ruff + mypy"
 	@echo "make llama-server - build llama.cpp's llama-server from the pinned source (once; cached)"
@@ -63,6 +63,7 @@ unit: venv
 demo:
 	.ci/system-deps.sh demo
 	$(MAKE) --no-print-directory venv EXTRAS=
+	$(BIN)/llamahost server build
 	$(BIN)/llamahost tune --budget $(DEMO_BUDGET)
 
 lab-up: system-deps venv

@@ -104,6 +104,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for marker in sorted({FIXTURE_MARKERS[f] for f in getattr(item, "fixturenames", ()) if f in FIXTURE_MARKERS}):
             item.add_marker(marker)
+        if item.get_closest_marker("model") is not None and item.get_closest_marker("builds") is None:
+            item.add_marker("builds")  # real trials run the llama-server build, found in LLAMAHOST_SERVER_CACHE
 
     def order(item: pytest.Item) -> tuple[bool, bool]:
         lab = item.get_closest_marker("lab") is not None

@@ -251,12 +251,22 @@ th{background:#f1f3f5}.verdict{font-size:1.2em;padding:.6em;border-radius:6px;ba
 .stands{background:#f1f3f5}code{background:#f1f3f5;padding:2px 4px}img{max-width:100%}"""
 
 
+def _build_phrase(llama_cpp: dict[str, Any]) -> str:
+    """Which llama.cpp measured: the llama-server build by sha256 and CPU features, else the pinned source."""
+    server = llama_cpp.get("llama_server")
+    source = f"llama.cpp from llama-cpp-python {llama_cpp['llama_cpp_python']}"
+    if not isinstance(server, dict):
+        return source
+    return (f"{source}, llama-server sha256 {str(server['sha256'])[:12]}... "
+            f"({html.escape(str(server.get('system_info') or 'CPU features not reported'))})")
+
+
 def _context_line(result: dict[str, Any]) -> str:
     host, model = result["host"], result["model"]
     return (f"<p>Host <b>{html.escape(str(host['hostname']))}</b> ({html.escape(str(host['cpu_model']))}, "
             f"fingerprint {host['fingerprint']}); model <b>{html.escape(str(model['name']))}</b> "
-            f"({model['quantization']}, sha256 {model['sha256'][:12]}...); llama-cpp-python "
-            f"{result['llama_cpp']['llama_cpp_python']}; written {result['written']}.</p>")
+            f"({model['quantization']}, sha256 {model['sha256'][:12]}...); {_build_phrase(result['llama_cpp'])}; "
+            f"written {result['written']}.</p>")
 
 
 def build_report(result: dict[str, Any], study: optuna.Study) -> str:

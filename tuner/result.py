@@ -22,6 +22,8 @@ from tuner.config import RUN_KINDS, RunKind
 from tuner.errors import UserError
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
+from tuner.server.identity import ServerBinary
+from tuner.server.source import pinned_version
 from tuner.stats import MAX_ROUNDS_TO_SETTLE
 from tuner.verify import Arm, Verification
 from tuner.yamlfile import read_user_text
@@ -103,10 +105,13 @@ def now_iso() -> str:
     return dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
 
 
-def version_block(system_info: str) -> dict[str, Any]:
-    import llama_cpp
-
-    return {"llamahost": __version__, "llama_cpp_python": llama_cpp.__version__, "system_info": system_info}
+def version_block(server: ServerBinary | None) -> dict[str, Any]:
+    """What measured: llamahost, the pinned llama.cpp source (a llama-cpp-python release), and the llama-server
+    build the trials ran, by sha256 with the CPU features it runs with (None where the run could not read
+    the deployment's binary: a live run over SSH)."""
+    return {"llamahost": __version__, "llama_cpp_python": pinned_version(),
+            "system_info": server.system_info if server is not None else "",
+            "llama_server": server.to_dict() if server is not None else None}
 
 
 def host_block(probe: HostProbe) -> dict[str, Any]:
@@ -179,7 +184,8 @@ def run_kind(result: dict[str, Any]) -> RunKind:
 
 def assemble_result(*, kind: RunKind, study: str, study_trials: int, objective: str, unit: str,
                     verification: Verification,
-                    host: dict[str, Any], model: dict[str, Any], workload: dict[str, Any], system_info: str,
+                    host: dict[str, Any], model: dict[str, Any], workload: dict[str, Any],
+                    server: ServerBinary | None,
                     search: dict[str, Any], wall_seconds: float, measuring_seconds: float,
                     roofline: dict[str, Any] | None, baseline_name: str) -> dict[str, Any]:
     """The result layout shared by benchmark and live tuning (see the module docstring)."""
@@ -211,7 +217,7 @@ def assemble_result(*, kind: RunKind, study: str, study_trials: int, objective: 
                          "baseline_round_values": verification.baseline.round_values},
         "host": host,
         "model": model,
-        "llama_cpp": version_block(system_info),
+        "llama_cpp": version_block(server),
         "workload": workload,
         "search": {**search, "study_trials": study_trials, "wall_seconds": wall_seconds,
                    "measuring_seconds": measuring_seconds,

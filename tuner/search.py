@@ -36,7 +36,7 @@ from tuner.trial.placement import evict_page_cache
 from tuner.trial.protocol import TrialSpec, Warmup, Workload
 from tuner.trial.runner import TrialOutcome, TrialStopped, run_trial
 
-SPAWN_OVERHEAD_S = 1.5  # interpreter start + llama.cpp import, measured on a 2-core guest
+SPAWN_OVERHEAD_S = 1.5  # worker interpreter start + llama-server start, measured on a 2-core guest
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class MeasureSettings:
     """How every run measures: the same for search trials and verification runs, bar the sample counts."""
 
     objective: str
+    server_binary: Path  # the llama-server build the role deploys
     workload: Workload = field(default_factory=Workload)
     warmup: Warmup = field(default_factory=Warmup)
     stop: StopRule = field(default_factory=StopRule)
@@ -51,8 +52,8 @@ class MeasureSettings:
 
     def spec(self, model: ModelInfo, config: RunConfig, *, stop: StopRule | None = None) -> TrialSpec:
         return TrialSpec(model_path=str(model.path), config=config.to_dict(), objective=self.objective,  # type: ignore[arg-type]
-                         workload=self.workload, warmup=self.warmup, stop=stop or self.stop,
-                         max_measure_seconds=self.max_measure_seconds)
+                         server_binary=str(self.server_binary), workload=self.workload, warmup=self.warmup,
+                         stop=stop or self.stop, max_measure_seconds=self.max_measure_seconds)
 
     def timeout_for(self, model: ModelInfo) -> float:
         """A hard deadline no healthy run reaches: a slow disk load, a capped warm-up, capped sampling."""

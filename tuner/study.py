@@ -45,7 +45,7 @@ GRACE_PERIOD_S = 30
 ROLE_ATTR = "role"
 BASELINE = "baseline"
 # Study attributes that must match for a run to continue a study.
-BINDING_ATTRS = ("host_fingerprint", "model_sha256", "objective", "workload")
+BINDING_ATTRS = ("host_fingerprint", "model_sha256", "objective", "workload", "llama_server_sha256")
 
 
 HOST_STUDY = "host"  # one host tunes alone (`llamahost tune`)
@@ -66,6 +66,9 @@ class StudyBinding:
     workload: dict[str, Any]
     extra: dict[str, Any]
     kind: str = HOST_STUDY
+    # The llama-server build the trials run (benchmark trials); "" where the study does not name one (a live
+    # study measures the deployment's own server, whatever it runs).
+    llama_server_sha256: str = ""
 
     def attrs(self) -> dict[str, Any]:
         return {
@@ -74,6 +77,7 @@ class StudyBinding:
             "model_sha256": self.model_sha256,
             "objective": self.objective,
             "workload": self.workload,
+            "llama_server_sha256": self.llama_server_sha256,
             **self.extra,
         }
 
@@ -203,6 +207,7 @@ BINDING_WHAT = {
     "model_sha256": "a different model file (sha256)",
     "objective": "a different objective",
     "workload": "a different workload",
+    "llama_server_sha256": "a different llama-server build (sha256)",
 }
 
 
@@ -219,7 +224,7 @@ def check_binding(study: optuna.Study, binding: StudyBinding) -> None:
                         f"continue it with `{command}`, or choose another --study name")
     mine = binding.attrs()
     for key in BINDING_ATTRS:
-        if attrs.get(key) == mine[key]:
+        if attrs.get(key, "") == mine[key]:  # "": a study made before the key was recorded
             continue
         if key == "host_fingerprint" and binding.kind == FLEET_STUDY:
             raise UserError(

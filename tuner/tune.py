@@ -41,6 +41,8 @@ from tuner.search import (
     fixed_samples,
     sigterm_as_interrupt,
 )
+from tuner.server.build import deployed_server_binary
+from tuner.server.identity import ServerBinary, identify
 from tuner.space import SearchSpace
 from tuner.stats import StopRule
 from tuner.study import (
@@ -78,6 +80,7 @@ class TuneRequest:
     max_measure_seconds: float | None = None  # None: derived from the budget, see measure_cap()
     seed: int | None = None
     stop: StopRule = field(default_factory=StopRule)
+    server_binary: Path | None = None  # None: the portable build the role deploys, built on first use
 
 
 @dataclass
@@ -91,6 +94,7 @@ class TuneContext:
     study_created: bool
     settings: MeasureSettings
     result_path: Path
+    server: ServerBinary
 
 
 def default_study_name(model: ModelInfo, sha: str, objective: str, probe: HostProbe) -> str:
@@ -118,6 +122,7 @@ class Intake:
     model_sha256: str
     probe: HostProbe
     space: SearchSpace
+    server: ServerBinary
 
 
 def intake(request: TuneRequest) -> Intake:
@@ -133,7 +138,7 @@ def intake(request: TuneRequest) -> Intake:
     sha = model_sha256(model.files)
     space = SearchSpace(probe, model, request.objective, search_kv_cache=request.search_kv_cache,
                         usable_cpus=probe.allowed_cpus)
-    return Intake(model, sha, probe, space)
+    return Intake(model, sha, probe, space, identify(request.server_binary or deployed_server_binary()))
 
 
 def workload_attrs(workload: Workload) -> dict[str, Any]:
@@ -141,9 +146,9 @@ def workload_attrs(workload: Workload) -> dict[str, Any]:
     return {"pp_tokens": workload.pp_tokens, "tg_tokens": workload.tg_tokens, "seed": workload.seed}
 
 
-def measure_settings(request: TuneRequest) -> MeasureSettings:
+def measure_settings(request: TuneRequest, server: ServerBinary) -> MeasureSettings:
     cap = measure_cap(request)
-    return MeasureSettings(objective=request.objective, workload=request.workload,
+    return MeasureSettings(objective=request.objective, server_binary=Path(server.path), workload=request.workload,
                            warmup=Warmup(max_seconds=cap / 2), stop=request.stop, max_measure_seconds=cap)
 
 
@@ -159,14 +164,15 @@ def prepare(request: TuneRequest) -> TuneContext:
         objective=request.objective,
         workload=workload_attrs(request.workload),
         extra={"host": taken.probe.fingerprint_fields(), "model_path": str(taken.model.path),
-               "hostname": taken.probe.hostname},
+               "hostname": taken.probe.hostname, "llama_server": taken.server.to_dict()},
+        llama_server_sha256=taken.server.sha256,
     )
     study, created = open_study(name, storage, binding, baseline_params=taken.space.baseline_params(),
                                 seed=request.seed)
     probe = with_bandwidth(taken.probe)
     result_path = request.output or results_dir() / f"{name}.yaml"
     return TuneContext(request, taken.model, taken.model_sha256, probe, taken.space, study, created,
-                       measure_settings(request), result_path)
+                       measure_settings(request, taken.server), result_path, taken.server)
 
 
 def measure_cap(request: TuneRequest) -> float:
@@ -328,9 +334,6 @@ def build_result(ctx: TuneContext, verification: Verification, search: dict[str,
                  measuring_seconds: float) -> dict[str, Any]:
     """The result of a benchmark tuning run: the shared result layout plus the bandwidth roofline."""
     probe = ctx.probe
-    base_trial = baseline_trial(ctx.study)
-    system_info = base_trial.user_attrs.get("outcome", {}).get("applied", {}).get("system_info", "") \
-        if base_trial is not None else ""
     chosen = verification.winner or verification.baseline
     tg = chosen.metric("tg_tps")
     roof = None
@@ -344,5 +347,5 @@ def build_result(ctx: TuneContext, verification: Verification, search: dict[str,
         unit=UNITS[ctx.request.objective],
         verification=verification, host=host_block(probe), model=model_block(ctx.model, ctx.model_sha256),
         workload={"pp_tokens": ctx.request.workload.pp_tokens, "tg_tokens": ctx.request.workload.tg_tokens},
-        system_info=system_info, search=search, wall_seconds=wall_seconds, measuring_seconds=measuring_seconds,
+        server=ctx.server, search=search, wall_seconds=wall_seconds, measuring_seconds=measuring_seconds,
         roofline=roof, baseline_name="llama.cpp's defaults")

@@ -3,6 +3,7 @@ derives from trials (worker states, hosts, ETA), and how store errors are worded
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from pathlib import Path
 from typing import Any
@@ -13,15 +14,17 @@ from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.commands.fleet import print_status
-from tuner.fleet.group import NOT_READ, LlamaCppBuild, group_binding, group_fingerprint, group_study_name
+from tuner.fleet.group import NOT_READ, group_binding, group_fingerprint, group_study_name
 from tuner.fleet.status import BETWEEN, FINISHED, LOST, RUNNING, STOPPED, group_status
 from tuner.probe import read_host
+from tuner.server.identity import ServerBinary
 from tuner.store import explain_open_error, hide_secret, redact
 from tuner.study import FLEET_STUDY, HOST_STUDY
 from tuner.trial.protocol import Workload
 
 HOSTS = Path(__file__).parents[1] / "fixtures" / "hosts"
-BUILD = LlamaCppBuild("0.3.36", "CPU : AVX2 = 1 | OPENMP = 1 |")
+BUILD = ServerBinary(path="/usr/local/bin/llama-server", sha256="5e48" + "0" * 60, version="version: 0.5.0-dev",
+                     system_info="CPU : AVX2 = 1 | OPENMP = 1 |")
 SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
@@ -44,8 +47,10 @@ def test_hosts_of_different_hardware_are_in_different_groups() -> None:
 def test_the_llama_cpp_build_and_the_model_are_part_of_the_group() -> None:
     probe = read_host(HOSTS / "epyc-9654-2s-nps4")
     base = group_fingerprint(probe, BUILD, SHA).digest
-    assert group_fingerprint(probe, LlamaCppBuild("0.3.37", BUILD.system_info), SHA).digest != base
-    assert group_fingerprint(probe, LlamaCppBuild("0.3.36", "CPU : AVX512 = 1 |"), SHA).digest != base
+    assert group_fingerprint(probe, dataclasses.replace(BUILD, sha256="7" * 64), SHA).digest != base
+    assert group_fingerprint(probe, dataclasses.replace(BUILD, system_info="CPU : AVX512 = 1 |"), SHA).digest != base
+    moved = dataclasses.replace(BUILD, path="/opt/llama-server/bin/llama-server")
+    assert group_fingerprint(probe, moved, SHA).digest == base, "the same build elsewhere is the same build"
     assert group_fingerprint(probe, BUILD, "0" * 64).digest != base
 
 

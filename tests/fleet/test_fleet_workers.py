@@ -17,9 +17,10 @@ from optuna.trial import FrozenTrial, TrialState
 from pg_cluster import PgCluster
 from process_support import session_processes
 
-from tuner.fleet.group import current_build, group_binding, group_fingerprint, group_study_name
+from tuner.fleet.group import group_binding, group_fingerprint, group_study_name
 from tuner.model.checksum import model_sha256
 from tuner.probe import read_host
+from tuner.server.identity import identify
 from tuner.study import GRACE_PERIOD_S, HEARTBEAT_INTERVAL_S, open_storage, open_study
 from tuner.trial.protocol import Workload
 
@@ -89,7 +90,7 @@ def test_n_workers_times_m_trials_and_one_baseline(fleet_run: dict[str, Any]) ->
         assert record["deadline"] == pytest.approx(record["started_at"] + 600)
 
 
-def test_status_shows_the_group_with_its_hosts_and_counts(fleet_run: dict[str, Any]) -> None:
+def test_status_shows_the_group_with_its_hosts_and_counts(fleet_run: dict[str, Any], llama_server_binary: Path) -> None:
     store, home = fleet_run["store"], fleet_run["home"]
     done = llamahost("fleet", "status", "--storage", store.url, "--json", home=home)
     assert done.returncode == 0, done.stderr
@@ -102,7 +103,7 @@ def test_status_shows_the_group_with_its_hosts_and_counts(fleet_run: dict[str, A
     assert all(h["trials"] == TRIALS_EACH for h in group["hosts"])
     counts = group["counts"]
     assert counts["finished"] == WORKERS * TRIALS_EACH and counts["running"] == counts["waiting"] == 0
-    assert group["hardware"]["llama_cpp_python"] == current_build().python_package
+    assert group["hardware"]["llama_server_sha256"] == identify(llama_server_binary).sha256
     assert group["baseline"]["state"] in ("complete", "fail")
     if group["best"] is not None:
         assert group["best"]["config"]["threads"] >= 1 and group["best"]["ci_low"] <= group["best"]["value"]
@@ -220,11 +221,11 @@ def test_a_database_restart_mid_trial_loses_nothing_and_the_night_goes_on(
 # ---- groups --------------------------------------------------------------------------------------------------
 
 def test_two_groups_never_share_a_study_and_a_changed_host_is_refused(
-        store: Store, model_path: Path, tmp_path: Path) -> None:
-    """Another group is recorded as if a host with more memory and another llama-cpp-python had created it."""
+        store: Store, model_path: Path, tmp_path: Path, llama_server_binary: Path) -> None:
+    """Another group is recorded as if a host with more memory and another llama-server build had created it."""
     probe = read_host()
-    here = group_fingerprint(probe, current_build(), model_sha256((model_path,)))
-    fields = {**here.fields, "memory_gib": here.fields["memory_gib"] + 1000, "llama_cpp_python": "0.3.99"}
+    here = group_fingerprint(probe, identify(llama_server_binary), model_sha256((model_path,)))
+    fields = {**here.fields, "memory_gib": here.fields["memory_gib"] + 1000, "llama_server_sha256": "0" * 64}
     other = type(here)(fields)
     workload = Workload(pp_tokens=32, tg_tokens=8)
     other_name = group_study_name(model_path.stem, "tg", workload, other)
@@ -247,7 +248,7 @@ def test_two_groups_never_share_a_study_and_a_changed_host_is_refused(
         assert refused.returncode == 2, refused.stderr
         assert "does not belong to the hardware group" in refused.stderr and "Traceback" not in refused.stderr
         assert f"memory_gib {fields['memory_gib']!r} there, {here.fields['memory_gib']!r} here" in refused.stderr
-        assert "llama_cpp_python '0.3.99' there" in refused.stderr
+        assert f"llama_server_sha256 {'0' * 64!r} there" in refused.stderr
     single = llamahost("tune", "--storage", store.url, "--model", str(model_path), "--study", mine, "--budget", "1m",
                        home=tmp_path)
     assert single.returncode == 2 and "is a fleet study" in single.stderr

@@ -1,8 +1,8 @@
-"""Real trials: the real llama.cpp (llama-cpp-python 0.3.36) on the real small model, in real workers.
+"""Real trials: the llama-server build the role deploys, on the real small model, in real workers.
 
 Each way a trial can end is exercised for real: success, a llama.cpp error, a worker killed by SIGKILL
 (what the out-of-memory killer does), a hard timeout, and a prune decision. After each one no worker
-process may be left behind.
+and no llama-server process may be left behind.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 from process_support import session_processes
 
 from tuner.config import RunConfig
 from tuner.errors import TrialFailed
+from tuner.model.checksum import sha256_of
 from tuner.stats import StopRule
 from tuner.trial.protocol import TrialSpec, Warmup, Workload
 from tuner.trial.runner import TrialStopped, run_trial
@@ -28,10 +30,21 @@ pytestmark = pytest.mark.model
 QUICK = Workload(pp_tokens=64, tg_tokens=16)
 
 
-def spec(model: Path, config: RunConfig, *, objective: str = "tg", samples: int = 4) -> TrialSpec:
-    return TrialSpec(model_path=str(model), config=config.to_dict(), objective=objective,  # type: ignore[arg-type]
-                     workload=QUICK, warmup=Warmup(max_runs=3, max_seconds=10),
-                     stop=StopRule(min_samples=3, max_samples=samples, target_rel_ci=0.5), max_measure_seconds=20)
+class SpecMaker(Protocol):
+    def __call__(self, model: Path, config: RunConfig, *, objective: str = "tg", samples: int = 4) -> TrialSpec: ...
+
+
+@pytest.fixture
+def spec(llama_server_binary: Path) -> SpecMaker:
+    """Trial specs that run the llama-server build the role deploys (``make test`` builds it first)."""
+
+    def make(model: Path, config: RunConfig, *, objective: str = "tg", samples: int = 4) -> TrialSpec:
+        return TrialSpec(model_path=str(model), config=config.to_dict(), objective=objective,  # type: ignore[arg-type]
+                         server_binary=str(llama_server_binary), workload=QUICK,
+                         warmup=Warmup(max_runs=3, max_seconds=10),
+                         stop=StopRule(min_samples=3, max_samples=samples, target_rel_ci=0.5), max_measure_seconds=20)
+
+    return make
 
 
 def workers() -> list[int]:
@@ -39,16 +52,23 @@ def workers() -> list[int]:
     return session_processes("tuner.trial.worker")
 
 
+def servers() -> list[int]:
+    """PIDs of this session's benchmark llama-servers still alive."""
+    return session_processes(b"llama-server\0")
+
+
 @pytest.fixture(autouse=True)
 def no_leftover_workers() -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5
-    while workers() and time.monotonic() < deadline:
+    while (workers() or servers()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert workers() == [], "a trial worker outlived its trial"
+    assert servers() == [], "a trial's llama-server outlived its trial"
 
 
-def test_a_trial_measures_pp_and_tg(model_path: Path, tmp_path: Path) -> None:
+def test_a_trial_measures_pp_and_tg(model_path: Path, tmp_path: Path, spec: SpecMaker,
+                                    llama_server_binary: Path) -> None:
     cpu = max(os.sched_getaffinity(0))
     config = RunConfig(threads=1, threads_batch=1, cpus=(cpu,), placement="compact", memory_policy="interleave",
                        memory_nodes=(0,))
@@ -61,11 +81,12 @@ def test_a_trial_measures_pp_and_tg(model_path: Path, tmp_path: Path) -> None:
     assert outcome.applied["cpus"] == [cpu]
     assert (outcome.applied["memory_policy"], outcome.applied["memory_nodes"]) == ("interleave", [0])
     assert "AVX" in outcome.applied["system_info"] or "NEON" in outcome.applied["system_info"]
+    assert outcome.applied["binary_sha256"] == sha256_of(llama_server_binary), "measured on the deployed build"
     assert 0 < outcome.measuring_seconds < outcome.wall_seconds
     assert outcome.stop_reason in ("ci-narrow", "max-samples")
 
 
-def test_tg_objective_still_reports_pp(model_path: Path, tmp_path: Path) -> None:
+def test_tg_objective_still_reports_pp(model_path: Path, tmp_path: Path, spec: SpecMaker) -> None:
     outcome = run_trial(spec(model_path, RunConfig(threads=1, threads_batch=1)), timeout_s=120,
                         log_path=tmp_path / "t.log")
     assert "pp_tps" not in outcome.series and len(outcome.info["pp_tps"]) == 2
@@ -73,15 +94,16 @@ def test_tg_objective_still_reports_pp(model_path: Path, tmp_path: Path) -> None
     assert pp is not None and pp.median > 0
 
 
-def test_llama_cpp_refusing_the_model_is_a_failed_trial(tmp_path: Path) -> None:
+def test_llama_cpp_refusing_the_model_is_a_failed_trial(tmp_path: Path, spec: SpecMaker) -> None:
     not_a_model = tmp_path / "model.gguf"
     not_a_model.write_bytes(b"GGUF" + b"\x00" * 64)
-    with pytest.raises(TrialFailed, match=r"llama\.cpp could not load the model"):
+    with pytest.raises(TrialFailed, match=r"llama-server exited with code 1 before it became healthy[\s\S]*"
+                                          r"error loading model"):
         run_trial(spec(not_a_model, RunConfig(threads=1, threads_batch=1)), timeout_s=60,
                   log_path=tmp_path / "t.log")
 
 
-def test_a_worker_killed_by_sigkill_is_a_failed_trial(model_path: Path, tmp_path: Path) -> None:
+def test_a_worker_killed_by_sigkill_is_a_failed_trial(model_path: Path, tmp_path: Path, spec: SpecMaker) -> None:
     """Also: the worker is the out-of-memory killer's first choice (oom_score_adj 1000), so when a trial runs
     the host out of memory the kernel kills the trial, not the tuner or sshd."""
     scores: list[str] = []
@@ -105,7 +127,7 @@ def test_a_worker_killed_by_sigkill_is_a_failed_trial(model_path: Path, tmp_path
     assert scores == ["1000"], "the tuner itself keeps its own score (inherited otherwise)"
 
 
-def test_a_trial_past_its_deadline_is_killed(model_path: Path, tmp_path: Path) -> None:
+def test_a_trial_past_its_deadline_is_killed(model_path: Path, tmp_path: Path, spec: SpecMaker) -> None:
     started = time.monotonic()
     with pytest.raises(TrialFailed, match="timed out after 2 s"):
         run_trial(spec(model_path, RunConfig(threads=1, threads_batch=1), samples=30), timeout_s=2,
@@ -113,7 +135,7 @@ def test_a_trial_past_its_deadline_is_killed(model_path: Path, tmp_path: Path) -
     assert time.monotonic() - started < 15
 
 
-def test_a_prune_decision_stops_the_worker(model_path: Path, tmp_path: Path) -> None:
+def test_a_prune_decision_stops_the_worker(model_path: Path, tmp_path: Path, spec: SpecMaker) -> None:
     steps: list[int] = []
 
     def prune_after_two(step: int, running_median: float) -> bool:
@@ -129,7 +151,8 @@ def test_a_prune_decision_stops_the_worker(model_path: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(("says", "kept"), [("", False), ("echo 'ggml: out of memory' >&2", True)])
-def test_a_trial_log_is_kept_only_when_the_worker_wrote_to_it(tmp_path: Path, says: str, kept: bool) -> None:
+def test_a_trial_log_is_kept_only_when_the_worker_wrote_to_it(tmp_path: Path, says: str, kept: bool,
+                                                              spec: SpecMaker) -> None:
     """A worker stand-in (run as the trial's python) that dies with or without a word: the empty log goes, the
     one that holds something stays, and the failure quotes it."""
     stand_in = tmp_path / "python"

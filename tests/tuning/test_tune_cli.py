@@ -24,6 +24,8 @@ import yaml
 from gguf import GGMLQuantizationType, GGUFWriter
 from study_support import study_trials
 
+from tuner.probe.collect import read_host
+from tuner.server.build import ServerBuild
 from tuner.study import StudyBinding, open_storage, open_study
 
 pytestmark = pytest.mark.model
@@ -74,8 +76,11 @@ def test_a_benchmark_tune_writes_its_proven_winner_through_the_safety_chain(
         assert saved["write_back"]["state"] == "nothing to write"
 
 
-def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, Any]]) -> None:
+def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, Any]], llama_server_build: ServerBuild) -> None:
     home, result = tuned_home
+    measured_on = result["llama_cpp"]["llama_server"]
+    assert measured_on["sha256"] == llama_server_build.manifest["binary_sha256"], "the build the role deploys"
+    assert "AVX" in measured_on["system_info"] or "NEON" in measured_on["system_info"]
     assert result["verdict"] in ("improved", "inconclusive", "baseline-stands")
     settings = result["settings"]
     assert isinstance(settings, dict)
@@ -254,6 +259,20 @@ def test_not_gguf_truncated_and_too_large(tmp_path: Path, model_path: Path) -> N
     huge = sparse_model(tmp_path / "huge.gguf", gib=256)
     assert_refused(llamahost("tune", "--model", str(huge), "--budget", "1m", home=home),
                    "of memory is available on this host", home)
+
+
+def test_a_study_measured_on_another_llama_server_build_is_refused(tmp_path: Path, model_path: Path) -> None:
+    """Trials of one study must all have run one build: a study bound to another sha256 is not continued."""
+    home = tmp_path / "home"
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    here = StudyBinding(host_fingerprint=read_host().fingerprint(), model_sha256=MODEL_SHA256, objective="tg",
+                        workload={"pp_tokens": 512, "tg_tokens": 128, "seed": 1234}, extra={},
+                        llama_server_sha256="0" * 64)
+    open_study("night-2", open_storage(url), here, baseline_params={"threads": 2})
+    done = llamahost("tune", "--model", str(model_path), "--budget", "1m", "--study", "night-2", "--storage", url,
+                     home=home)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "a different llama-server build (sha256)" in done.stderr
 
 
 def test_study_from_another_host_is_refused_and_kept(tmp_path: Path, model_path: Path) -> None:

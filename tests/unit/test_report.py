@@ -129,7 +129,9 @@ def test_the_report_carries_every_trial_the_evaluator_and_the_tests_level() -> N
         "unit": "tg tok/s", "written": "2026-12-04T00:00:00+00:00",
         "host": {"hostname": "h1", "cpu_model": "EPYC", "fingerprint": "f" * 16},
         "model": {"name": "m", "quantization": "Q4_1", "sha256": "a" * 64},
-        "llama_cpp": {"llama_cpp_python": "0.3.36"},
+        "llama_cpp": {"llama_cpp_python": "0.3.36", "llama_server": {
+            "path": "/bin/llama-server", "sha256": "5e480123fe9a" + "0" * 52, "version": "version: 1",
+            "system_info": "CPU : AVX2 = 1 | <x> |"}},
         "settings": {"config": config, "server_args": ["--threads", "8"]},
         "baseline": {"config": config, "tg_tps": block}, "chosen": {"label": f"trial-{searched[0].number}",
                                                                    "tg_tps": block},
@@ -144,6 +146,7 @@ def test_the_report_carries_every_trial_the_evaluator_and_the_tests_level() -> N
     assert "the server did not come up healthy" in report and "pruned at sample 2" in report
     assert "97.5% CI" in report and "significant &lt; 0.025" in report
     assert "&lt;b&gt;" in report and "<b>" not in report.split("</h1>")[1].split("</p>")[0]
+    assert "llama-server sha256 5e480123fe9a... (CPU : AVX2 = 1 | &lt;x&gt; |)" in report, "the build that measured"
 
 
 def verification_of(gains: list[float], noise: list[float], rounds: int = 3) -> Verification:

@@ -83,6 +83,9 @@ def _add_selection(parser: argparse.ArgumentParser, *, storage: bool = True) -> 
     parser.add_argument("--max-measure", type=float, default=DEFAULT_MEASURE_CAP_S,
                         help=f"seconds of sampling per trial at most ({DEFAULT_MEASURE_CAP_S:.0f})")
     parser.add_argument("--no-kv-quant", action="store_true", help="keep the KV cache in f16 (do not search q8_0)")
+    parser.add_argument("--server-binary", type=Path,
+                        help="llama-server to measure: the build the hosts serve (default: the portable "
+                             "build that the llama_server role deploys, built on first use)")
 
 
 def _request(args: argparse.Namespace, *, budget: str | None = None) -> TuneRequest:
@@ -107,6 +110,7 @@ def _request(args: argparse.Namespace, *, budget: str | None = None) -> TuneRequ
         min_effect=getattr(args, "min_effect", proof_defaults.MIN_EFFECT),
         search_kv_cache=not args.no_kv_quant,
         max_measure_seconds=args.max_measure,
+        server_binary=args.server_binary,
     )
 
 
@@ -207,7 +211,8 @@ def print_status(groups: list[dict[str, Any]]) -> None:
         out.print(f"[bold]{group['study']}[/bold] group {group['group']}: {hw['cpu_model']}, "
                   f"{hw['sockets']} socket(s), {hw['physical_cores']} cores / {hw['logical_cpus']} CPUs, "
                   f"{hw['memory_gib']} GiB, "
-                  f"llama-cpp-python {hw['llama_cpp_python']}; objective {group['objective']}")
+                  f"llama-server {str(hw.get('llama_server_sha256', 'unrecorded'))[:12]}; "
+                  f"objective {group['objective']}")
         out.print(f"  trials: {c['running']} running, {c['waiting']} waiting, {c['complete']} complete, "
                   f"{c['pruned']} pruned, {c['failed']} failed; ETA "
                   f"{_eta(group['eta_seconds'])}" + (f" ({group['eta_at']})" if group["eta_at"] else ""))

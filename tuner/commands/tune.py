@@ -68,6 +68,9 @@ def register_common(parser: argparse.ArgumentParser, *, live_only: bool) -> None
         parser.add_argument("--tg-tokens", type=int, default=128, help="tokens generated per sample (128)")
         parser.add_argument("--max-measure", type=float,
                             help="seconds of sampling per trial at most (default: budget/30, between 5 and 60)")
+        parser.add_argument("--server-binary", type=Path,
+                            help="llama-server to measure: the build the hosts serve (default: the portable "
+                                 "build that the llama_server role deploys, built on first use)")
         parser.add_argument("--live", action="store_true", help="tune a running server under a request workload")
     add_live_arguments(parser)
 
@@ -93,6 +96,7 @@ def request_from_args(args: argparse.Namespace) -> TuneRequest:
         max_measure_seconds=args.max_measure,
         seed=args.seed,
         stop=StopRule(),
+        server_binary=args.server_binary,
     )
 
 

@@ -2,9 +2,9 @@
 
 Two hosts belong to the same group when a configuration tuned on one is valid and equally fast on the
 other: same CPU model and ISA, sockets, NUMA layout (CPUs per node and the distance table), physical
-cores, SMT state (threads per core), last-level-cache domains, memory size (GiB), the same llama.cpp
-build (llama-cpp-python version and llama.cpp's system_info: the compiled-in CPU features and
-backends), and the same model file (sha256). The group fingerprint is a hash of exactly these fields.
+cores, SMT state (threads per core), last-level-cache domains, memory size (GiB), the same llama-server
+build (its sha256, and llama.cpp's system_info: the CPU features and backends it runs with), and the same
+model file (sha256). The group fingerprint is a hash of exactly these fields.
 
 What is *not* in it, and why:
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuner.probe.host import HostProbe
+from tuner.server.identity import ServerBinary
 from tuner.study import FLEET_STUDY, StudyBinding
 from tuner.trial.protocol import Workload
 
@@ -35,23 +36,6 @@ NOT_READ = {
     "memory_speed": "only in SMBIOS type 17 (/sys/firmware/dmi/entries/17-*/raw, dmidecode), readable by root "
                     "only; left out so a host's group does not depend on the user running the tuner",
 }
-
-
-@dataclass(frozen=True)
-class LlamaCppBuild:
-    """The llama.cpp a trial runs on: the binding's version and what the library says it was built with."""
-
-    python_package: str
-    system_info: str
-
-
-def current_build() -> LlamaCppBuild:
-    """This environment's llama.cpp build (loads the library; it does not load any model)."""
-    import llama_cpp
-
-    info = llama_cpp.llama_print_system_info()
-    text = info.decode("utf-8", "replace") if isinstance(info, bytes) else str(info)
-    return LlamaCppBuild(python_package=str(llama_cpp.__version__), system_info=text.strip())
 
 
 @dataclass(frozen=True)
@@ -64,15 +48,15 @@ class GroupFingerprint:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def group_fingerprint(probe: HostProbe, build: LlamaCppBuild, model_sha256: str) -> GroupFingerprint:
+def group_fingerprint(probe: HostProbe, server: ServerBinary, model_sha256: str) -> GroupFingerprint:
     """The fields that decide a host's group (see the module docstring for what is left out)."""
     topology = probe.topology
     return GroupFingerprint({
         **probe.fingerprint_fields(),
         "smt_threads_per_core": topology.threads_per_core,
         "numa_distances": [list(node.distances) for node in topology.nodes],
-        "llama_cpp_python": build.python_package,
-        "llama_cpp_system_info": build.system_info,
+        "llama_server_sha256": server.sha256,
+        "llama_cpp_system_info": server.system_info,
         "model_sha256": model_sha256,
     })
 
@@ -92,4 +76,5 @@ def group_binding(group: GroupFingerprint, objective: str, workload_attrs: dict[
         workload=workload_attrs,
         extra={"host": group.fields, "model_name": model_name},
         kind=FLEET_STUDY,
+        llama_server_sha256=str(group.fields["llama_server_sha256"]),
     )

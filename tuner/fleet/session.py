@@ -18,7 +18,7 @@ from optuna.storages import RDBStorage
 
 from tuner.errors import UserError
 from tuner.fleet import STORAGE_ENV
-from tuner.fleet.group import GroupFingerprint, current_build, group_binding, group_fingerprint, group_study_name
+from tuner.fleet.group import GroupFingerprint, group_binding, group_fingerprint, group_study_name
 from tuner.paths import results_dir
 from tuner.store import backend, redact
 from tuner.study import check_binding, list_study_names, load_existing_study, open_storage, open_study
@@ -53,7 +53,7 @@ class HostInGroup:
 
 def host_in_group(request: TuneRequest) -> HostInGroup:
     taken = intake(request)
-    return HostInGroup(taken, group_fingerprint(taken.probe, current_build(), taken.model_sha256))
+    return HostInGroup(taken, group_fingerprint(taken.probe, taken.server, taken.model_sha256))
 
 
 @dataclass(frozen=True)
@@ -83,5 +83,5 @@ def open_group(request: TuneRequest, *, create: bool) -> GroupSession:
         check_binding(study, binding)
     result_path = request.output or results_dir() / f"{name}.yaml"
     ctx = TuneContext(request, taken.model, taken.model_sha256, taken.probe, taken.space, study, created,
-                      measure_settings(request), result_path)
+                      measure_settings(request, taken.server), result_path, taken.server)
     return GroupSession(ctx, host.group, storage)

@@ -31,7 +31,7 @@ STOPPED = "stopped"
 FINISHED = "finished"
 ACTIVE_STATES = (RUNNING, BETWEEN)
 GROUP_FIELDS_SHOWN = ("cpu_model", "sockets", "numa_nodes", "physical_cores", "logical_cpus",
-                      "smt_threads_per_core", "memory_gib", "llama_cpp_python")
+                      "smt_threads_per_core", "memory_gib", "llama_server_sha256")
 
 
 def state_name(trial: FrozenTrial) -> str:

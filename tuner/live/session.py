@@ -272,7 +272,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             kind="live", study=ctx.study.study_name, study_trials=len(ctx.study.trials),
             objective=objective_key(req.objective), unit=req.objective.unit,
             verification=verification, host=host_block(ctx.probe), model=model_block(ctx.model, ctx.model_sha256),
-            workload={**ctx.mix.describe(), "ctx_per_slot": ctx.space.ctx_per_slot}, system_info="",
+            workload={**ctx.mix.describe(), "ctx_per_slot": ctx.space.ctx_per_slot}, server=None,
             search=search.report.__dict__, wall_seconds=time.monotonic() - started,
             measuring_seconds=measurer.measuring_seconds, roofline=None,
             baseline_name="the deployed configuration")

@@ -27,6 +27,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -51,8 +52,8 @@ BINARY_NAME = "llama-server"
 TARGET = "llama-server"
 _TEMP_PREFIX = "."  # staging, build and stale directories are hidden, and removed by the next build
 
-# Offline, server-only, static llama.cpp libraries. OpenMP stays on: llama-cpp-python's libggml-cpu is
-# built with it too, so the server threads the way the tuner's in-process measurements did.
+# Offline, server-only, static llama.cpp libraries. OpenMP stays on, as in llama-cpp-python's libggml-cpu
+# (the role's python mode): one threading model whichever way a host serves.
 COMMON_CMAKE_FLAGS: tuple[str, ...] = (
     "-DCMAKE_BUILD_TYPE=Release",
     "-DBUILD_SHARED_LIBS=OFF",
@@ -213,6 +214,13 @@ def server_binary(flavour: Flavour = "portable") -> Path:
         raise UserError(f"no {flavour} llama-server has been built for llama-cpp-python {pinned_version()} "
                         f"(looked in {install_dir(flavour)})", f"run {how}")
     return build.binary
+
+
+def deployed_server_binary() -> Path:
+    """The portable build the llama_server role deploys by default: what benchmark trials run. Built on first
+    use (about 13 min on 2 cores, with progress on stderr), then taken from the cache."""
+    return ensure_server("portable", progress=lambda message: print(f"llama-server: {message}", file=sys.stderr,
+                                                                    flush=True)).binary
 
 
 @contextlib.contextmanager

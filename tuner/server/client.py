@@ -130,6 +130,24 @@ def read_metrics(base_url: str, *, api_key: str | None = None, timeout_s: float 
         raise ServerRequestError(f"GET {base_url}/metrics failed: {exc}", "check that the server runs") from None
 
 
+def model_meta(base_url: str, *, api_key: str | None = None, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The loaded model's ``meta`` from ``/v1/models`` (``n_vocab``, ``n_ctx``, ``n_params``, ``size``)."""
+    request = urllib.request.Request(f"{base_url}/v1/models", headers=_headers(api_key))
+    try:
+        with _DIRECT.open(request, timeout=timeout_s) as response:
+            data = json.load(response)
+        meta = data["data"][0]["meta"]
+    except urllib.error.HTTPError as exc:
+        raise ServerRequestError(f"GET {base_url}/v1/models answered {exc.code}", "check the API key") from None
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        raise ServerRequestError(f"GET {base_url}/v1/models gave no model metadata: {exc}",
+                                 "use the llama-server built by `llamahost server build`") from None
+    if not isinstance(meta, dict):
+        raise ServerRequestError(f"GET {base_url}/v1/models gave no model metadata: {meta!r}",
+                                 "use the llama-server built by `llamahost server build`")
+    return meta
+
+
 def _stream_events(response: http.client.HTTPResponse) -> Any:
     """Yield each JSON object of a server-sent-event stream until ``[DONE]`` or the end."""
     while True:
@@ -148,11 +166,12 @@ def _stream_events(response: http.client.HTTPResponse) -> Any:
         yield json.loads(payload)
 
 
-def complete(base_url: str, prompt: str, n_predict: int, *, api_key: str | None = None,
+def complete(base_url: str, prompt: str | list[int], n_predict: int, *, api_key: str | None = None,
              temperature: float = 0.0, seed: int = 42, ignore_eos: bool = False, cache_prompt: bool = True,
              timeout_s: float = DEFAULT_TIMEOUT_S, deadline_s: float | None = None) -> Completion:
     """Stream one ``/v1/completions`` request and return its text, server timings and client TTFT.
 
+    ``prompt`` is text, or token ids (a benchmark's fixed prompt, independent of the tokenizer);
     ``ignore_eos`` makes the server generate exactly ``n_predict`` tokens (fixed-length workloads);
     ``cache_prompt=False`` makes it process the whole prompt again even if a slot holds it.
     ``timeout_s`` bounds each wait on the socket; ``deadline_s`` bounds the whole request, so a server that

@@ -131,7 +131,7 @@ class ServerProcess:
                  port: int | None = None, ctx_size: int | None = None, api_key_file: Path | None = None,
                  log_path: Path | None = None, metrics: bool = True, extra_args: Sequence[str] = (),
                  stop_grace_s: float = DEFAULT_STOP_GRACE_S, die_with_parent: bool = True,
-                 oom_victim: bool = False) -> None:
+                 oom_victim: bool = False, inherit_placement: bool = False) -> None:
         self.binary = Path(binary)
         self.model = Path(model)
         self.config = config.validate()
@@ -144,6 +144,9 @@ class ServerProcess:
         self.stop_grace_s = stop_grace_s
         self.die_with_parent = die_with_parent
         self.oom_victim = oom_victim
+        # True: the caller has already placed itself (the benchmark trial worker pins and sets its memory
+        # policy, then reads both back), and the server inherits that instead of a second numactl.
+        self.inherit_placement = inherit_placement
         self._log_path = log_path
         self._owns_log = log_path is None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -185,7 +188,8 @@ class ServerProcess:
         port = self.port if self.port is not None else free_port(self.host)
         args = self.server_args(port)
         check_flags(self.binary, args)
-        self._placement = placement_for(self.config)
+        self._placement = ProcessPlacement(cpus=(), launcher=()) if self.inherit_placement \
+            else placement_for(self.config)
         if self._log_path is None:
             fd, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
             os.close(fd)

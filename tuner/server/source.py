@@ -1,7 +1,8 @@
 """The llama.cpp source that ``llama-server`` is built from: the one vendored by the pinned llama-cpp-python.
 
-The tuner measures through llama-cpp-python in-process; a deployment serves with ``llama-server``. Both
-must run the same llama.cpp, or a tuned configuration is a guess. So the version comes from one place,
+Trials measure the ``llama-server`` built from it, and deployments serve that build (or, in the role's
+python mode, llama-cpp-python itself): all must run the same llama.cpp, or a tuned configuration is a
+guess. So the version comes from one place,
 the installed llama-cpp-python (itself pinned in ``pyproject.toml``), and the source is that version's
 sdist from PyPI, whose ``vendor/llama.cpp`` is the full llama.cpp tree. The sdist is checked against a
 sha256 recorded here before anything in it is used.

@@ -1,10 +1,10 @@
 """Put a process, and the memory it will allocate, where a trial says - before the model loads.
 
 llama.cpp has no CPU-mask option, and its ``--numa numactl`` mode expects to be started under numactl.
-A trial worker does what numactl would do, in-process and without depending on numactl being installed:
-``sched_setaffinity`` for the CPUs and the ``set_mempolicy`` system call for memory (threads created
-later, including ggml's and OpenMP's, inherit both). The model's pages in the page cache keep the
-placement of whoever touched them first, across processes; :func:`evict_page_cache` drops one file's
+A trial worker does what numactl would do, to itself and without depending on numactl being installed:
+``sched_setaffinity`` for the CPUs and the ``set_mempolicy`` system call for memory; the llama-server it
+then starts inherits both, and so do the threads ggml and OpenMP create later. The model's pages in the
+page cache keep the placement of whoever touched them first, across processes; :func:`evict_page_cache` drops one file's
 pages (``POSIX_FADV_DONTNEED``, never a host-wide drop_caches) so the next load places them afresh.
 """
 

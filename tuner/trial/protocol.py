@@ -64,6 +64,7 @@ class TrialSpec:
     model_path: str
     config: dict[str, Any]
     objective: Objective
+    server_binary: str  # the llama-server build the role deploys: the one every trial measures
     workload: Workload = field(default_factory=Workload)
     warmup: Warmup = field(default_factory=Warmup)
     stop: StopRule = field(default_factory=StopRule)
@@ -78,6 +79,7 @@ class TrialSpec:
             model_path=data["model_path"],
             config=dict(data["config"]),
             objective=data["objective"],
+            server_binary=str(data["server_binary"]),
             workload=Workload(**data["workload"]),
             warmup=Warmup(**data["warmup"]),
             stop=StopRule(**data["stop"]),

@@ -244,7 +244,8 @@ def _apply_event(event: dict[str, Any], outcome: TrialOutcome, phase: str) -> st
     kind = event["event"]
     if kind == "ready":
         outcome.load_seconds = float(event["load_seconds"])
-        outcome.applied = {k: event[k] for k in ("cpus", "memory_policy", "memory_nodes", "system_info")}
+        outcome.applied = {k: event[k] for k in ("cpus", "memory_policy", "memory_nodes", "system_info",
+                                                 "binary_sha256")}
         return "warming up"
     if kind == "warmup":
         outcome.warmup_values.append(float(event["value"]))

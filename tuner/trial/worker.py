@@ -1,10 +1,12 @@
 """Trial worker: one fresh process per trial, the pyperf manager/worker split.
 
 Run as ``python -m tuner.trial.worker FD``. It reads a :class:`TrialSpec` from stdin, applies CPU
-affinity and memory policy, initialises llama.cpp's NUMA mode (possible once per process only, which is
-one reason every trial gets a fresh process), loads the model, and measures prompt processing (pp) and
-token generation (tg) the way llama-bench does: fixed token sequences decoded through ``llama_decode``,
-no sampling, no tokenizer. Results stream back as JSON lines on file descriptor FD.
+affinity and memory policy to itself and reads both back, then starts the llama-server build the role
+deploys (``TrialSpec.server_binary``) with the trial's flags; the server inherits the placement, and its
+CPU mask is read back too. It measures prompt processing (pp) and token generation (tg) the way
+llama-bench does, through the server: fixed token sequences, the server's own timings. A benchmark
+winner is therefore measured on the binary and kernels that will serve it, not on a Python binding's
+build of llama.cpp. Results stream back as JSON lines on file descriptor FD.
 
 Any failure ends the process with a non-zero status after an ``error`` event when it can still write
 one; the manager turns that (or a silent death such as the OOM killer's SIGKILL) into a failed trial.
@@ -12,8 +14,8 @@ one; the manager turns that (or a silent death such as the OOM killer's SIGKILL)
 
 from __future__ import annotations
 
-import collections
 import ctypes
+import dataclasses
 import json
 import math
 import os
@@ -22,15 +24,21 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from tuner.config import RunConfig
+from tuner.server.client import complete, model_meta
+from tuner.server.identity import identify
+from tuner.server.process import ServerProcess
 from tuner.stats import sampling_should_stop, warmup_is_stable
 from tuner.trial.placement import check_memory_policy, current_memory_policy, pin_to_cpus, set_memory_policy
 from tuner.trial.protocol import TrialSpec, measures_pp, measures_tg
 
-NUMA_STRATEGIES = {"none": 0, "distribute": 1, "isolate": 2, "numactl": 3}
-LOG_TAIL_LINES = 40
+# No host-memory prompt cache: it would hand pp a prompt it processed before.
+BENCH_SERVER_ARGS = ("--cache-ram", "0")
+# The manager's deadline (MeasureSettings.timeout_for, scaled by the model's size) is what bounds a slow load.
+LOAD_TIMEOUT_S = 24 * 3600.0
 
 
 class WorkerError(RuntimeError):
@@ -46,103 +54,36 @@ class Emitter:
         self.stream.flush()
 
 
-class LlamaLog:
-    """Keep llama.cpp's log out of the way, but remember its tail for error messages."""
+class ServerBench:
+    """The deployed llama-server build, started with one trial's configuration, measured like llama-bench.
 
-    def __init__(self, llama_cpp: Any) -> None:
-        self.lines: collections.deque[str] = collections.deque(maxlen=LOG_TAIL_LINES)
-        self._partial = ""
+    pp: a fixed prompt of random token ids processed from an empty cache (the server's prompt timings).
+    tg: a fixed number of tokens generated after that prompt, greedy, end-of-sequence ignored (the server's
+    generation timings, which include sampling as serving does). The server's own accounting excludes HTTP.
+    """
 
-        def _callback(level: int, text: bytes | None, _user: ctypes.c_void_p) -> None:
-            if text:
-                chunk = self._partial + text.decode("utf-8", "replace")
-                *complete, self._partial = chunk.split("\n")
-                self.lines.extend(line for line in complete if line.strip())
-
-        self._callback = llama_cpp.llama_log_callback(_callback)  # keep a reference: C holds a pointer
-        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
-
-    def tail(self, n: int = 8) -> str:
-        return " | ".join(list(self.lines)[-n:])
-
-
-class Bench:
-    """A loaded model and context, with the two measurements llama-bench calls pp and tg."""
-
-    def __init__(self, spec: TrialSpec, config: RunConfig, log: LlamaLog) -> None:
-        import llama_cpp as L
-
-        self.L = L
-        self.log = log
-        model_params = L.llama_model_default_params()
-        model_params.load_mode = {
-            "auto": L.LLAMA_LOAD_MODE_AUTO, "none": L.LLAMA_LOAD_MODE_NONE, "mmap": L.LLAMA_LOAD_MODE_MMAP,
-            "mlock": L.LLAMA_LOAD_MODE_MLOCK, "mmap+mlock": L.LLAMA_LOAD_MODE_MMAP_MLOCK,
-        }[config.load_mode]
-        self.model = L.llama_model_load_from_file(spec.model_path.encode(), model_params)
-        if not self.model:
-            raise WorkerError(f"llama.cpp could not load the model: {log.tail()}")
+    def __init__(self, spec: TrialSpec, server: ServerProcess) -> None:
+        self.server = server
         workload = spec.workload
-        ctx_params = L.llama_context_default_params()
-        ctx_params.n_ctx = workload.n_ctx()
-        ctx_params.n_batch = config.batch_size
-        ctx_params.n_ubatch = config.ubatch_size
-        ctx_params.n_threads = config.threads
-        ctx_params.n_threads_batch = config.threads_batch
-        ctx_params.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                                      "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[config.flash_attn]
-        ctx_params.type_k = self._ggml_type(config.cache_type_k)
-        ctx_params.type_v = self._ggml_type(config.cache_type_v)
-        ctx_params.no_perf = True
-        self.ctx = L.llama_init_from_model(self.model, ctx_params)
-        if not self.ctx:
-            raise WorkerError(f"llama.cpp could not create a context with this configuration: {log.tail()}")
-        self.memory = L.llama_get_memory(self.ctx)
-        n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        n_vocab = int(model_meta(server.base_url).get("n_vocab") or 0)
+        if n_vocab < 1:
+            raise WorkerError("the server reports a model without a vocabulary: it cannot be benchmarked")
         rng = random.Random(workload.seed)
         self.prompt = [rng.randrange(n_vocab) for _ in range(workload.pp_tokens)]
-        self.generated = [rng.randrange(n_vocab) for _ in range(workload.tg_tokens)]
-        self.n_batch = config.batch_size
-        self.depth = 0
-
-    def _ggml_type(self, name: str) -> int:
-        value = getattr(self.L, f"GGML_TYPE_{name.upper()}", None)
-        if value is None:
-            raise WorkerError(f"this llama.cpp build has no KV cache type {name!r}")
-        return int(value)
-
-    def _decode(self, tokens: list[int]) -> None:
-        array = (self.L.llama_token * len(tokens))(*tokens)
-        rc = self.L.llama_decode(self.ctx, self.L.llama_batch_get_one(array, len(tokens)))
-        if rc != 0:
-            raise WorkerError(f"llama_decode returned {rc}: {self.log.tail()}")
+        self.tg_tokens = workload.tg_tokens
 
     def run_pp(self) -> float:
-        """Prompt processing from an empty context; leaves the prompt in the cache as tg's context."""
-        self.L.llama_memory_clear(self.memory, True)
-        start = time.perf_counter()
-        for i in range(0, len(self.prompt), self.n_batch):
-            self._decode(self.prompt[i:i + self.n_batch])
-        self.L.llama_synchronize(self.ctx)
-        elapsed = time.perf_counter() - start
-        self.depth = len(self.prompt)
-        return len(self.prompt) / elapsed
+        timings = complete(self.server.base_url, self.prompt, 1, ignore_eos=True, cache_prompt=False).timings
+        if timings.prompt_n != len(self.prompt):
+            raise WorkerError(f"the server processed {timings.prompt_n} of the prompt's {len(self.prompt)} tokens")
+        return timings.prompt_per_second
 
     def run_tg(self) -> float:
-        """Token generation after the prompt; the generated tokens are removed again afterwards."""
-        if self.depth != len(self.prompt):
-            self.run_pp()
-        start = time.perf_counter()
-        for token in self.generated:
-            self._decode([token])
-        self.L.llama_synchronize(self.ctx)
-        elapsed = time.perf_counter() - start
-        if not self.L.llama_memory_seq_rm(self.memory, 0, self.depth, -1):
-            raise WorkerError("could not trim the KV cache back to the prompt")
-        return len(self.generated) / elapsed
-
-    def system_info(self) -> str:
-        return str(self.L.llama_print_system_info().decode("utf-8", "replace")).strip()
+        timings = complete(self.server.base_url, self.prompt, self.tg_tokens, ignore_eos=True,
+                           cache_prompt=True).timings
+        if timings.predicted_n != self.tg_tokens:
+            raise WorkerError(f"the server generated {timings.predicted_n} of {self.tg_tokens} tokens")
+        return timings.predicted_per_second
 
 
 def objective_value(objective: str, pp: float | None, tg: float | None) -> float:
@@ -160,7 +101,7 @@ def _metrics(pp: float | None, tg: float | None) -> dict[str, float]:
     return {name: value for name, value in (("pp_tps", pp), ("tg_tps", tg)) if value is not None}
 
 
-def measure(spec: TrialSpec, bench: Bench, emit: Callable[..., None]) -> None:
+def measure(spec: TrialSpec, bench: ServerBench, emit: Callable[..., None]) -> None:
     do_pp, do_tg = measures_pp(spec.objective), measures_tg(spec.objective)
 
     def one_run() -> tuple[float | None, float | None]:
@@ -202,6 +143,11 @@ def measure(spec: TrialSpec, bench: Bench, emit: Callable[..., None]) -> None:
          info={name: runs for name, runs in (("pp_tps", info_pp), ("tg_tps", info_tg)) if runs})
 
 
+def bench_config(config: RunConfig, spec: TrialSpec) -> RunConfig:
+    """The trial's configuration on one slot whose context holds the workload (what llama-bench measures)."""
+    return dataclasses.replace(config, parallel=1, ctx_size=spec.workload.n_ctx())
+
+
 def die_with_parent() -> None:
     """Ask the kernel to SIGKILL this worker when the manager dies (even by SIGKILL), so a killed
     controller never leaves a benchmark running that would disturb the next run's measurements."""
@@ -224,18 +170,23 @@ def run(spec: TrialSpec, emit: Callable[..., None]) -> None:
     if config.memory_policy != "default":
         check_memory_policy(config.memory_policy, config.memory_nodes, policy)
 
-    import llama_cpp as L
-
-    log = LlamaLog(L)
-    L.llama_backend_init()
-    if config.numa != "none":
-        L.llama_numa_init(NUMA_STRATEGIES[config.numa])
+    binary = identify(Path(spec.server_binary))
     started = time.perf_counter()
-    bench = Bench(spec, config, log)
-    load_seconds = time.perf_counter() - started
-    emit("ready", pid=os.getpid(), load_seconds=load_seconds, cpus=list(applied_cpus),
-         memory_policy=policy[0], memory_nodes=list(policy[1]), system_info=bench.system_info())
-    measure(spec, bench, emit)
+    # The server inherits this process' CPU mask and memory policy (set and read back above): one placement,
+    # applied before llama.cpp starts, whatever launches it.
+    server = ServerProcess(Path(binary.path), Path(spec.model_path), bench_config(config, spec),
+                           metrics=False, extra_args=BENCH_SERVER_ARGS, inherit_placement=True)
+    with server:  # started here, stopped (whole process group) on the way out
+        server.wait_healthy(timeout_s=LOAD_TIMEOUT_S)
+        load_seconds = time.perf_counter() - started
+        server_cpus = tuple(sorted(os.sched_getaffinity(server.pid)))
+        if server_cpus != applied_cpus:
+            raise WorkerError(f"llama-server runs on CPUs {list(server_cpus)}, not the trial's {list(applied_cpus)}")
+        bench = ServerBench(spec, server)
+        emit("ready", pid=server.pid, load_seconds=load_seconds, cpus=list(server_cpus),
+             memory_policy=policy[0], memory_nodes=list(policy[1]), system_info=binary.system_info,
+             binary_sha256=binary.sha256)
+        measure(spec, bench, emit)
 
 
 def main(argv: list[str] | None = None) -> int:
