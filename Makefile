@@ -7,6 +7,9 @@ EXTRAS ?= dev,ansible,infra,fleet
 # One stamp per pyproject.toml and set of extras: `make demo` installs none, `make test` all of them.
 STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; echo "$(EXTRAS)") | sha256sum | cut -c1-12)
 PYTEST_ARGS ?= --durations=25
+# A fresh hash seed per run unless one is given; pytest's header prints it, so any order-dependent failure can be
+# replayed with `make test PYTHONHASHSEED=<seed>`.
+PYTHONHASHSEED ?= $(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 DEMO_BUDGET ?= 5m
 # Built llama-server binaries: kept across runs (and across test sessions with a throw-away LLAMAHOST_HOME).
 LLAMAHOST_SERVER_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llamahost/llama-server
@@ -54,7 +57,7 @@ llama-server: system-deps venv
 	$(BIN)/llamahost server build
 
 test: system-deps venv lint llama-server
-	$(BIN)/pytest $(PYTEST_ARGS)
+	PYTHONHASHSEED=$(PYTHONHASHSEED) $(BIN)/pytest $(PYTEST_ARGS)
 
 unit: venv
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)

@@ -96,6 +96,11 @@ FIXTURE_MARKERS = {"llama_server_build": "builds", "llama_server_binary": "build
                    "tiny_model_path": "fetches", "tiny_split_model_path": "fetches"}
 
 
+def pytest_report_header() -> str:
+    """The hash seed decides set and dict orders the code does not fix: replay a run with the same one."""
+    return f"PYTHONHASHSEED={os.environ.get('PYTHONHASHSEED', 'unset (random per process)')}"
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark each test by the fixtures it uses (:data:`FIXTURE_MARKERS`), then order: the QEMU lab tier runs
     last, since it is the slowest, and whatever it leaves behind on a bad day (a guest still spinning its vCPUs)

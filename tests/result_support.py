@@ -3,10 +3,12 @@ changes one thing (a hostile variable, another model) against an otherwise faith
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from tuner.config import RunConfig, RunKind
+from tuner.model.checksum import sha256_of
 from tuner.result import FORMAT_VERSION, write_result
 
 MODEL_SHA = "ab" * 32
@@ -16,9 +18,22 @@ WINNER = RunConfig(threads=24, threads_batch=24, cpus=tuple(range(24)), placemen
                    flash_attn="on")
 
 
+
+
+def _stand_in_server() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="llamahost-measured-")) / "llama-server"
+    path.write_bytes(b"#!/bin/sh\n# the llama-server build a benchmark result was measured on (a stand-in)\n")
+    return path
+
+
+# The build benchmark results name: a vars file that deploys it carries DEPLOYS_MEASURED_SERVER.
+MEASURED_SERVER = _stand_in_server()
+DEPLOYS_MEASURED_SERVER = f'llama_server_binary_src: "{MEASURED_SERVER}"\n'
+
+
 def proven_result(config: RunConfig = WINNER, *, kind: RunKind = "benchmark", verdict: str = "improved",
                   significant: bool = True, model_sha: str = MODEL_SHA,
-                  fleet_group: str | None = None) -> dict[str, Any]:
+                  fleet_group: str | None = None, server: Path | None = MEASURED_SERVER) -> dict[str, Any]:
     result: dict[str, Any] = {
         "format": FORMAT_VERSION, "study": "fleet-smol-tg", "verdict": verdict, "kind": kind,
         "summary": f"{verdict} summary", "written": "2026-11-22T10:00:00+00:00",
@@ -29,6 +44,9 @@ def proven_result(config: RunConfig = WINNER, *, kind: RunKind = "benchmark", ve
         "model": {"path": "/srv/models/m.gguf", "sha256": model_sha, "name": "m"},
         "host": {"fingerprint": HOST_FINGERPRINT, "hostname": "node-a"},
     }
+    if kind == "benchmark" and server is not None:
+        result["llama_cpp"] = {"llama_cpp_python": "0.3.36", "llama_server": {
+            "path": str(server), "sha256": sha256_of(server), "version": "version: stand-in", "system_info": ""}}
     if fleet_group:
         result["fleet"] = {"group": fleet_group, "hosts": ["node-a", "node-b"]}
     return result

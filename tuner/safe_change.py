@@ -12,9 +12,11 @@ leaving the vars file byte-identical:
    measured it (:func:`proven_change`);
 2. **merge**: a benchmark result carries only what a benchmark measures; a live server's slots,
    continuous batching and context size stay as the deployment has them;
-3. **check the model and the hardware**: every target host must serve the model the result was
-   measured on (its resolved ``llama_server_model_sha256``), and the result must come from the target's
-   hardware group when that is known (``--hardware``);
+3. **check the model, the build and the hardware**: every target host must serve the model the result
+   was measured on (its resolved ``llama_server_model_sha256``); a benchmark result must have been
+   measured on the llama-server build the role installs there (binary mode: the sha256 of
+   ``llama_server_binary_src``, by default this machine's portable build); and the result must come
+   from the target's hardware group when that is known (``--hardware``);
 4. **write** the variables (comments and order kept, atomic, previous file as ``.prev``);
 5. **check the resolved vars**: ``ansible-inventory`` must resolve every written variable to the written
    value on every target host; when another source outranks the file, the file is put back as it was and
@@ -34,8 +36,9 @@ from typing import Any
 from tuner.config import RunConfig, RunKind, plain_scalar
 from tuner.errors import UserError
 from tuner.inventory import ResolvedInventory, files_setting, inventory_of, resolve_inventory
-from tuner.model.checksum import combined_sha256
+from tuner.model.checksum import combined_sha256, sha256_of
 from tuner.result import IMPROVED, run_kind, write_result
+from tuner.server.build import server_binary
 from tuner.writeback import PlannedWrite, WriteBack, load_vars_file, plan_vars, write_vars
 
 # How far a run's change got, recorded in its result file as ``write_back.state``.
@@ -47,6 +50,8 @@ STATE_APPLY_FAILED = "apply failed, vars file restored"
 STATE_APPLIED = "written and applied"
 
 MODEL_SHA_VAR = "llama_server_model_sha256"
+INSTALL_MODE_VAR = "llama_server_install_mode"
+BINARY_SRC_VAR = "llama_server_binary_src"
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,8 @@ class ProvenChange:
     model_sha256: str
     hardware: frozenset[str]  # the host fingerprint and, for a fleet result, the group's digest
     note: str
+    # The llama-server build the trials ran (sha256, path); None for a live run, which measured the deployment.
+    server: tuple[str, str] | None = None
 
 
 def _improvement(result: dict[str, Any]) -> dict[str, Any]:
@@ -104,7 +111,51 @@ def proven_change(result: dict[str, Any]) -> ProvenChange | None:
     note = (f"tuned by llamahost {written}: study {result.get('study')}, {result.get('objective')} "
             f"x{improvement['ratio']:.3f} [{improvement['ci_low']:.3f}, {improvement['ci_high']:.3f}]")
     return ProvenChange(study=str(result.get("study")), kind=kind, role_vars=expected, model_sha256=sha,
-                        hardware=frozenset(hardware), note=note)
+                        hardware=frozenset(hardware), note=note, server=_measured_server(result, kind))
+
+
+def _measured_server(result: dict[str, Any], kind: RunKind) -> tuple[str, str] | None:
+    """The build a benchmark result's trials ran, as (sha256, path); None for a live result, which measured the
+    deployment's own server (it records that build too, for the reader)."""
+    if kind == "live":
+        return None
+    server = (result.get("llama_cpp") or {}).get("llama_server")
+    sha = str(server.get("sha256", "")).lower() if isinstance(server, dict) else ""
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise UserError("the result does not name the llama-server build it was measured on",
+                        "nothing was written; tune again with this llamahost (its trials run the build the role "
+                        "deploys, and the result names it)")
+    assert isinstance(server, dict)
+    return sha, str(server.get("path", "?"))
+
+
+def check_binary(change: ProvenChange, deployed_vars: dict[str, Any], where: str) -> None:
+    """The target must run the llama-server build the result was measured on. In binary mode the role copies
+    ``llama_server_binary_src`` (empty: this machine's portable build), so its sha256 can be compared here;
+    source and python modes build llama.cpp on the host, which only a live tune there measures."""
+    if change.server is None:
+        return
+    measured_sha, measured_path = change.server
+    mode = str(deployed_vars.get(INSTALL_MODE_VAR) or "binary")
+    if mode != "binary":
+        raise UserError(f"{where} builds llama.cpp itself ({INSTALL_MODE_VAR}: {mode}), so it would not run the "
+                        f"llama-server the result was measured on ({measured_sha[:12]}...)",
+                        f"nothing was written; tune that host live (`llamahost tune --live`), or deploy the "
+                        f"measured build: {INSTALL_MODE_VAR}: binary, {BINARY_SRC_VAR}: {measured_path}")
+    source = str(deployed_vars.get(BINARY_SRC_VAR) or "")
+    if "{{" in source:
+        raise UserError(f"{where} sets {BINARY_SRC_VAR} through a template, which only ansible-playbook resolves",
+                        f"write {BINARY_SRC_VAR} as a literal path; nothing was written")
+    binary = Path(source) if source else server_binary("portable")
+    if not binary.is_file():
+        raise UserError(f"{where} deploys {BINARY_SRC_VAR} {binary}, which does not exist on this machine",
+                        f"nothing was written; point {BINARY_SRC_VAR} at the measured build {measured_path}")
+    deployed = sha256_of(binary)
+    if deployed != measured_sha:
+        raise UserError(f"the result was measured on llama-server {measured_sha[:12]}... ({measured_path}), but "
+                        f"{where} deploys {deployed[:12]}... ({binary})",
+                        f"nothing was written; tune with --server-binary {binary}, or deploy the measured build "
+                        f"({BINARY_SRC_VAR}: {measured_path})")
 
 
 def check_hardware(change: ProvenChange, expected: str | None) -> None:
@@ -220,10 +271,12 @@ def write_back(result: dict[str, Any], vars_file: Path, *, inventory: Path | Non
         targets = resolved.targets_of(vars_file)
         for host in targets:
             check_model(change, resolved.hostvars[host].get(MODEL_SHA_VAR), f"host {host}")
+            check_binary(change, resolved.hostvars[host], f"host {host}")
     else:
-        deployed = load_vars_file(vars_file).get(MODEL_SHA_VAR)
-        if deployed is not None:
-            check_model(change, deployed, str(vars_file))
+        given = dict(load_vars_file(vars_file))
+        if given.get(MODEL_SHA_VAR) is not None:
+            check_model(change, given[MODEL_SHA_VAR], str(vars_file))
+        check_binary(change, given, str(vars_file))
     if dry_run:
         plan = plan_vars(vars_file, change.role_vars, note=change.note)
         checked = source is not None and resolved is not None and _check_resolution_dry(

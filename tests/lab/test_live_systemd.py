@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from labkit import BIN, REPO, TUNED, Lab
@@ -26,6 +27,7 @@ from tuner.errors import UserError
 from tuner.live.control import Target, TargetOptions, TrialStartFailed
 from tuner.live.measure import Heartbeat
 from tuner.live.systemd import DEADMAN_LOG, DEADMAN_UNIT, RemoteConnection, dropin_path
+from tuner.server.identity import identify
 from tuner.writeback import write_vars
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(2400)]
@@ -140,9 +142,14 @@ def remote(served: Lab) -> Iterator[tuple[RemoteConnection, Target]]:
         yield connection, target
 
 
-def test_the_target_is_read_from_the_host(remote: tuple[RemoteConnection, Target]) -> None:
+def test_the_target_is_read_from_the_host(remote: tuple[RemoteConnection, Target],
+                                          llama_server_binary: Path) -> None:
     connection, target = remote
     assert target.deployed is not None
+    here = identify(llama_server_binary)
+    assert target.server is not None, "the unit's llama-server is named on the host"
+    assert (target.server.sha256, target.server.version) == (here.sha256, here.version), "the role copied this build"
+    assert target.server.system_info and target.server.path != here.path
     assert target.deployed.role_vars() == TUNED.role_vars()
     assert [node.cpus for node in target.probe.topology.nodes] == [(0, 2), (4, 6)]  # SMT off, 2 nodes
     assert target.probe.hostname != os.uname().nodename

@@ -25,6 +25,7 @@ from study_support import study_trials
 
 from tuner.config import RunConfig
 from tuner.live.local import LocalServer, ServerSpec
+from tuner.model.checksum import sha256_of
 from tuner.server.process import free_port
 from tuner.study import GRACE_PERIOD_S
 
@@ -88,8 +89,10 @@ def live_run(tmp_path_factory: pytest.TempPathFactory, model_path: Path,
 
 
 def test_live_run_measures_trials_under_the_workload_and_proves_or_keeps_the_baseline(
-        live_run: tuple[Path, Path, dict[str, object], str]) -> None:
+        live_run: tuple[Path, Path, dict[str, object], str], llama_server_binary: Path) -> None:
     home, _, result, _ = live_run
+    measured_on = result["llama_cpp"]["llama_server"]  # type: ignore[index]
+    assert measured_on["sha256"] == sha256_of(llama_server_binary), "the result names the build that served"
     assert result["objective"] == "live-throughput" and result["unit"] == "aggregate tok/s"
     assert result["verdict"] in ("improved", "inconclusive", "baseline-stands")
     search = result["search"]

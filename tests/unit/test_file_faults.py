@@ -18,12 +18,12 @@ from pathlib import Path
 import optuna
 import pytest
 from optuna.trial import TrialState
-from result_support import MODEL_SHA, proven_result, write_result_file
+from result_support import DEPLOYS_MEASURED_SERVER, MODEL_SHA, proven_result, write_result_file
 
 from tuner.errors import UserError
 from tuner.study import open_storage
 
-DEPLOYED = f'llama_server_model_sha256: "{MODEL_SHA}"\nllama_server_threads: 32\n'
+DEPLOYED = f'llama_server_model_sha256: "{MODEL_SHA}"\nllama_server_threads: 32\n{DEPLOYS_MEASURED_SERVER}'
 
 
 def llamahost(*args: str, home: Path) -> subprocess.CompletedProcess[str]:

@@ -14,7 +14,15 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from result_support import HOST_FINGERPRINT, MODEL_SHA, WINNER, proven_result, write_result_file
+from result_support import (
+    DEPLOYS_MEASURED_SERVER,
+    HOST_FINGERPRINT,
+    MEASURED_SERVER,
+    MODEL_SHA,
+    WINNER,
+    proven_result,
+    write_result_file,
+)
 
 from tuner.atomic import previous_path
 from tuner.config import RunConfig
@@ -31,7 +39,7 @@ llama_server_threads: 32
 llama_server_parallel: 4          # four chat slots
 llama_server_cont_batching: true
 llama_server_ctx_size: 16384
-"""
+""" + DEPLOYS_MEASURED_SERVER
 
 
 def cli_write_back(*args: str) -> subprocess.CompletedProcess[str]:
@@ -156,7 +164,8 @@ def inventory(root: Path, *, host_override: bool) -> Path:
     (root / "group_vars").mkdir(parents=True)
     (root / "host_vars").mkdir()
     (root / "hosts.yml").write_text(yaml.safe_dump(hosts))
-    (root / "group_vars" / "llama_hosts.yml").write_text(f"llama_server_model_sha256: {MODEL_SHA}\n")
+    (root / "group_vars" / "llama_hosts.yml").write_text(f"llama_server_model_sha256: {MODEL_SHA}\n"
+                                                         + DEPLOYS_MEASURED_SERVER)
     (root / "group_vars" / "rack7.yml").write_text("---\n# rack 7\nllama_server_port: 8080\n")
     # what a Pulumi inventory does: the initial thread count as a host variable
     (root / "host_vars" / "h2.yml").write_text("llama_server_threads: 32\n" if host_override else "ansible_host: h2\n")
@@ -235,7 +244,7 @@ def test_a_split_model_pinned_shard_by_shard_is_the_model_the_tuner_measured(tmp
     result = write_result_file(tmp_path / "r.yaml", proven_result(model_sha=combined_sha256(shards)))
     for order, expected in ((shards[::-1], 2), (shards, 0)):
         pinned = yaml.safe_dump({"llama_server_model_sha256": order})
-        (hosts.parent / "group_vars" / "llama_hosts.yml").write_text(pinned)
+        (hosts.parent / "group_vars" / "llama_hosts.yml").write_text(pinned + DEPLOYS_MEASURED_SERVER)
         done = cli_write_back(str(result), "--vars", str(group_vars), "--inventory", str(hosts))
         assert done.returncode == expected, (order, done.stderr)
     assert yaml.safe_load(group_vars.read_text())["llama_server_threads"] == WINNER.threads
@@ -331,3 +340,43 @@ def test_a_refused_live_write_back_keeps_the_proof(tmp_path: Path) -> None:
     assert control.state_seen is None and host_vars.read_bytes() == DEPLOYED.encode()
     saved = yaml.safe_load(control.result_path.read_text())
     assert saved["write_back"]["state"] == "refused by the safety checks" and saved["verdict"] == "improved"
+
+
+# ---- the build: a benchmark result is rolled out only onto the llama-server it was measured on ------------------
+
+def test_a_result_measured_on_another_build_is_refused_and_says_which_build_to_use(tmp_path: Path) -> None:
+    other = tmp_path / "other-llama-server"
+    other.write_bytes(b"#!/bin/sh\n# a build the result was not measured on\n")
+    vars_file = tmp_path / "h1.yml"
+    vars_file.write_text(DEPLOYED.replace(str(MEASURED_SERVER), str(other)))
+    before = vars_file.read_bytes()
+    result = write_result_file(tmp_path / "r.yaml", proven_result())
+    done = cli_write_back(str(result), "--vars", str(vars_file))
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "was measured on llama-server" in done.stderr and str(other) in done.stderr
+    assert f"--server-binary {other}" in done.stderr and str(MEASURED_SERVER) in done.stderr, "both ways out"
+    assert vars_file.read_bytes() == before
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    ({"llama_server_install_mode": "source"}, "builds llama.cpp itself"),
+    ({"llama_server_binary_src": "{{ playbook_dir }}/llama-server"}, "through a template"),
+    ({"llama_server_binary_src": "/nonexistent/llama-server"}, "does not exist on this machine"),
+])
+def test_a_target_whose_build_cannot_be_compared_is_refused(tmp_path: Path, change: dict[str, str],
+                                                             fragment: str) -> None:
+    vars_file = tmp_path / "h1.yml"
+    vars_file.write_text(yaml.safe_dump({**yaml.safe_load(DEPLOYED), **change}))
+    before = vars_file.read_bytes()
+    with pytest.raises(UserError, match=fragment):
+        write_back(proven_result(), vars_file)
+    assert vars_file.read_bytes() == before
+
+
+def test_a_benchmark_result_that_names_no_build_is_refused_and_a_live_one_needs_none(tmp_path: Path) -> None:
+    """Results from before trials ran the deployed build (llama-cpp-python's in-process build) are not trusted;
+    a live run measured the deployment itself, whatever it runs."""
+    with pytest.raises(UserError, match="does not name the llama-server build"):
+        proven_change(proven_result(server=None))
+    live = proven_change(proven_result(RunConfig(threads=8, threads_batch=8), kind="live"))
+    assert live is not None and live.server is None

@@ -12,6 +12,7 @@ import pytest
 
 from tuner.errors import UserError
 from tuner.model.checksum import sha256_of
+from tuner.server.build import deployed_server_binary
 from tuner.server.identity import identify, parse_system_info
 
 LOG = ("0.00.001.676 I srv  llama_server: initializing ...\n"
@@ -61,3 +62,9 @@ def test_something_that_is_not_llama_server_is_refused_with_the_fix(tmp_path: Pa
     assert "llamahost server build" in str(refused.value.fix)
     with pytest.raises(UserError, match="cannot be read"):
         identify(tmp_path / "missing")
+
+
+def test_on_a_host_the_role_prepared_trials_run_the_binary_it_serves(tmp_path: Path) -> None:
+    """Fleet hosts measure the bytes the role installed (one sha256 across the group), not a build of their own."""
+    served = stand_in(tmp_path, version="version: 7", info="CPU : AVX2 = 1 |")
+    assert deployed_server_binary(served) == served

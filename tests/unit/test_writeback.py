@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from result_support import WINNER, proven_result, write_result_file
+from result_support import DEPLOYS_MEASURED_SERVER, WINNER, proven_result, write_result_file
 from ruamel.yaml import YAML
 
 from tuner.atomic import previous_path
@@ -29,7 +29,7 @@ llama_server_threads: 32
 llama_server_batch_size: 2048   # large for RAG prompts
 llama_server_model_url: "https://models.example/m.gguf"
 hugepages_count_2m: [512, 512]
-"""
+""" + DEPLOYS_MEASURED_SERVER
 
 
 def test_values_change_in_place_and_comments_survive(tmp_path: Path) -> None:

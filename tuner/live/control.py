@@ -21,6 +21,7 @@ from typing import Protocol
 from tuner.config import RunConfig
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
+from tuner.server.identity import ServerBinary
 
 
 class TrialStartFailed(Exception):
@@ -99,6 +100,7 @@ class Target:
     model_sha256: str
     probe: HostProbe
     deployed: RunConfig | None
+    server: ServerBinary | None = None  # the llama-server build the deployment runs, when it can be read
 
 
 class Connection(Protocol):

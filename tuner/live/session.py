@@ -40,6 +40,7 @@ from tuner.report import write_report
 from tuner.result import IMPROVED, assemble_result, host_block, model_block
 from tuner.safe_change import STATE_APPLIED, STATE_APPLY_FAILED, record_write_back, save_and_write, written_message
 from tuner.search import Interrupted, Search, sigterm_as_interrupt
+from tuner.server.identity import ServerBinary
 from tuner.study import (
     StudyBinding,
     baseline_trial,
@@ -114,6 +115,7 @@ class LiveContext:
     study: optuna.Study
     study_created: bool
     result_path: Path
+    server: ServerBinary | None = None  # the build the deployment runs (recorded in the result)
 
 
 def objective_key(objective: LiveObjective) -> str:
@@ -197,7 +199,8 @@ def plan_apply(request: LiveRequest, *, control: ServerControl, mix: RequestMix,
 
 
 def prepare_live(request: LiveRequest, *, control: ServerControl, mix: RequestMix, model: ModelInfo,
-                 model_sha256: str, probe: HostProbe, deployed: RunConfig | None) -> LiveContext:
+                 model_sha256: str, probe: HostProbe, deployed: RunConfig | None,
+                 server: ServerBinary | None = None) -> LiveContext:
     """Everything is checked before the study is opened; opening it is the first write."""
     validate_live_request(request)
     space, name, binding = _study_identity(request, control=control, mix=mix, model=model,
@@ -207,7 +210,8 @@ def prepare_live(request: LiveRequest, *, control: ServerControl, mix: RequestMi
                                 baseline_config=space.baseline(), seed=request.seed,
                                 constraints=ttft_constraint(request.objective))
     result_path = request.output or results_dir() / f"{name}.yaml"
-    return LiveContext(request, control, mix, model, model_sha256, probe, space, study, created, result_path)
+    return LiveContext(request, control, mix, model, model_sha256, probe, space, study, created, result_path,
+                       server)
 
 
 @dataclass
@@ -272,7 +276,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             kind="live", study=ctx.study.study_name, study_trials=len(ctx.study.trials),
             objective=objective_key(req.objective), unit=req.objective.unit,
             verification=verification, host=host_block(ctx.probe), model=model_block(ctx.model, ctx.model_sha256),
-            workload={**ctx.mix.describe(), "ctx_per_slot": ctx.space.ctx_per_slot}, server=None,
+            workload={**ctx.mix.describe(), "ctx_per_slot": ctx.space.ctx_per_slot}, server=ctx.server,
             search=search.report.__dict__, wall_seconds=time.monotonic() - started,
             measuring_seconds=measurer.measuring_seconds, roofline=None,
             baseline_name="the deployed configuration")

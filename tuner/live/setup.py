@@ -28,6 +28,7 @@ from tuner.paths import data_dir
 from tuner.probe import probe_host
 from tuner.proof_defaults import LIVE_VERIFY_WINDOWS
 from tuner.server.build import server_binary
+from tuner.server.identity import identify
 from tuner.stats import StopRule
 from tuner.yamlfile import read_yaml_mapping
 
@@ -120,7 +121,8 @@ class LocalConnection:
         deployed = RunConfig.from_role_vars(self.role_vars, physical_cores=probe.topology.physical_core_count) \
             if self.role_vars is not None else None
         self.control.spec = dataclasses.replace(self.control.spec, model=str(model.path))
-        return Target(model, model_sha256(model.files), probe, deployed)
+        return Target(model, model_sha256(model.files), probe, deployed,
+                      server=identify(Path(self.control.spec.binary)))
 
 
 def connection_from_args(args: argparse.Namespace) -> Connection:
@@ -167,6 +169,7 @@ def run_live_command(args: argparse.Namespace, *, verify_only: bool) -> LiveOutc
                                      max_memory_bytes=int(args.max_server_memory * target.probe.memory_total_bytes))
         request = dataclasses.replace(request, guards=guards)
         ctx = prepare_live(request, control=connection.control, mix=mix, model=target.model,
-                           model_sha256=target.model_sha256, probe=target.probe, deployed=target.deployed)
+                           model_sha256=target.model_sha256, probe=target.probe, deployed=target.deployed,
+                           server=target.server)
         connection.control.start(ctx.space.baseline())
         return run_live(ctx)

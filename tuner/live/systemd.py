@@ -56,7 +56,10 @@ from tuner.probe.collect import read_host
 from tuner.probe.host import HostProbe, Topology
 from tuner.rollout.converge import converge_host
 from tuner.server.client import health
+from tuner.server.identity import ServerBinary, identity_of, probe_commands
 from tuner.server.process import OOM_VICTIM_SCORE_ADJ, api_key_from_text, child_setup, free_port
+
+_IDENTIFY_MARK = "--llamahost-identify--"
 
 DROPIN_NAME = "50-llamahost-trial.conf"
 STATE_DIR = "/run/llamahost"
@@ -771,6 +774,21 @@ class SystemdServer:
             raise UserError(f"cannot read the model on {self.facts.name}", "converge the host with site.yml")
         return combined_sha256(digests)
 
+    def binary_identity(self) -> ServerBinary:
+        """The llama-server build the unit runs, named on the host as a benchmark result names its build (run as
+        the SSH user, not root: the binary is world-executable, and naming it needs no privilege)."""
+        binary = self.server_command().argv[0]
+        version_command, debug_command = probe_commands(binary, "/nonexistent/llamahost-identify.gguf")
+        out = self._ssh().run(f"sha256sum {shlex.quote(binary)}; echo {_IDENTIFY_MARK}; "
+                              f"{shlex.join(version_command)} 2>&1; echo {_IDENTIFY_MARK}; "
+                              f"{shlex.join(debug_command)} 2>&1; true", root=False, timeout=300).stdout
+        digest, version_output, debug_output = (*out.split(_IDENTIFY_MARK + "\n"), "", "")[:3]
+        sha = (digest.split() or [""])[0]
+        if not re.fullmatch(r"[0-9a-f]{64}", sha):
+            raise UserError(f"cannot read the llama-server binary {binary} on {self.facts.name}",
+                            "converge the host with site.yml")
+        return identity_of(binary, sha, version_output, debug_output)
+
 
 # ---- the Connection for `tune --live --inventory FILE --host NAME` --------------------------------
 
@@ -836,4 +854,4 @@ class RemoteConnection:
         check_fits_in_memory(model, probe.memory_available_bytes + (self.control.server_memory_bytes() or 0))
         cpus = parse_cpu_list(str(self.variables.get("llama_server_cpus", "") or ""))
         deployed = RunConfig.from_role_vars(self.variables, physical_cores=serving_cores(probe.topology, cpus))
-        return Target(model, local_digest, probe, deployed)
+        return Target(model, local_digest, probe, deployed, server=self.control.binary_identity())

@@ -216,9 +216,19 @@ def server_binary(flavour: Flavour = "portable") -> Path:
     return build.binary
 
 
-def deployed_server_binary() -> Path:
-    """The portable build the llama_server role deploys by default: what benchmark trials run. Built on first
-    use (about 13 min on 2 cores, with progress on stderr), then taken from the cache."""
+# Where the llama_server role installs the server (its default llama_server_prefix, vars/main.yml).
+ROLE_SERVED_BINARY = Path("/opt/llama-server/bin/llama-server")
+
+
+def deployed_server_binary(served: Path = ROLE_SERVED_BINARY) -> Path:
+    """What benchmark trials run when no --server-binary is given: the build that serves.
+
+    On a host the llama_server role prepared, that is the binary it installed (a copy of the controller's
+    portable build in binary mode, the host's own build in source mode), so fleet hosts all measure the same
+    bytes and a result's build is the one write-back compares. Elsewhere it is the portable build the role
+    would deploy, built on first use (about 13 min on 2 cores, with progress on stderr), then cached."""
+    if served.is_file() and os.access(served, os.X_OK):
+        return served
     return ensure_server("portable", progress=lambda message: print(f"llama-server: {message}", file=sys.stderr,
                                                                     flush=True)).binary
 

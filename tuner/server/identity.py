@@ -49,6 +49,22 @@ def parse_system_info(log: str) -> str:
     return ""
 
 
+def probe_commands(binary: str, missing_model: str) -> tuple[list[str], list[str]]:
+    """The two commands whose output names a build: ``--version``, and a debug start that prints
+    ``system_info`` and stops at once on a model path that does not exist (run here, or on a host over SSH)."""
+    return [binary, "--version"], [binary, "-lv", "4", "--model", missing_model, "--host", "127.0.0.1",
+                                   "--port", "0"]
+
+
+def identity_of(path: str, sha256: str, version_output: str, debug_output: str) -> ServerBinary:
+    """A :class:`ServerBinary` from what :func:`probe_commands` printed (no I/O)."""
+    version = next((line.strip() for line in version_output.splitlines() if line.startswith("version")), "")
+    if not version:
+        raise UserError(f"{path} does not answer --version like llama-server",
+                        "point --server-binary at a llama-server binary (or run `llamahost server build`)")
+    return ServerBinary(path=path, sha256=sha256, version=version, system_info=parse_system_info(debug_output))
+
+
 def _run(command: list[str]) -> str:
     try:
         done = subprocess.run(command, capture_output=True, text=True, errors="replace", timeout=_TIMEOUT_S,
@@ -61,16 +77,11 @@ def _run(command: list[str]) -> str:
 
 @functools.lru_cache(maxsize=8)
 def _identify(path: str, _size: int, _mtime_ns: int) -> ServerBinary:
-    version = next((line.strip() for line in _run([path, "--version"]).splitlines() if line.startswith("version")),
-                   "")
-    if not version:
-        raise UserError(f"{path} does not answer --version like llama-server",
-                        "point --server-binary at a llama-server binary (or run `llamahost server build`)")
     with tempfile.TemporaryDirectory(prefix="llamahost-identify-") as scratch:
-        missing_model = str(Path(scratch) / "no-model.gguf")
-        log = _run([path, "-lv", "4", "--model", missing_model, "--host", "127.0.0.1", "--port", "0"])
-    return ServerBinary(path=path, sha256=sha256_of(Path(path)), version=version,
-                        system_info=parse_system_info(log))
+        version_command, debug_command = probe_commands(path, str(Path(scratch) / "no-model.gguf"))
+        version_output = _run(version_command)
+        debug_output = _run(debug_command)
+    return identity_of(path, sha256_of(Path(path)), version_output, debug_output)
 
 
 def identify(binary: Path) -> ServerBinary:
