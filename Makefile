@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,ansible,infra,fleet
+EXTRAS ?= dev,ansible,infra,fleet,binding
 # One stamp per pyproject.toml and set of extras: `make demo` installs none, `make test` all of them.
 STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; echo "$(EXTRAS)") | sha256sum | cut -c1-12)
 PYTEST_ARGS ?= --durations=25
@@ -28,8 +28,8 @@ help:
 	@echo "make lab-up / lab-down - boot / stop the QEMU test host for the Ansible roles (llamahost lab)"
 
 $(STAMP): pyproject.toml
-	@echo "== installing llamahost$(if $(EXTRAS), with $(EXTRAS),) into $(VENV): the first time on a machine" \
-	      "this compiles llama-cpp-python (about 10 min on 2 cores); later runs take seconds"
+	@echo "== installing llamahost$(if $(EXTRAS), with $(EXTRAS),) into $(VENV)$(if $(findstring binding,$(EXTRAS)),:" \
+	      "the first time on a machine the binding extra compiles llama-cpp-python (about 10 min on 2 cores))"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip wheel
 	$(BIN)/python -m pip install --progress-bar off -e '.$(if $(EXTRAS),[$(EXTRAS)])' \

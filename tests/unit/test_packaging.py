@@ -5,6 +5,7 @@ checkout."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -35,3 +36,13 @@ def test_the_wheel_builds_and_carries_the_license_pyproject_names(tmp_path: Path
     assert spdx == "Apache-2.0" and "Apache License" in text and "Version 2.0, January 2004" in text
     assert f"License-Expression: {spdx}" in metadata
     assert "tuner/cli.py" in names and "tuner/commands/writeback.py" in names
+    # A light install: llama-cpp-python (a llama.cpp compile) only with the binding extra, never by default.
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: llama-cpp-python")]
+    assert requires and all('extra == "binding"' in line for line in requires), requires
+
+
+def test_the_tuner_never_loads_llama_cpp_in_process() -> None:
+    """Trials run the llama-server build; a host that only serves, or a light install, has no llama-cpp-python."""
+    importing = [str(path.relative_to(REPO)) for path in (REPO / "tuner").rglob("*.py")
+                 if re.search(r"^\s*(import llama_cpp|from llama_cpp\b)", path.read_text(), re.MULTILINE)]
+    assert importing == []

@@ -2,15 +2,14 @@
 
 Trials measure the ``llama-server`` built from it, and deployments serve that build (or, in the role's
 python mode, llama-cpp-python itself): all must run the same llama.cpp, or a tuned configuration is a
-guess. So the version comes from one place,
-the installed llama-cpp-python (itself pinned in ``pyproject.toml``), and the source is that version's
-sdist from PyPI, whose ``vendor/llama.cpp`` is the full llama.cpp tree. The sdist is checked against a
+guess. So the version comes from one place, :data:`PINNED_VERSION` (the ``binding`` extra in
+``pyproject.toml`` pins the same), and the source is that version's sdist from PyPI, whose
+``vendor/llama.cpp`` is the full llama.cpp tree. The sdist is checked against a
 sha256 recorded here before anything in it is used.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 import tarfile
 from dataclasses import dataclass
@@ -21,6 +20,10 @@ from tuner.model.checksum import sha256_of
 from tuner.pip_fetch import pip_download
 
 DISTRIBUTION = "llama-cpp-python"
+# The llama.cpp every build and measurement uses: the source vendored in this llama-cpp-python release. The
+# `binding` extra in pyproject.toml pins the same version (a unit test keeps the two equal) for the role's
+# python mode and the tests that load llama.cpp in-process; the tuner itself needs no Python build of it.
+PINNED_VERSION = "0.3.36"
 # sha256 of the sdist on PyPI, per version (checked 2026-11-22 against a fresh `pip download`).
 SDIST_SHA256: dict[str, str] = {
     "0.3.36": "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e",
@@ -42,12 +45,8 @@ class LlamaSource:
 
 
 def pinned_version() -> str:
-    """The llama-cpp-python version installed next to the tuner: the one pin for both."""
-    try:
-        return importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"{DISTRIBUTION} is not installed in this Python environment",
-                        "install llamahost with `pip install -e .` (it pins llama-cpp-python)") from None
+    """The llama-cpp-python release whose vendored llama.cpp is built, served and measured."""
+    return PINNED_VERSION
 
 
 def expected_sha256(version: str) -> str:
