@@ -5,6 +5,7 @@ checkout."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -13,10 +14,12 @@ import tomllib
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_the_wheel_builds_and_carries_the_license_pyproject_names(tmp_path: Path) -> None:
+def build_wheel(tmp_path: Path) -> Path:
     source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -26,6 +29,11 @@ def test_the_wheel_builds_and_carries_the_license_pyproject_names(tmp_path: Path
                             str(source)], capture_output=True, text=True, timeout=300, check=False)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "out").glob("llamahost-*.whl")
+    return wheel
+
+
+def test_the_wheel_builds_and_carries_the_license_pyproject_names(tmp_path: Path) -> None:
+    wheel = build_wheel(tmp_path)
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         licenses = [n for n in names if n.endswith("/licenses/LICENSE")]
@@ -46,3 +54,21 @@ def test_the_tuner_never_loads_llama_cpp_in_process() -> None:
     importing = [str(path.relative_to(REPO)) for path in (REPO / "tuner").rglob("*.py")
                  if re.search(r"^\s*(import llama_cpp|from llama_cpp\b)", path.read_text(), re.MULTILINE)]
     assert importing == []
+
+
+@pytest.mark.fetches
+def test_the_wheel_installs_in_a_fresh_virtualenv_and_probes_without_llama_cpp_python(tmp_path: Path) -> None:
+    """What `pipx install` of the wheel gives: the command works, and no llama.cpp was compiled for it."""
+    wheel = build_wheel(tmp_path)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(wheel)], capture_output=True,
+                               text=True, timeout=900, check=False)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    probed = subprocess.run([str(venv / "bin" / "llamahost"), "probe", "--json", "--no-bandwidth"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert probed.returncode == 0, probed.stderr[-3000:]
+    assert json.loads(probed.stdout)["topology"], "a working probe"
+    binding = subprocess.run([str(venv / "bin" / "python"), "-c", "import llama_cpp"], capture_output=True,
+                             text=True, timeout=60, check=False)
+    assert binding.returncode != 0 and "No module named 'llama_cpp'" in binding.stderr
