@@ -22,6 +22,8 @@ def study_trials(home: Path, name: str) -> list[optuna.trial.FrozenTrial]:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:  # the run has created the schema but not the study yet
         return []
-    except sqlalchemy.exc.DatabaseError:  # the run is still creating the schema (no such table, locked)
+    except (sqlalchemy.exc.DatabaseError, optuna.exceptions.StorageInternalError):
+        # The run is still creating the schema (no such table, locked); Optuna reports that as its own
+        # StorageInternalError when it happens while it reads the schema version.
         return []
     return study.get_trials(deepcopy=False)
