@@ -36,7 +36,7 @@ from typing import Any
 from tuner.config import RunConfig, RunKind, plain_scalar
 from tuner.errors import UserError
 from tuner.inventory import ResolvedInventory, files_setting, inventory_of, resolve_inventory
-from tuner.model.checksum import combined_sha256, sha256_of
+from tuner.model.checksum import cached_sha256, combined_sha256
 from tuner.result import IMPROVED, run_kind, write_result
 from tuner.server.build import server_binary
 from tuner.writeback import PlannedWrite, WriteBack, load_vars_file, plan_vars, write_vars
@@ -150,7 +150,7 @@ def check_binary(change: ProvenChange, deployed_vars: dict[str, Any], where: str
     if not binary.is_file():
         raise UserError(f"{where} deploys {BINARY_SRC_VAR} {binary}, which does not exist on this machine",
                         f"nothing was written; point {BINARY_SRC_VAR} at the measured build {measured_path}")
-    deployed = sha256_of(binary)
+    deployed = cached_sha256(binary)  # every host of a group deploys the same file: hashed once
     if deployed != measured_sha:
         raise UserError(f"the result was measured on llama-server {measured_sha[:12]}... ({measured_path}), but "
                         f"{where} deploys {deployed[:12]}... ({binary})",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
-from tuner.model.checksum import sha256_of
+from tuner.model.checksum import cached_sha256
 
 _SYSTEM_INFO_MARK = "system_info:"
 _TIMEOUT_S = 30.0
@@ -81,7 +81,7 @@ def _identify(path: str, _size: int, _mtime_ns: int) -> ServerBinary:
         version_command, debug_command = probe_commands(path, str(Path(scratch) / "no-model.gguf"))
         version_output = _run(version_command)
         debug_output = _run(debug_command)
-    return identity_of(path, sha256_of(Path(path)), version_output, debug_output)
+    return identity_of(path, cached_sha256(Path(path)), version_output, debug_output)
 
 
 def identify(binary: Path) -> ServerBinary:
