@@ -28,11 +28,11 @@ from tuner.config import RunConfig
 from tuner.errors import TrialFailed, UserError
 from tuner.model.checksum import file_identity, model_sha256
 from tuner.model.gguf_file import ModelInfo
+from tuner.model_pages import PlacementKey, evict_page_cache, needs_page_reset, page_placement
 from tuner.progress import TuneProgress
 from tuner.space import SearchSpace
 from tuner.stats import StopRule
 from tuner.study import FIXED_CONFIG_ATTR, is_baseline, quiet_optuna
-from tuner.trial.placement import evict_page_cache
 from tuner.trial.protocol import TrialSpec, Warmup, Workload
 from tuner.trial.runner import TrialOutcome, TrialStopped, run_trial
 
@@ -97,7 +97,7 @@ class Measurer:
         self.settings = settings
         self.log_dir = log_dir
         self.multi_node = multi_node
-        self._last_placement: tuple[Any, ...] | None = None
+        self._last_placement: PlacementKey | None = None
         self.measuring_seconds = 0.0
         self.runs = 0
         self._identities = {path: file_identity(path) for path in model.files}
@@ -123,9 +123,8 @@ class Measurer:
     def _reset_page_cache_if_needed(self, config: RunConfig) -> bool:
         """Pages of an mmap'd model keep the NUMA placement of the process that first touched them.
         When a run's placement differs from the previous run's, drop them so this run places its own."""
-        placement = (config.numa, config.memory_policy, config.memory_nodes, config.cpus, config.load_mode)
-        changed = self.multi_node and placement != self._last_placement
-        self._last_placement = placement
+        changed = needs_page_reset(self._last_placement, config, multi_node=self.multi_node)
+        self._last_placement = page_placement(config)
         if changed:
             evict_page_cache(self.model.files)
         return changed

@@ -36,6 +36,7 @@ BATCH_LOG2_MAX = 12  # 4096
 DEFAULT_BATCH = 2048
 DEFAULT_UBATCH = 512
 KV_TYPES = ("f16", "q8_0")
+KV_QUANT_BLOCK = 32  # values per q8_0 block (ggml's QK8_0)
 
 
 class TrialLike(Protocol):
@@ -80,7 +81,7 @@ class SearchSpace:
     """
 
     def __init__(self, probe: HostProbe, model: ModelInfo, objective: str, *, search_kv_cache: bool = True,
-                 usable_cpus: Iterable[int] | None = None) -> None:
+                 usable_cpus: Iterable[int] | None = None, numa_blocked: str | None = None) -> None:
         self.probe = probe
         self.model = model
         self.objective = objective
@@ -95,6 +96,10 @@ class SearchSpace:
         self.physical_cores = topo.physical_core_count
         self.logical_cpus = len(topo.cpus)
         self.multi_node = len(topo.nodes) > 1
+        # Where the model's pages cannot be put back between trials (tuner.model_pages), NUMA trials would
+        # measure the placement another process gave them: NUMA mode and memory policy are left out.
+        self.numa_blocked = numa_blocked if self.multi_node else None
+        self.search_numa = self.multi_node and self.numa_blocked is None
         self.multi_domain = len(topo.llc_domains) > 1 or self.multi_node
         self.has_smt = topo.has_smt
         self.search_tg_threads = measures_tg(objective)
@@ -102,7 +107,13 @@ class SearchSpace:
         self.can_mlock = probe.kernel.can_lock_memory or (
             probe.kernel.memlock_limit_bytes is not None and probe.kernel.memlock_limit_bytes >= model.size_bytes
         )
-        self.search_kv_cache = search_kv_cache
+        # llama.cpp refuses a q8_0 KV cache whose head size is not a whole number of q8_0 blocks (32 values):
+        # such a trial could only fail, so the dimension is left out, with the reason.
+        whole_blocks = model.head_dim_k % KV_QUANT_BLOCK == 0 and model.head_dim_v % KV_QUANT_BLOCK == 0
+        self.kv_blocked = None if whole_blocks else (
+            f"head size {model.head_dim_k}/{model.head_dim_v} is not a multiple of q8_0's {KV_QUANT_BLOCK}-value "
+            "block: llama.cpp refuses a quantized KV cache for this model")
+        self.search_kv_cache = search_kv_cache and self.kv_blocked is None
         self.placements = ("os", "compact", "scatter") if self.multi_domain else ("os", "compact")
         self.load_modes = ("auto", "none", "mlock", "mmap+mlock") if self.can_mlock else ("auto", "none")
 
@@ -110,7 +121,7 @@ class SearchSpace:
 
     def draw(self, trial: TrialLike) -> RunConfig:
         topo = self.topology
-        numa: NumaMode = trial.suggest_categorical("numa", NUMA_MODES) if self.multi_node else "none"
+        numa: NumaMode = trial.suggest_categorical("numa", NUMA_MODES) if self.search_numa else "none"
         threads_pinned = numa in ("none", "numactl")
         placement: Placement = trial.suggest_categorical("placement", self.placements) if threads_pinned else "os"
         pinned = placement != "os"
@@ -128,7 +139,7 @@ class SearchSpace:
         cpus = select_cpus(topo, max(threads, threads_batch), smt=smt, placement=placement) \
             if placement != "os" else ()
         memory_policy: MemoryPolicy = trial.suggest_categorical("memory_policy", MEMORY_POLICIES) \
-            if (self.multi_node and threads_pinned) else "default"
+            if (self.search_numa and threads_pinned) else "default"
         memory_nodes = (topo.nodes_of(cpus) if cpus else topo.node_ids) if memory_policy != "default" else ()
         load_mode = trial.suggest_categorical("load_mode", self.load_modes)
         flash_attn = trial.suggest_categorical("flash_attn", ("auto", "on", "off"))
@@ -172,12 +183,15 @@ class SearchSpace:
 
     # ---- what the user sees ------------------------------------------------------------------------
 
+    def _numa_reason(self) -> str:
+        if not self.multi_node:
+            return "one NUMA node: nothing to place"
+        return f"not searched: {self.numa_blocked}" if self.numa_blocked else f"{len(self.topology.nodes)} NUMA nodes"
+
     def dimensions(self) -> list[Dimension]:
         topo = self.topology
-        nodes = len(topo.nodes)
         dims = [
-            Dimension("numa", self.multi_node, "none, distribute, isolate, numactl",
-                      f"{nodes} NUMA nodes" if self.multi_node else "one NUMA node: nothing to place"),
+            Dimension("numa", self.search_numa, "none, distribute, isolate, numactl", self._numa_reason()),
             Dimension("placement", True, ", ".join(self.placements),
                       "several cache/NUMA domains" if self.multi_domain else "one cache domain: compact = scatter"),
             Dimension("smt", self.has_smt, "off, on",
@@ -188,13 +202,13 @@ class SearchSpace:
                       "pp is measured" if self.search_batch else "only tg is measured: batch threads idle"),
             Dimension("batch/ubatch", self.search_batch, f"{2**UBATCH_LOG2[0]}..{2**BATCH_LOG2_MAX}",
                       "pp is measured" if self.search_batch else "tg decodes one token at a time"),
-            Dimension("memory_policy", self.multi_node, "default, interleave, bind",
-                      f"{nodes} NUMA nodes" if self.multi_node else "one NUMA node"),
+            Dimension("memory_policy", self.search_numa, "default, interleave, bind", self._numa_reason()),
             Dimension("load_mode", True, ", ".join(self.load_modes),
                       "mlock allowed" if self.can_mlock else "memlock limit too small for this model: no mlock"),
             Dimension("flash_attn", True, "auto, on, off", "changes the attention kernels"),
             Dimension("kv cache type", self.search_kv_cache, ", ".join(KV_TYPES),
-                      "smaller KV reads per token" if self.search_kv_cache else "pinned to f16 (--no-kv-quant)"),
+                      "smaller KV reads per token" if self.search_kv_cache else
+                      f"pinned to f16 ({self.kv_blocked or '--no-kv-quant'})"),
         ]
         return dims
 

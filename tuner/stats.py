@@ -34,6 +34,9 @@ def _scipy_stats() -> Any:
     return stats
 
 
+MIN_SAMPLES = 3  # fewer samples give no usable interval of the median
+
+
 @dataclass(frozen=True)
 class Summary:
     """A sample set reduced to what a reader needs; ``ci_*`` bound the median."""
@@ -149,8 +152,8 @@ class StopRule:
     confidence: float = 0.95
 
     def __post_init__(self) -> None:
-        if self.min_samples < 3 or self.max_samples < self.min_samples:
-            raise ValueError("need 3 <= min_samples <= max_samples")
+        if self.min_samples < MIN_SAMPLES or self.max_samples < self.min_samples:
+            raise ValueError(f"need {MIN_SAMPLES} <= min_samples <= max_samples")
         if not 0 < self.target_rel_ci < 1:
             raise ValueError("target_rel_ci must be in (0, 1)")
 

@@ -22,6 +22,7 @@ from tuner.errors import UserError
 from tuner.model.checksum import model_sha256
 from tuner.model.default_model import default_model_path
 from tuner.model.gguf_file import ModelInfo, check_fits_in_memory, inspect_model
+from tuner.model_pages import page_reset_blocked
 from tuner.output import console
 from tuner.paths import results_dir, trial_log_dir
 from tuner.probe import BandwidthError, probe_host
@@ -136,8 +137,9 @@ def intake(request: TuneRequest) -> Intake:
     probe = probe_host(bandwidth=False)  # the bandwidth is measured once the run is known to go ahead
     check_fits_in_memory(model, probe.memory_available_bytes)
     sha = model_sha256(model.files)
+    blocked = page_reset_blocked(model.files) if len(probe.topology.nodes) > 1 else None
     space = SearchSpace(probe, model, request.objective, search_kv_cache=request.search_kv_cache,
-                        usable_cpus=probe.allowed_cpus)
+                        usable_cpus=probe.allowed_cpus, numa_blocked=blocked)
     return Intake(model, sha, probe, space, identify(request.server_binary or deployed_server_binary()))
 
 
@@ -238,6 +240,7 @@ def run(ctx: TuneContext) -> TuneOutcome:
     with sigterm_as_interrupt(), TuneProgress(req.budget_seconds, title=title) as progress:
         progress.event(f"study {ctx.study.study_name} ({'new' if ctx.study_created else 'resumed'}, "
                        f"{len(ctx.study.trials)} trials so far)")
+        announce_numa_blocked(ctx.space, progress)
         search = Search(ctx.study, ctx.space, measurer, progress, unit=unit)
         try:
             base = measure_baseline(search, deadline, baseline_name="llama.cpp's defaults",
@@ -257,6 +260,12 @@ def run(ctx: TuneContext) -> TuneOutcome:
                               measurer.measuring_seconds)
         write_outcome(ctx, result, progress)
     return TuneOutcome(result, ctx.result_path, verification)
+
+
+def announce_numa_blocked(space: SearchSpace, progress: TuneProgress) -> None:
+    """Tell the user when NUMA settings are left out of the search, and why (tuner.model_pages)."""
+    if space.numa_blocked:
+        progress.event(f"NUMA mode and memory policy are not searched: {space.numa_blocked}")
 
 
 def write_outcome(ctx: TuneContext, result: dict[str, Any], progress: TuneProgress) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,9 +21,10 @@ from pathlib import Path
 
 import pytest
 from labkit import BIN, REPO, TUNED, Lab
+from study_support import study_trials
 
 from tuner.cli import build_parser
-from tuner.config import RunConfig
+from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
 from tuner.errors import UserError
 from tuner.live.control import Target, TargetOptions, TrialStartFailed
 from tuner.live.measure import Heartbeat
@@ -132,6 +134,72 @@ def test_a_killed_controller_is_reverted_by_the_dead_man_unit_and_its_lock_relea
         pass
 
 
+SLICE_DRIVER = """
+import os, sys
+sys.path.insert(0, "/tmp/llamahost-slice")
+from tuner.slice import enter_slice
+enter_slice("llama-server.slice", [sys.executable, sys.argv[0]])
+print("cgroup", open("/proc/self/cgroup").read().strip().split(":", 2)[2])
+print("cpus", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+print("uid", os.getuid())
+"""
+
+
+def test_an_on_host_run_moves_from_user_slice_into_the_servers_slice_onto_the_inference_cpus(served: Lab) -> None:
+    """`--slice`, for real on the partitioned lab: a process started over SSH sits in user.slice on the
+    housekeeping CPU 0; tuner.slice starts it again in llama-server.slice, as the same user, on CPUs 2,4,6.
+    (The module and its two stdlib-only imports are copied to the guest; the full tuner is not installed there.)"""
+    served.ssh("rm -rf /tmp/llamahost-slice && mkdir -p /tmp/llamahost-slice/tuner")
+    for name in ("__init__.py", "errors.py", "config.py", "slice.py"):
+        served.ssh(f"cat > /tmp/llamahost-slice/tuner/{name}", stdin=(REPO / "tuner" / name).read_text())
+    served.ssh("cat > /tmp/llamahost-slice/driver.py", stdin=SLICE_DRIVER)
+    assert served.ssh("python3 -c 'import os; print(sorted(os.sched_getaffinity(0)))'").strip() == "[0]"
+    uid = served.ssh("id -u").strip()
+    out = dict(line.split(" ", 1) for line in served.ssh("python3 /tmp/llamahost-slice/driver.py").splitlines())
+    # systemd nests a dashed slice name: llama-server.slice lives in llama.slice
+    assert out["cgroup"].startswith("/llama.slice/llama-server.slice/run-") and out["cgroup"].endswith(".scope"), out
+    assert (out["cpus"], out["uid"]) == ("2,4,6", uid), out
+
+
+LAB_WORKLOAD = ["--concurrency", "1", "--requests", "2", "--prompt-scale", "0.05", "--verify-windows", "3"]
+
+
+def test_a_short_live_search_on_two_nodes_reads_every_trials_placement_back(served: Lab, tmp_path: Path) -> None:
+    """Issue 13's proof on a real 2-node kernel: a short `tune --live` over SSH searches NUMA mode, memory policy
+    and CPU placement inside the inference CPUs, and every measured trial records what the server's /proc said:
+    its CPU mask, its memory policy and the nodes of the model's pages. Timings under emulation mean nothing;
+    placement does. (Runs before the module's `remote` fixture takes the host's lock.)"""
+    home = tmp_path / "home"
+    done = subprocess.run(
+        [str(BIN / "llamahost"), "tune", "--live", "--inventory", str(served.inventory / "hosts.yml"),
+         "--host", served.state.alias, "--deadman", f"{DEADMAN_S}s", "--budget", "6m", "--candidates", "1",
+         "--study", "numa-lab", "--json", *LAB_WORKLOAD],
+        env={**os.environ, "LLAMAHOST_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True, text=True, timeout=1500, cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    every = study_trials(home, "numa-lab")
+    trials = [t for t in every if "outcome" in t.user_attrs]
+    assert len(trials) >= 2, [(t.state, t.user_attrs.get("failure")) for t in every]
+    assert any("numa" in t.params for t in every), "NUMA mode is searched on two nodes"
+    resets = 0
+    for trial in trials:
+        config = RunConfig.from_dict(trial.user_attrs["config"])
+        applied = trial.user_attrs["outcome"]["applied"]
+        assert not set(config.cpus) - {2, 4, 6}, f"trial {trial.number} pinned a housekeeping CPU: {config.cpus}"
+        if config.cpus:
+            assert applied["cpus_allowed"] == format_cpu_list(config.cpus), (trial.number, applied)
+        if config.load_mode != "none":  # mmap'd: the model's pages are the server's mapping
+            pages = applied["model_pages"]
+            assert pages["policy"] == config.memory_policy, (trial.number, config.memory_policy, pages)
+            if config.memory_policy == "bind":
+                assert set(pages["pages_per_node"]) <= set(map(str, parse_cpu_list(pages["policy_nodes"]))), pages
+        else:
+            assert "model_pages" not in applied, "--no-mmap: the model is copied, not mapped"
+        resets += bool(applied["page_cache_reset"])
+    assert resets >= 1, "some trial changed the placement, and the model's pages were put back for it"
+    assert server_state(served)["dropin"] == "absent", "the run ends on the baseline"
+
+
 @pytest.fixture(scope="module")
 def remote(served: Lab) -> Iterator[tuple[RemoteConnection, Target]]:
     connection = RemoteConnection(TargetOptions.from_args(live_args(served)))
@@ -152,6 +220,8 @@ def test_the_target_is_read_from_the_host(remote: tuple[RemoteConnection, Target
     assert target.server.system_info and target.server.path != here.path
     assert target.deployed.role_vars() == TUNED.role_vars()
     assert [node.cpus for node in target.probe.topology.nodes] == [(0, 2), (4, 6)]  # SMT off, 2 nodes
+    assert target.usable_cpus == (2, 4, 6), "trials pin only the inference CPUs (CPU 0 keeps the housekeeping)"
+    assert target.numa_blocked is None
     assert target.probe.hostname != os.uname().nodename
     assert connection.control.describe() == f"{UNIT}.service on {connection.control.facts.name}"
     assert connection.control.api_key  # read from the unit's key file, as root
@@ -175,6 +245,74 @@ def test_a_trial_drop_in_is_applied_and_removed(served: Lab, remote: tuple[Remot
     assert (state["CPUAffinity"], state["NUMAPolicy"], state["NUMAMask"]) == ("4 6", "bind", "1")
     unit_file = served.ssh(f"cat /etc/systemd/system/{UNIT}.service")
     assert "llamahost-trial" not in unit_file and "--parallel 2" not in unit_file
+
+
+def model_pages_on_host(lab: Lab, shards: list[str]) -> tuple[str, dict[int, int]]:
+    """The memory policy the unit's server runs under and its model pages per node (every shard), read on the
+    lab from /proc/<pid>/numa_maps (parsed here, not by the tuner's own reader)."""
+    script = f"""pid=$(systemctl show -p MainPID --value {UNIT})
+for shard in {' '.join(shards)}; do grep -F "file=$(readlink -f $shard)" /proc/$pid/numa_maps; done
+"""
+    lines = lab.ssh("sudo sh -s", stdin=script).splitlines()
+    assert lines, "the server maps its model"
+    pages: dict[int, int] = {}
+    for line in lines:
+        for node, count in re.findall(r"\bN(\d+)=(\d+)", line):
+            pages[int(node)] = pages.get(int(node), 0) + int(count)
+    return lines[0].split()[1], pages
+
+
+def test_the_model_pages_move_to_the_node_each_placement_binds(served: Lab,
+                                                                remote: tuple[RemoteConnection, Target]) -> None:
+    """Issue 13's page placement on a real 2-node kernel: a model page stays on the node that first faulted it,
+    across restarts, so without a reset the baseline after this trial would run on node-0 pages. The tuner
+    drops the model's pages whenever the placement changes, and each server faults them in on its own node."""
+    connection, target = remote
+    assert target.deployed is not None and target.deployed.memory_policy == "bind"
+    shards = connection.control.model_files
+    assert len(shards) == 2, "the lab serves a split model: both shards are placed"
+    policy, pages = model_pages_on_host(served, shards)
+    assert (policy, set(pages)) == ("bind:1", {1}), "the baseline's model pages are on its node 1"
+    on_node0 = dataclasses.replace(target.deployed, threads=1, threads_batch=1, cpus=(2,), memory_policy="bind",
+                                   memory_nodes=(0,))
+    connection.control.apply(on_node0)
+    policy, pages = model_pages_on_host(served, shards)
+    assert (policy, set(pages)) == ("bind:0", {0}), f"the trial's pages moved to node 0: {pages}"
+    applied = connection.control.last_applied
+    assert applied["page_cache_reset"] is True and applied["cpus_allowed"] == "2"
+    assert applied["model_pages"]["policy"] == "bind" and set(applied["model_pages"]["pages_per_node"]) == {"0"}
+    assert sum(applied["model_pages"]["pages_per_node"].values()) == pages[0]
+    same_placement = dataclasses.replace(on_node0, ctx_size=1024)
+    connection.control.apply(same_placement)
+    assert connection.control.last_applied["page_cache_reset"] is False, "same placement: the pages stay"
+    connection.control.restore_baseline()
+    policy, pages = model_pages_on_host(served, shards)
+    assert (policy, set(pages)) == ("bind:1", {1}), f"the baseline's pages are back on node 1: {pages}"
+    assert connection.control.last_applied["page_cache_reset"] is True
+
+
+def test_numa_settings_are_left_out_while_another_process_maps_the_model(
+        served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
+    connection, _ = remote
+    assert connection.control.numa_blocked() is None, "only the unit's own server maps the model"
+    model = connection.control.server_command().model
+    holder = f"""cat > /tmp/llamahost-holder.py <<'EOF'
+import mmap, sys, time
+f = open(sys.argv[1], "rb")
+m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+time.sleep(600)
+EOF
+setsid python3 /tmp/llamahost-holder.py {model} </dev/null >/dev/null 2>&1 &
+"""
+    served.ssh("sudo sh -s", stdin=holder)  # a second reader that maps the model, as a stray server would
+    try:
+        deadline = time.monotonic() + 60
+        while (reason := connection.control.numa_blocked()) is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert reason is not None and "another process maps the model" in reason and "python3" in reason
+    finally:
+        served.ssh("sudo pkill -f llamahost-holder.py || true", check=False)
+    assert connection.control.numa_blocked() is None
 
 
 def test_a_trial_that_cannot_start_fails_with_the_journal_and_the_baseline_comes_back(

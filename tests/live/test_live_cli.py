@@ -213,7 +213,7 @@ def test_a_killed_controller_leaves_the_baseline_running_and_the_next_run_resume
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--local", "--inventory", "inv.yml", "--host", "h1"], "either --local or --inventory"),
     (["--local", "--objective", "tg"], "--objective tg is a benchmark objective"),
-    (["--local", "--verify-windows", "1"], "--verify-windows must be at least 2"),
+    (["--local", "--verify-windows", "2"], "--verify-windows must be at least 3"),
     (["--local", "--max-server-memory", "1.5"], "--max-server-memory is a fraction"),
     (["--local", "--baseline-vars", "/nonexistent/h1.yml"], "role variables file not found"),
     (["--local", "--workload", "/nonexistent/requests.jsonl"], "requests.jsonl"),

@@ -28,7 +28,6 @@ from tuner.live.systemd import (
     dropin_path,
     exec_words,
     host_facts,
-    numa_mask,
     probe_from_files,
     render_deadman_script,
     render_trial_dropin,
@@ -36,6 +35,7 @@ from tuner.live.systemd import (
     serving_cores,
     split_exec_words,
 )
+from tuner.model_pages import policy_nodes
 from tuner.probe import read_host
 from tuner.probe.files import RecordingHostFiles
 
@@ -152,7 +152,9 @@ def test_the_trial_dropin_resets_exec_start_and_carries_placement() -> None:
     assert split_exec_words(exec_line.removeprefix("ExecStart=")) == command.with_config(TUNED)
     assert [line for line in lines if line.startswith(("CPUAffinity", "AllowedCPUs"))] == \
         ["CPUAffinity=", "AllowedCPUs=", "CPUAffinity=4,6", "AllowedCPUs=4,6"]
-    assert "NUMAPolicy=bind" in lines and "NUMAMask=1" in lines and "LimitMEMLOCK=infinity" in lines
+    assert "NUMAPolicy=bind" in lines and "LimitMEMLOCK=infinity" in lines
+    # NUMAMask= adds up across unit and drop-in like CPUAffinity=: reset first, or node 1 + node 0 = "0-1"
+    assert [line for line in lines if line.startswith("NUMAMask")] == ["NUMAMask=", "NUMAMask=1"]
     unpinned = render_trial_dropin(command, RunConfig(threads=2, threads_batch=2), ()).splitlines()
     assert "CPUAffinity=4,6" not in unpinned and "CPUAffinity=" in unpinned and "AllowedCPUs=" in unpinned
     assert "NUMAPolicy=default" in unpinned and "NUMAMask=" in unpinned
@@ -167,12 +169,13 @@ def test_a_trial_is_the_oom_killers_first_choice_and_capped_at_the_memory_guard(
     assert "MemoryMax=infinity" in render_trial_dropin(command, TUNED, (1,)).splitlines()
 
 
-def test_the_numa_mask_follows_the_role() -> None:
+def test_the_policy_nodes_follow_the_role() -> None:
     topology = read_host(HOSTS / "epyc-9654-2s-nps4").topology
-    assert numa_mask(RunConfig(threads=1, threads_batch=1, memory_policy="bind", memory_nodes=(3,)), topology) == (3,)
+    bound = RunConfig(threads=1, threads_batch=1, memory_policy="bind", memory_nodes=(3,))
+    assert policy_nodes(bound, topology) == (3,)
     pinned = RunConfig(threads=2, threads_batch=2, cpus=(0, 1), placement="compact", memory_policy="bind")
-    assert numa_mask(pinned, topology) == topology.nodes_of((0, 1))
-    assert numa_mask(RunConfig(threads=1, threads_batch=1, memory_policy="interleave"), topology) == \
+    assert policy_nodes(pinned, topology) == topology.nodes_of((0, 1))
+    assert policy_nodes(RunConfig(threads=1, threads_batch=1, memory_policy="interleave"), topology) == \
         topology.node_ids
     assert serving_cores(topology, ()) == 192 and serving_cores(topology, (0, 1, 192)) == 2
 

@@ -51,6 +51,34 @@ def test_dimensions_follow_the_topology(host: HostProbe) -> None:
     assert ("scatter" in space.placements) == multi_domain
 
 
+def test_numa_settings_are_left_out_with_the_reason_when_the_model_pages_cannot_be_put_back() -> None:
+    host = read_host(HOST_FIXTURES / "epyc-9654-2s-nps4")
+    reason = "another process maps the model file"
+    space = SearchSpace(host, a_model(), "both", numa_blocked=reason)
+    dims = {d.name: d for d in space.dimensions()}
+    assert not dims["numa"].searched and not dims["memory_policy"].searched
+    assert dims["numa"].reason == dims["memory_policy"].reason == f"not searched: {reason}"
+    assert {"placement", "smt", "threads"} <= searched(space), "CPU placement is still searched"
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    configs = [space.draw(study.ask()) for _ in range(40)]
+    assert {(c.numa, c.memory_policy) for c in configs} == {("none", "default")}
+    assert {c.placement for c in configs} > {"os"}
+    one_node = SearchSpace(read_host(HOST_FIXTURES / "xeon-8480-1s"), a_model(), "both", numa_blocked=reason)
+    assert one_node.numa_blocked is None, "on one node there is nothing to leave out"
+
+
+def test_a_quantized_kv_cache_is_not_searched_for_a_head_size_llama_cpp_refuses_it_for() -> None:
+    host = read_host(HOST_FIXTURES / "epyc-kvm-2vcpu")
+    tiny = dataclasses.replace(a_model(), head_dim_k=16, head_dim_v=16)  # the lab's generated model
+    space = SearchSpace(host, tiny, "both")
+    dims = {d.name: d for d in space.dimensions()}
+    kv = dims["kv cache type"]
+    assert not kv.searched and "not a multiple of q8_0's 32-value block" in kv.reason
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
+    assert {(c.cache_type_k, c.cache_type_v) for c in (space.draw(study.ask()) for _ in range(20))} == {("f16", "f16")}
+    assert "kv cache type" in searched(SearchSpace(host, a_model(), "both")), "head size 128: searched"
+
+
 def test_objective_decides_which_thread_and_batch_knobs_matter(host: HostProbe) -> None:
     tg = searched(SearchSpace(host, a_model(), "tg"))
     pp = searched(SearchSpace(host, a_model(), "pp"))

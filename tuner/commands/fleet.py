@@ -24,6 +24,7 @@ from tuner.errors import UserError
 from tuner.fleet import DEFAULT_MEASURE_CAP_S, STORAGE_ENV
 from tuner.host_lock import measuring_lock
 from tuner.output import console, print_json, table
+from tuner.slice import add_slice_argument, enter_slice
 from tuner.trial.protocol import OBJECTIVES, Workload
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ def _add_selection(parser: argparse.ArgumentParser, *, storage: bool = True) -> 
                                             "host's group)")
     parser.add_argument("--model", type=Path, help="GGUF model (default: the embedded SmolLM2-135M Q4_1)")
     parser.add_argument("--objective", choices=OBJECTIVES, default="tg", help="tg, pp or both (default tg)")
+    add_slice_argument(parser)
     parser.add_argument("--pp-tokens", type=int, default=512, help="prompt length of the workload (512)")
     parser.add_argument("--tg-tokens", type=int, default=128, help="tokens generated per sample (128)")
     parser.add_argument("--max-measure", type=float, default=DEFAULT_MEASURE_CAP_S,
@@ -118,6 +120,8 @@ def run_fingerprint(args: argparse.Namespace) -> int:
     from tuner.fleet.group import NOT_READ
     from tuner.fleet.session import host_in_group
 
+    if args.slice:
+        enter_slice(args.slice)
     request = _request(args)
     host = host_in_group(request)
     data = {"group": host.group.digest, "study": host.study_name(request), "fields": host.group.fields,
@@ -138,6 +142,8 @@ def run_work(args: argparse.Namespace) -> int:
     from tuner.fleet.session import open_group
     from tuner.fleet.worker import STOPPED_BY_INTERRUPT, run_worker
 
+    if args.slice:
+        enter_slice(args.slice)
     if args.trials is not None and args.trials < 1:
         raise UserError("--trials must be at least 1", "pass e.g. --trials 20, or leave it out to search until "
                                                        "the budget is spent")
@@ -158,6 +164,8 @@ def run_finish(args: argparse.Namespace) -> int:
     from tuner.fleet.session import open_group
     from tuner.search import Interrupted
 
+    if args.slice:
+        enter_slice(args.slice)
     if args.candidates < 1:
         raise UserError("--candidates must be at least 1", "pass --candidates 3")
     with measuring_lock("llamahost fleet finish"):  # it measures the candidates against the baseline

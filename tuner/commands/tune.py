@@ -20,6 +20,7 @@ from tuner.host_lock import measuring_lock
 from tuner.live.measure import OBJECTIVES as LIVE_OBJECTIVES
 from tuner.live.setup import add_live_arguments, run_live_command
 from tuner.output import console, print_json
+from tuner.slice import add_slice_argument, enter_slice
 from tuner.trial.protocol import OBJECTIVES, Workload
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def register_common(parser: argparse.ArgumentParser, *, live_only: bool) -> None
                             help="llama-server to measure: the build the hosts serve (default: the portable "
                                  "build that the llama_server role deploys, built on first use)")
         parser.add_argument("--live", action="store_true", help="tune a running server under a request workload")
+        add_slice_argument(parser)
     add_live_arguments(parser)
 
 
@@ -120,9 +122,14 @@ def run_tune(args: argparse.Namespace) -> int:
     from tuner.tune import prepare, run
 
     if args.live or args.local or args.inventory or args.host:
+        if args.slice:
+            raise UserError("--slice is for a run that measures on this host; a live run measures the deployed "
+                            "server, which runs in its own slice already", "drop --slice")
         return run_live_and_report(args, verify_only=False)
     refuse_live_only_flags(args)
     request = request_from_args(args)
+    if args.slice:
+        enter_slice(args.slice)
     with measuring_lock("llamahost tune"):
         ctx = prepare(request)  # measures the bandwidth on a host seen for the first time
         try:

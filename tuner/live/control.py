@@ -16,7 +16,7 @@ import argparse
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tuner.config import RunConfig
 from tuner.model.gguf_file import ModelInfo
@@ -46,6 +46,11 @@ class ServerControl(Protocol):
 
     def restore_baseline(self) -> None:
         """Back to the baseline configuration, healthy, before anything else happens."""
+
+    @property
+    def last_applied(self) -> dict[str, Any]:
+        """What the last start did and read back from /proc: ``page_cache_reset`` (the model's pages were
+        dropped first, :mod:`tuner.model_pages`), ``cpus_allowed`` and ``model_pages``; a trial records it."""
 
     def heartbeat(self) -> None:
         """Tell the server side the controller is alive (resets the dead-man switch)."""
@@ -101,6 +106,8 @@ class Target:
     probe: HostProbe
     deployed: RunConfig | None
     server: ServerBinary | None = None  # the llama-server build the deployment runs, when it can be read
+    numa_blocked: str | None = None  # why the model's pages cannot be put back between trials (tuner.model_pages)
+    usable_cpus: tuple[int, ...] | None = None  # the CPUs trials may pin (the inference CPUs); None: every CPU
 
 
 class Connection(Protocol):

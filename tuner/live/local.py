@@ -32,11 +32,24 @@ from pathlib import Path
 from typing import Any
 
 from tuner.atomic import write_atomic
-from tuner.config import RunConfig
+from tuner.config import RunConfig, format_cpu_list
 from tuner.errors import UserError
 from tuner.host_lock import measuring_lock
 from tuner.live.control import TrialStartFailed
 from tuner.live.heartbeat import heartbeat_age, write_heartbeat
+from tuner.model.gguf_file import inspect_model
+from tuner.model_pages import (
+    PlacementKey,
+    cpus_allowed,
+    evict_page_cache,
+    mapped_pages,
+    needs_page_reset,
+    page_placement,
+    placement_problem,
+    policy_nodes,
+)
+from tuner.probe.collect import read_host
+from tuner.probe.host import Topology
 from tuner.server.process import ServerProcess, ServerStartError, api_key_from_text
 
 POLL_S = 0.2
@@ -99,6 +112,22 @@ class Supervisor:
         self.failed_key: str | None = None
         self.restarts = 0
         self.stopping = False
+        self.multi_node = len(read_host().topology.nodes) > 1
+        self.pages_placed_for: PlacementKey | None = None  # the placement the model's pages were dropped for
+
+    def _reset_pages(self, config: RunConfig) -> bool:
+        """With the previous server stopped (nothing maps the model), drop the model's pages when they were
+        placed for another placement (:mod:`tuner.model_pages`); a model that cannot be read is left alone and
+        the server's own start reports it."""
+        if not needs_page_reset(self.pages_placed_for, config, multi_node=self.multi_node):
+            return False
+        try:
+            evict_page_cache(inspect_model(Path(self.spec.model)).files)
+        except (OSError, UserError) as exc:
+            self.log(f"the model's pages were not dropped: {exc}")
+            return False
+        self.pages_placed_for = page_placement(config)
+        return True
 
     def log(self, message: str) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -141,8 +170,9 @@ class Supervisor:
             self.log(f"{key} refused: {exc}")
             self.status("failed", error=str(exc).splitlines()[0])
             return
-        self.status("starting")
-        self.log(f"starting {key}: {' '.join(config.server_args())}")
+        reset = self._reset_pages(config)
+        self.status("starting", page_cache_reset=reset)
+        self.log(f"starting {key}: {' '.join(config.server_args())}" + (" (model pages dropped)" if reset else ""))
         server = ServerProcess(Path(self.spec.binary), Path(self.spec.model), config, host=self.spec.host,
                                port=self.spec.port,
                                api_key_file=Path(self.spec.api_key_file) if self.spec.api_key_file else None,
@@ -161,7 +191,8 @@ class Supervisor:
             return
         self.failed_key = None
         self.log(f"{key} healthy after {waited:.1f} s")
-        self.status("healthy")
+        self.status("healthy", page_cache_reset=reset,
+                    pages_placed=self.pages_placed_for == page_placement(config))
 
     def step(self) -> None:
         entry = self.desired()
@@ -204,6 +235,8 @@ class LocalServer:
         self.state = state
         self.spec = spec
         self._baseline: RunConfig | None = None
+        self._topology: Topology | None = None
+        self.last_applied: dict[str, Any] = {}  # what the last start did and read back (a trial's record)
 
     @property
     def base_url(self) -> str:
@@ -271,6 +304,34 @@ class LocalServer:
         self._wait_for(self._entry(baseline), what="the baseline")
 
     def _wait_for(self, entry: dict[str, Any], *, what: str) -> None:
+        """Wait until the supervisor runs ``entry`` healthy, then read back how the server is placed."""
+        status = self._wait_healthy(entry, what=what)
+        self.last_applied = {"page_cache_reset": bool(status.get("page_cache_reset"))}
+        self._check_placement(RunConfig.from_dict(entry["config"]), bool(status.get("pages_placed")), what=what)
+
+    def _check_placement(self, config: RunConfig, status_placed: bool, *, what: str) -> None:
+        """The server's CPU mask and memory policy as /proc reads them back, recorded; a placement that did not
+        take effect fails the start (:func:`tuner.model_pages.placement_problem`)."""
+        pid = self.server_pid()
+        if pid is None:
+            return
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            numa_maps = Path(f"/proc/{pid}/numa_maps").read_text()
+        except OSError:
+            return  # it exited meanwhile: the next window's requests fail the trial
+        files = [str(f) for f in inspect_model(Path(self.spec.model)).files]
+        cpus, mapped = cpus_allowed(status), mapped_pages(numa_maps, [*files, *(os.path.realpath(f) for f in files)])
+        self.last_applied.update({"cpus_allowed": format_cpu_list(cpus or ()),
+                                  **({"model_pages": mapped.to_dict()} if mapped is not None else {})})
+        if self._topology is None:
+            self._topology = read_host().topology
+        problem = placement_problem(config, policy_nodes(config, self._topology), mapped, cpus_allowed=cpus,
+                                    pages_placed=bool(status_placed))
+        if problem:
+            raise TrialStartFailed(f"{what} ({' '.join(config.server_args())}) is not placed as asked: {problem}")
+
+    def _wait_healthy(self, entry: dict[str, Any], *, what: str) -> dict[str, Any]:
         key = entry_key(entry)
         deadline = time.monotonic() + self.spec.health_timeout_s + 30
         while time.monotonic() < deadline:
@@ -278,7 +339,7 @@ class LocalServer:
             status = _read_json(self.state / "status.json") or {}
             if status.get("key") == key:
                 if status.get("state") == "healthy":
-                    return
+                    return status
                 if status.get("state") == "failed":
                     raise TrialStartFailed(f"{what} did not come up: {status.get('error')}\n"
                                            f"{status.get('log_tail', '')[-1500:]}")

@@ -220,7 +220,7 @@ class LiveMeasurer:
             except TrialStartFailed as exc:
                 raise TrialFailed(f"the server did not come up healthy with this configuration: {exc}") from None
             outcome.load_seconds = time.monotonic() - started
-            outcome.applied = {"server": self.control.describe()}
+            outcome.applied = {"server": self.control.describe(), **self.control.last_applied}
             warm_start = time.monotonic()
             for _ in range(self.settings.warmup_windows):
                 window = self._window(config)

@@ -27,7 +27,7 @@ from rich.markup import escape
 
 from tuner.config import RunConfig
 from tuner.errors import UserError
-from tuner.live.control import ServerControl
+from tuner.live.control import ServerControl, Target
 from tuner.live.measure import Guards, Heartbeat, LiveMeasurer, LiveObjective, LiveSettings
 from tuner.live.space import LiveSearchSpace
 from tuner.live.workload import RequestMix
@@ -55,6 +55,7 @@ from tuner.study import (
 from tuner.tune import (
     MIN_BUDGET_S,
     ProofSettings,
+    announce_numa_blocked,
     measure_baseline,
     plan_verification,
     verification_run_cost,
@@ -146,12 +147,13 @@ def eligible(objective: LiveObjective) -> Any:
     return within_limit
 
 
-def _study_identity(request: LiveRequest, *, control: ServerControl, mix: RequestMix, model: ModelInfo,
-                    model_sha256: str, probe: HostProbe,
-                    deployed: RunConfig | None) -> tuple[LiveSearchSpace, str, StudyBinding]:
+def _study_identity(request: LiveRequest, *, control: ServerControl, mix: RequestMix,
+                    target: Target) -> tuple[LiveSearchSpace, str, StudyBinding]:
     """The search space, the study's name and what binds the study to this server, model and workload."""
+    model, model_sha256, probe = target.model, target.model_sha256, target.probe
     space = LiveSearchSpace(probe, model, concurrency=mix.concurrency, ctx_per_slot=ctx_per_slot(mix),
-                            baseline=deployed, search_kv_cache=request.search_kv_cache)
+                            baseline=target.deployed, search_kv_cache=request.search_kv_cache,
+                            usable_cpus=target.usable_cpus, numa_blocked=target.numa_blocked)
     key = objective_key(request.objective)
     name = request.study_name or f"live-{model.path.stem.lower()[:32]}-{model_sha256[:8]}-{key}-" \
                                  f"{mix.name}-c{mix.concurrency}-{probe.fingerprint()[:8]}"
@@ -176,14 +178,12 @@ class ApplyPlan:
     host_vars_diff: str  # the vars file's diff if the first candidate is proven (empty: no file, or no change)
 
 
-def plan_apply(request: LiveRequest, *, control: ServerControl, mix: RequestMix, model: ModelInfo,
-               model_sha256: str, probe: HostProbe, deployed: RunConfig | None) -> ApplyPlan:
+def plan_apply(request: LiveRequest, *, control: ServerControl, mix: RequestMix, target: Target) -> ApplyPlan:
     """The candidates ``apply`` would prove against the deployed configuration, from the existing study (never
     created here, and checked against this server, model and workload as a real run checks it), and the
     change ``--host-vars`` would get if the first of them is proven."""
     validate_live_request(request)
-    space, name, binding = _study_identity(request, control=control, mix=mix, model=model,
-                                           model_sha256=model_sha256, probe=probe, deployed=deployed)
+    space, name, binding = _study_identity(request, control=control, mix=mix, target=target)
     study = load_existing_study(name, open_existing_storage(request.storage_url))
     check_binding(study, binding)
     top = best_trials(study, request.candidates, eligible=eligible(request.objective))
@@ -198,20 +198,17 @@ def plan_apply(request: LiveRequest, *, control: ServerControl, mix: RequestMix,
                      candidates=candidates, unit=request.objective.unit, host_vars_diff=diff)
 
 
-def prepare_live(request: LiveRequest, *, control: ServerControl, mix: RequestMix, model: ModelInfo,
-                 model_sha256: str, probe: HostProbe, deployed: RunConfig | None,
-                 server: ServerBinary | None = None) -> LiveContext:
+def prepare_live(request: LiveRequest, *, control: ServerControl, mix: RequestMix, target: Target) -> LiveContext:
     """Everything is checked before the study is opened; opening it is the first write."""
     validate_live_request(request)
-    space, name, binding = _study_identity(request, control=control, mix=mix, model=model,
-                                           model_sha256=model_sha256, probe=probe, deployed=deployed)
+    space, name, binding = _study_identity(request, control=control, mix=mix, target=target)
     storage = open_storage(request.storage_url)
     study, created = open_study(name, storage, binding, baseline_params=space.baseline_params(),
                                 baseline_config=space.baseline(), seed=request.seed,
                                 constraints=ttft_constraint(request.objective))
     result_path = request.output or results_dir() / f"{name}.yaml"
-    return LiveContext(request, control, mix, model, model_sha256, probe, space, study, created, result_path,
-                       server)
+    return LiveContext(request, control, mix, target.model, target.model_sha256, target.probe, space, study, created,
+                       result_path, target.server)
 
 
 @dataclass
@@ -247,6 +244,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
         baseline_args = " ".join(ctx.space.baseline().server_args())
         progress.event(f"study {ctx.study.study_name} ({'new' if ctx.study_created else 'resumed'}, "
                        f"{len(ctx.study.trials)} trials so far); baseline: {baseline_args}")
+        announce_numa_blocked(ctx.space, progress)
         search = Search(ctx.study, ctx.space, measurer, progress, unit=req.objective.unit)
         try:
             base = measure_baseline(search, deadline, baseline_name="the deployed configuration",

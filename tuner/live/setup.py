@@ -29,7 +29,7 @@ from tuner.probe import probe_host
 from tuner.proof_defaults import LIVE_VERIFY_WINDOWS
 from tuner.server.build import server_binary
 from tuner.server.identity import identify
-from tuner.stats import StopRule
+from tuner.stats import MIN_SAMPLES, StopRule
 from tuner.yamlfile import read_yaml_mapping
 
 if TYPE_CHECKING:  # the session (Optuna, the search) is imported when a live run starts, not with the parser
@@ -74,8 +74,9 @@ def live_request(args: argparse.Namespace, *, verify_only: bool) -> LiveRequest:
     ttft = parse_duration(args.max_ttft_p95, what="--max-ttft-p95") if args.max_ttft_p95 else None
     if args.max_server_memory <= 0 or args.max_server_memory > 1:
         raise UserError("--max-server-memory is a fraction of RAM between 0 and 1", "pass e.g. 0.9")
-    if args.verify_windows < 2:
-        raise UserError("--verify-windows must be at least 2", "pass --verify-windows 3")
+    if args.verify_windows < MIN_SAMPLES:  # the proof's samples per arm obey a StopRule, as a trial's do
+        raise UserError(f"--verify-windows must be at least {MIN_SAMPLES}",
+                        f"pass --verify-windows {max(MIN_SAMPLES, LIVE_VERIFY_WINDOWS)}")
     return LiveRequest(
         budget_seconds=budget,
         objective=LiveObjective(objective, ttft),
@@ -154,8 +155,7 @@ def plan_apply_command(args: argparse.Namespace) -> ApplyPlan:
     request, mix, connection = _live_inputs(args, verify_only=True)
     with connection.lock():
         target = connection.describe()
-        return plan_apply(request, control=connection.control, mix=mix, model=target.model,
-                          model_sha256=target.model_sha256, probe=target.probe, deployed=target.deployed)
+        return plan_apply(request, control=connection.control, mix=mix, target=target)
 
 
 def run_live_command(args: argparse.Namespace, *, verify_only: bool) -> LiveOutcome:
@@ -168,8 +168,6 @@ def run_live_command(args: argparse.Namespace, *, verify_only: bool) -> LiveOutc
         guards = dataclasses.replace(request.guards,
                                      max_memory_bytes=int(args.max_server_memory * target.probe.memory_total_bytes))
         request = dataclasses.replace(request, guards=guards)
-        ctx = prepare_live(request, control=connection.control, mix=mix, model=target.model,
-                           model_sha256=target.model_sha256, probe=target.probe, deployed=target.deployed,
-                           server=target.server)
+        ctx = prepare_live(request, control=connection.control, mix=mix, target=target)
         connection.control.start(ctx.space.baseline())
         return run_live(ctx)

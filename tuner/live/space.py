@@ -11,6 +11,7 @@ more slots never silently shortens the context the deployment promised.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from typing import Any
 
 from tuner.config import RunConfig
@@ -36,8 +37,10 @@ def slots_of(parallel: int) -> int:
 
 class LiveSearchSpace(SearchSpace):
     def __init__(self, probe: HostProbe, model: ModelInfo, *, concurrency: int, ctx_per_slot: int,
-                 baseline: RunConfig | None = None, search_kv_cache: bool = True) -> None:
-        super().__init__(probe, model, "both", search_kv_cache=search_kv_cache)
+                 baseline: RunConfig | None = None, search_kv_cache: bool = True,
+                 usable_cpus: Iterable[int] | None = None, numa_blocked: str | None = None) -> None:
+        super().__init__(probe, model, "both", search_kv_cache=search_kv_cache, usable_cpus=usable_cpus,
+                         numa_blocked=numa_blocked)
         self.concurrency = concurrency
         self.ctx_per_slot = ctx_per_slot
         self.slots = slot_choices(concurrency)

@@ -52,6 +52,17 @@ from tuner.live.control import Target, TargetOptions, TrialStartFailed
 from tuner.live.heartbeat import SHELL_WRITE
 from tuner.model.checksum import combined_sha256, model_sha256
 from tuner.model.gguf_file import check_fits_in_memory, inspect_model
+from tuner.model_pages import (
+    MappedPages,
+    PlacementKey,
+    cpus_allowed,
+    evict_shell,
+    mapped_pages,
+    needs_page_reset,
+    page_placement,
+    placement_problem,
+    policy_nodes,
+)
 from tuner.probe.collect import read_host
 from tuner.probe.host import HostProbe, Topology
 from tuner.rollout.converge import converge_host
@@ -60,6 +71,8 @@ from tuner.server.identity import ServerBinary, identity_of, probe_commands
 from tuner.server.process import OOM_VICTIM_SCORE_ADJ, api_key_from_text, child_setup, free_port
 
 _IDENTIFY_MARK = "--llamahost-identify--"
+_STATE_MARK = "--llamahost-state--"
+_PAGES_DROPPED = "llamahost-model-pages-dropped"
 
 DROPIN_NAME = "50-llamahost-trial.conf"
 STATE_DIR = "/run/llamahost"
@@ -235,14 +248,6 @@ def server_command(unit_text: str) -> ServerCommand:
     return ServerCommand(tuple(argv))
 
 
-def numa_mask(config: RunConfig, topology: Topology) -> tuple[int, ...]:
-    """The nodes of a memory policy, as the role picks them: the configured nodes, else the nodes of the
-    pinned CPUs, else every node."""
-    if config.memory_nodes:
-        return config.memory_nodes
-    return topology.nodes_of(config.cpus) if config.cpus else topology.node_ids
-
-
 def render_trial_dropin(command: ServerCommand, config: RunConfig, mask: tuple[int, ...],
                         memory_max_bytes: int | None = None) -> str:
     """The transient drop-in that makes the unit run ``config`` (placement included) until removed.
@@ -265,10 +270,11 @@ def render_trial_dropin(command: ServerCommand, config: RunConfig, mask: tuple[i
     ]
     if cpus:
         lines += [f"CPUAffinity={cpus}", f"AllowedCPUs={cpus}"]
-    if config.memory_policy == "default":
-        lines += ["NUMAPolicy=default", "NUMAMask="]
-    else:
-        lines += [f"NUMAPolicy={config.memory_policy}", f"NUMAMask={format_cpu_list(mask)}"]
+    # NUMAMask= is a list that adds up like CPUAffinity=: without the empty assignment, a trial's mask would
+    # join the role's (node 1 and a trial's node 0 became "bind on 0-1", read back on the lab).
+    lines += [f"NUMAPolicy={config.memory_policy}", "NUMAMask="]
+    if config.memory_policy != "default":
+        lines.append(f"NUMAMask={format_cpu_list(mask)}")
     if config.load_mode in ("mlock", "mmap+mlock"):
         lines.append("LimitMEMLOCK=infinity")
     return "\n".join(lines) + "\n"
@@ -506,6 +512,9 @@ class SystemdServer:
         self._api_key: str | None = None
         self._baseline: RunConfig | None = None
         self._lock: subprocess.Popen[str] | None = None
+        self.model_files: list[str] = []  # the model's shards on the host (describe() sets them; else --model's)
+        self._pages_placed_for: PlacementKey | None = None  # the placement the model's pages were dropped for
+        self.last_applied: dict[str, Any] = {}  # what the last start did and read back (a trial's record)
 
     # -- connection --------------------------------------------------------------------------------
 
@@ -644,27 +653,63 @@ class SystemdServer:
     def apply(self, config: RunConfig) -> None:
         if self.topology is None:
             raise RuntimeError("probe() the host before applying trials")
-        text = render_trial_dropin(self.server_command(), config, numa_mask(config, self.topology),
+        text = render_trial_dropin(self.server_command(), config, policy_nodes(config, self.topology),
                                    self.memory_max_bytes)
         path = dropin_path(self.service)
         unit = f"{self.service}.service"
+        reset = self._needs_page_reset(config)
+        unchanged = "false" if reset else f"[ -f {path} ] && cmp -s {path}.new {path} && systemctl is-active -q {unit}"
         script = (f"set -e\nmkdir -p {STATE_DIR} {shlex.quote(str(Path(path).parent))}\n"
                   + deadman_start_script()
                   + f"cat > {path}.new\n"
-                  f"if [ -f {path} ] && cmp -s {path}.new {path} && systemctl is-active -q {unit}; then\n"
+                  f"if {unchanged}; then\n"
                   f"    rm -f {path}.new; echo unchanged\n"
                   f"else\n    mv {path}.new {path}; systemctl daemon-reload\n"
-                  f"    systemctl restart {unit} || true; echo restarted\nfi\n")
-        self._ssh().run(script, stdin=text)
+                  f"{self._restart_lines(reset)}    echo restarted\nfi\n")
+        out = self._ssh().run(script, stdin=text).stdout
+        self._pages_reset(config, out)
         self._wait_healthy("the trial configuration", config)
 
     def restore_baseline(self) -> None:
         path = dropin_path(self.service)
         unit = f"{self.service}.service"
-        self._ssh().run(f"if [ -e {path} ]; then rm -f {path}; systemctl daemon-reload; "
-                        f"systemctl restart {unit} || true; "
-                        f"elif ! systemctl is-active -q {unit}; then systemctl restart {unit} || true; fi")
+        reset = self._baseline is not None and self._needs_page_reset(self._baseline)
+        if reset:  # whether or not a trial ran: the pages were placed for another placement
+            out = self._ssh().run(f"rm -f {path}; systemctl daemon-reload\n{self._restart_lines(True)}").stdout
+        else:
+            out = self._ssh().run(f"if [ -e {path} ]; then rm -f {path}; systemctl daemon-reload; "
+                                  f"systemctl restart {unit} || true; "
+                                  f"elif ! systemctl is-active -q {unit}; then systemctl restart {unit} || true; fi"
+                                  ).stdout
+        if self._baseline is not None:
+            self._pages_reset(self._baseline, out)
         self._wait_healthy("the baseline", None)
+
+    # -- the model's pages (tuner.model_pages) ----------------------------------------------------------
+
+    def _needs_page_reset(self, config: RunConfig) -> bool:
+        multi_node = self.topology is not None and len(self.topology.nodes) > 1
+        return needs_page_reset(self._pages_placed_for, config, multi_node=multi_node)
+
+    def _restart_lines(self, reset: bool) -> str:
+        """Restart the unit; to reset the model's pages, stop it, drop them while nothing maps them, start."""
+        unit = f"{self.service}.service"
+        if not reset:
+            return f"    systemctl restart {unit} || true\n"
+        evict = " && ".join(evict_shell(self._model_files()).splitlines())
+        return (f"    systemctl stop {unit} || true\n"
+                f"    if {evict}; then echo {_PAGES_DROPPED}; fi\n"  # never leaves the unit stopped
+                f"    systemctl start {unit} || true\n")
+
+    def _pages_reset(self, config: RunConfig, output: str) -> None:
+        """Remember for which placement the pages were dropped (when the script says they were)."""
+        reset = _PAGES_DROPPED in output.split()
+        if reset:
+            self._pages_placed_for = page_placement(config)
+        self.last_applied = {"page_cache_reset": reset}
+
+    def _model_files(self) -> list[str]:
+        return self.model_files or [self.server_command().model]
 
     def heartbeat(self) -> None:
         self._ssh().run(write_heartbeat_command(), timeout=30)
@@ -702,21 +747,48 @@ class SystemdServer:
                 self._fail(what, config, f"/health did not answer 200 within {self.facts.health_timeout_s:.0f} s")
             time.sleep(0.3)
 
+    def running_state(self) -> tuple[list[str], tuple[int, ...] | None, MappedPages | None]:
+        """The unit's main process as /proc on the host sees it: its command line, the CPUs it may run on,
+        and how it maps the model (memory policy, pages per node). Read as root: numa_maps of another user's
+        process is not readable otherwise."""
+        files = " ".join(shlex.quote(path) for path in self._model_files())
+        out = self._ssh().run(
+            f"pid=$(systemctl show -p MainPID --value {self.service}.service); [ \"${{pid:-0}}\" -gt 0 ] || exit 0\n"
+            f"cat /proc/$pid/cmdline; echo; echo {_STATE_MARK}\n"
+            f"cat /proc/$pid/status; echo {_STATE_MARK}\n"
+            f"for f in {files}; do readlink -f \"$f\"; done; echo {_STATE_MARK}\n"
+            f"grep -F file= /proc/$pid/numa_maps || true\n", check=False, timeout=30).stdout
+        parts = out.split(_STATE_MARK + "\n")
+        if len(parts) < 4:
+            return [word for word in out.split("\0") if word.strip()], None, None
+        argv = [word for word in parts[0].rstrip("\n").split("\0") if word]
+        cpus = cpus_allowed(parts[1])
+        real_files = [line for line in parts[2].splitlines() if line]
+        return argv, cpus, mapped_pages(parts[3], [*real_files, *self._model_files()])
+
     def running_argv(self) -> list[str]:
         """The command line of the unit's main process, from /proc on the host."""
-        out = self._ssh().run(f"pid=$(systemctl show -p MainPID --value {self.service}.service); "
-                              "[ \"${pid:-0}\" -gt 0 ] && cat /proc/$pid/cmdline", check=False, timeout=30).stdout
-        return [word for word in out.split("\0") if word]
+        return self.running_state()[0]
 
     def _check_running(self, what: str, config: RunConfig | None) -> None:
         """A healthy server must be the one asked for: the dead-man switch may have restored the baseline
-        while a slow trial was loading (a controller that stopped its heartbeats)."""
+        while a slow trial was loading (a controller that stopped its heartbeats). And it must be placed as
+        asked: its CPU mask and memory policy, and with pages reset a bind policy's pages, read back from /proc."""
         command = self.server_command()
         expected = command.with_config(config) if config is not None else list(command.argv)
-        running = self.running_argv()
+        running, cpus, mapped = self.running_state()
         if running != expected:
             self._fail(what, config, f"the unit answers but runs {' '.join(running) or 'nothing'}, not the "
                                      "expected command (was the baseline restored by the dead-man switch?)")
+        self.last_applied.update({"cpus_allowed": format_cpu_list(cpus or ()),
+                                  **({"model_pages": mapped.to_dict()} if mapped is not None else {})})
+        placed = config if config is not None else self._baseline
+        if placed is None or self.topology is None:
+            return
+        problem = placement_problem(placed, policy_nodes(placed, self.topology), mapped, cpus_allowed=cpus,
+                                    pages_placed=self._pages_placed_for == page_placement(placed))
+        if problem:
+            self._fail(what, config, problem)
 
     def _fail(self, what: str, config: RunConfig | None, reason: str) -> None:
         flags = f" ({' '.join(config.server_args())})" if config is not None else ""
@@ -765,6 +837,37 @@ class SystemdServer:
         if self._max_memory_fraction is not None:
             self.memory_max_bytes = int(self._max_memory_fraction * probe.memory_total_bytes)
         return probe
+
+    def slice_cpus(self) -> tuple[int, ...] | None:
+        """The CPUs the unit's slice may use (its cgroup's effective cpuset; None when the cpuset controller is
+        not enabled there, so nothing narrows it)."""
+        out = self._ssh().run(
+            f"group=$(systemctl show -p ControlGroup --value {self.service}.service); "
+            "cat \"/sys/fs/cgroup${group%/*}/cpuset.cpus.effective\" 2>/dev/null || true",
+            root=False, check=False, timeout=30).stdout.strip()
+        return parse_cpu_list(out) if out else None
+
+    def other_mappers(self) -> list[str]:
+        """Processes other than the unit's server that map the model (``pid comm``), from /proc/*/maps as root:
+        while one does, dropping the model's pages leaves the pages it maps where they are."""
+        files = " ".join(shlex.quote(path) for path in self._model_files())
+        out = self._ssh().run(
+            f"main=$(systemctl show -p MainPID --value {self.service}.service)\n"
+            f"for f in {files}; do grep -lF \"$(readlink -f \"$f\")\" /proc/[0-9]*/maps 2>/dev/null; done | sort -u |\n"
+            "while read -r maps; do pid=${maps#/proc/}; pid=${pid%/maps}\n"
+            "    [ \"$pid\" = \"$main\" ] || echo \"$pid $(cat /proc/$pid/comm 2>/dev/null)\"\ndone\n",
+            check=False, timeout=120).stdout
+        return [line.strip() for line in out.splitlines() if line.strip()]
+
+    def numa_blocked(self) -> str | None:
+        """Why NUMA settings cannot be searched on this host (None: they can, or there is one node)."""
+        if self.topology is None or len(self.topology.nodes) < 2:
+            return None
+        others = self.other_mappers()
+        if not others:
+            return None
+        return (f"another process maps the model on {self.facts.name} ({', '.join(others[:5])}), so the model's "
+                "pages keep the placement it gave them and NUMA trials would measure that instead of their own")
 
     def model_digest(self, shards: Sequence[str]) -> str:
         """sha256 of the model on the host, combined like :func:`tuner.model.checksum.model_sha256`."""
@@ -845,6 +948,7 @@ class RemoteConnection:
         model = inspect_model(self._local_model())
         remote = self.control.server_command().model
         shards = [remote, *(str(Path(remote).parent / f.name) for f in model.files[1:])]
+        self.control.model_files = shards
         local_digest = model_sha256(model.files)
         remote_digest = self.control.model_digest(shards)
         if remote_digest != local_digest:
@@ -854,4 +958,19 @@ class RemoteConnection:
         check_fits_in_memory(model, probe.memory_available_bytes + (self.control.server_memory_bytes() or 0))
         cpus = parse_cpu_list(str(self.variables.get("llama_server_cpus", "") or ""))
         deployed = RunConfig.from_role_vars(self.variables, physical_cores=serving_cores(probe.topology, cpus))
-        return Target(model, local_digest, probe, deployed, server=self.control.binary_identity())
+        return Target(model, local_digest, probe, deployed, server=self.control.binary_identity(),
+                      numa_blocked=self.control.numa_blocked(), usable_cpus=self._usable_cpus(probe))
+
+    def _usable_cpus(self, probe: HostProbe) -> tuple[int, ...] | None:
+        """The CPUs a trial may pin: the inventory's ``cpu_inference_cpus`` (the cpu role keeps the others for
+        housekeeping and the server role refuses them), within what the unit's slice may use."""
+        declared = parse_cpu_list(str(self.variables.get("cpu_inference_cpus") or ""))
+        usable = set(probe.topology.logical_cpus)
+        for narrower in (declared or None, self.control.slice_cpus()):
+            if narrower:
+                usable &= set(narrower)
+        if not usable:
+            raise UserError(f"no online CPU of {self.host} is both an inference CPU ({format_cpu_list(declared)}) "
+                            "and usable by the server's slice",
+                            "fix cpu_inference_cpus in the inventory and converge the host with site.yml")
+        return None if usable == set(probe.topology.logical_cpus) else tuple(sorted(usable))

@@ -3,9 +3,8 @@
 llama.cpp has no CPU-mask option, and its ``--numa numactl`` mode expects to be started under numactl.
 A trial worker does what numactl would do, to itself and without depending on numactl being installed:
 ``sched_setaffinity`` for the CPUs and the ``set_mempolicy`` system call for memory; the llama-server it
-then starts inherits both, and so do the threads ggml and OpenMP create later. The model's pages in the
-page cache keep the placement of whoever touched them first, across processes; :func:`evict_page_cache` drops one file's
-pages (``POSIX_FADV_DONTNEED``, never a host-wide drop_caches) so the next load places them afresh.
+then starts inherits both, and so do the threads ggml and OpenMP create later. Where the model's page-cache
+pages sit is :mod:`tuner.model_pages`' business.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import ctypes.util
 import os
 import platform
 from collections.abc import Iterable
-from pathlib import Path
 
 MPOL_DEFAULT = 0
 MPOL_PREFERRED = 1
@@ -124,13 +122,3 @@ def check_memory_policy(wanted: str, nodes: Iterable[int], applied: tuple[str, t
     if applied != (wanted, tuple(sorted(set(nodes)))):
         raise PlacementError(f"the memory policy {wanted} on nodes {sorted(set(nodes))} did not take effect: "
                              f"the kernel reports {applied[0]} on nodes {list(applied[1])}")
-
-
-def evict_page_cache(files: Iterable[Path]) -> None:
-    """Drop these files' clean pages from the page cache so the next reader places them afresh."""
-    for path in files:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
