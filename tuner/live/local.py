@@ -236,6 +236,7 @@ class LocalServer:
         self.spec = spec
         self._baseline: RunConfig | None = None
         self._topology: Topology | None = None
+        self._model_paths_of: tuple[str, tuple[str, ...]] | None = None  # (spec.model, its shard paths)
         self.last_applied: dict[str, Any] = {}  # what the last start did and read back (a trial's record)
 
     @property
@@ -320,8 +321,7 @@ class LocalServer:
             numa_maps = Path(f"/proc/{pid}/numa_maps").read_text()
         except OSError:
             return  # it exited meanwhile: the next window's requests fail the trial
-        files = [str(f) for f in inspect_model(Path(self.spec.model)).files]
-        cpus, mapped = cpus_allowed(status), mapped_pages(numa_maps, [*files, *(os.path.realpath(f) for f in files)])
+        cpus, mapped = cpus_allowed(status), mapped_pages(numa_maps, self._model_paths())
         self.last_applied.update({"cpus_allowed": format_cpu_list(cpus or ()),
                                   **({"model_pages": mapped.to_dict()} if mapped is not None else {})})
         if self._topology is None:
@@ -330,6 +330,14 @@ class LocalServer:
                                     pages_placed=bool(status_placed))
         if problem:
             raise TrialStartFailed(f"{what} ({' '.join(config.server_args())}) is not placed as asked: {problem}")
+
+    def _model_paths(self) -> tuple[str, ...]:
+        """The model's shards as given and as resolved (numa_maps names the resolved file), read once per model
+        rather than once per trial."""
+        if self._model_paths_of is None or self._model_paths_of[0] != self.spec.model:
+            files = [str(f) for f in inspect_model(Path(self.spec.model)).files]
+            self._model_paths_of = (self.spec.model, (*files, *(os.path.realpath(f) for f in files)))
+        return self._model_paths_of[1]
 
     def _wait_healthy(self, entry: dict[str, Any], *, what: str) -> dict[str, Any]:
         key = entry_key(entry)
