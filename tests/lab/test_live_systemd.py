@@ -161,7 +161,10 @@ def test_an_on_host_run_moves_from_user_slice_into_the_servers_slice_onto_the_in
     assert (out["cpus"], out["uid"]) == ("2,4,6", uid), out
 
 
-LAB_WORKLOAD = ["--concurrency", "1", "--requests", "2", "--prompt-scale", "0.05", "--verify-windows", "3"]
+# Two requests per window under emulation on a shared 2-core CI machine: one slow request is a p95 several times
+# the baseline's (a landing CI lost a trial to the 3x guard), so the guard is opened wide; placement is the proof.
+LAB_WORKLOAD = ["--concurrency", "1", "--requests", "2", "--prompt-scale", "0.05", "--verify-windows", "3",
+                "--latency-guard", "50"]
 
 
 def test_a_short_live_search_on_two_nodes_reads_every_trials_placement_back(served: Lab, tmp_path: Path) -> None:
