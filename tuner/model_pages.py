@@ -143,6 +143,13 @@ def cpus_allowed(proc_status: str) -> tuple[int, ...] | None:
     return None
 
 
+def model_file_names(files: Iterable[str | Path]) -> tuple[str, ...]:
+    """A model's shards as given and as resolved: numa_maps names the file the kernel opened, past any
+    symlink (the role links the served name to a versioned file)."""
+    given = [str(path) for path in files]
+    return tuple(dict.fromkeys([*given, *(os.path.realpath(path) for path in given)]))
+
+
 _NODE_PAGES = re.compile(r"^N(\d+)=(\d+)$")
 
 

@@ -50,10 +50,12 @@ class MeasureSettings:
     stop: StopRule = field(default_factory=StopRule)
     max_measure_seconds: float = 60.0
 
-    def spec(self, model: ModelInfo, config: RunConfig, *, stop: StopRule | None = None) -> TrialSpec:
+    def spec(self, model: ModelInfo, config: RunConfig, *, stop: StopRule | None = None,
+             pages_placed: bool = False) -> TrialSpec:
         return TrialSpec(model_path=str(model.path), config=config.to_dict(), objective=self.objective,  # type: ignore[arg-type]
                          server_binary=str(self.server_binary), workload=self.workload, warmup=self.warmup,
-                         stop=stop or self.stop, max_measure_seconds=self.max_measure_seconds)
+                         stop=stop or self.stop, max_measure_seconds=self.max_measure_seconds,
+                         pages_placed=pages_placed)
 
     def timeout_for(self, model: ModelInfo) -> float:
         """A hard deadline no healthy run reaches: a slow disk load, a capped warm-up, capped sampling."""
@@ -133,7 +135,7 @@ class Measurer:
             on_sample: Callable[[int, float], bool] | None = None) -> TrialOutcome:
         self.check_model_unchanged()
         evicted = self._reset_page_cache_if_needed(config)
-        spec = self.settings.spec(self.model, config, stop=stop)
+        spec = self.settings.spec(self.model, config, stop=stop, pages_placed=evicted)
         try:
             outcome = run_trial(spec, timeout_s=self.settings.timeout_for(self.model),
                                 log_path=self.log_dir / f"{label}.log", on_sample=on_sample)

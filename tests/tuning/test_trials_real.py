@@ -80,6 +80,8 @@ def test_a_trial_measures_pp_and_tg(model_path: Path, tmp_path: Path, spec: Spec
     assert len(pp) == len(tg) == len(outcome.values)
     assert outcome.applied["cpus"] == [cpu]
     assert (outcome.applied["memory_policy"], outcome.applied["memory_nodes"]) == ("interleave", [0])
+    pages = outcome.applied["model_pages"]  # llama.cpp mmaps the model: its pages read back from the server
+    assert pages["policy"] == "interleave" and pages["policy_nodes"] == "0" and pages["pages_per_node"]["0"] > 0
     assert "AVX" in outcome.applied["system_info"] or "NEON" in outcome.applied["system_info"]
     assert outcome.applied["binary_sha256"] == sha256_of(llama_server_binary), "measured on the deployed build"
     assert 0 < outcome.measuring_seconds < outcome.wall_seconds

@@ -7,6 +7,8 @@ be a tmpfs whose pages cannot be dropped); residency is read with util-linux's `
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import subprocess
 import sys
@@ -17,17 +19,21 @@ from pathlib import Path
 import pytest
 
 from tuner.config import RunConfig
+from tuner.model.gguf_file import inspect_model
 from tuner.model_pages import (
     cpus_allowed,
     evict_page_cache,
     evict_shell,
     mapped_pages,
+    model_file_names,
     needs_page_reset,
     page_placement,
     page_reset_blocked,
     placement_problem,
 )
 from tuner.model_pages import resident_bytes as counted_resident_bytes
+from tuner.trial.protocol import TrialSpec
+from tuner.trial.worker import WorkerError, model_pages_of
 
 MODEL = "/srv/models/tiny.gguf"
 NUMA_MAPS = f"""\
@@ -161,3 +167,30 @@ def test_a_model_that_another_process_maps_cannot_have_its_pages_put_back(cached
     finally:
         holder.communicate("")
     assert page_reset_blocked([cached_file]) is None
+
+
+def test_a_models_shards_are_named_as_given_and_as_the_kernel_opened_them(tmp_path: Path) -> None:
+    versioned = tmp_path / "model-v2.gguf"
+    versioned.write_bytes(b"GGUF")
+    (tmp_path / "model.gguf").symlink_to(versioned)
+    assert model_file_names([tmp_path / "model.gguf", versioned]) == (str(tmp_path / "model.gguf"), str(versioned))
+
+
+def test_a_benchmark_worker_reads_the_servers_mapping_of_the_model_and_refuses_a_policy_that_missed_it(
+        tiny_split_model_path: Path) -> None:
+    """The worker's read-back, on this test process standing in for llama-server: it maps the model's shards
+    (as llama.cpp does), runs under the default policy, and so is not placed as a trial bound to node 0 says."""
+    files = inspect_model(tiny_split_model_path).files
+    spec = TrialSpec(model_path=str(tiny_split_model_path), config={}, objective="tg", server_binary="-")
+    with contextlib.ExitStack() as stack:
+        for path in files:
+            handle = stack.enter_context(path.open("rb"))
+            view = stack.enter_context(mmap.mmap(handle.fileno(), 0, prot=mmap.PROT_READ))
+            assert view[:4] == b"GGUF"  # fault a page in, so numa_maps counts it
+        pages = model_pages_of(os.getpid(), spec, RunConfig(threads=1, threads_batch=1))
+        assert pages is not None and pages.policy == "default" and sum(pages.pages_per_node.values()) >= len(files)
+        bound = RunConfig(threads=1, threads_batch=1, memory_policy="bind", memory_nodes=(0,))
+        with pytest.raises(WorkerError, match="the memory policy bind on nodes 0 did not take effect"):
+            model_pages_of(os.getpid(), spec, bound)
+    unmapped = model_pages_of(os.getpid(), spec, RunConfig(threads=1, threads_batch=1))
+    assert unmapped is None, "unmapped: nothing to read back"

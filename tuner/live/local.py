@@ -43,6 +43,7 @@ from tuner.model_pages import (
     cpus_allowed,
     evict_page_cache,
     mapped_pages,
+    model_file_names,
     needs_page_reset,
     page_placement,
     placement_problem,
@@ -335,8 +336,7 @@ class LocalServer:
         """The model's shards as given and as resolved (numa_maps names the resolved file), read once per model
         rather than once per trial."""
         if self._model_paths_of is None or self._model_paths_of[0] != self.spec.model:
-            files = [str(f) for f in inspect_model(Path(self.spec.model)).files]
-            self._model_paths_of = (self.spec.model, (*files, *(os.path.realpath(f) for f in files)))
+            self._model_paths_of = (self.spec.model, model_file_names(inspect_model(Path(self.spec.model)).files))
         return self._model_paths_of[1]
 
     def _wait_healthy(self, entry: dict[str, Any], *, what: str) -> dict[str, Any]:

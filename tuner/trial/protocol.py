@@ -69,6 +69,9 @@ class TrialSpec:
     warmup: Warmup = field(default_factory=Warmup)
     stop: StopRule = field(default_factory=StopRule)
     max_measure_seconds: float = 60.0
+    # The model's pages were dropped before this trial (its placement differs from the last one's), so each page
+    # sits where this trial's policy put it: a bind policy then leaves none outside its nodes.
+    pages_placed: bool = False
 
     def to_json_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +87,7 @@ class TrialSpec:
             warmup=Warmup(**data["warmup"]),
             stop=StopRule(**data["stop"]),
             max_measure_seconds=float(data["max_measure_seconds"]),
+            pages_placed=bool(data.get("pages_placed", False)),
         )
 
 

@@ -245,7 +245,7 @@ def _apply_event(event: dict[str, Any], outcome: TrialOutcome, phase: str) -> st
     if kind == "ready":
         outcome.load_seconds = float(event["load_seconds"])
         outcome.applied = {k: event[k] for k in ("cpus", "memory_policy", "memory_nodes", "system_info",
-                                                 "binary_sha256")}
+                                                 "binary_sha256", "model_pages") if k in event}
         return "warming up"
     if kind == "warmup":
         outcome.warmup_values.append(float(event["value"]))

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from tuner.config import RunConfig
+from tuner.model.gguf_file import inspect_model
+from tuner.model_pages import MappedPages, mapped_pages, model_file_names, placement_problem
 from tuner.server.client import complete, model_meta
 from tuner.server.identity import identify
 from tuner.server.process import ServerProcess
@@ -157,6 +159,21 @@ def die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
 
 
+def model_pages_of(pid: int, spec: TrialSpec, config: RunConfig) -> MappedPages | None:
+    """Where the server's mapping of the model sits, read from its numa_maps as for a live trial (None where
+    llama.cpp does not mmap the model); a policy that did not reach the model's pages fails the trial."""
+    try:
+        numa_maps = Path(f"/proc/{pid}/numa_maps").read_text()
+    except FileNotFoundError:
+        return None  # a kernel built without NUMA support has no numa_maps: one node, nothing to place
+    mapped = mapped_pages(numa_maps, model_file_names(inspect_model(Path(spec.model_path)).files))
+    problem = placement_problem(config, config.memory_nodes, mapped, cpus_allowed=None,
+                                pages_placed=spec.pages_placed)
+    if problem:
+        raise WorkerError(f"llama-server is not placed as the trial asks: {problem}")
+    return mapped
+
+
 def run(spec: TrialSpec, emit: Callable[..., None]) -> None:
     die_with_parent()
     config = RunConfig.from_dict(spec.config).validate()
@@ -182,10 +199,11 @@ def run(spec: TrialSpec, emit: Callable[..., None]) -> None:
         server_cpus = tuple(sorted(os.sched_getaffinity(server.pid)))
         if server_cpus != applied_cpus:
             raise WorkerError(f"llama-server runs on CPUs {list(server_cpus)}, not the trial's {list(applied_cpus)}")
+        pages = model_pages_of(server.pid, spec, config)
         bench = ServerBench(spec, server)
         emit("ready", pid=server.pid, load_seconds=load_seconds, cpus=list(server_cpus),
              memory_policy=policy[0], memory_nodes=list(policy[1]), system_info=binary.system_info,
-             binary_sha256=binary.sha256)
+             binary_sha256=binary.sha256, **({"model_pages": pages.to_dict()} if pages is not None else {}))
         measure(spec, bench, emit)
 
 
