@@ -12,7 +12,9 @@ import contextlib
 import errno
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from tuner.errors import UserError
 
@@ -59,16 +61,23 @@ def write_atomic(path: Path, content: str | bytes, *, keep_previous: bool = True
     The previous version is preserved with a hard link taken before the rename, so at every instant
     either ``path`` holds the old or the new content in full.
     """
+    with atomic_writer(path, keep_previous=keep_previous, mode=mode) as handle:
+        handle.write(content.encode() if isinstance(content, str) else content)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path, *, keep_previous: bool = True, mode: int = 0o644) -> Iterator[BinaryIO]:
+    """:func:`write_atomic` for content too large to hold in memory (a model file): write it to the handle
+    this yields; ``path`` is replaced when the block ends without an exception, and left as it was otherwise."""
     path = Path(path)
     directory = path.parent
     directory.mkdir(parents=True, exist_ok=True)
-    data = content.encode() if isinstance(content, str) else content
     _remove_stale_temporaries(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         if path.exists():

@@ -32,6 +32,8 @@ from tuner.study import is_baseline, quiet_optuna
 from tuner.summary import CONFIG_COLUMNS
 
 COLORS = {"baseline": "#6c757d", "chosen": "#0b7a3e", "search": "#1f77b4", "pruned": "#ff7f0e", "failed": "#d62728"}
+SYNTHETIC_PHRASE = (", <b>synthetic</b>: random weights in the real model's shape, so the speeds hold and the "
+                    "text does not")
 
 
 def _png(figure: Figure) -> str:
@@ -263,9 +265,11 @@ def _build_phrase(llama_cpp: dict[str, Any]) -> str:
 
 def _context_line(result: dict[str, Any]) -> str:
     host, model = result["host"], result["model"]
+    synthetic = SYNTHETIC_PHRASE if model.get("synthetic") else ""
     return (f"<p>Host <b>{html.escape(str(host['hostname']))}</b> ({html.escape(str(host['cpu_model']))}, "
             f"fingerprint {host['fingerprint']}); model <b>{html.escape(str(model['name']))}</b> "
-            f"({model['quantization']}, sha256 {model['sha256'][:12]}...); {_build_phrase(result['llama_cpp'])}; "
+            f"({model['quantization']}, sha256 {model['sha256'][:12]}...{synthetic}); "
+            f"{_build_phrase(result['llama_cpp'])}; "
             f"written {result['written']}.</p>")
 
 

@@ -119,8 +119,11 @@ def host_block(probe: HostProbe) -> dict[str, Any]:
 
 
 def model_block(model: ModelInfo, sha256: str) -> dict[str, Any]:
-    return {"path": str(model.path), "sha256": sha256, "name": model.name, "quantization": model.file_type,
-            "size_bytes": model.size_bytes, "bytes_per_token": model.bytes_per_token}
+    block = {"path": str(model.path), "sha256": sha256, "name": model.name, "quantization": model.file_type,
+             "size_bytes": model.size_bytes, "bytes_per_token": model.bytes_per_token}
+    if model.synthetic:  # `llamahost model synth`: tuned for the real model's shape; its outputs are noise
+        block["synthetic"] = True
+    return block
 
 
 def metric_blocks(arm: Arm) -> dict[str, Any]:

@@ -166,6 +166,7 @@ def prepare(request: TuneRequest) -> TuneContext:
         objective=request.objective,
         workload=workload_attrs(request.workload),
         extra={"host": taken.probe.fingerprint_fields(), "model_path": str(taken.model.path),
+               "model_synthetic": taken.model.synthetic,
                "hostname": taken.probe.hostname, "llama_server": taken.server.to_dict()},
         llama_server_sha256=taken.server.sha256,
     )

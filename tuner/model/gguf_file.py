@@ -25,6 +25,8 @@ SHARD_PATTERN = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gg
 MAX_SHARDS = 65535  # split.count is a uint16 in gguf-split's files
 # Per-layer arrays (head counts of some architectures) are kept; a vocabulary is only counted.
 MAX_KEPT_ARRAY = 65536
+# Set by `llamahost model synth`: random weights in a real model's shape (tuner.model.synth).
+SYNTHETIC_KEY = "llamahost.synthetic"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ModelInfo:
     bytes_per_token: int
     tensor_types: dict[str, int] = field(default_factory=dict)
     n_vocab: int = 0  # 0 when the file carries no tokenizer
+    synthetic: bool = False  # random weights from `llamahost model synth`: speed is real, the text is not
 
     @property
     def bits_per_weight(self) -> float:
@@ -93,6 +96,7 @@ class ModelInfo:
             "tensor_bytes": self.tensor_bytes,
             "bytes_per_token": self.bytes_per_token,
             "n_vocab": self.n_vocab,
+            "synthetic": self.synthetic,
         }
 
 
@@ -233,6 +237,7 @@ def inspect_model(path: Path | str) -> ModelInfo:
         bytes_per_token=streamed,
         tensor_types=dict(tensor_types),
         n_vocab=_vocab_size(first, arch),
+        synthetic=first.value(SYNTHETIC_KEY) is True,
     )
 
 

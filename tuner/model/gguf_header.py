@@ -306,11 +306,13 @@ def _read_tensor(cursor: _Cursor, types: dict[int, tuple[str, int, int]], index:
     return TensorInfo(name, shape, type_id, type_name, relative, n_elements, n_bytes), relative
 
 
-def read_header(path: Path, *, keep_array: KeepArray = lambda key, count: False) -> GGUFHeader:
+def read_header(path: Path, *, keep_array: KeepArray = lambda key, count: False,
+                check_data: bool = True) -> GGUFHeader:
     """Read and check the header of one GGUF file; raise one :class:`UserError` naming what is wrong.
 
     Scalars and strings are kept; the elements of an array only where ``keep_array(key, count)`` says so.
-    Every tensor is checked to lie inside the file (a truncated download ends there).
+    Every tensor is checked to lie inside the file (a truncated download ends there), unless ``check_data`` is
+    False: then the header alone must be whole (the first megabytes of a download describe the whole model).
     """
     with open_regular_file(path) as (fd, size):
         head = os.pread(fd, HEADER_BYTES, 0)
@@ -344,7 +346,7 @@ def read_header(path: Path, *, keep_array: KeepArray = lambda key, count: False)
                           f"alignment {alignment}: the header is corrupt")
         start = data_offset + relative
         end = start + tensor.n_bytes
-        if end > size:
+        if check_data and end > size:
             raise corrupt(path, f"tensor '{tensor.name}' ends at byte {end}, past the end of the file "
                           f"({size} bytes): the file is truncated")
         tensors.append(TensorInfo(tensor.name, tensor.shape, tensor.type_id, tensor.type_name, start,

@@ -33,7 +33,7 @@ TOKENIZER_PREFIX = "tokenizer."
 TOKENS_KEY = "tokenizer.ggml.tokens"
 
 
-def _tokenizer_fields(source: Path) -> tuple[list[MetadataField], int]:
+def tokenizer_fields(source: Path) -> tuple[list[MetadataField], int]:
     """The ``tokenizer.*`` fields of ``source`` in file order (strings as raw bytes, so copies are exact), and
     its vocabulary size."""
     header = read_header(source, keep_array=lambda key, count: key.startswith(TOKENIZER_PREFIX))
@@ -98,7 +98,7 @@ def write_tiny_model(path: Path, *, source: Path, n_embd: int = 64, n_layer: int
     path = Path(path)
     kv_heads = n_head if n_head_kv is None else n_head_kv
     _check_shape(n_embd, n_layer, n_head, kv_heads, n_ff, context_length)
-    fields, n_vocab = _tokenizer_fields(Path(source))
+    fields, n_vocab = tokenizer_fields(Path(source))
 
     shapes = tensor_shapes(n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=kv_heads, n_ff=n_ff)
     if not 1 <= shards <= len(shapes):
