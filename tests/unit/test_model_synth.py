@@ -147,13 +147,16 @@ def test_a_larger_vocabulary_is_padded_and_a_smaller_one_refused(model_path: Pat
     (["--arch", "llama", "--vocab", "49152", "--embd", "16384", "--layers", "4000", "--heads", "128", "--ff",
       "53248"], "GiB free"),
     (["--arch", "llama", "--vocab", "49152", "--embd", "256"], "needs --layers, --heads, --ff"),
+    (["--hf-config", "{config}", "--layers", "4"], "--layers describe a shape only with --arch"),
+    (["--like", "{model}", "--type", "Q8_0"], "--type and --tokenizer cannot change a model copied with --like"),
 ])
 def test_bad_shapes_are_refused_before_any_byte_is_written(model_path: Path, tmp_path: Path, args: list[str],
                                                             message: str) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "vocab_size": 50257}))
     out = tmp_path / "out" / "model.gguf"
-    done = synth_cli(str(out), *[a.replace("{config}", str(config)) for a in args], "--tokenizer", str(model_path))
+    done = synth_cli(str(out), *[a.replace("{config}", str(config)).replace("{model}", str(model_path))
+                                 for a in args], "--tokenizer", str(model_path))
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists() and (not out.parent.exists() or not list(out.parent.iterdir()))

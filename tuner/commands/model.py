@@ -45,7 +45,7 @@ def register(sub: Any) -> None:
                        ("--expert-ff", "an expert's feed-forward width (default: --ff)")):
         dims.add_argument(flag, type=int, default=0, help=what)
     dims.add_argument("--tied-embeddings", action="store_true", help="no output.weight: the embedding serves")
-    synth.add_argument("--type", default="Q4_K_M", choices=sorted(FILE_TYPES),
+    synth.add_argument("--type", choices=sorted(FILE_TYPES),
                        help="quantization, as llama-quantize mixes it (with --hf-config or --arch; default Q4_K_M)")
     synth.add_argument("--tokenizer", type=Path,
                        help="a small real GGUF whose tokenizer the model speaks (default: the bundled model)")
@@ -79,6 +79,11 @@ def run_check(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_FILE_TYPE = "Q4_K_M"
+DIMENSIONS = ("vocab", "embd", "layers", "heads", "kv_heads", "ff", "head_dim", "experts", "experts_used", "expert_ff",
+              "tied_embeddings")
+
+
 def _shape(args: argparse.Namespace) -> ModelShape:
     """The shape from --hf-config or from explicit dimensions."""
     if args.hf_config is not None:
@@ -109,7 +114,15 @@ def run_synth(args: argparse.Namespace) -> int:
 
     from tuner.model.synth import plan_from_header, plan_from_shape, summary, write_synthetic
 
+    dimensions = [f"--{name.replace('_', '-')}" for name in DIMENSIONS if getattr(args, name)]
+    if args.arch is None and dimensions:
+        raise UserError(f"{', '.join(dimensions)} describe a shape only with --arch",
+                        "leave them out, or give the shape by --arch and its dimensions alone")
     if args.like is not None:
+        ignored = [flag for flag, value in (("--type", args.type), ("--tokenizer", args.tokenizer)) if value]
+        if ignored:
+            raise UserError(f"{' and '.join(ignored)} cannot change a model copied with --like: its types and "
+                            "tokenizer are the header's", "leave them out, or describe the shape with --hf-config")
         if args.output.expanduser().resolve() == args.like.expanduser().resolve():
             raise UserError(f"{args.output} is the model whose shape synth copies",
                             "write the synthetic model to another path")
@@ -120,7 +133,7 @@ def run_synth(args: argparse.Namespace) -> int:
             from tuner.model.default_model import default_model_path
 
             tokenizer = default_model_path()
-        plan = plan_from_shape(_shape(args), args.type, tokenizer=Path(tokenizer).expanduser())
+        plan = plan_from_shape(_shape(args), args.type or DEFAULT_FILE_TYPE, tokenizer=Path(tokenizer).expanduser())
     planned = summary(plan)
     with Progress(TextColumn("writing {task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=Console(file=sys.stderr), transient=True, disable=not sys.stderr.isatty()) as progress:
