@@ -24,8 +24,8 @@ from tuner.model.gguf_file import inspect_model
 from tuner.model.gguf_header import read_header
 from tuner.model.synth import _SCALE_FIELDS, block_pool, plan_from_header, tensor_table, write_synthetic
 from tuner.model.synth_shape import (
-    BLOCK_BYTES,
     ModelShape,
+    block_size,
     plan_tensors,
     shape_from_hf_config,
     use_more_bits,
@@ -119,8 +119,8 @@ def test_a_config_json_plans_the_size_of_the_published_q4_k_m_file(config: dict[
 
 @pytest.mark.parametrize("type_name", sorted(_SCALE_FIELDS))
 def test_random_blocks_dequantize_to_small_finite_weights(type_name: str) -> None:
-    pool = block_pool(type_name, np.random.default_rng(0), pool_bytes=64 * BLOCK_BYTES[type_name])
-    raw = np.frombuffer(pool, dtype=np.uint8).reshape(-1, BLOCK_BYTES[type_name])
+    pool = block_pool(type_name, np.random.default_rng(0), pool_bytes=64 * block_size(type_name)[1])
+    raw = np.frombuffer(pool, dtype=np.uint8).reshape(-1, block_size(type_name)[1])
     weights = dequantize(raw, GGMLQuantizationType[type_name])
     assert np.isfinite(weights).all() and 0 < float(np.abs(weights).max()) < 1.0
     assert float(weights.std()) > 1e-4, "the quantized values are random, not constant"

@@ -30,7 +30,7 @@ from tuner.atomic import atomic_writer
 from tuner.errors import UserError
 from tuner.model.gguf_file import SYNTHETIC_KEY, shard_paths
 from tuner.model.gguf_header import ARRAY, STRING, GGUFHeader, corrupt, read_header
-from tuner.model.synth_shape import BLOCK_BYTES, ModelShape, PlannedTensor, plan_tensors, shape_metadata
+from tuner.model.synth_shape import ModelShape, PlannedTensor, block_size, plan_tensors, shape_metadata
 from tuner.model.tiny import tokenizer_fields
 
 SOURCE_KEY = "llamahost.synthetic.source"
@@ -194,7 +194,7 @@ def _padded_tokenizer(source: Path, n_vocab: int) -> list[MetadataEntry]:
 
 def block_pool(type_name: str, rng: np.random.Generator, pool_bytes: int = POOL_BYTES) -> bytes:
     """Random blocks of ``type_name`` with finite scales, whole blocks only."""
-    block = BLOCK_BYTES[type_name]
+    block = block_size(type_name)[1]
     count = max(1, pool_bytes // block)
     if type_name in ("F32", "F16", "BF16"):
         values = rng.standard_normal(count, dtype=np.float32) * WEIGHT_STD

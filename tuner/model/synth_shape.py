@@ -15,6 +15,7 @@ attention for 8-expert MoE, and the fallbacks for rows that a type's block does 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -37,11 +38,16 @@ FILE_TYPES = {"F16": 1, "Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17}
 _BASE_TYPE = {"F16": "F16", "Q4_0": "Q4_0", "Q8_0": "Q8_0", "Q4_K_M": "Q4_K", "Q5_K_M": "Q5_K"}
 # llama-quantize's fallback when a row length is not a multiple of the type's block (tensor_type_fallback).
 _FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
-BLOCK_ELEMENTS = {"F32": 1, "F16": 1, "BF16": 1, "Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
-                  "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
-BLOCK_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34,
-               "Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 SHAPE_FIX = "pass the model's config.json from Hugging Face, or its GGUF header (--like), unchanged"
+
+
+@functools.cache
+def block_size(type_name: str) -> tuple[int, int]:
+    """Elements and bytes of one block of ``type_name``, from the gguf package (imported only when a plan
+    is laid out: the command line starts without it)."""
+    import gguf
+
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,8 @@ class PlannedTensor:
 
     @property
     def n_bytes(self) -> int:
-        return self.n_elements // BLOCK_ELEMENTS[self.type_name] * BLOCK_BYTES[self.type_name]
+        elements, size = block_size(self.type_name)
+        return self.n_elements // elements * size
 
 
 def _layer_tensors(shape: ModelShape, layer: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -188,7 +195,7 @@ def _quantized(name: str, ne: tuple[int, ...]) -> bool:
 
 
 def _fits(type_name: str, row: int) -> bool:
-    return row % BLOCK_ELEMENTS[type_name] == 0
+    return row % block_size(type_name)[0] == 0
 
 
 def tensor_type(name: str, ne: tuple[int, ...], shape: ModelShape, file_type: str, layer: int) -> str:
@@ -221,7 +228,7 @@ def tensor_type(name: str, ne: tuple[int, ...], shape: ModelShape, file_type: st
         fallback = _FALLBACK.get(chosen)
         if fallback is None:
             raise UserError(f"tensor {name}: its rows of {ne[0]} do not divide into {chosen} blocks of "
-                            f"{BLOCK_ELEMENTS[chosen]}", "pick another file type (--type), as llama-quantize would")
+                            f"{block_size(chosen)[0]}", "pick another file type (--type), as llama-quantize would")
         chosen = fallback if _fits(fallback, ne[0]) else "F16"
     return chosen
 
