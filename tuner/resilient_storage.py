@@ -14,7 +14,9 @@ during the outage (ask, a reported sample, an attribute, the tell) ends the work
 - a SQLite store whose disk is full (or that turned read-only) ends the run at once with one message: no
   outage, nothing to wait for;
 - the tell after an outage longer than the grace period finds its trial failed as stale; the search
-  (:meth:`tuner.search.Search.run_one`) then records the trial as lost and goes on.
+  (:meth:`tuner.search.Search.run_one`) then records the trial as lost and goes on. So it does for a trial the
+  database lost outright (it acknowledged the trial, then crashed before the write was durable); its heartbeat,
+  refused by the foreign key, is logged and skipped.
 
 A retried write that had committed before the connection dropped is recognised for the tell (the stored
 state is the one asked for). A retried ``create_new_trial`` could in that rare case leave one extra trial
@@ -135,6 +137,10 @@ class ResilientRDBStorage(RDBStorage):
         try:
             super().record_heartbeat(trial_id)
         except Exception as error:
+            if any(isinstance(cause, sqlalchemy_exc.IntegrityError) for cause in causes(error)):
+                # the trial is gone (a database that lost acknowledged writes); the search logs it as lost
+                _log.warning("heartbeat of trial %d not written: the study store no longer holds the trial", trial_id)
+                return
             if not is_connection_error(error):
                 raise
             _log.warning("heartbeat of trial %d not written: the study store is unreachable; next interval", trial_id)

@@ -152,7 +152,7 @@ class SearchReport:
     complete: int = 0
     pruned: int = 0
     failed: int = 0
-    lost: int = 0  # measured, but failed as stale by the store during an outage (counted in failed too)
+    lost: int = 0  # measured, but failed as stale or lost by the store during an outage (counted in failed too)
     interrupted: bool = False
 
 
@@ -213,37 +213,57 @@ class Search:
         record_outcome(trial, outcome)
         return outcome.value
 
-    def run_one(self) -> FrozenTrial:
-        """One trial through ask and tell, returned as it was recorded.
+    def run_one(self) -> FrozenTrial | None:
+        """One trial through ask and tell, returned as it was recorded; None when the store lost the trial.
 
         Not ``study.optimize(n_trials=1)``: when a database outage outlasts the grace period, the store fails
         the trial as stale while it is still measuring, and optimize's own tell then ends the worker. Here the
         tell skips a trial that is already finished, the trial is logged as lost, and the search goes on.
-        Stale trials are failed first and the heartbeat runs while the trial measures, as optimize does."""
+        Stale trials are failed first and the heartbeat runs while the trial measures, as optimize does.
+
+        A database that acknowledged the trial's creation and then lost it in a crash (``synchronous_commit``
+        off, or a failover to a replica that had not yet received it) no longer holds the trial at all, and
+        Optuna raises ``KeyError`` on its next write. That trial is logged as lost too, and the search goes on."""
         storage = self.study._storage
         lost = False
+        trial: optuna.Trial | None = None
         with quiet_optuna(), warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # fail_stale_trials
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.opt")
-            optuna.storages.fail_stale_trials(self.study)
-            trial = self.study.ask()
-            value: float | None = None
-            with get_heartbeat_thread(trial._trial_id, storage):
-                try:
-                    value = self._objective(trial)
-                    state = TrialState.COMPLETE
-                except optuna.TrialPruned:
-                    state = TrialState.PRUNED
-                except TrialFailed:
-                    state = TrialState.FAIL
-                except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale while it measured
-                    state, lost = TrialState.FAIL, True
-                except BaseException:
-                    self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            try:
+                optuna.storages.fail_stale_trials(self.study)
+                trial = self.study.ask()
+                value: float | None = None
+                with get_heartbeat_thread(trial._trial_id, storage):
+                    try:
+                        value = self._objective(trial)
+                        state = TrialState.COMPLETE
+                    except optuna.TrialPruned:
+                        state = TrialState.PRUNED
+                    except TrialFailed:
+                        state = TrialState.FAIL
+                    except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale while it measured
+                        state, lost = TrialState.FAIL, True
+                    except BaseException as error:
+                        if not trial_vanished(error):
+                            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                        raise
+                recorded = self.study.tell(trial, value, state=state, skip_if_finished=True)
+            except KeyError as error:
+                if not trial_vanished(error):
                     raise
-            recorded = self.study.tell(trial, value, state=state, skip_if_finished=True)
+                self._log_vanished(None if trial is None else trial.number)
+                return None
         self._log(recorded, lost=lost or recorded.state != state)
         return recorded
+
+    def _log_vanished(self, number: int | None) -> None:
+        self.report.trials_run += 1
+        self.report.failed += 1
+        self.report.lost += 1
+        self.progress.event(f"trial {'?' if number is None else number}: LOST - the study store no longer holds it "
+                            "(the database lost writes it had acknowledged, in a crash or a failover); its "
+                            "measurement is not recorded")
 
     def _log(self, trial: FrozenTrial, *, lost: bool = False) -> None:
         self.report.trials_run += 1
@@ -280,6 +300,12 @@ class Search:
             self.report.interrupted = True
             raise Interrupted from None
         return self.report
+
+
+def trial_vanished(error: BaseException) -> bool:
+    """Whether ``error`` is Optuna's word for a trial the store does not hold (``KeyError``, "Record does not
+    exist"): told apart from any other ``KeyError``, which is a bug to show."""
+    return isinstance(error, KeyError) and "Record does not exist" in str(error)
 
 
 def _short(config: RunConfig) -> str:

@@ -288,7 +288,7 @@ def measure_baseline(search: Search, deadline: float, *, baseline_name: str, fix
             enqueue_baseline(study, space.baseline_params(), space.baseline())
         attempt_started = time.monotonic()
         trial = search.run_one()
-        if is_baseline(trial) and trial.state == TrialState.FAIL:
+        if trial is not None and is_baseline(trial) and trial.state == TrialState.FAIL:
             failures += 1
             attempt = time.monotonic() - attempt_started
             if failures >= 2 or time.monotonic() + attempt > deadline:

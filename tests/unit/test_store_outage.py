@@ -133,6 +133,12 @@ def test_a_heartbeat_that_cannot_be_written_does_not_end_the_heartbeat(
     with pytest.raises(ValueError):
         storage.record_heartbeat(0)
 
+    def trial_gone(self: RDBStorage, trial_id: int) -> None:
+        raise sqlalchemy_exc.IntegrityError("INSERT INTO trial_heartbeats", {}, Exception("violates foreign key"))
+
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", trial_gone)
+    storage.record_heartbeat(0)  # a trial the database lost: logged, and the search records the trial as lost
+
 
 class StaleFailingMeasurer:
     """Measures instantly; for the first trial it first does what another worker's stale check does while this
@@ -170,6 +176,57 @@ def test_a_trial_failed_as_stale_while_it_measured_is_lost_and_the_search_goes_o
                         on_trial_start=lambda trial: setattr(measurer, "current", trial))
         lost = search.run_one()
         after = search.run_one()
+    assert lost is not None and after is not None
     assert lost.state == TrialState.FAIL and after.state == TrialState.COMPLETE
     assert (search.report.trials_run, search.report.lost, search.report.failed, search.report.complete) == (2, 1, 1, 1)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+class ForgettingMeasurer:
+    """Measures instantly; during the first trial the database forgets that trial, as one does that acknowledged
+    its creation and then crashed before the write was durable (``synchronous_commit`` off)."""
+
+    measuring_seconds = 0.0
+
+    def __init__(self, storage: RDBStorage) -> None:
+        self.storage = storage
+        self.current: optuna.Trial | None = None
+        self.forgotten = 0
+
+    def run(self, config: RunConfig, label: str, **_: Any) -> TrialOutcome:
+        assert self.current is not None
+        if not self.forgotten:
+            self.forgotten += 1
+            with self.storage.engine.begin() as connection:
+                for table in ("trial_params", "trial_user_attributes", "trial_system_attributes", "trials"):
+                    connection.exec_driver_sql(f"DELETE FROM {table} WHERE trial_id = ?", (self.current._trial_id,))
+        return TrialOutcome(values=[10.0, 11.0, 12.0])
+
+
+def test_a_trial_the_database_lost_is_logged_as_lost_and_the_search_goes_on(tmp_path: Path) -> None:
+    storage = storage_at(tmp_path)
+    study = optuna.create_study(storage=storage, direction="maximize", study_name="forgetful")
+    measurer = ForgettingMeasurer(storage)
+    with TuneProgress(60, title="forgetful") as progress:
+        search = Search(study, SearchSpace(read_host(HOST), a_model(), "tg"), measurer, progress, unit="tok/s",
+                        on_trial_start=lambda trial: setattr(measurer, "current", trial))
+        assert search.run_one() is None
+        after = search.run_one()
+    assert after is not None and after.state == TrialState.COMPLETE
+    assert (search.report.trials_run, search.report.lost, search.report.failed, search.report.complete) == (2, 1, 1, 1)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]
+
+
+def test_any_other_key_error_in_a_trial_is_not_taken_for_a_lost_trial(tmp_path: Path) -> None:
+    class BuggyMeasurer(ForgettingMeasurer):
+        def run(self, config: RunConfig, label: str, **_: Any) -> TrialOutcome:
+            raise KeyError("threads")
+
+    storage = storage_at(tmp_path)
+    study = optuna.create_study(storage=storage, direction="maximize", study_name="buggy")
+    with TuneProgress(60, title="buggy") as progress:
+        search = Search(study, SearchSpace(read_host(HOST), a_model(), "tg"), BuggyMeasurer(storage), progress,
+                        unit="tok/s")
+        with pytest.raises(KeyError, match="threads"):
+            search.run_one()
+    assert [t.state for t in study.trials] == [TrialState.FAIL] and search.report.lost == 0
