@@ -10,7 +10,7 @@ from typing import Any
 import optuna
 import pytest
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
 from sqlalchemy import exc as sqlalchemy_exc
 
@@ -167,30 +167,33 @@ def a_model() -> ModelInfo:
     )
 
 
-def test_a_trial_failed_as_stale_while_it_measured_is_lost_and_the_search_goes_on(tmp_path: Path) -> None:
+def two_trials(tmp_path: Path, measurer_class: type[StaleFailingMeasurer]
+               ) -> tuple[Search, list[FrozenTrial | None]]:
+    """Two trials of a fresh study, measured by ``measurer_class``; the search and what each run_one returned."""
     storage = storage_at(tmp_path)
-    study = optuna.create_study(storage=storage, direction="maximize", study_name="outage")
-    measurer = StaleFailingMeasurer(storage)
-    with TuneProgress(60, title="outage") as progress:
+    study = optuna.create_study(storage=storage, direction="maximize", study_name="night")
+    measurer = measurer_class(storage)
+    with TuneProgress(60, title="night") as progress:
         search = Search(study, SearchSpace(read_host(HOST), a_model(), "tg"), measurer, progress, unit="tok/s",
                         on_trial_start=lambda trial: setattr(measurer, "current", trial))
-        lost = search.run_one()
-        after = search.run_one()
+        return search, [search.run_one(), search.run_one()]
+
+
+def test_a_trial_failed_as_stale_while_it_measured_is_lost_and_the_search_goes_on(tmp_path: Path) -> None:
+    search, (lost, after) = two_trials(tmp_path, StaleFailingMeasurer)
+    study = search.study
     assert lost is not None and after is not None
     assert lost.state == TrialState.FAIL and after.state == TrialState.COMPLETE
     assert (search.report.trials_run, search.report.lost, search.report.failed, search.report.complete) == (2, 1, 1, 1)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
 
 
-class ForgettingMeasurer:
+class ForgettingMeasurer(StaleFailingMeasurer):
     """Measures instantly; during the first trial the database forgets that trial, as one does that acknowledged
     its creation and then crashed before the write was durable (``synchronous_commit`` off)."""
 
-    measuring_seconds = 0.0
-
     def __init__(self, storage: RDBStorage) -> None:
-        self.storage = storage
-        self.current: optuna.Trial | None = None
+        super().__init__(storage)
         self.forgotten = 0
 
     def run(self, config: RunConfig, label: str, **_: Any) -> TrialOutcome:
@@ -204,15 +207,9 @@ class ForgettingMeasurer:
 
 
 def test_a_trial_the_database_lost_is_logged_as_lost_and_the_search_goes_on(tmp_path: Path) -> None:
-    storage = storage_at(tmp_path)
-    study = optuna.create_study(storage=storage, direction="maximize", study_name="forgetful")
-    measurer = ForgettingMeasurer(storage)
-    with TuneProgress(60, title="forgetful") as progress:
-        search = Search(study, SearchSpace(read_host(HOST), a_model(), "tg"), measurer, progress, unit="tok/s",
-                        on_trial_start=lambda trial: setattr(measurer, "current", trial))
-        assert search.run_one() is None
-        after = search.run_one()
-    assert after is not None and after.state == TrialState.COMPLETE
+    search, (lost, after) = two_trials(tmp_path, ForgettingMeasurer)
+    study = search.study
+    assert lost is None and after is not None and after.state == TrialState.COMPLETE
     assert (search.report.trials_run, search.report.lost, search.report.failed, search.report.complete) == (2, 1, 1, 1)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]
 
@@ -222,11 +219,7 @@ def test_any_other_key_error_in_a_trial_is_not_taken_for_a_lost_trial(tmp_path: 
         def run(self, config: RunConfig, label: str, **_: Any) -> TrialOutcome:
             raise KeyError("threads")
 
-    storage = storage_at(tmp_path)
-    study = optuna.create_study(storage=storage, direction="maximize", study_name="buggy")
-    with TuneProgress(60, title="buggy") as progress:
-        search = Search(study, SearchSpace(read_host(HOST), a_model(), "tg"), BuggyMeasurer(storage), progress,
-                        unit="tok/s")
-        with pytest.raises(KeyError, match="threads"):
-            search.run_one()
-    assert [t.state for t in study.trials] == [TrialState.FAIL] and search.report.lost == 0
+    with pytest.raises(KeyError, match="threads"):
+        two_trials(tmp_path, BuggyMeasurer)
+    study = optuna.load_study(study_name="night", storage=storage_at(tmp_path))
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
