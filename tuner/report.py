@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.atomic import write_atomic
 from tuner.config import format_cpu_list
 from tuner.result import METRIC_LABELS, metric_names
+from tuner.roofline import bandwidth_phrase
 from tuner.study import is_baseline, quiet_optuna
 from tuner.summary import CONFIG_COLUMNS
 
@@ -134,13 +135,23 @@ def verification_figure(result: dict[str, Any]) -> Figure | None:
     return figure
 
 
+ROOFLINE_TITLE = "Bandwidth roofline"
+
+
+def _roofline_text(roof: dict[str, Any]) -> str:
+    limit = roof.get("limit")
+    binds = (f" Limit that binds: <b>{html.escape(limit['binds'])}</b>: {html.escape(limit['reason'])}."
+             if limit else "")
+    return f"<p>Bandwidth: {html.escape(bandwidth_phrase(roof))}.{binds}</p>"
+
+
 def roofline_figure(roof: dict[str, Any]) -> Figure:
     figure, axes = plt.subplots(figsize=(8, 1.6))
     axes.barh(["tg"], [roof["max_tg_tps"]], color="#e9ecef", label="bandwidth limit")
     axes.barh(["tg"], [roof["achieved_tg_tps"]], color=COLORS["chosen"], label="achieved")
     axes.set_xlabel("tokens/s")
     axes.set_title(f"{100 * roof['fraction']:.0f}% of the memory-bandwidth roofline "
-                   f"({roof['bandwidth_gbps']:.1f} GB/s measured)")
+                   f"({roof['bandwidth_gbps']:.1f} GB/s)")
     axes.legend(loc="lower right", fontsize=8)
     return figure
 
@@ -296,11 +307,13 @@ def build_report(result: dict[str, Any], study: optuna.Study) -> str:
         ("How each of them mattered", lambda: slice_figure(study, unit, importances)),
     ]
     if result.get("roofline"):
-        figures.insert(1, ("Bandwidth roofline", lambda: roofline_figure(result["roofline"])))
+        figures.insert(1, (ROOFLINE_TITLE, lambda: roofline_figure(result["roofline"])))
     for title, make in figures:
         figure = make()
         if figure is not None:
             parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{_png(figure)}'>")
+            if title == ROOFLINE_TITLE:
+                parts.append(_roofline_text(result["roofline"]))
     if result["candidates"]:
         rows = []
         for arm in result["candidates"]:

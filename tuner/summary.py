@@ -10,6 +10,7 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from tuner.result import METRIC_LABELS, metric_names
+from tuner.roofline import bandwidth_phrase
 from tuner.study import is_baseline
 
 CONFIG_COLUMNS = ("threads", "threads_batch", "batch_size", "ubatch_size", "placement", "cpus", "numa",
@@ -103,8 +104,9 @@ def result_table(result: dict[str, Any]) -> Group:
     if roof:
         verdict.add_row("bandwidth roofline",
                         f"{100 * roof['fraction']:.0f}% of {roof['max_tg_tps']:.1f} tg tok/s "
-                        f"({roof['bandwidth_gbps']:.1f} GB/s measured / "
-                        f"{roof['bytes_per_token'] / 1e6:.1f} MB per token)")
+                        f"({bandwidth_phrase(roof)} / {roof['bytes_per_token'] / 1e6:.1f} MB per token)")
+        if roof.get("limit"):
+            verdict.add_row("limit that binds", f"{roof['limit']['binds']}: {roof['limit']['reason']}")
     search = result["search"]
     verdict.add_row("time", f"{search['wall_seconds']:.0f} s, {100 * search['measuring_fraction']:.0f}% of it "
                             "measuring")

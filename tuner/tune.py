@@ -26,12 +26,14 @@ from tuner.model_pages import page_reset_blocked
 from tuner.output import console
 from tuner.paths import results_dir, trial_log_dir
 from tuner.probe import BandwidthError, probe_host
-from tuner.probe.host import HostProbe
+from tuner.probe.bandwidth import DEFAULT_SECONDS as DEFAULT_BANDWIDTH_SECONDS
+from tuner.probe.bandwidth_cache import measure_and_record
+from tuner.probe.host import BandwidthResult, HostProbe
 from tuner.progress import TuneProgress
 from tuner.proof_defaults import ALPHA, BENCHMARK_VERIFY_SAMPLES, CANDIDATES, MIN_EFFECT, RESERVE_MAX_FRACTION
 from tuner.report import write_report
 from tuner.result import assemble_result, host_block, model_block, write_result
-from tuner.roofline import mean_context_depth, roofline
+from tuner.roofline import Roofline, mean_context_depth, roofline
 from tuner.search import (
     SPAWN_OVERHEAD_S,
     Interrupted,
@@ -263,6 +265,51 @@ def run(ctx: TuneContext) -> TuneOutcome:
     return TuneOutcome(result, ctx.result_path, verification)
 
 
+NEXT_TO_TRIALS_SECONDS = 1.5  # streaming time of the bandwidth measurement taken right after the trials
+
+
+def measure_roofline(ctx: TuneContext, chosen: Arm) -> dict[str, Any] | None:
+    """The chosen configuration's tg against the bandwidth limit (:mod:`tuner.roofline`), or None without a
+    tg or a bandwidth figure. Bandwidth is measured again right after the trials, so the limit is judged in the
+    minute they ran, and that measurement joins the host's history; when llama.cpp read faster than the host's
+    best figure allows, it is measured once more, for longer, before llama.cpp's own rate is taken instead."""
+    tg = chosen.metric("tg_tps")
+    best = ctx.probe.bandwidth
+    if best is None or tg is None:
+        return None
+    config = chosen.config
+    depth = mean_context_depth(ctx.request.workload.pp_tokens, ctx.request.workload.tg_tokens)
+    tg_by_threads = best_tg_by_threads(ctx.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def against(best: BandwidthResult, now_gbps: float | None) -> Roofline:
+        return roofline(best.all_nodes_gbps, ctx.model, tg.median, depth=depth, cache_type_k=config.cache_type_k,
+                        cache_type_v=config.cache_type_v, probe_runs_gbps=best.runs_gbps,
+                        bandwidth_now_gbps=now_gbps, tg_by_threads=tg_by_threads)
+
+    now: list[float] = []
+    try:
+        for seconds in (NEXT_TO_TRIALS_SECONDS, DEFAULT_BANDWIDTH_SECONDS):
+            fresh, best = measure_and_record(ctx.probe, seconds=seconds)
+            if not fresh.contended:
+                now.append(fresh.all_nodes_gbps)
+            if against(best, None).read_gbps <= best.all_nodes_gbps:
+                break
+    except BandwidthError as exc:
+        console(stderr=True).print(f"warning: memory bandwidth not measured next to the trials ({exc}); the "
+                                   "roofline uses the host's figure on record", style="yellow")
+    return against(best, max(now, default=None)).to_dict()
+
+
+def best_tg_by_threads(trials: list[FrozenTrial]) -> dict[int, float]:
+    """The best tg median the trials measured with each thread count (the evidence for a compute limit)."""
+    best: dict[int, float] = {}
+    for trial in trials:
+        tg, threads = trial.user_attrs.get("tg_tps"), trial.user_attrs.get("config", {}).get("threads")
+        if isinstance(tg, dict) and isinstance(threads, int) and tg.get("median"):
+            best[threads] = max(best.get(threads, 0.0), float(tg["median"]))
+    return best
+
+
 def announce_numa_blocked(space: SearchSpace, progress: TuneProgress) -> None:
     """Tell the user when NUMA settings are left out of the search, and why (tuner.model_pages)."""
     if space.numa_blocked:
@@ -345,12 +392,7 @@ def build_result(ctx: TuneContext, verification: Verification, search: dict[str,
     """The result of a benchmark tuning run: the shared result layout plus the bandwidth roofline."""
     probe = ctx.probe
     chosen = verification.winner or verification.baseline
-    tg = chosen.metric("tg_tps")
-    roof = None
-    if probe.bandwidth is not None and tg is not None:
-        depth = mean_context_depth(ctx.request.workload.pp_tokens, ctx.request.workload.tg_tokens)
-        roof = roofline(probe.bandwidth.all_nodes_gbps, ctx.model, tg.median, depth=depth,
-                        cache_type_k=chosen.config.cache_type_k, cache_type_v=chosen.config.cache_type_v).to_dict()
+    roof = measure_roofline(ctx, chosen)
     return assemble_result(
         kind="benchmark", study=ctx.study.study_name, study_trials=len(ctx.study.trials),
         objective=ctx.request.objective,

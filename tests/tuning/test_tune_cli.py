@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from study_support import study_trials
 
 from tuner.probe.collect import read_host
+from tuner.roofline import COMPUTE, COMPUTE_OR_OVERHEAD, MEMORY, OVERHEAD
 from tuner.server.build import ServerBuild
 from tuner.study import StudyBinding, open_storage, open_study
 
@@ -92,7 +93,12 @@ def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, Any]], ll
     assert 0 < tg["ci_low"] <= tg["median"] <= tg["ci_high"]
     roof = result["roofline"]
     assert isinstance(roof, dict)
-    assert 0 < roof["fraction"] < 2 and roof["bandwidth_gbps"] > 0
+    assert 0 < roof["fraction"] <= 1 and roof["bandwidth_gbps"] >= max(roof["probe_best_gbps"], roof["read_gbps"])
+    assert roof["limit"]["binds"] in (MEMORY, COMPUTE, OVERHEAD, COMPUTE_OR_OVERHEAD)
+    assert "llama.cpp read" in roof["limit"]["reason"]
+    # measured when the run began and again next to the trials: both in the host's history
+    history = json.loads(next((home / "cache").glob("bandwidth-*.json")).read_text())["measurements"]
+    assert len(history) >= 2 and history[-1]["measured_at"] >= history[0]["measured_at"]
     search = result["search"]
     assert isinstance(search, dict)
     assert search["complete"] >= 1 and 0 < search["measuring_fraction"] <= 1

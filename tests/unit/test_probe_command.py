@@ -10,7 +10,7 @@ import pytest
 from tuner.cli import main
 from tuner.probe import BandwidthResult, read_host
 from tuner.probe.bandwidth import METHOD
-from tuner.probe.bandwidth_cache import cache_path, save_cached
+from tuner.probe.bandwidth_cache import cache_path, record
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hosts"
 
@@ -57,7 +57,7 @@ def test_live_probe_uses_the_cached_bandwidth_of_this_host(capsys: pytest.Captur
     host = read_host("/")
     cached = BandwidthResult(all_nodes_gbps=77.7, per_node_gbps={0: 77.7}, threads=2, buffer_bytes=1 << 27,
                              samples_gbps=(77.0, 77.7, 78.0), method=METHOD, measured_at="2000-01-01T00:00:00")
-    save_cached(cache_path(host.fingerprint()), host.fingerprint(), cached)
+    record(cache_path(host.fingerprint()), host.fingerprint(), cached)
     assert main(["probe", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["bandwidth"]["all_nodes_gbps"] == 77.7
     assert main(["probe"]) == 0

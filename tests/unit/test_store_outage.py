@@ -9,6 +9,7 @@ from typing import Any
 
 import optuna
 import pytest
+from model_support import a_model
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
@@ -17,7 +18,6 @@ from sqlalchemy import exc as sqlalchemy_exc
 from tuner import resilient_storage
 from tuner.config import RunConfig
 from tuner.errors import UserError
-from tuner.model.gguf_file import ModelInfo
 from tuner.probe import read_host
 from tuner.progress import TuneProgress
 from tuner.resilient_storage import ResilientRDBStorage, is_connection_error, retry_through_outages
@@ -155,16 +155,6 @@ class StaleFailingMeasurer:
         if self.current.number == 0:
             self.storage.set_trial_state_values(self.current._trial_id, TrialState.FAIL)
         return TrialOutcome(values=[10.0, 11.0, 12.0])
-
-
-def a_model() -> ModelInfo:
-    size = 4 * 1024**3
-    return ModelInfo(
-        path=Path("/models/m.gguf"), files=(Path("/models/m.gguf"),), size_bytes=size, gguf_version=3,
-        architecture="llama", name="m", file_type="Q4_K_M", dominant_tensor_type="Q4_K", n_params=7_000_000_000,
-        n_layers=32, n_embd=4096, n_head=32, n_head_kv=8, head_dim_k=128, head_dim_v=128, context_length=8192,
-        expert_count=0, expert_used_count=0, tensor_bytes=size, bytes_per_token=size,
-    )
 
 
 def two_trials(tmp_path: Path, measurer_class: type[StaleFailingMeasurer]

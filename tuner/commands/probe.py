@@ -97,6 +97,9 @@ def show(probe: HostProbe, out: Console) -> None:
         title = (f"Memory read bandwidth, GB/s ({bw.threads} workers x {human_bytes(bw.buffer_bytes)}, "
                  f"measured {bw.measured_at})")
         out.print(table(title, ("scope", "median", "samples min-max"), rows))
+        if len(bw.runs_gbps) > 1:
+            out.print(f"the best of {len(bw.runs_gbps)} measurements of this host, which read "
+                      f"{_spread(bw.runs_gbps)} GB/s: what this memory can deliver when nothing else competes")
         if bw.contended:
             out.print(f"[yellow]warning:[/] the bandwidth workers ran only {bw.cpu_share:.0%} of the time "
                       "(other processes competed for the CPUs): the figure is too low; run "

@@ -178,6 +178,9 @@ class BandwidthResult:
     measured_at: str = ""  # ISO 8601 UTC
     # median share of their sample windows the workers spent on a CPU; well below 1: other load competed
     cpu_share: float = 1.0
+    # all_nodes_gbps of every uncontended measurement of this host kept in the cache, oldest first: the figure
+    # used as the host's bandwidth is the best of them (tuner.probe.bandwidth_cache); empty for a single one
+    runs_gbps: tuple[float, ...] = ()
 
     @property
     def contended(self) -> bool:
@@ -199,6 +202,7 @@ class BandwidthResult:
             seconds=float(data.get("seconds", 0.0)),
             measured_at=str(data.get("measured_at", "")),
             cpu_share=float(data.get("cpu_share", 1.0)),
+            runs_gbps=tuple(float(x) for x in data.get("runs_gbps", ())),
         )
 
 
