@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Search efficiency, measured: record every point of the benchmark search space, then replay search methods.
+
+    python benchmarks/search_grid.py record [--model M.gguf] [--tg-tokens 16 --pp-tokens 64 --max-measure 4]
+    python benchmarks/search_grid.py replay benchmarks/results/grid-*.json [--seeds 200]
+
+``record`` measures every configuration the tuner could draw on this host (tuner.search_grid.grid_params), each
+with the same statistics as a search trial (the tuner's Measurer: warm-up, samples until the interval is
+narrow or the cap is reached), and writes benchmarks/results/grid-<model>-<objective>.json after every point
+(atomically), so an interrupted recording resumes where it stopped. The host and model descriptions go into
+the file, so the grid can be replayed anywhere.
+
+``replay`` runs the tuner's sampler and pruner, random search, the grid in random order and llama-optimus's
+stage-wise search over each recorded grid, many seeds each, every measurement drawn afresh from the point's
+recorded samples. It prints and writes (next to the grid, ``.replay.json`` and ``.replay.txt``) the median
+number of trials to come within 2% of the grid's best, the share of seeds within 2% after 20% of the grid's
+trials (the target: the tuner's median at or under 20%), and how often a method ends truly slower than the
+baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tuner.atomic import write_atomic
+from tuner.errors import TrialFailed
+from tuner.model.checksum import model_sha256
+from tuner.model.default_model import default_model_path
+from tuner.model.gguf_file import ModelInfo, inspect_model
+from tuner.paths import trial_log_dir
+from tuner.probe import probe_host
+from tuner.probe.host import HostProbe
+from tuner.search import Measurer, MeasureSettings
+from tuner.search_grid import Grid, GridPoint, grid_params, replay_all
+from tuner.server.build import deployed_server_binary
+from tuner.space import SearchSpace
+from tuner.trial.protocol import Warmup, Workload
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def model_from_dict(data: dict[str, Any]) -> ModelInfo:
+    return ModelInfo(**{**data, "path": Path(data["path"]), "files": tuple(Path(f) for f in data["files"])})
+
+
+def space_of(grid_file: dict[str, Any]) -> SearchSpace:
+    return SearchSpace(HostProbe.from_dict(grid_file["host"]), model_from_dict(grid_file["model"]),
+                       grid_file["objective"], usable_cpus=grid_file["usable_cpus"])
+
+
+def record(args: argparse.Namespace) -> int:
+    model = inspect_model(args.model or default_model_path())
+    probe = probe_host(bandwidth=False)
+    space = SearchSpace(probe, model, args.objective, usable_cpus=probe.allowed_cpus)
+    out = args.out or RESULTS / f"grid-{model.path.stem.lower()}-{args.objective}.json"
+    data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {
+        "objective": args.objective, "host": probe.to_dict(), "model": dataclasses.asdict(model),
+        "usable_cpus": list(probe.allowed_cpus) if probe.allowed_cpus is not None else None,
+        "workload": {"pp_tokens": args.pp_tokens, "tg_tokens": args.tg_tokens},
+        "max_measure_seconds": args.max_measure, "baseline_key": space.baseline().key(), "points": []}
+    done = {point["key"] for point in data["points"]}
+    settings = MeasureSettings(objective=args.objective, server_binary=deployed_server_binary(),
+                               workload=Workload(pp_tokens=args.pp_tokens, tg_tokens=args.tg_tokens),
+                               warmup=Warmup(max_seconds=args.max_measure / 2), max_measure_seconds=args.max_measure)
+    measurer = Measurer(model, settings, trial_log_dir("search-grid"), multi_node=space.multi_node,
+                        model_sha256=model_sha256(model.files))
+    todo = [params for params in grid_params(space) if space.config_from_params(params).key() not in done]
+    started = time.monotonic()
+    print(f"{len(done)} points recorded, {len(todo)} to measure -> {out}", flush=True)
+    for number, params in enumerate(todo, 1):
+        config = space.config_from_params(params)
+        point: dict[str, Any] = {"params": params, "key": config.key(), "config": config.to_dict()}
+        try:
+            outcome = measurer.run(config, f"grid-{len(data['points']):04d}")
+            point["samples"] = outcome.values
+        except TrialFailed as failed:
+            point["failure"] = failed.reason
+        data["points"].append(point)
+        write_atomic(out, json.dumps(data, indent=1) + "\n", keep_previous=False)
+        elapsed = time.monotonic() - started
+        eta = elapsed / number * (len(todo) - number)
+        shown = f"{statistics.median(point['samples']):.1f}" if "samples" in point else point["failure"]
+        print(f"[{number}/{len(todo)} ETA {eta / 60:.0f} min] {shown}  {config.key()}", flush=True)
+    return 0
+
+
+def replay(args: argparse.Namespace) -> int:
+    for path in args.grids:
+        data = json.loads(path.read_text())
+        points = tuple(GridPoint(p["params"], p["key"], tuple(p["samples"])) for p in data["points"] if "samples" in p)
+        failed = len(data["points"]) - len(points)
+        grid = Grid(points, data["baseline_key"])
+        space = space_of(data)
+        lines = [f"{path.name}: {len(points)} points ({failed} failed), best {grid.best_value:.2f}, baseline "
+                 f"{grid.point(grid.baseline_key).value:.2f}, {args.seeds} seeds, 20% = "
+                 f"{round(0.2 * len(points))} trials",
+                 f"{'method':<28} {'median trials to 2%':>20} {'within 2% at 20%':>17} {'slower than baseline':>21}"]
+        summaries = list(replay_all(grid, space, args.seeds))
+        for s in summaries:
+            median = "never" if s.median_trials_to_within is None else f"{s.median_trials_to_within:.0f}"
+            lines.append(f"{s.method:<28} {median:>20} {s.within_at_share:>17.0%} {s.slower_than_baseline:>21.0%}")
+        text = "\n".join(lines) + "\n"
+        print(text)
+        write_atomic(path.with_suffix(".replay.txt"), text, keep_previous=False)
+        write_atomic(path.with_suffix(".replay.json"), json.dumps(
+            {"grid": path.name, "points": len(points), "failed": failed, "seeds": args.seeds,
+             "methods": [dataclasses.asdict(s) for s in summaries]}, indent=1) + "\n", keep_previous=False)
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record")
+    rec.add_argument("--model", type=Path)
+    rec.add_argument("--objective", default="tg", choices=("tg", "pp", "both"))
+    rec.add_argument("--pp-tokens", type=int, default=64)
+    rec.add_argument("--tg-tokens", type=int, default=16)
+    rec.add_argument("--max-measure", type=float, default=4.0)
+    rec.add_argument("--out", type=Path)
+    rep = sub.add_parser("replay")
+    rep.add_argument("grids", type=Path, nargs="+")
+    rep.add_argument("--seeds", type=int, default=200)
+    args = parser.parse_args()
+    return record(args) if args.command == "record" else replay(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
