@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -80,3 +81,25 @@ def test_heartbeat_writers_at_the_same_moment_all_succeed_and_leave_no_temporary
     failed = [w.stderr.read() for w in writers if w.wait() != 0 and w.stderr is not None]
     assert failed == []
     assert [p.name for p in tmp_path.iterdir()] == ["heartbeat"] and float(beat.read_text()) > 0
+
+
+def test_threads_of_one_process_beat_at_the_same_moment_without_failing(tmp_path: Path) -> None:
+    """The heartbeat thread and a control command (applying a trial) beat at once; with a temporary file named by
+    the process alone, one thread's rename found the other's file gone (a live run ended on FileNotFoundError)."""
+    beat = tmp_path / "heartbeat"
+    errors: list[BaseException] = []
+
+    def beat_often() -> None:
+        try:
+            for _ in range(300):
+                write_heartbeat(beat)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=beat_often) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and 0 <= heartbeat_age(beat) < 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heartbeat"], "no temporary file left behind"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,9 @@ def boot_seconds() -> float:
 
 
 def write_heartbeat(path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Atomically. The temporary file is this thread's own: the heartbeat thread and a control command that beats
+    first (applying a trial) write at the same moment, and with one name per process the second rename failed."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     # Rounded down, as /proc/uptime is: a beat rounded up would lie in the future and read as a negative age.
     tmp.write_text(f"{math.floor(boot_seconds() * 100) / 100:.2f}\n")
     os.replace(tmp, path)
