@@ -130,6 +130,9 @@ def test_show_lists_the_trials_and_the_result(tuned_home: tuple[Path, dict[str, 
 def wait_for_running_trial(proc: subprocess.Popen[str], home: Path, study: str, *, complete: int) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit {proc.returncode}) before {complete} trials finished and another "
+                        f"started: {proc.communicate()[1][-3000:]}")
         states = [t.state for t in study_trials(home, study)]
         if states.count(optuna.trial.TrialState.COMPLETE) >= complete and states[-1] == optuna.trial.TrialState.RUNNING:
             return
