@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -23,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.paths import data_dir, default_storage_url
-from tuner.resilient_storage import ResilientRDBStorage
+from tuner.resilient_storage import ResilientRDBStorage, causes
 from tuner.store import (
     check_schema,
     creation_lock,
@@ -120,20 +122,38 @@ def open_storage(url: str | None) -> RDBStorage:
     elif not url.startswith(("sqlite:", "postgresql", "mysql")):
         raise UserError(f"unsupported study storage URL {redact(url)!r}",
                         "use sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB (or omit --storage)")
-    try:
-        with store_init_lock(url), quiet_optuna():
-            check_schema(url)
-            return ResilientRDBStorage(
-                driver_url(url),
-                heartbeat_interval=HEARTBEAT_INTERVAL_S,
-                grace_period=GRACE_PERIOD_S,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-                engine_kwargs=engine_kwargs(url),
-            )
-    except UserError:
-        raise
-    except Exception as exc:  # sqlalchemy raises a zoo of driver errors; explain_open_error sorts them
-        raise explain_open_error(url, exc) from None
+    for attempt in range(SCHEMA_RACE_ATTEMPTS):
+        try:
+            with store_init_lock(url), quiet_optuna():
+                check_schema(url)
+                return ResilientRDBStorage(
+                    driver_url(url),
+                    heartbeat_interval=HEARTBEAT_INTERVAL_S,
+                    grace_period=GRACE_PERIOD_S,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+                    engine_kwargs=engine_kwargs(url),
+                )
+        except UserError:
+            raise
+        except Exception as exc:  # sqlalchemy raises a zoo of driver errors; explain_open_error sorts them
+            if attempt + 1 < SCHEMA_RACE_ATTEMPTS and lost_schema_race(exc):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise explain_open_error(url, exc) from None
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+# Another program (optuna-dashboard, a script, any RDBStorage) may create a new store's schema at the moment
+# llamahost does; our own processes are serialised by store_init_lock, theirs are not. Both insert Optuna's
+# schema version, and the slower one fails on the unique key although the store is now complete: open it again.
+SCHEMA_RACE_ATTEMPTS = 3
+SCHEMA_VERSION_TABLES = ("alembic_version", "version_info")
+
+
+def lost_schema_race(error: BaseException) -> bool:
+    """Whether ``error`` is the unique-key failure of inserting the schema version another creator inserted."""
+    return any(isinstance(cause, sqlalchemy.exc.IntegrityError)
+               and any(table in str(cause) for table in SCHEMA_VERSION_TABLES) for cause in causes(error))
 
 
 def open_existing_storage(url: str | None) -> RDBStorage:

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 from result_support import DEPLOYS_MEASURED_SERVER, MODEL_SHA, proven_result, write_result_file
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from tuner.errors import UserError
 from tuner.study import open_storage
@@ -140,3 +144,28 @@ def test_a_full_disk_under_the_sqlite_store_ends_the_run_at_once_with_one_messag
         kept = optuna.load_study(study_name="night", storage=reopened)
         assert sorted(t.values[0] for t in kept.trials if t.state == TrialState.COMPLETE) == [1.0, 2.0]
         reopened.engine.dispose()
+
+
+def test_a_store_another_program_creates_at_the_same_moment_is_opened_not_refused(tmp_path: Path) -> None:
+    """optuna-dashboard (or any RDBStorage) records the new store's schema version between llamahost's read of it
+    and its own insert: the insert fails on the unique key (the clean CI saw "UNIQUE constraint failed:
+    alembic_version.version_num" end a live run), and llamahost opens the completed store instead."""
+    db = tmp_path / "studies.db"
+    raced: list[str] = []
+
+    def another_program_first(conn: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
+        if not raced and statement.lstrip().upper().startswith("INSERT INTO ALEMBIC_VERSION"):
+            raced.append(statement)
+            with contextlib.closing(sqlite3.connect(db)) as other:
+                other.execute(statement, parameters)
+                other.commit()
+
+    event.listen(Engine, "before_cursor_execute", another_program_first)
+    try:
+        storage = open_storage(f"sqlite:///{db}")
+    finally:
+        event.remove(Engine, "before_cursor_execute", another_program_first)
+    assert raced, "the race happened"
+    study = optuna.create_study(storage=storage, study_name="night")
+    study.enqueue_trial({})
+    assert [t.state for t in study.trials] == [TrialState.WAITING]
