@@ -95,7 +95,8 @@ def cached_or_measured_bandwidth(
     """The host's bandwidth figure (the best sustained measurement on record), measuring first when nothing
     trustworthy is on record or ``remeasure`` asks for one more measurement."""
     if not remeasure:
-        cached = best_sustained(load_history(cache_path(probe.fingerprint(), cache_dir), probe.fingerprint()))
+        fingerprint = probe.fingerprint()
+        cached = best_sustained(load_history(cache_path(fingerprint, cache_dir), fingerprint))
         if cached is not None:
             return cached
     return measure_and_record(probe, seconds=seconds, cache_dir=cache_dir)[1]
