@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from tuner.config import RunConfig
 from tuner.durations import parse_duration
 from tuner.errors import UserError
-from tuner.live.control import Connection, Target, TargetOptions
+from tuner.live.control import Connection, Target, TargetOptions, TrialStartFailed
 from tuner.live.local import DEFAULT_LOCAL_PORT, LocalServer, ServerSpec
 from tuner.live.measure import OBJECTIVES, Guards, LiveObjective, LiveSettings
 from tuner.live.workload import RequestMix, make_request_mix
@@ -169,5 +169,18 @@ def run_live_command(args: argparse.Namespace, *, verify_only: bool) -> LiveOutc
                                      max_memory_bytes=int(args.max_server_memory * target.probe.memory_total_bytes))
         request = dataclasses.replace(request, guards=guards)
         ctx = prepare_live(request, control=connection.control, mix=mix, target=target)
-        connection.control.start(ctx.space.baseline())
+        start_deployed(connection, ctx.space.baseline(), args.baseline_vars)
         return run_live(ctx)
+
+
+def start_deployed(connection: Connection, baseline: RunConfig, baseline_vars: Path | None) -> None:
+    """Run the deployed configuration, the one every trial is judged against. When it cannot start there is
+    nothing to compare with: a usage error naming where the configuration came from, not a traceback."""
+    try:
+        connection.control.start(baseline)
+    except TrialStartFailed as exc:
+        source = str(baseline_vars) if baseline_vars else "the host's deployed settings (its host_vars)"
+        raise UserError(f"the deployed configuration ({' '.join(baseline.server_args())}) does not start, so there "
+                        f"is nothing to tune against: {exc}",
+                        f"correct the llama_server_* settings in {source} until llama-server starts with them (its "
+                        "log is quoted above), then run again") from None
