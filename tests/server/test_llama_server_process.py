@@ -14,6 +14,7 @@ import pytest
 
 from tuner.config import RunConfig, parse_cpu_list
 from tuner.errors import UserError
+from tuner.live.workload import make_request_mix, run_window
 from tuner.server.client import ServerRequestError, complete, health, read_metrics
 from tuner.server.process import ServerProcess, ServerStartError
 
@@ -208,3 +209,15 @@ def test_a_proxy_in_the_environment_does_not_reroute_the_local_server(running_se
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
                           check=False)
     assert done.stdout.split() == ["200", "True", "2"], done.stderr
+
+
+def test_a_replayed_workload_window_pays_for_every_prompt_again(running_server: ServerProcess) -> None:
+    """A live measurement replays the same requests window after window. llama-server would serve those
+    repeats from its prompt cache for one token each, and the prefill a production server pays for fresh
+    prompts would go unmeasured: the second window must process every prompt in full, as the first did."""
+    mix = make_request_mix("chat", concurrency=1, count=2, scale=0.1)
+    first = run_window(running_server.base_url, mix)
+    second = run_window(running_server.base_url, mix)
+    assert not first.errors and not second.errors, (first.errors, second.errors)
+    assert [r.prompt_tokens for r in second.records] == [r.prompt_tokens for r in first.records]
+    assert min(r.prompt_tokens for r in second.records) > 5

@@ -11,6 +11,12 @@ A user's own traffic comes as JSONL, one ``{"prompt": "...", "max_tokens": N}`` 
 Each request is streamed so both sides are measured: the server's own ``timings`` (llama.cpp's prompt and
 generation speed) and the client's view (time to first token, total latency). Outputs have a fixed length
 (``ignore_eos``) so a configuration cannot look fast by stopping early.
+
+Every prompt is processed in full (``cache_prompt`` off). A window replays the same requests as the one before,
+and llama-server keeps recent prompts in its RAM prompt cache: with caching on, from the second window each
+prompt cost one token, so the prefill a production server pays for fresh prompts went unmeasured and the
+settings that govern it (``threads_batch``, the batch sizes) looked free. What this gives up is the reuse of a
+prefix shared by many real requests (a long system prompt), which is then measured as paid every time.
 """
 
 from __future__ import annotations
@@ -195,7 +201,7 @@ def _send(base_url: str, request: Request, api_key: str | None, timeout_s: float
     started = time.perf_counter()
     try:
         done = complete(base_url, request.prompt, request.max_tokens, api_key=api_key, ignore_eos=True,
-                        timeout_s=timeout_s, deadline_s=deadline_s)
+                        cache_prompt=False, timeout_s=timeout_s, deadline_s=deadline_s)
     except ServerRequestError as exc:
         return RequestRecord(ok=False, error=exc.problem, latency_s=time.perf_counter() - started)
     t = done.timings
