@@ -329,6 +329,8 @@ def build_report(result: dict[str, Any], study: optuna.Study) -> str:
     search = result["search"]
     parts.append(f"<p>{search['study_trials']} trials in the study; this run took {search['wall_seconds']:.0f} s, "
                  f"{100 * search['measuring_fraction']:.0f}% of it measuring.</p>")
+    if search.get("plan"):
+        parts.append(f"<p>{html.escape(search['plan']['text'])}.</p>")
     body = "\n".join(parts)
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>llamahost {html.escape(result['study'])}"
             f"</title><style>{STYLE}</style></head><body>{body}</body></html>\n")

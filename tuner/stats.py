@@ -295,6 +295,11 @@ def rounds_to_settle(mean: float, sd: float, rounds: int, level: float) -> int |
     return None
 
 
+def student_t_quantile(q: float, df: int) -> float:
+    """The ``q`` quantile of Student's t with ``df`` degrees of freedom."""
+    return float(_scipy_stats().t.ppf(q, df))
+
+
 def geometric_mean(values: Sequence[float]) -> float:
     vals = _check_samples(values)
     if any(v <= 0 for v in vals):

@@ -110,6 +110,8 @@ def result_table(result: dict[str, Any]) -> Group:
     search = result["search"]
     verdict.add_row("time", f"{search['wall_seconds']:.0f} s, {100 * search['measuring_fraction']:.0f}% of it "
                             "measuring")
+    if search.get("plan"):
+        verdict.add_row("budget", search["plan"]["text"])
     verdict.add_row("llama-server flags", " ".join(result["settings"]["server_args"]))
     config = result["settings"]["config"]
     settings = Table(title="settings to run", title_justify="left")

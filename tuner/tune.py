@@ -17,7 +17,9 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.budget import SUGGESTED_TRIALS, BudgetPlan, plan_budget, suggested_budget, verification_run_cost
 from tuner.config import RunConfig
+from tuner.durations import format_duration
 from tuner.errors import UserError
 from tuner.model.checksum import model_sha256
 from tuner.model.default_model import default_model_path
@@ -30,12 +32,11 @@ from tuner.probe.bandwidth import DEFAULT_SECONDS as DEFAULT_BANDWIDTH_SECONDS
 from tuner.probe.bandwidth_cache import measure_and_record
 from tuner.probe.host import BandwidthResult, HostProbe
 from tuner.progress import TuneProgress
-from tuner.proof_defaults import ALPHA, BENCHMARK_VERIFY_SAMPLES, CANDIDATES, MIN_EFFECT, RESERVE_MAX_FRACTION
+from tuner.proof_defaults import ALPHA, BENCHMARK_VERIFY_SAMPLES, CANDIDATES, MIN_EFFECT
 from tuner.report import write_report
 from tuner.result import assemble_result, host_block, model_block, write_result
 from tuner.roofline import Roofline, mean_context_depth, roofline
 from tuner.search import (
-    SPAWN_OVERHEAD_S,
     Interrupted,
     Measurer,
     MeasurerLike,
@@ -59,9 +60,8 @@ from tuner.study import (
     open_study,
 )
 from tuner.trial.protocol import Warmup, Workload
-from tuner.verify import MIN_ROUNDS, Arm, Verification, plan_rounds, verify
+from tuner.verify import Arm, Verification, plan_rounds, verify
 
-TARGET_VERIFY_ROUNDS = 5
 MIN_BUDGET_S = 30.0
 UNITS = {"tg": "tg tok/s", "pp": "pp tok/s", "both": "sqrt(pp*tg) tok/s"}
 
@@ -189,21 +189,6 @@ def measure_cap(request: TuneRequest) -> float:
     return min(60.0, max(5.0, request.budget_seconds / 30.0))
 
 
-def plan_verification(budget_seconds: float, run_cost: float, candidates: int, *,
-                      max_fraction: float = RESERVE_MAX_FRACTION) -> tuple[int, float]:
-    """How many candidates to verify and how much time to hold back for it.
-
-    Verification needs at least MIN_ROUNDS rounds of (candidates + baseline) runs. When that does not fit
-    in ``max_fraction`` of the budget (RESERVE_MAX_FRACTION when a search shares it; all of it for a
-    verification-only run), fewer candidates are verified (at least one); up to TARGET_VERIFY_ROUNDS
-    rounds are reserved when the budget allows."""
-    limit = max_fraction * budget_seconds
-    fitting = int(limit // (MIN_ROUNDS * run_cost)) - 1 if run_cost > 0 else candidates
-    k = max(1, min(candidates, fitting))
-    reserve = min(TARGET_VERIFY_ROUNDS * (k + 1) * run_cost, max(limit, MIN_ROUNDS * (k + 1) * run_cost))
-    return k, reserve
-
-
 def with_bandwidth(probe: HostProbe) -> HostProbe:
     """The roofline's denominator, measured on first use and cached. A host where it cannot be measured
     is still tuned; the result then has no roofline section, and the warning says why."""
@@ -213,15 +198,6 @@ def with_bandwidth(probe: HostProbe) -> HostProbe:
         console(stderr=True).print(f"warning: memory bandwidth not measured ({exc}); the result will have no "
                                    "roofline", style="yellow")
         return probe
-
-
-def verification_run_cost(outcome: dict[str, Any], verify_samples: int) -> float:
-    """Seconds one verification run will take, from a finished trial's time accounting."""
-    n = max(1, len(outcome["values"]))
-    per_sample = float(outcome["measure_seconds"]) / n
-    info = 2 * per_sample
-    fixed = float(outcome["load_seconds"]) + float(outcome["warmup_seconds"])
-    return SPAWN_OVERHEAD_S + fixed + verify_samples * per_sample + info
 
 
 @dataclass
@@ -249,18 +225,19 @@ def run(ctx: TuneContext) -> TuneOutcome:
             base = measure_baseline(search, deadline, baseline_name="llama.cpp's defaults",
                                     fix=f"read the trial logs in {log_dir}; on a busy host give a longer --budget "
                                         "or shorter --pp-tokens/--tg-tokens")
-            run_cost = verification_run_cost(base.user_attrs["outcome"], req.verify_samples)
-            verify_k, reserve = plan_verification(req.budget_seconds, run_cost, req.candidates)
-            trial_cost = base.user_attrs["outcome"]["wall_seconds"]
-            search.run_until(lambda: deadline - reserve, lambda: 0.5 * trial_cost)
+            plan = plan_after_baseline(ctx.study, base, budget_s=req.budget_seconds, started=started,
+                                       samples_per_run=req.verify_samples, candidates=req.candidates,
+                                       alpha=req.alpha)
+            progress.event(plan.describe())
+            search.run_until(lambda: deadline - plan.reserve_s, lambda: 0.5 * plan.trial_s)
             progress.update("verifying")
             fail_stale_trials(ctx.study)
-            verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline, run_cost,
-                                             verify_k, ProofSettings.of(req, ctx.settings.stop))
+            verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
+                                             plan.run_s, plan.candidates, ProofSettings.of(req, ctx.settings.stop))
         except KeyboardInterrupt:
             raise Interrupted from None
-        result = build_result(ctx, verification, search.report.__dict__, time.monotonic() - started,
-                              measurer.measuring_seconds)
+        result = build_result(ctx, verification, {**search.report.__dict__, "plan": plan.to_dict()},
+                              time.monotonic() - started, measurer.measuring_seconds)
         write_outcome(ctx, result, progress)
     return TuneOutcome(result, ctx.result_path, verification)
 
@@ -342,6 +319,26 @@ def measure_baseline(search: Search, deadline: float, *, baseline_name: str, fix
                 raise UserError(f"the baseline configuration ({baseline_name}) could not be measured: "
                                 f"{trial.user_attrs.get('failure', '?')}", fix)
     return base
+
+
+def plan_after_baseline(study: optuna.Study, base: FrozenTrial, *, budget_s: float, started: float,
+                        samples_per_run: int, candidates: int, alpha: float, searching: bool = True,
+                        eligible: Callable[[FrozenTrial], bool] | None = None) -> BudgetPlan:
+    """What the rest of the budget buys (:mod:`tuner.budget`), from the baseline's measurement; a budget that
+    buys no verdict is refused here, with the study keeping the baseline for the next run."""
+    outcome = base.user_attrs["outcome"]
+    plan = plan_budget(budget_s=budget_s, elapsed_s=time.monotonic() - started,
+                       trial_s=float(outcome["wall_seconds"]), run_s=verification_run_cost(outcome, samples_per_run),
+                       candidates=candidates, known_candidates=len(best_trials(study, 1, eligible=eligible)),
+                       baseline_values=outcome["values"], samples_per_run=samples_per_run, level=alpha,
+                       searching=searching)
+    shortfall = plan.shortfall()
+    if shortfall is not None:
+        raise UserError(f"a budget of {format_duration(budget_s)} {shortfall}",
+                        f"pass --budget {format_duration(suggested_budget(plan))} or more (it buys about "
+                        f"{SUGGESTED_TRIALS} trials and the proof); the study keeps what was measured and the next "
+                        "run resumes it")
+    return plan
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,9 @@ def test_tune_writes_a_proven_result(tuned_home: tuple[Path, dict[str, Any]], ll
     search = result["search"]
     assert isinstance(search, dict)
     assert search["complete"] >= 1 and 0 < search["measuring_fraction"] <= 1
+    plan = search["plan"]  # made once the baseline was measured: what the rest of the budget buys
+    assert plan["trials"] >= 1 and plan["rounds"] >= 3 and plan["candidates"] >= 1
+    assert plan["budget_s"] == 100 and 0 < plan["elapsed_s"] < 100 and plan["detectable"] > 0
     assert result["model"]["sha256"] == MODEL_SHA256
     if result["verdict"] == "improved":
         assert result["improvement"]["ci_low"] > 1.0
@@ -268,6 +271,22 @@ def test_not_gguf_truncated_and_too_large(tmp_path: Path, model_path: Path) -> N
     huge = sparse_model(tmp_path / "huge.gguf", gib=256)
     assert_refused(llamahost("tune", "--model", str(huge), "--budget", "1m", home=home),
                    "of memory is available on this host", home)
+
+
+def test_a_budget_that_buys_no_candidate_is_refused_with_one_that_would_and_keeps_the_baseline(
+        tmp_path: Path, model_path: Path) -> None:
+    """Half a minute holds the baseline (each sample generates 512 tokens) and the proof's minimum rounds, but not
+    one candidate trial: before the budget plan such a run reported "baseline stands" as if it were a finding."""
+    home = tmp_path / "home"
+    done = llamahost("tune", "--model", str(model_path), "--budget", "30s", "--pp-tokens", "64", "--tg-tokens",
+                     "512", "--seed", "1", "--study", "short", home=home, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "a budget of 30s leaves no time for a single candidate" in done.stderr, done.stderr[-3000:]
+    assert "fix: pass --budget " in done.stderr and "Traceback" not in done.stderr
+    assert not (home / "data" / "results").exists(), "no result for a run that bought no verdict"
+    trials = study_trials(home, "short")
+    assert [t.user_attrs.get("role") for t in trials] == ["baseline"], "the baseline is kept for the next run"
+    assert trials[0].state == optuna.trial.TrialState.COMPLETE
 
 
 def test_a_study_measured_on_another_llama_server_build_is_refused(tmp_path: Path, model_path: Path) -> None:

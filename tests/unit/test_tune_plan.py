@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from tuner.budget import plan_verification
 from tuner.errors import UserError
 from tuner.proof_defaults import RESERVE_MAX_FRACTION
-from tuner.tune import TuneRequest, measure_cap, plan_verification, validate_request
+from tuner.tune import TuneRequest, measure_cap, validate_request
 from tuner.verify import MIN_ROUNDS
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.budget import plan_verification, verification_run_cost
 from tuner.errors import UserError
 from tuner.fleet.group import NOT_READ
 from tuner.fleet.session import GroupSession
@@ -31,8 +32,6 @@ from tuner.tune import (
     ProofSettings,
     TuneOutcome,
     build_result,
-    plan_verification,
-    verification_run_cost,
     verify_candidates,
     with_bandwidth,
     write_outcome,

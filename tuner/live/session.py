@@ -35,7 +35,7 @@ from tuner.model.gguf_file import ModelInfo
 from tuner.paths import results_dir
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
-from tuner.proof_defaults import ALPHA, CANDIDATES, LIVE_VERIFY_WINDOWS, MIN_EFFECT, RESERVE_MAX_FRACTION
+from tuner.proof_defaults import ALPHA, CANDIDATES, LIVE_VERIFY_WINDOWS, MIN_EFFECT
 from tuner.report import write_report
 from tuner.result import IMPROVED, assemble_result, host_block, model_block
 from tuner.safe_change import STATE_APPLIED, STATE_APPLY_FAILED, record_write_back, save_and_write, written_message
@@ -57,8 +57,7 @@ from tuner.tune import (
     ProofSettings,
     announce_numa_blocked,
     measure_baseline,
-    plan_verification,
-    verification_run_cost,
+    plan_after_baseline,
     verify_candidates,
 )
 from tuner.verify import Verification
@@ -253,18 +252,19 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             latency = base.user_attrs.get("latency_p95_s")
             measurer.baseline_latency_p95 = latency["median"] if latency else None
             measurer.baseline = ctx.space.baseline()
-            run_cost = verification_run_cost(base.user_attrs["outcome"], req.verify_windows)
-            fraction = 1.0 if req.verify_only else RESERVE_MAX_FRACTION
-            verify_k, reserve = plan_verification(req.budget_seconds, run_cost, req.candidates, max_fraction=fraction)
+            plan = plan_after_baseline(ctx.study, base, budget_s=req.budget_seconds, started=started,
+                                       samples_per_run=req.verify_windows, candidates=req.candidates,
+                                       alpha=req.alpha, searching=not req.verify_only,
+                                       eligible=eligible(req.objective))
+            progress.event(plan.describe())
             if not req.verify_only:
-                trial_cost = base.user_attrs["outcome"]["wall_seconds"]
-                search.run_until(lambda: deadline - reserve, lambda: 0.5 * trial_cost)
+                search.run_until(lambda: deadline - plan.reserve_s, lambda: 0.5 * plan.trial_s)
             progress.update("verifying")
             proof = ProofSettings(stop=req.settings.stop, samples=req.verify_windows, alpha=req.alpha,
                                   min_effect=req.min_effect, seed=req.seed or 0)
             fail_stale_trials(ctx.study)
             verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
-                                             run_cost, verify_k, proof, eligible=eligible(req.objective))
+                                             plan.run_s, plan.candidates, proof, eligible=eligible(req.objective))
             _disqualify_slow_starters(verification, req.objective)
             ctx.control.restore_baseline()
             fail_stale_trials(ctx.study)  # a trial cut off just before this run may only now be past its grace
@@ -275,7 +275,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             objective=objective_key(req.objective), unit=req.objective.unit,
             verification=verification, host=host_block(ctx.probe), model=model_block(ctx.model, ctx.model_sha256),
             workload={**ctx.mix.describe(), "ctx_per_slot": ctx.space.ctx_per_slot}, server=ctx.server,
-            search=search.report.__dict__, wall_seconds=time.monotonic() - started,
+            search={**search.report.__dict__, "plan": plan.to_dict()}, wall_seconds=time.monotonic() - started,
             measuring_seconds=measurer.measuring_seconds, roofline=None,
             baseline_name="the deployed configuration")
         result["server"] = ctx.control.describe()
