@@ -48,6 +48,12 @@ from tuner.trial.protocol import Warmup, Workload
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def model_to_dict(model: ModelInfo) -> dict[str, Any]:
+    """The model description as JSON can hold it (paths as text); :func:`model_from_dict` reads it back."""
+    data = dataclasses.asdict(model)
+    return {**data, "path": str(model.path), "files": [str(f) for f in model.files]}
+
+
 def model_from_dict(data: dict[str, Any]) -> ModelInfo:
     return ModelInfo(**{**data, "path": Path(data["path"]), "files": tuple(Path(f) for f in data["files"])})
 
@@ -63,7 +69,7 @@ def record(args: argparse.Namespace) -> int:
     space = SearchSpace(probe, model, args.objective, usable_cpus=probe.allowed_cpus)
     out = args.out or RESULTS / f"grid-{model.path.stem.lower()}-{args.objective}.json"
     data: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {
-        "objective": args.objective, "host": probe.to_dict(), "model": dataclasses.asdict(model),
+        "objective": args.objective, "host": probe.to_dict(), "model": model_to_dict(model),
         "usable_cpus": list(probe.allowed_cpus) if probe.allowed_cpus is not None else None,
         "workload": {"pp_tokens": args.pp_tokens, "tg_tokens": args.tg_tokens},
         "max_measure_seconds": args.max_measure, "baseline_key": space.baseline().key(), "points": []}
