@@ -44,7 +44,7 @@ def proven_result(config: RunConfig = WINNER, *, kind: RunKind = "benchmark", ve
         "model": {"path": "/srv/models/m.gguf", "sha256": model_sha, "name": "m"},
         "host": {"fingerprint": HOST_FINGERPRINT, "hostname": "node-a"},
     }
-    if kind == "benchmark" and server is not None:
+    if server is not None:  # a benchmark's trials ran it; a live run read it from the deployment
         result["llama_cpp"] = {"llama_cpp_python": "0.3.36", "llama_server": {
             "path": str(server), "sha256": sha256_of(server), "version": "version: stand-in", "system_info": ""}}
     if fleet_group:

@@ -17,7 +17,10 @@ leaving the vars file byte-identical:
    measured on the llama-server build the role installs there (binary mode: the sha256 of
    ``llama_server_binary_src``, by default this machine's portable build); and the result must come
    from the target's hardware group when that is known (``--hardware``);
-4. **write** the variables (comments and order kept, atomic, previous file as ``.prev``);
+4. **write** the variables (comments and order kept, atomic, previous file as ``.prev``), with the sha256
+   of the build they were measured on (``llama_server_tuned_binary_sha256``): the role refuses to copy
+   another build next to them, so a later change of ``llama_server_binary_src`` or of this machine's
+   portable build cannot serve them unmeasured;
 5. **check the resolved vars**: ``ansible-inventory`` must resolve every written variable to the written
    value on every target host; when another source outranks the file, the file is put back as it was and
    the message names the variable and the files that set it.
@@ -52,6 +55,7 @@ STATE_APPLIED = "written and applied"
 MODEL_SHA_VAR = "llama_server_model_sha256"
 INSTALL_MODE_VAR = "llama_server_install_mode"
 BINARY_SRC_VAR = "llama_server_binary_src"
+TUNED_BINARY_VAR = "llama_server_tuned_binary_sha256"
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,15 @@ class ProvenChange:
     note: str
     # The llama-server build the trials ran (sha256, path); None for a live run, which measured the deployment.
     server: tuple[str, str] | None = None
+    # The sha256 of the build the settings were measured on, whatever the kind ("" when a live run could not
+    # read the deployment's binary): written next to them for the role to check.
+    build_sha256: str = ""
+
+    @property
+    def vars_to_write(self) -> dict[str, Any]:
+        """The settings and the build they were measured on (an unknown build clears an earlier one, which
+        these settings were not measured on)."""
+        return {**self.role_vars, TUNED_BINARY_VAR: self.build_sha256}
 
 
 def _improvement(result: dict[str, Any]) -> dict[str, Any]:
@@ -110,21 +123,23 @@ def proven_change(result: dict[str, Any]) -> ProvenChange | None:
     written = result.get("written", "?")
     note = (f"tuned by llamahost {written}: study {result.get('study')}, {result.get('objective')} "
             f"x{improvement['ratio']:.3f} [{improvement['ci_low']:.3f}, {improvement['ci_high']:.3f}]")
-    return ProvenChange(study=str(result.get("study")), kind=kind, role_vars=expected, model_sha256=sha,
-                        hardware=frozenset(hardware), note=note, server=_measured_server(result, kind))
-
-
-def _measured_server(result: dict[str, Any], kind: RunKind) -> tuple[str, str] | None:
-    """The build a benchmark result's trials ran, as (sha256, path); None for a live result, which measured the
-    deployment's own server (it records that build too, for the reader)."""
-    if kind == "live":
-        return None
-    server = (result.get("llama_cpp") or {}).get("llama_server")
-    sha = str(server.get("sha256", "")).lower() if isinstance(server, dict) else ""
-    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+    measured = _measured_server(result)
+    if measured is None and kind != "live":
         raise UserError("the result does not name the llama-server build it was measured on",
                         "nothing was written; tune again with this llamahost (its trials run the build the role "
                         "deploys, and the result names it)")
+    return ProvenChange(study=str(result.get("study")), kind=kind, role_vars=expected, model_sha256=sha,
+                        hardware=frozenset(hardware), note=note, server=measured if kind != "live" else None,
+                        build_sha256=measured[0] if measured else "")
+
+
+def _measured_server(result: dict[str, Any]) -> tuple[str, str] | None:
+    """The llama-server build a result was measured on, as (sha256, path): a benchmark's trials ran it, a live
+    run read it from the deployment (None where it could not)."""
+    server = (result.get("llama_cpp") or {}).get("llama_server")
+    sha = str(server.get("sha256", "")).lower() if isinstance(server, dict) else ""
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        return None
     assert isinstance(server, dict)
     return sha, str(server.get("path", "?"))
 
@@ -278,14 +293,14 @@ def write_back(result: dict[str, Any], vars_file: Path, *, inventory: Path | Non
             check_model(change, given[MODEL_SHA_VAR], str(vars_file))
         check_binary(change, given, str(vars_file))
     if dry_run:
-        plan = plan_vars(vars_file, change.role_vars, note=change.note)
+        plan = plan_vars(vars_file, change.vars_to_write, note=change.note)
         checked = source is not None and resolved is not None and _check_resolution_dry(
-            source, resolved, vars_file, plan, targets, change.role_vars)
+            source, resolved, vars_file, plan, targets, change.vars_to_write)
         return WriteBackOutcome(change=change, written=WriteBack(vars_file, plan.changed, plan.previous),
                                 targets=targets, diff=plan.diff, dry_run=True, resolved_checked=checked)
-    written = write_vars(vars_file, change.role_vars, note=change.note)
+    written = write_vars(vars_file, change.vars_to_write, note=change.note)
     if source is not None and resolved is not None:
-        beaten = overrides(resolve_inventory(source), targets, change.role_vars)
+        beaten = overrides(resolve_inventory(source), targets, change.vars_to_write)
         if beaten:
             written.restore()
             raise _outranked(vars_file, source if source.is_dir() else source.parent, beaten)

@@ -28,6 +28,7 @@ from optuna import trial as optuna_trial
 
 from tuner.atomic import previous_path
 from tuner.model.checksum import sha256_of
+from tuner.safe_change import TUNED_BINARY_VAR
 
 pytestmark = [pytest.mark.postgres, pytest.mark.model]
 
@@ -138,6 +139,10 @@ def test_the_playbook_searches_on_every_host_and_writes_the_group_vars_once(
     assert all(len(mine) == TRIALS_EACH for mine in by_worker.values()), {k: len(v) for k, v in by_worker.items()}
     assert len({t.user_attrs["worker"]["pid"] for t in trials}) == len(HOSTS), "one worker process per host"
 
+    # no cpu partition in this inventory: nothing runs in another slice
+    fingerprints = task_results(report, "Compute each host's hardware group")
+    assert all("--slice" not in outcome["cmd"] for outcome in fingerprints.values())
+
     # the proof ran on one host, the write-back once, on the controller
     finish = task_results(report, "Prove the group's winner")
     assert [host for host, outcome in finish.items() if not outcome.get("skipped")] == [HOSTS[0]]
@@ -155,6 +160,7 @@ def test_the_playbook_searches_on_every_host_and_writes_the_group_vars_once(
         assert {k: tuned[k] for k in result["settings"]["role_vars"]} == result["settings"]["role_vars"]
         assert "# The rack-7 inference hosts" in text and "# the load balancer's target port" in text
         assert f"study {result['study']}" in text
+        assert tuned[TUNED_BINARY_VAR] == result["llama_cpp"]["llama_server"]["sha256"]
         assert previous_path(group_vars).read_text() == GROUP_VARS
     else:
         assert not written["wrote"] and written["changed"] == {}
@@ -180,6 +186,27 @@ def test_hosts_of_different_hardware_groups_are_refused_before_anything_starts(
     assert store.studies() == {}
     group_vars = inventory.parent / "group_vars" / f"{GROUP}.yml"
     assert group_vars.read_text() == GROUP_VARS and not previous_path(group_vars).exists()
+
+
+def test_on_a_partitioned_host_every_step_runs_in_the_servers_slice(
+        store: Store, model_path: Path, tmp_path: Path) -> None:
+    """Where the cpu role reserves housekeeping CPUs (cpu_inference_cpus), the SSH session's user.slice holds
+    only those, so fingerprint, search and proof run with ``--slice <the server's unit>.slice``. This machine
+    runs no systemd, so the first of them stops on the slice's own refusal, before any study exists."""
+    inventory = write_inventory(tmp_path / "inventory", dict.fromkeys(HOSTS, model_path))
+    tree = yaml.safe_load(inventory.read_text())
+    tree["all"]["children"]["llama_hosts"]["children"][GROUP]["vars"].update(
+        {"cpu_inference_cpus": "1", "llama_server_service_name": "llama-server-70b"})
+    inventory.write_text(yaml.safe_dump(tree))
+    done, report = run_playbook(inventory, store, tmp_path / "home")
+    assert done.returncode != 0 and report is not None
+    fingerprints = task_results(report, "Compute each host's hardware group")
+    for outcome in fingerprints.values():
+        assert outcome["cmd"][-2:] == ["--slice", "llama-server-70b.slice"], outcome["cmd"]
+    if not Path("/run/systemd/system").exists():
+        refusals = task_results(report, "Refuse a host that cannot run llamahost")
+        assert all("--slice llama-server-70b.slice needs systemd" in outcome["msg"] for outcome in refusals.values())
+    assert store.studies() == {}
 
 
 def test_missing_settings_are_refused_with_what_to_pass(store: Store, model_path: Path, tmp_path: Path) -> None:

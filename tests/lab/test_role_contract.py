@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +38,12 @@ from tuner.config import (
     parse_cpu_list,
 )
 from tuner.errors import UserError
+from tuner.safe_change import TUNED_BINARY_VAR
 from tuner.server.build import cmake_flags
 from tuner.server.source import SDIST_SHA256, pinned_version
 
 BIN = Path(sys.executable).parent
+BUILD_SHA = "5e" * 32  # the sha256 of the llama-server build the role installs (validate_binary.yml reads it)
 DEFAULTS: dict[str, Any] = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
 SPECS: dict[str, Any] = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]
 OPTIONS: dict[str, Any] = SPECS["main"]["options"]
@@ -61,7 +66,7 @@ def render(config: RunConfig, expressions: list[str], **extra: Any) -> list[Any]
         "name": "render", "hosts": "localhost", "gather_facts": False, "connection": "local",
         "vars_files": [str(ROLE / "vars" / "main.yml")],
         "vars": {**DEFAULTS, **config.role_vars(), "__llama_server_auto_threads": 1,
-                 "llama_server_model_src": "/models/m.gguf", **extra},
+                 "__llama_server_binary_sha256": BUILD_SHA, "llama_server_model_src": "/models/m.gguf", **extra},
         "tasks": [{"ansible.builtin.debug": {"msg": "{{ " + expression + " }}"}} for expression in expressions],
     }
     return run_plays([play])[0]
@@ -143,8 +148,57 @@ def test_the_unit_name_and_user_are_checked_in_validation(
         assert "must be a systemd unit name" in result["msg"] and "not root" in result["msg"]
 
 
+@pytest.mark.parametrize("tuned_on", ["unset", "the copied build", "another build"])
+def test_binary_mode_refuses_to_copy_another_build_than_the_tuned_settings_were_measured_on(
+        tmp_path: Path, tuned_on: str) -> None:
+    """The validation tasks themselves (read from validate_binary.yml), on a real binary: the sha256 that
+    write-back writes next to the tuned settings must be the build the role is about to copy."""
+    binary = tmp_path / "llama-server"
+    binary.write_bytes(b"#!/bin/sh\n# a llama-server build\n")
+    binary.chmod(0o755)
+    copied = hashlib.sha256(binary.read_bytes()).hexdigest()
+    tuned = {"unset": "", "the copied build": copied.upper(), "another build": "cd" * 32}[tuned_on]
+    validate = yaml.safe_load((ROLE / "tasks" / "validate_binary.yml").read_text())
+    tasks = [task for task in validate if task["name"].startswith(("Check the binary on the controller",
+                                                                     "Refuse to serve the tuned settings"))]
+    assert len(tasks) == 2
+    play = key_play(tmp_path, {TUNED_BINARY_VAR: tuned, "__llama_server_binary_src": str(binary)}, tasks)
+    rc, report, _ = run_playbook([play])
+    result = report["plays"][0]["tasks"][-1]["hosts"]["localhost"]
+    refused = tuned_on == "another build"
+    assert bool(result.get("failed")) is refused and (rc != 0) is refused, result
+    if refused:
+        assert "cd" * 32 in result["msg"] and copied in result["msg"] and str(binary) in result["msg"], result["msg"]
+        assert "tune again" in result["msg"] and f'{TUNED_BINARY_VAR} to ""' in result["msg"]
+
+
+def test_a_build_that_serves_becomes_current_and_only_the_newest_earlier_builds_are_kept(tmp_path: Path) -> None:
+    """The tasks that run once a new build is healthy (read from service.yml): bin/llama-server points at it,
+    and of the earlier builds the llama_server_keep_builds newest stay, for a rollback; a plain
+    bin/llama-server from an install before builds were kept becomes the link."""
+    builds = tmp_path / "builds"
+    builds.mkdir()
+    earlier = [builds / f"llama-server-{n:064x}" for n in range(4)]  # oldest first
+    for age, path in enumerate(reversed(earlier), start=1):
+        path.write_bytes(b"an earlier build")
+        os.utime(path, (time.time() - 3600 * age, time.time() - 3600 * age))
+    serving = builds / f"llama-server-{BUILD_SHA}"
+    serving.write_bytes(b"the build that now serves")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "llama-server").write_bytes(b"a plain file from an older install")
+    block = next(task for task in yaml.safe_load((ROLE / "tasks" / "service.yml").read_text()) if "block" in task)
+    wanted = ("Point bin/llama-server", "Find the builds that no longer serve", "Remove the builds beyond")
+    tasks = [task for task in block["block"] if task["name"].startswith(wanted)]
+    assert len(tasks) == 3
+    play = key_play(tmp_path, {"llama_server_prefix": str(tmp_path), "llama_server_keep_builds": 2,
+                               "__llama_server_binary_sha256": BUILD_SHA}, tasks)
+    run_plays([play])
+    assert (tmp_path / "bin" / "llama-server").readlink() == serving
+    assert sorted(builds.iterdir()) == sorted([serving, *earlier[-2:]])
+
+
 def test_role_accepts_exactly_the_variables_the_tuner_writes_with_the_same_choices() -> None:
-    written = set(RunConfig(threads=1, threads_batch=1, ctx_size=1).role_vars())
+    written = set(RunConfig(threads=1, threads_batch=1, ctx_size=1).role_vars()) | {TUNED_BINARY_VAR}
     assert written <= set(DEFAULTS) and written <= set(OPTIONS)
     choices = {"llama_server_numa": NUMA_MODES, "llama_server_numa_policy": MEMORY_POLICIES,
                "llama_server_load_mode": LOAD_MODES, "llama_server_flash_attn": FLASH_ATTN,
@@ -161,7 +215,8 @@ def test_role_renders_the_tuned_settings_to_the_tuners_own_flags(config: RunConf
     # ctx_size 0 leaves the context to the role's own default (RunConfig's documented contract).
     expected = config if config.ctx_size else config.with_changes(ctx_size=DEFAULTS["llama_server_ctx_size"])
     assert tuned_args == expected.server_args()
-    assert command[:2] == ["/opt/llama-server/bin/llama-server", "--model"]
+    # the unit runs the build by its sha256, so a rollback to the previous unit runs the previous build
+    assert command[:2] == [f"/opt/llama-server/builds/llama-server-{BUILD_SHA}", "--model"]
     assert command[-len(tuned_args):] == tuned_args
     assert RunConfig.from_role_vars(config.role_vars()) == config.with_changes(
         placement="compact" if config.cpus else "os")

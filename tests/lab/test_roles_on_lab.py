@@ -13,6 +13,7 @@ six bad inputs (seven inventory names for the one lab); verify.yml after the reb
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -208,6 +209,28 @@ def test_a_server_that_does_not_come_up_is_rolled_back(lab: Lab, converged: Play
         before["files"]["/etc/systemd/system/llama-server.service"]
     assert after["health"]["status"] == 200 and "--no-such-flag" not in after["server_cmdline"]
     assert after["unit"]["ActiveEnterTimestampMonotonic"] != before["unit"]["ActiveEnterTimestampMonotonic"]
+
+
+def test_a_build_that_crashes_at_start_is_rolled_back_to_the_previous_build(lab: Lab, converged: PlaybookRun,
+                                                                            tmp_path: Path) -> None:
+    """Only the binary changes, the settings stay: the unit names the new build by its sha256, that build does
+    not come up, and the restored unit runs the previous build again, still on disk. bin/llama-server still
+    points at the build that serves; the crashing one is kept (pruning waits for a build that serves)."""
+    crashing = tmp_path / "llama-server"
+    crashing.write_text("#!/bin/sh\necho 'a build that crashes at start' >&2\nexit 1\n")
+    crashing.chmod(0o755)
+    crashing_path = f"/opt/llama-server/builds/llama-server-{hashlib.sha256(crashing.read_bytes()).hexdigest()}"
+    before = probe(lab)
+    serving = before["server_cmdline"][0]
+    assert serving.startswith("/opt/llama-server/builds/llama-server-"), before["server_cmdline"]
+    run = lab.playbook("tests/lab/playbooks/llama_server_only.yml", stage="rollback of a build that crashes",
+                       extra_vars={"llama_server_binary_src": str(crashing)})
+    after = probe(lab)
+    assert run.rc != 0 and run.recap["rescued"] == 1, tail(run)
+    assert "did not come up healthy" in run.output and "previous unit was restored" in run.output
+    assert after["health"]["status"] == 200 and after["server_cmdline"][0] == serving
+    assert lab.ssh("readlink /opt/llama-server/bin/llama-server").strip() == serving
+    assert lab.ssh(f"test -x {crashing_path} && echo kept").strip() == "kept"
 
 
 def test_everything_persists_across_a_reboot(lab: Lab, converged: PlaybookRun) -> None:

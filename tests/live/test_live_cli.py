@@ -26,6 +26,7 @@ from study_support import study_trials
 from tuner.config import RunConfig
 from tuner.live.local import LocalServer, ServerSpec
 from tuner.model.checksum import sha256_of
+from tuner.safe_change import TUNED_BINARY_VAR
 from tuner.server.process import free_port
 from tuner.study import GRACE_PERIOD_S
 
@@ -139,6 +140,8 @@ def test_a_handicapped_deployment_is_beaten_and_the_winner_written_back_with_its
     assert isinstance(settings, dict)
     written = yaml.safe_load(text)
     assert all(written[key] == value for key, value in settings["role_vars"].items()), "the proven settings"
+    llama_cpp = result["llama_cpp"]
+    assert isinstance(llama_cpp, dict) and written[TUNED_BINARY_VAR] == llama_cpp["llama_server"]["sha256"]
 
 
 def test_apply_dry_run_names_the_candidates_and_the_diff_and_changes_nothing(

@@ -26,6 +26,7 @@ from study_support import study_trials
 
 from tuner.probe.collect import read_host
 from tuner.roofline import COMPUTE, COMPUTE_OR_OVERHEAD, MEMORY, OVERHEAD
+from tuner.safe_change import TUNED_BINARY_VAR
 from tuner.server.build import ServerBuild
 from tuner.study import StudyBinding, open_storage, open_study
 
@@ -69,7 +70,9 @@ def test_a_benchmark_tune_writes_its_proven_winner_through_the_safety_chain(
     saved = yaml.safe_load((home / "data" / "results" / f"{result['study']}.yaml").read_text())
     if result["verdict"] == "improved":
         written = yaml.safe_load(host_vars.read_text())
-        assert written == {**yaml.safe_load(DEPLOYED_VARS), **result["settings"]["role_vars"]}
+        measured_build = result["llama_cpp"]["llama_server"]["sha256"]  # for the role to compare with its copy
+        assert written == {**yaml.safe_load(DEPLOYED_VARS), **result["settings"]["role_vars"],
+                           TUNED_BINARY_VAR: measured_build}
         assert written["llama_server_parallel"] == 4, "a benchmark never measured the slots"
         assert saved["write_back"]["state"] == "written" and saved["write_back"]["changed"]
     else:

@@ -28,8 +28,8 @@ from tuner.atomic import previous_path
 from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.inventory import ResolvedInventory, vars_file_owner
-from tuner.model.checksum import combined_sha256
-from tuner.safe_change import proven_change, write_back
+from tuner.model.checksum import combined_sha256, sha256_of
+from tuner.safe_change import TUNED_BINARY_VAR, proven_change, write_back
 
 DEPLOYED = f"""\
 ---
@@ -378,5 +378,22 @@ def test_a_benchmark_result_that_names_no_build_is_refused_and_a_live_one_needs_
     a live run measured the deployment itself, whatever it runs."""
     with pytest.raises(UserError, match="does not name the llama-server build"):
         proven_change(proven_result(server=None))
-    live = proven_change(proven_result(RunConfig(threads=8, threads_batch=8), kind="live"))
-    assert live is not None and live.server is None
+    live = proven_change(proven_result(RunConfig(threads=8, threads_batch=8), kind="live", server=None))
+    assert live is not None and live.server is None and live.build_sha256 == ""
+
+
+def test_the_build_the_settings_were_measured_on_is_written_next_to_them(tmp_path: Path) -> None:
+    """The role compares it with the llama-server it is about to copy (test_role_contract). A later live result
+    writes the build it read from the deployment, or clears the earlier one when it read none: the earlier
+    build is not what the new settings were measured on."""
+    vars_file = tmp_path / "h1.yml"
+    vars_file.write_text(DEPLOYED)
+    measured = sha256_of(MEASURED_SERVER)
+    written = write_back(proven_result(), vars_file).written
+    assert written is not None and written.changed[TUNED_BINARY_VAR] == (None, measured)
+    assert yaml.safe_load(vars_file.read_text())[TUNED_BINARY_VAR] == measured
+    live = RunConfig(threads=8, threads_batch=8)
+    write_back(proven_result(live, kind="live", server=None), vars_file)
+    assert yaml.safe_load(vars_file.read_text())[TUNED_BINARY_VAR] == ""
+    write_back(proven_result(live.with_changes(threads=4, threads_batch=4), kind="live"), vars_file)
+    assert yaml.safe_load(vars_file.read_text())[TUNED_BINARY_VAR] == measured

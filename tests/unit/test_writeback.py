@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import pytest
-from result_support import DEPLOYS_MEASURED_SERVER, WINNER, proven_result, write_result_file
+from result_support import DEPLOYS_MEASURED_SERVER, MEASURED_SERVER, WINNER, proven_result, write_result_file
 from ruamel.yaml import YAML
 
 from tuner.atomic import previous_path
 from tuner.errors import UserError
+from tuner.model.checksum import sha256_of
+from tuner.safe_change import TUNED_BINARY_VAR
 from tuner.writeback import write_vars
 
 ORIGINAL = """\
@@ -131,7 +133,8 @@ def test_write_back_writes_a_proven_result_and_says_what_changed(tmp_path: Path)
     assert report["wrote"] and report["changed"] == {
         "llama_server_threads": [32, 24], "llama_server_batch_size": [2048, 1024],
         **{key: [None, value] for key, value in WINNER.role_vars("benchmark").items()
-           if key not in ("llama_server_threads", "llama_server_batch_size")}}
+           if key not in ("llama_server_threads", "llama_server_batch_size")},
+        TUNED_BINARY_VAR: [None, sha256_of(MEASURED_SERVER)]}  # the build it was measured on, for the role
     text = path.read_text()
     assert "# management network" in text and "# tuned by llamahost 2026-11-22" in text
     assert "study fleet-smol-tg, tg x1.120 [1.050, 1.200]" in text
