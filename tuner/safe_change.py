@@ -68,11 +68,14 @@ class ProvenChange:
     model_sha256: str
     hardware: frozenset[str]  # the host fingerprint and, for a fleet result, the group's digest
     note: str
-    # The llama-server build the trials ran (sha256, path); None for a live run, which measured the deployment.
+    # The llama-server build the settings were measured on (sha256, path): a benchmark's trials ran it, a live
+    # run read it from the deployment (None where it could not).
     server: tuple[str, str] | None = None
-    # The sha256 of the build the settings were measured on, whatever the kind ("" when a live run could not
-    # read the deployment's binary): written next to them for the role to check.
-    build_sha256: str = ""
+
+    @property
+    def build_sha256(self) -> str:
+        """What the role checks its binary against ("" when the build is unknown)."""
+        return self.server[0] if self.server else ""
 
     @property
     def vars_to_write(self) -> dict[str, Any]:
@@ -129,8 +132,7 @@ def proven_change(result: dict[str, Any]) -> ProvenChange | None:
                         "nothing was written; tune again with this llamahost (its trials run the build the role "
                         "deploys, and the result names it)")
     return ProvenChange(study=str(result.get("study")), kind=kind, role_vars=expected, model_sha256=sha,
-                        hardware=frozenset(hardware), note=note, server=measured if kind != "live" else None,
-                        build_sha256=measured[0] if measured else "")
+                        hardware=frozenset(hardware), note=note, server=measured)
 
 
 def _measured_server(result: dict[str, Any]) -> tuple[str, str] | None:
@@ -148,7 +150,7 @@ def check_binary(change: ProvenChange, deployed_vars: dict[str, Any], where: str
     """The target must run the llama-server build the result was measured on. In binary mode the role copies
     ``llama_server_binary_src`` (empty: this machine's portable build), so its sha256 can be compared here;
     source and python modes build llama.cpp on the host, which only a live tune there measures."""
-    if change.server is None:
+    if change.kind == "live" or change.server is None:  # a live run measured the deployment's own build
         return
     measured_sha, measured_path = change.server
     mode = str(deployed_vars.get(INSTALL_MODE_VAR) or "binary")
@@ -292,15 +294,16 @@ def write_back(result: dict[str, Any], vars_file: Path, *, inventory: Path | Non
         if given.get(MODEL_SHA_VAR) is not None:
             check_model(change, given[MODEL_SHA_VAR], str(vars_file))
         check_binary(change, given, str(vars_file))
+    wanted = change.vars_to_write
     if dry_run:
-        plan = plan_vars(vars_file, change.vars_to_write, note=change.note)
+        plan = plan_vars(vars_file, wanted, note=change.note)
         checked = source is not None and resolved is not None and _check_resolution_dry(
-            source, resolved, vars_file, plan, targets, change.vars_to_write)
+            source, resolved, vars_file, plan, targets, wanted)
         return WriteBackOutcome(change=change, written=WriteBack(vars_file, plan.changed, plan.previous),
                                 targets=targets, diff=plan.diff, dry_run=True, resolved_checked=checked)
-    written = write_vars(vars_file, change.vars_to_write, note=change.note)
+    written = write_vars(vars_file, wanted, note=change.note)
     if source is not None and resolved is not None:
-        beaten = overrides(resolve_inventory(source), targets, change.vars_to_write)
+        beaten = overrides(resolve_inventory(source), targets, wanted)
         if beaten:
             written.restore()
             raise _outranked(vars_file, source if source.is_dir() else source.parent, beaten)
