@@ -1,6 +1,8 @@
 """The host's first boot: the least that makes it ready for Ansible, nothing the playbook does better.
 
-Two things only: python3 for Ansible's modules, and the model volume formatted (once) and mounted at
+Two things only: python3 for Ansible's modules (and botocore, with which the llama_server role signs the
+requests for a model in the granted S3 prefix with the instance's own role, so the play's validation can
+check the volume's room for it before any change), and the model volume formatted (once) and mounted at
 :data:`~llamahost_infra.plan.MODEL_DIR`, so the playbook finds a filesystem where the facts say. The data
 volume is found as the one blank "Amazon Elastic Block Store" NVMe disk: on Nitro instances EBS volumes
 appear as /dev/nvme*n1 in no guaranteed order, and instance-store disks carry a different model name.
@@ -48,7 +50,7 @@ def render_user_data(model_dir: str) -> str:
     """The ``#cloud-config`` document for every host of the stack (identical hosts, identical boot)."""
     document = {
         "package_update": True,
-        "packages": ["python3"],
+        "packages": ["python3", "python3-botocore"],
         "write_files": [
             {
                 "path": DATA_VOLUME_SCRIPT_PATH,
@@ -65,7 +67,7 @@ def render_user_data(model_dir: str) -> str:
     yaml.dump(document, buffer)
     header = (
         "#cloud-config\n"
-        "# Written by llamahost's Pulumi program (infra/): python3 for Ansible and the model volume.\n"
+        "# Written by llamahost's Pulumi program (infra/): python3 (and botocore) for Ansible and the model volume.\n"
         "# Everything else is the playbook's job (playbooks/site.yml).\n"
     )
     return header + str(buffer.getvalue())

@@ -106,8 +106,9 @@ class HostPlan:
     def host_facts(self, settings: StackSettings) -> dict[str, Any]:
         """The host variables the roles and the tuner read: ``llamahost_*`` facts about the host, and the
         ``llama_server_*`` settings the stack itself decided (the port its security group opens, the data
-        volume it mounts, the install mode its architecture needs). The bind address is the host's private
-        IP, added per host by the component.
+        volume it mounts, the install mode its architecture needs, the S3 prefix its role may read and, with
+        ``llamahost:modelFile``, the model it was sized for). The bind address is the host's private IP, added
+        per host by the component.
 
         No *tuned* ``llama_server_*`` setting is a host variable: host variables outrank ``group_vars``, so
         a thread count set here would override a fleet's tuned ``group_vars/<group>.yml`` and roll out a mix
@@ -135,7 +136,14 @@ class HostPlan:
             "llama_server_install_mode": self.install_mode,
         }
         if settings.model_s3_uri:
-            facts["llamahost_model_s3_uri"] = settings.model_s3_uri
+            # The grant: the role refuses, before any change, an s3:// model outside what the host may read.
+            facts["llama_server_model_s3_prefix"] = settings.model_s3_uri
+            facts["llama_server_model_s3_region"] = settings.region
+        if settings.model_url:
+            # The model the stack was sized for, fetched by the host with its own role onto the data volume.
+            facts["llama_server_model_url"] = settings.model_url
+            digests = list(settings.model_sha256)
+            facts["llama_server_model_sha256"] = digests[0] if len(digests) == 1 else digests
         return facts
 
 

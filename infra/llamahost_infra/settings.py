@@ -27,6 +27,10 @@ SUBNET_PATTERN = re.compile(r"^subnet-[0-9a-f]{8,17}$")
 VPC_PATTERN = re.compile(r"^vpc-[0-9a-f]{8,17}$")
 SG_PATTERN = re.compile(r"^sg-[0-9a-f]{8,17}$")
 NAME_PREFIX_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+MODEL_FILE_PATTERN = re.compile(r"^[^/\s][^\s]*\.gguf$")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+# A split GGUF (llama.cpp's gguf-split) is named by its first shard; the role fetches the others beside it.
+FIRST_SHARD_PATTERN = re.compile(r"-00001-of-(?P<count>\d{5})\.gguf$")
 MAX_COUNT = 20
 MODEL_PARAM_KEYS = {
     "params",
@@ -51,6 +55,12 @@ KEYS: dict[str, tuple[str, str]] = {
     "model": ("string", "path of the GGUF file to size for (relative to infra/), or use modelParams"),
     "modelParams": ("object", "the model as numbers: params, bitsPerWeight, layers, kvHeads, headDim, ..."),
     "modelS3Uri": ("string", "s3://bucket/prefix/ the hosts may read the model from (read-only IAM grant)"),
+    "modelFile": (
+        "string",
+        "the model's object under modelS3Uri (a split model's first shard, NAME-00001-of-000NN.gguf): the "
+        "hosts fetch it with their own role",
+    ),
+    "modelSha256": ("string or array", "with modelFile: its sha256, or one per shard of a split model"),
     "context": ("integer", "tokens of context per slot (default 8192)"),
     "parallel": ("integer", "parallel slots (default 1)"),
     "cacheType": ("string", "KV cache type (default f16)"),
@@ -104,6 +114,8 @@ class StackSettings:
     model_path: str | None = None
     model_params: Mapping[str, Any] | None = None
     model_s3_uri: str | None = None
+    model_file: str | None = None
+    model_sha256: tuple[str, ...] = ()
     context: int = 8192
     parallel: int = 1
     cache_type: str = "f16"
@@ -143,6 +155,15 @@ class StackSettings:
         if match is None:  # refused by parse_settings; kept total for type checkers
             return None
         return match.group("bucket"), (match.group("prefix") or "").strip("/")
+
+    @property
+    def model_url(self) -> str | None:
+        """The ``s3://`` URL of the model (its first shard), inside the granted prefix."""
+        grant = self.model_bucket_and_prefix
+        if grant is None or not self.model_file:
+            return None
+        bucket, prefix = grant
+        return f"s3://{bucket}/{prefix + '/' if prefix else ''}{self.model_file}"
 
 
 class _Reader:
@@ -210,6 +231,18 @@ class _Reader:
         self.problems.append(f"{NAMESPACE}:{key} {value!r} is not true or false")
         return default
 
+    def sha256s(self, key: str) -> tuple[str, ...]:
+        """One sha256, or a JSON list of them (one per shard of a split model)."""
+        value = self._value(key)
+        if value is None:
+            return ()
+        digests = self.json(key, list) if value.lstrip().startswith("[") else [value]
+        digests = [str(d).lower() for d in digests or ()]
+        bad = [d for d in digests if not SHA256_PATTERN.match(d)]
+        if bad or not digests:
+            self.problems.append(f"{NAMESPACE}:{key} must be a 64-hex-digit sha256 or a list of them, got {bad}")
+        return tuple(digests)
+
     def json(self, key: str, kind: type) -> Any:
         value = self._value(key)
         if value is None:
@@ -247,6 +280,22 @@ def _contradictions(s: StackSettings, raw: Mapping[str, str]) -> list[str]:
             "no model: set llamahost:model (a GGUF path) or llamahost:modelParams (the host is sized "
             "and its data volume made for it)"
         )
+    if s.model_file and not s.model_s3_uri:
+        out.append("llamahost:modelFile names an object under llamahost:modelS3Uri: set that prefix too")
+    if bool(s.model_file) != bool(s.model_sha256):
+        out.append(
+            "llamahost:modelFile and llamahost:modelSha256 go together: the hosts check what they fetch "
+            "against the pinned sha256 (sha256sum FILE; a list, one per shard, for a split model)"
+        )
+    elif s.model_file:
+        first = FIRST_SHARD_PATTERN.search(s.model_file)
+        shards = int(first.group("count")) if first else 1
+        if len(s.model_sha256) != shards:
+            what = f"the first of {shards} shards" if first else "one file"
+            out.append(
+                f"llamahost:modelFile {s.model_file} is {what}, "
+                f"so llamahost:modelSha256 must list {shards} sha256 digest(s), got {len(s.model_sha256)}"
+            )
     if s.instance_type and s.families:
         out.append(
             "llamahost:families only applies when the type is chosen automatically; it conflicts with "
@@ -328,6 +377,8 @@ def parse_settings(raw: Mapping[str, str], *, stack: str, region: str | None) ->
         model_path=read.string("model"),
         model_params=read.json("modelParams", dict),
         model_s3_uri=read.string("modelS3Uri", S3_URI_PATTERN, "s3://my-models/llama-3.1-70b/"),
+        model_file=read.string("modelFile", MODEL_FILE_PATTERN, "Llama-3.3-70B-Q4_K_M-00001-of-00002.gguf"),
+        model_sha256=read.sha256s("modelSha256"),
         context=read.integer_or("context", 1, 10_000_000, 8192),
         parallel=read.integer_or("parallel", 1, 1024, 1),
         cache_type=read.choice("cacheType", tuple(CACHE_TYPE_BYTES), "f16"),

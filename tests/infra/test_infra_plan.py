@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from dataclasses import replace
 
@@ -119,6 +120,34 @@ def test_model_s3_uri_is_split_into_bucket_and_prefix() -> None:
             stack="dev",
             region="us-east-1",
         )
+
+
+@pytest.mark.parametrize(
+    ("model_keys", "problem"),
+    [
+        ({"modelFile": "m.gguf", "modelSha256": "ab" * 32}, "modelFile names an object under llamahost:modelS3Uri"),
+        ({"modelS3Uri": "s3://acme/m/", "modelFile": "m.gguf"}, "modelFile and llamahost:modelSha256 go together"),
+        ({"modelS3Uri": "s3://acme/m/", "modelFile": "m-00001-of-00003.gguf", "modelSha256": "ab" * 32},
+         "is the first of 3 shards, so llamahost:modelSha256 must list 3"),
+        ({"modelS3Uri": "s3://acme/m/", "modelFile": "m.gguf", "modelSha256": "xyz"}, "64-hex-digit sha256"),
+        ({"modelS3Uri": "s3://acme/m/", "modelFile": "/abs/m.bin", "modelSha256": "ab" * 32},
+         "modelFile '/abs/m.bin' is malformed"),
+    ],
+)
+def test_a_model_the_hosts_cannot_fetch_and_check_is_refused_before_any_resource(
+        model_keys: dict[str, str], problem: str) -> None:
+    with pytest.raises(UserError, match=re.escape(problem)):
+        parse_settings({"amiId": "ami-0123456789abcdef0", "model": "m.gguf", **model_keys}, stack="dev",
+                       region="us-east-1")
+
+
+def test_a_split_model_in_the_grant_names_its_first_shard() -> None:
+    settings = parse_settings(
+        {"amiId": "ami-0123456789abcdef0", "model": "m.gguf", "modelS3Uri": "s3://acme-models/llama/70b",
+         "modelFile": "L-00001-of-00002.gguf", "modelSha256": json.dumps(["AB" * 32, "cd" * 32])},
+        stack="dev", region="us-east-1")
+    assert settings.model_url == "s3://acme-models/llama/70b/L-00001-of-00002.gguf"
+    assert settings.model_sha256 == ("ab" * 32, "cd" * 32)
 
 
 def test_every_key_is_documented_in_the_infra_readme() -> None:

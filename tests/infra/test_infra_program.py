@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import runpy
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from llamahost_policies import violations
 from ruamel.yaml import YAML
 
 from tuner.config import RunConfig
+
+ROLE_FILTERS = Path(__file__).resolve().parents[2] / "roles" / "llama_server" / "filter_plugins"
 
 INSTANCE = "aws:ec2/instance:Instance"
 SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
@@ -91,7 +94,7 @@ def test_user_data_makes_the_host_ready_for_ansible(default: Deployment) -> None
     user_data = base64.b64decode(host["userDataBase64"]).decode()
     assert user_data.startswith("#cloud-config\n")
     document = YAML(typ="safe").load(user_data)
-    assert document["packages"] == ["python3"]
+    assert document["packages"] == ["python3", "python3-botocore"]
     assert document["runcmd"] == [["/usr/local/sbin/llamahost-data-volume", "/srv/models"]]
     assert "ssh_authorized_keys" not in document
     assert host["tags"]["llamahost:user-data-sha256"]
@@ -196,7 +199,30 @@ def test_model_prefix_read_is_granted_and_nothing_more() -> None:
     assert (read["Action"], read["Resource"]) == ("s3:GetObject", "arn:aws:s3:::acme-models/llama-3.1-70b/*")
     assert listing["Action"] == "s3:ListBucket"
     assert listing["Condition"] == {"StringLike": {"s3:prefix": ["llama-3.1-70b", "llama-3.1-70b/*"]}}
-    assert run.outputs["hosts"][0]["vars"]["llamahost_model_s3_uri"] == "s3://acme-models/llama-3.1-70b/"
+    variables = run.outputs["hosts"][0]["vars"]
+    assert variables["llama_server_model_s3_prefix"] == "s3://acme-models/llama-3.1-70b/"
+    assert variables["llama_server_model_s3_region"] == "us-east-1"
+    assert "llama_server_model_url" not in variables  # no modelFile: the user names the model
+
+
+def test_the_model_the_stack_names_is_what_the_role_fetches_and_may_read() -> None:
+    """modelFile and modelSha256 become the role's model URL and digests, inside the grant: the role's own
+    filters (the checks its validation runs) find nothing wrong with them."""
+    digests = ["ab" * 32, "cd" * 32]
+    run = deploy({**BASE, "modelS3Uri": "s3://acme-models/llama-3.1-70b/",
+                  "modelFile": "Llama-3.1-70B-Q4_K_M-00001-of-00002.gguf", "modelSha256": json.dumps(digests)})
+    variables = run.outputs["hosts"][0]["vars"]
+    url = "s3://acme-models/llama-3.1-70b/Llama-3.1-70B-Q4_K_M-00001-of-00002.gguf"
+    assert (variables["llama_server_model_url"], variables["llama_server_model_sha256"]) == (url, digests)
+    shards = runpy.run_path(str(ROLE_FILTERS / "model_shards.py"))
+    assert shards["model_shard_problems"](url, digests) == []
+    assert shards["model_url_problems"](url, variables["llama_server_model_s3_prefix"],
+                                        variables["llama_server_model_s3_region"]) == []
+    files = shards["model_shards"](url, digests, variables["llama_server_model_dir"])
+    assert [f["path"] for f in files] == [f"/srv/models/Llama-3.1-70B-Q4_K_M-0000{i}-of-00002.gguf" for i in (1, 2)]
+    policy = json.loads(run.one("aws:iam/rolePolicy:RolePolicy").inputs["policy"])
+    granted = policy["Statement"][0]["Resource"].removeprefix("arn:aws:s3:::").removesuffix("*")
+    assert all(f["source"].removeprefix("s3://").startswith(granted) for f in files)
 
 
 def test_ssm_transfer_bucket_is_private_encrypted_and_expiring(default: Deployment) -> None:

@@ -29,12 +29,13 @@ def load_plugin(path: Path) -> ModuleType:
 
 
 def run_module(path: Path, args: dict[str, Any], tmp_path: Path, *, check_mode: bool = False,
-               timeout: float = 60) -> dict[str, Any]:
-    """Run an Ansible module file as Ansible would (arguments in a JSON file); its JSON result."""
+               timeout: float = 60, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run an Ansible module file as Ansible would (arguments in a JSON file); its JSON result. ``env`` replaces
+    the environment the module runs in."""
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": {**args, "_ansible_check_mode": check_mode}}))
     done = subprocess.run([sys.executable, str(path), str(args_file)], capture_output=True, text=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, env=env)
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 

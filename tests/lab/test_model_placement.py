@@ -7,6 +7,9 @@
 * The ``model_fetch`` module, run as Ansible runs it, against a real HTTP server on loopback that honours
   range requests and can drop a connection mid-file: it checks room before writing, resumes an interrupted
   download, checks sha256 and GGUF magic, keeps files already in place, and writes nothing in check mode.
+  The same server stands in for S3's endpoint (``AWS_ENDPOINT_URL_S3``), so an ``s3://`` model takes the
+  module's real path: every request presigned by botocore with the host's credentials, for its own method.
+  S3 itself cannot be reached from here: what AWS does with the signature is not tested.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import os
 import sys
 import threading
+import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -81,6 +85,7 @@ class ModelMirror(ThreadingHTTPServer):
         self.drop_after: dict[str, int] = {}
         self.ranges: list[str] = []
         self.gets = 0
+        self.queries: list[tuple[str, dict[str, str]]] = []  # (method, query) of each request that had one
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/{name}"
@@ -92,14 +97,21 @@ class MirrorHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
 
+    def name(self) -> str:
+        """The requested file; a query (an S3 presigned URL's signature) is recorded, not part of the name."""
+        path, _, query = self.path.partition("?")
+        if query:
+            self.server.queries.append((self.command, dict(urllib.parse.parse_qsl(query))))
+        return urllib.parse.unquote(path.lstrip("/"))
+
     def do_HEAD(self) -> None:
-        data = self.server.files.get(self.path.lstrip("/"))
+        data = self.server.files.get(self.name())
         self.send_response(404 if data is None else 200)
         self.send_header("Content-Length", str(0 if data is None else len(data)))
         self.end_headers()
 
     def do_GET(self) -> None:
-        name = self.path.lstrip("/")
+        name = self.name()
         data = self.server.files.get(name)
         self.server.gets += 1
         if data is None:
@@ -196,6 +208,86 @@ def test_room_is_checked_before_the_first_byte(mirror: ModelMirror, tmp_path: Pa
     assert not target.exists() and mirror.gets == 0
 
 
+S3_KEY_ID = "AKIALLAMAHOSTTEST000"
+
+
+def host_credentials(mirror: ModelMirror, tmp_path: Path) -> dict[str, str]:
+    """The environment of a host whose AWS credentials are a key pair, with S3's endpoint at ``mirror``."""
+    keep = {name: os.environ[name] for name in ("PATH", "HOME", "LANG") if name in os.environ}
+    return {**keep, "AWS_ACCESS_KEY_ID": S3_KEY_ID, "AWS_SECRET_ACCESS_KEY": "llamahost-test-secret",
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{mirror.server_address[1]}",
+            "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def test_an_s3_model_is_fetched_with_the_hosts_credentials_each_request_signed_for_its_method(
+        mirror: ModelMirror, tmp_path: Path) -> None:
+    target = tmp_path / "models"
+    target.mkdir()
+    files = split_model(mirror, target)
+    for entry in files:  # the same bytes as objects of bucket acme-models, under the granted prefix
+        name = Path(entry["path"]).name
+        mirror.files[f"acme-models/llama/{name}"] = mirror.files.pop(name)
+        entry["url"] = f"s3://acme-models/llama/{name}"
+    env = host_credentials(mirror, tmp_path)
+    args = {"files": files, "s3_region": "eu-west-3"}
+
+    checked = run_module(FETCH, {**args, "state": "checked"}, tmp_path, env=env)
+    assert not checked.get("failed") and checked["needed_bytes"] == 4 * MIB and checked["unchecked"] == [], checked
+    mirror.drop_after["acme-models/llama/m-00001-of-00002.gguf"] = MIB + 7
+    stopped = run_module(FETCH, args, tmp_path, env=env)
+    assert stopped.get("failed") and "run the play again to resume" in stopped["msg"], stopped
+    assert "X-Amz-Signature" not in stopped["msg"]  # messages name the s3:// URL, never a signed one
+    done = run_module(FETCH, args, tmp_path, env=env)
+    assert not done.get("failed") and done["resumed"][files[0]["path"]] == MIB + 7, done
+    assert [sha(Path(entry["path"]).read_bytes()) for entry in files] == [entry["sha256"] for entry in files]
+
+    # Every request was presigned: the room checks' HEADs, and three GETs (the drop, the resume, shard 2).
+    assert len(mirror.queries) == mirror.gets + sum(method == "HEAD" for method, _ in mirror.queries)
+    assert mirror.gets == 3 and mirror.ranges == [f"bytes={MIB + 7}-"]
+    for _, query in mirror.queries:
+        assert query["X-Amz-Algorithm"] == "AWS4-HMAC-SHA256"
+        assert query["X-Amz-Credential"].startswith(f"{S3_KEY_ID}/") and "/eu-west-3/s3/" in query["X-Amz-Credential"]
+    signatures = {method: query["X-Amz-Signature"] for method, query in mirror.queries}
+    assert signatures["HEAD"] != signatures["GET"]  # each signed for its own method
+
+
+def test_an_s3_model_without_credentials_or_region_is_named_and_nothing_is_written(
+        mirror: ModelMirror, tmp_path: Path) -> None:
+    target = tmp_path / "models"
+    files = [{"path": str(target / "m.gguf"), "url": "s3://acme-models/llama/m.gguf", "sha256": "ab" * 32}]
+    env = host_credentials(mirror, tmp_path)
+    no_region = run_module(FETCH, {"files": files}, tmp_path, env=env)
+    assert no_region.get("failed") and "llama_server_model_s3_region" in no_region["msg"], no_region
+    anonymous = {k: v for k, v in env.items() if not k.startswith("AWS_ACCESS_KEY_ID")}
+    refused = run_module(FETCH, {"files": files, "s3_region": "eu-west-3"}, tmp_path, env=anonymous)
+    assert refused.get("failed") and "no AWS credentials on the host" in refused["msg"], refused
+    assert not target.exists() and mirror.queries == []
+
+
+@pytest.mark.parametrize(
+    ("url", "prefix", "region", "problem"),
+    [
+        ("s3://acme-models/other/m.gguf", "s3://acme-models/llama/", "eu-west-3", "lies outside s3://acme-models/llama/"),
+        ("s3://acme-models/llama-old/m.gguf", "s3://acme-models/llama", "eu-west-3", "lies outside"),
+        ("s3://acme-models/llama/m.gguf", "s3://acme-models/llama/", "", "llama_server_model_s3_region"),
+        ("s3://acme-models", "", "eu-west-3", "must be an https://, http:// or s3://"),
+        ("ftp://mirror/m.gguf", "", "", "must be an https://, http:// or s3://"),
+    ],
+)
+def test_an_s3_url_the_host_may_not_read_is_named(url: str, prefix: str, region: str, problem: str) -> None:
+    problems = SHARDS.model_url_problems(url, prefix, region)
+    assert any(problem in p for p in problems), problems
+
+
+def test_a_granted_s3_url_or_an_https_url_has_no_problems() -> None:
+    assert SHARDS.model_url_problems("s3://acme-models/llama/m-00001-of-00002.gguf", "s3://acme-models/llama/",
+                                     "eu-west-3") == []
+    assert SHARDS.model_url_problems("https://mirror.example/m.gguf?x=1", "s3://acme-models/llama/", "") == []
+    assert SHARDS.model_url_problems("", "", "") == []
+
+
 def test_check_mode_reports_the_download_and_writes_nothing(mirror: ModelMirror, tmp_path: Path) -> None:
     files = split_model(mirror, tmp_path)
     dry = run_module(FETCH, {"files": files}, tmp_path, check_mode=True)
@@ -243,3 +335,12 @@ def test_the_role_places_a_split_model_from_the_controller_or_a_url(
               if task["hosts"]["localhost"].get("failed")]
     assert rc != 0 and "must list 2 sha256 digests" in failed[0]["msg"], output
     assert not (refused / "models").exists()  # refused in validation, before anything was made
+
+    outside = {"llama_server_model_url": "s3://acme-models/other/m-00001-of-00002.gguf",
+               "llama_server_model_sha256": digests, "llama_server_model_s3_prefix": "s3://acme-models/llama/",
+               "llama_server_model_s3_region": "eu-west-3"}
+    rc, report, output = run_playbook([model_play(refused, outside)])
+    failed = [task["hosts"]["localhost"] for task in report["plays"][0]["tasks"]
+              if task["hosts"]["localhost"].get("failed")]
+    assert rc != 0 and "lies outside s3://acme-models/llama/" in failed[0]["msg"], output
+    assert not (refused / "models").exists() and mirror.queries == []

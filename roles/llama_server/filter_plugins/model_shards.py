@@ -13,6 +13,8 @@ import re
 
 _FIRST_SHARD = re.compile(r"-00001-of-(\d{5})\.gguf$")
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
+_URL = re.compile(r"^(https?|s3)://[^/\s]+/\S*$")
+_S3_URL = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/\S+$")
 
 
 def _split_source(source):
@@ -59,6 +61,36 @@ def model_shard_problems(source, sha256, name=""):
     return problems
 
 
+def model_url_problems(url, s3_prefix="", s3_region=""):
+    """What is wrong with ``llama_server_model_url`` for this host (empty when nothing is).
+
+    An ``s3://`` URL is read with the host's own AWS role, which may read only its grant
+    (``llama_server_model_s3_prefix``, written by the stack's inventory): a URL outside it would fail with
+    403 after the other roles changed the host, so it is refused in validation.
+    """
+    url = str(url or "")
+    if not url:
+        return []
+    if not _URL.match(url):
+        return [f"llama_server_model_url {url} must be an https://, http:// or s3://bucket/key URL"]
+    if not url.startswith("s3://"):
+        return []
+    problems = []
+    if not _S3_URL.match(url):
+        problems.append(f"llama_server_model_url {url} must name an object, s3://BUCKET/KEY.gguf")
+    prefix = str(s3_prefix or "")
+    if prefix:
+        granted = prefix if prefix.endswith("/") else prefix + "/"
+        if not url.startswith(granted):
+            problems.append(f"llama_server_model_url {url} lies outside {granted}, the only prefix this host's "
+                            "AWS role may read (llama_server_model_s3_prefix, the stack's llamahost:modelS3Uri): "
+                            "put the model under it, or grant its prefix in the stack")
+    if not s3_region:
+        problems.append(f"llama_server_model_url {url} is signed for the bucket's region: set "
+                        "llama_server_model_s3_region (the stack's inventory sets it)")
+    return problems
+
+
 def model_shards(source, sha256, directory, name=""):
     """The files to place: ``[{name, source, sha256, path}]`` in shard order, the first one served.
 
@@ -90,4 +122,4 @@ def model_fetch_files(shards, sizes=None):
 class FilterModule:
     def filters(self):
         return {"model_shards": model_shards, "model_shard_problems": model_shard_problems,
-                "model_fetch_files": model_fetch_files}
+                "model_url_problems": model_url_problems, "model_fetch_files": model_fetch_files}

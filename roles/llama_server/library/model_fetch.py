@@ -11,6 +11,13 @@ module, for every file of the model at once:
 * ``state: present``: keeps a file whose sha256 is right; downloads any other to ``<path>.part`` beside
   it, resuming a partial ``.part`` with an HTTP range request, checks the sha256 and the GGUF magic, then
   renames it into place (fsynced). A wrong download is deleted; an interrupted one is kept for the next run.
+
+An ``s3://bucket/key`` URL is fetched with the host's own AWS credentials (on EC2, the instance role): each
+request goes to a URL presigned for that one method by botocore on the host, so the download takes the same
+resumable path and neither the controller nor a transfer bucket sees the bytes. A presigned URL outlives no
+credential, so every request (the HEAD, each resumed GET) is signed afresh. Without botocore on the host
+(``python3-botocore``; the stack's hosts get it at first boot, the role installs it before downloading) the
+room check of an S3 model waits for the download: ``state: checked`` returns those paths as ``unchecked``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ options:
     required: true
   state: {description: checked (room only, no writes) or present., type: str, default: present}
   timeout: {description: Seconds to wait for a stalled connection., type: int, default: 60}
+  s3_region: {description: "Region that signs s3:// requests; empty: botocore's own chain (env, config, EC2).",
+              type: str, default: ""}
 author: llamahost
 extends_documentation_fragment: [files]
 """
@@ -41,10 +50,55 @@ downloaded: {description: Paths that were written., returned: always, type: list
 resumed: {description: Bytes of each path that a partial download already held., returned: always, type: dict}
 needed_bytes: {description: Bytes the missing files still need on the volume., returned: always, type: int}
 free_bytes: {description: Bytes free for root on that volume., returned: always, type: int}
+unchecked: {description: "Paths of s3:// files whose size is unknown without botocore (checked state).",
+            returned: always, type: list}
 """
 
 CHUNK = 4 * 1024 * 1024
 GGUF_MAGIC = b"GGUF"
+S3_SCHEME = "s3://"
+# Long enough for one request to start; a resumed or later request is signed again.
+PRESIGNED_SECONDS = 900
+
+
+def is_s3(url):
+    return url.startswith(S3_SCHEME)
+
+
+def botocore_available():
+    try:
+        import botocore.session  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def presign(module, url, method):
+    """An HTTPS URL for one ``method`` (HEAD or GET) on ``url``; an ``s3://`` URL is presigned with the host's
+    credentials, any other is returned as it is."""
+    if not is_s3(url):
+        return url
+    if not botocore_available():
+        module.fail_json(msg=f"{url} is fetched with the host's AWS credentials, which needs botocore on the "
+                             "host: install python3-botocore, or name an https:// URL")
+    import botocore.session
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError
+
+    bucket, _, key = url[len(S3_SCHEME):].partition("/")
+    session = botocore.session.get_session()
+    # SigV4 signs for one region, and botocore takes none from EC2's metadata: the caller names it.
+    region = module.params["s3_region"] or session.get_config_variable("region")
+    try:
+        if not region:
+            raise ValueError("no region to sign for: set llama_server_model_s3_region to the bucket's region")
+        client = session.create_client("s3", region_name=region, config=Config(signature_version="s3v4"))
+        if session.get_credentials() is None:
+            raise ValueError("no AWS credentials on the host (on EC2: an instance profile that may read it)")
+        return client.generate_presigned_url("head_object" if method == "HEAD" else "get_object",
+                                             Params={"Bucket": bucket, "Key": key}, ExpiresIn=PRESIGNED_SECONDS)
+    except (BotoCoreError, ValueError) as exc:
+        module.fail_json(msg=f"cannot sign a request for {url}: {exc}")
 
 
 def nearest_existing(path):
@@ -84,10 +138,11 @@ def sha256_of(path, digest=None, limit=None):
 
 def remote_size(module, url, timeout):
     try:
-        response = open_url(url, method="HEAD", timeout=timeout, follow_redirects="all")
+        response = open_url(presign(module, url, "HEAD"), method="HEAD", timeout=timeout, follow_redirects="all")
         length = response.headers.get("Content-Length")
     except Exception as exc:  # noqa: BLE001 - any failure to reach the URL is reported the same way
-        module.fail_json(msg=f"cannot reach {url}: {exc}; check the URL and that the host can reach it")
+        grant = " and that the host's AWS role may read it (s3:GetObject)" if is_s3(url) else ""
+        module.fail_json(msg=f"cannot reach {url}: {exc}; check the URL{grant} and that the host can reach it")
     if length is None or not str(length).isdigit():
         module.fail_json(msg=f"{url} does not say its size (no Content-Length on HEAD), so the free space on the "
                              "model volume cannot be checked before downloading; serve it with a Content-Length")
@@ -116,7 +171,8 @@ def download(module, entry, timeout):
     digest = sha256_of(part) if have else hashlib.sha256()
     headers = {"Range": f"bytes={have}-"} if have else {}
     try:
-        response = open_url(url, headers=headers, timeout=timeout, follow_redirects="all")
+        response = open_url(presign(module, url, "GET"), headers=headers, timeout=timeout,
+                            follow_redirects="all")
     except Exception as exc:  # noqa: BLE001
         if have and getattr(exc, "code", None) == 416:  # the part is already whole
             response = None
@@ -171,6 +227,7 @@ def main():
             "files": {"type": "list", "elements": "dict", "required": True},
             "state": {"type": "str", "default": "present", "choices": ["checked", "present"]},
             "timeout": {"type": "int", "default": 60},
+            "s3_region": {"type": "str", "default": ""},
         },
         add_file_common_args=True,
         supports_check_mode=True,
@@ -186,11 +243,17 @@ def main():
                if not (os.path.exists(entry["path"])
                        and (state == "checked" or sha256_of(entry["path"]).hexdigest() == entry["sha256"].lower()))]
     needed = 0
+    # Checking only: without botocore an S3 file's size waits for the download, which checks room first.
+    unchecked = [entry["path"] for entry in pending
+                 if state == "checked" and entry.get("url") and is_s3(entry["url"]) and not botocore_available()]
     for entry in pending:
+        if entry["path"] in unchecked:
+            continue
         size = int(entry["size"]) if entry.get("size") is not None else remote_size(module, entry["url"], timeout)
         needed += max(0, size - size_on_disk(entry["path"] + ".part"))
     room = free_bytes(directory)
-    result = {"changed": False, "downloaded": [], "resumed": {}, "needed_bytes": needed, "free_bytes": room}
+    result = {"changed": False, "downloaded": [], "resumed": {}, "needed_bytes": needed, "free_bytes": room,
+              "unchecked": unchecked}
     if needed > room:
         module.fail_json(msg=f"the model needs {needed} more bytes in {directory}, but its volume has {room} free: "
                              "make room, or give the model a larger volume (llama_server_model_dir)", **result)
