@@ -148,6 +148,71 @@ def test_the_unit_name_and_user_are_checked_in_validation(
         assert "must be a systemd unit name" in result["msg"] and "not root" in result["msg"]
 
 
+# A stand-in for the pinned sdist: cmake runs the download's own code, which here records who ran it, at
+# configure time and at build time, and makes a bin/llama-server. No compiler: the test takes seconds.
+FAKE_SOURCE_CMAKE = """cmake_minimum_required(VERSION 3.14)
+project(fake_llama_cpp LANGUAGES NONE)
+execute_process(COMMAND id -un OUTPUT_FILE ${CMAKE_BINARY_DIR}/configured-by)
+add_custom_target(llama-server ALL
+  COMMAND sh -c "id -un > built-by"
+  COMMAND ${CMAKE_COMMAND} -E make_directory bin
+  COMMAND ${CMAKE_COMMAND} -E touch bin/llama-server
+  WORKING_DIRECTORY ${CMAKE_BINARY_DIR} VERBATIM)
+"""
+BUILD_USER = "llamahost-test-build"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role creates a system user and hands the tree to it")
+def test_source_mode_unpacks_and_builds_the_download_as_an_unprivileged_user() -> None:
+    """The tasks themselves (build_source.yml), with a stand-in sdist: cmake's configure and build steps run
+    as llama_server_build_user, never root; the tree belongs to it; a second run changes nothing."""
+    import tarfile
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="llamahost-source-", dir="/var/tmp"))
+    work.chmod(0o755)  # the build user must reach <prefix>/src
+    try:
+        top = work / "sdist" / "llama_cpp_python-0.0.1" / "vendor" / "llama.cpp"
+        top.mkdir(parents=True)
+        (top / "CMakeLists.txt").write_text(FAKE_SOURCE_CMAKE)
+        sdist = work / "llama_cpp_python-0.0.1.tar.gz"
+        with tarfile.open(sdist, "w:gz") as archive:
+            archive.add(work / "sdist" / "llama_cpp_python-0.0.1", arcname="llama_cpp_python-0.0.1")
+        prefix = work / "prefix"
+        role_vars = {"llama_server_install_mode": "source", "llama_server_prefix": str(prefix),
+                     "llama_server_build_user": BUILD_USER, "llama_server_source_version": "0.0.1",
+                     "llama_server_source_url": sdist.as_uri(),
+                     "llama_server_source_sha256": hashlib.sha256(sdist.read_bytes()).hexdigest()}
+        tasks = [{"ansible.builtin.import_tasks": str(ROLE / "tasks" / "build_source.yml")}]
+        first = run_plays([key_play(work, role_vars, tasks)])
+        again_rc, again, output = run_playbook([key_play(work, role_vars, tasks)])
+        build = next((prefix / "src" / "llama_cpp_python-0.0.1" / "vendor" / "llama.cpp").glob("build-*"))
+        assert (build / "configured-by").read_text().strip() == BUILD_USER, first
+        assert (build / "built-by").read_text().strip() == BUILD_USER
+        assert (build / "bin" / "llama-server").is_file()
+        owners = {path.owner() for path in (prefix / "src").rglob("*")}
+        assert owners == {BUILD_USER}, owners
+        changed = [task["task"]["name"] for task in again["plays"][0]["tasks"]
+                   if task["hosts"]["localhost"].get("changed")]
+        assert again_rc == 0 and changed == [], (changed, output)
+    finally:
+        subprocess.run(["userdel", BUILD_USER], capture_output=True, check=False)
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+@pytest.mark.parametrize(("build_user", "refused"), [("llama-build", False), ("root", True),
+                                                      ("llama-server", True), ("Bad User", True)])
+def test_the_build_user_is_checked_in_validation(tmp_path: Path, build_user: str, refused: bool) -> None:
+    validate = yaml.safe_load((ROLE / "tasks" / "validate.yml").read_text())
+    (check,) = [task for task in validate if task["name"].startswith("Check the unprivileged user that builds")]
+    rc, report, _ = run_playbook([key_play(tmp_path, {"llama_server_install_mode": "source",
+                                                      "llama_server_build_user": build_user}, [check])])
+    result = report["plays"][0]["tasks"][0]["hosts"]["localhost"]
+    assert bool(result.get("failed")) is refused and (rc != 0) is refused, result
+    if refused:
+        assert "cmake runs code from the download" in result["msg"]
+
+
 @pytest.mark.parametrize("tuned_on", ["unset", "the copied build", "another build"])
 def test_binary_mode_refuses_to_copy_another_build_than_the_tuned_settings_were_measured_on(
         tmp_path: Path, tuned_on: str) -> None:
