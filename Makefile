@@ -18,7 +18,7 @@ export LLAMAHOST_SERVER_CACHE
 LLAMAHOST_LAB_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llamahost/lab
 export LLAMAHOST_LAB_CACHE
 
-.PHONY: help venv system-deps test lint typecheck unit demo clean llama-server lab-up lab-down
+.PHONY: help venv system-deps test lint typecheck unit demo clean llama-server lab-up lab-down python-server-lock
 
 help:
 	@echo "make demo   - install, build llama-server (once), tune this host (budget $(DEMO_BUDGET)), write the result"
@@ -26,6 +26,7 @@ help:
 	@echo "make lint   - ruff + mypy"
 	@echo "make llama-server - build llama.cpp's llama-server from the pinned source (once; cached)"
 	@echo "make lab-up / lab-down - boot / stop the QEMU test host for the Ansible roles (llamahost lab)"
+	@echo "make python-server-lock - pin the role's python mode (roles/llama_server/files/python-server*.txt)"
 
 $(STAMP): pyproject.toml
 	@echo "== installing llamahost$(if $(EXTRAS), with $(EXTRAS),) into $(VENV)$(if $(findstring binding,$(EXTRAS)),:" \
@@ -45,13 +46,17 @@ system-deps:
 	.ci/system-deps.sh
 
 lint: venv
-	$(BIN)/ruff check tuner tests benchmarks infra
+	$(BIN)/ruff check tuner tests benchmarks infra .ci
 	$(BIN)/mypy
 	cd infra && MYPYPATH=..:policy $(abspath $(BIN))/mypy --strict llamahost_infra policy/llamahost_policies.py write_inventory.py stack_inventory.py
 # tests/: one mypy run per directory, with it on MYPYPATH as pytest puts it on sys.path (one run would reject the several conftest.py).
 	status=0; for dir in $$(find tests -name '*.py' -printf '%h\n' | sort -u); do \
 		MYPYPATH=tests:$$dir:infra:infra/policy $(BIN)/mypy $$dir/*.py || status=1; \
 	done; exit $$status
+
+# The hash-pinned requirements of the llama_server role's python mode, for tuner.server.source's pinned release.
+python-server-lock: venv
+	$(BIN)/python .ci/lock_python_server.py
 
 llama-server: system-deps venv
 	$(BIN)/llamahost server build

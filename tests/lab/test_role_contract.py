@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pwd
 import re
 import subprocess
 import sys
@@ -200,6 +201,101 @@ def test_source_mode_unpacks_and_builds_the_download_as_an_unprivileged_user() -
         subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
+PYTHON_LOCKS = ROLE / "files"
+
+
+def lock_lines(name: str) -> list[str]:
+    return [line for line in (PYTHON_LOCKS / name).read_text().splitlines() if line and not line.startswith("#")]
+
+
+def test_python_mode_pins_the_tuners_release_and_every_package_by_version_and_hash() -> None:
+    """The role's python mode installs the llama.cpp the tuner measures, from the sdist whose sha256 the tuner
+    checks, and nothing that is not pinned (`make python-server-lock` writes the files)."""
+    for name in ("python-server-build.txt", "python-server.txt"):
+        for line in lock_lines(name):
+            assert re.fullmatch(r"[A-Za-z0-9_.-]+(\[server\])?==\S+( --hash=sha256:[0-9a-f]{64})+", line), line
+    (server,) = [line for line in lock_lines("python-server.txt") if line.startswith("llama_cpp_python[server]==")]
+    version = pinned_version()
+    assert server.startswith(f"llama_cpp_python[server]=={version} ")
+    assert f"--hash=sha256:{SDIST_SHA256[version]}" in server
+    assert any(line.startswith("scikit_build_core==") for line in lock_lines("python-server-build.txt"))
+
+
+@pytest.mark.fetches
+def test_python_modes_requirements_are_complete_for_pips_hash_checking(tmp_path: Path) -> None:
+    """pip in hash-checking mode accepts the role's files as they are: the build backend installs, and with it
+    the server's resolution needs no package the file leaves out (a missing one is refused by pip)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = [str(venv / "bin" / "pip"), "install", "--require-hashes", "--no-build-isolation", "--no-input"]
+    backend = subprocess.run([*pip, "-r", str(PYTHON_LOCKS / "python-server-build.txt")], capture_output=True,
+                             text=True, timeout=600, check=False)
+    assert backend.returncode == 0, backend.stderr[-2000:]
+    server = subprocess.run([*pip, "--dry-run", "-r", str(PYTHON_LOCKS / "python-server.txt")], capture_output=True,
+                            text=True, timeout=600, check=False)
+    assert server.returncode == 0, server.stderr[-2000:]
+    assert f"llama_cpp_python-{pinned_version()}" in server.stdout
+    missing = tmp_path / "missing.txt"  # the check can fail: without h11, pip refuses
+    missing.write_text("\n".join(line for line in lock_lines("python-server.txt") if not line.startswith("h11==")))
+    refused = subprocess.run([*pip, "--dry-run", "-r", str(missing)], capture_output=True, text=True, timeout=600,
+                             check=False)
+    assert refused.returncode != 0 and "h11" in refused.stderr
+
+
+@pytest.mark.fetches
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role creates a system user and hands the venv to it")
+def test_python_mode_installs_as_the_build_user_and_refuses_a_file_whose_hash_differs() -> None:
+    """The role's python-mode tasks (after the apt step) with a stand-in requirements file, a tiny wheel: pip
+    runs as llama_server_build_user, who owns the venv, and a file whose sha256 is not the pinned one is
+    refused before anything of it is installed."""
+    import tempfile
+    import zipfile
+
+    work = Path(tempfile.mkdtemp(prefix="llamahost-python-", dir="/var/tmp"))
+    work.chmod(0o755)
+    try:
+        wheel = work / "llamahost_standin-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as archive:
+            archive.writestr("llamahost_standin.py", "WHO = 'stand-in'\n")
+            info = "llamahost_standin-1.0.dist-info"
+            archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: llamahost-standin\nVersion: 1.0\n")
+            archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                                              "Tag: py3-none-any\n")
+            archive.writestr(f"{info}/RECORD", "")
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        wheel.chmod(0o644)
+        prefix = work / "prefix"
+        prefix.mkdir()
+        tasks = [task for task in yaml.safe_load((ROLE / "tasks" / "install_python.yml").read_text())
+                 if "ansible.builtin.apt" not in task]
+        for task in tasks:  # the role's own paths, as Ansible resolves them inside the role
+            if "ansible.builtin.import_tasks" in task:
+                task["ansible.builtin.import_tasks"] = str(ROLE / "tasks" / task["ansible.builtin.import_tasks"])
+            if task.get("loop") and isinstance(task["loop"][0], dict):
+                task["loop"][0]["src"] = str(PYTHON_LOCKS / task["loop"][0]["src"])
+        venv = prefix / "venv"
+        results = {}
+        for pinned in (digest, digest[::-1]):
+            lock = work / "standin.txt"
+            lock.write_text(f"{wheel} --hash=sha256:{pinned}\n")
+            role_vars = {"llama_server_install_mode": "python", "llama_server_prefix": str(prefix),
+                         "llama_server_build_user": BUILD_USER, "llama_server_python_requirements": str(lock)}
+            rc, _, output = run_playbook([key_play(work, role_vars, tasks)])
+            owners = {pwd.getpwuid(path.lstat().st_uid).pw_name for path in venv.rglob("*")}  # links: their own
+            installed = subprocess.run([str(venv / "bin" / "python"), "-B", "-c", "import llamahost_standin"],
+                                       capture_output=True, check=False).returncode == 0
+            results[pinned == digest] = (rc, installed, output)
+            if pinned == digest:
+                assert rc == 0 and installed, output
+                assert owners == {BUILD_USER}, owners
+                subprocess.run([str(venv / "bin" / "pip"), "uninstall", "-y", "-q", "llamahost-standin"], check=True)
+        rc, installed, output = results[False]
+        assert rc != 0 and not installed and "DO NOT MATCH THE HASHES" in output, output[-3000:]
+    finally:
+        subprocess.run(["userdel", BUILD_USER], capture_output=True, check=False)
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
 @pytest.mark.parametrize(("build_user", "refused"), [("llama-build", False), ("root", True),
                                                       ("llama-server", True), ("Bad User", True)])
 def test_the_build_user_is_checked_in_validation(tmp_path: Path, build_user: str, refused: bool) -> None:
@@ -210,7 +306,7 @@ def test_the_build_user_is_checked_in_validation(tmp_path: Path, build_user: str
     result = report["plays"][0]["tasks"][0]["hosts"]["localhost"]
     assert bool(result.get("failed")) is refused and (rc != 0) is refused, result
     if refused:
-        assert "cmake runs code from the download" in result["msg"]
+        assert "the build runs code from the download" in result["msg"]
 
 
 @pytest.mark.parametrize("tuned_on", ["unset", "the copied build", "another build"])
