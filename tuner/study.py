@@ -26,6 +26,7 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.config import RunConfig
@@ -209,8 +210,10 @@ def open_study(
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(seed, constraints),
                                       pruner=make_pruner())
-            # a creator that died between creating the study and binding it left it empty: adopt it
-            created = not study.user_attrs and not study.get_trials(deepcopy=False)
+            # A creator that died before its binding was whole (one write per attribute) left a study with no
+            # trials: adopt it. Only one that maximizes, as ours do; any other is refused as not ours.
+            created = (not study.get_trials(deepcopy=False) and study.directions == [StudyDirection.MAXIMIZE]
+                       and not set(binding.attrs()) <= set(study.user_attrs))
         if created:
             for key, value in binding.attrs().items():
                 study.set_user_attr(key, value)

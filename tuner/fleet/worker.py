@@ -103,7 +103,9 @@ class StaleTrialWatch:
             try:
                 optuna.storages.fail_stale_trials(self._study)
             except Exception as exc:  # a database hiccup must not end the worker; the next check retries
-                print(f"llamahost: warning: stale-trial check failed: {exc}", file=sys.stderr)
+                # Optuna wraps the database's error in a generic one: the cause is what names the problem.
+                cause = f" ({exc.__cause__})" if exc.__cause__ is not None else ""
+                print(f"llamahost: warning: stale-trial check failed: {exc}{cause}", file=sys.stderr)
 
 
 @dataclass
