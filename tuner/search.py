@@ -32,7 +32,7 @@ from tuner.model_pages import PlacementKey, evict_page_cache, needs_page_reset, 
 from tuner.progress import TuneProgress
 from tuner.space import SearchSpace
 from tuner.stats import StopRule
-from tuner.study import FIXED_CONFIG_ATTR, is_baseline, quiet_optuna
+from tuner.study import FIXED_CONFIG_ATTR, REPEAT_ATTR, RepeatPolicy, is_baseline, quiet_optuna
 from tuner.trial.protocol import TrialSpec, Warmup, Workload
 from tuner.trial.runner import TrialOutcome, TrialStopped, run_trial
 
@@ -153,6 +153,7 @@ class SearchReport:
     pruned: int = 0
     failed: int = 0
     lost: int = 0  # measured, but failed as stale or lost by the store during an outage (counted in failed too)
+    repeats: int = 0  # proposed again and answered with the earlier measurement (not in trials_run)
     interrupted: bool = False
 
 
@@ -182,6 +183,7 @@ class Search:
         self.unit = unit
         self.on_trial_start = on_trial_start
         self.report = SearchReport()
+        self.repeats = RepeatPolicy()
 
     def _objective(self, trial: optuna.Trial) -> float:
         if self.on_trial_start is not None:
@@ -192,6 +194,14 @@ class Search:
         trial.set_user_attr("config", config.to_dict())
         trial.set_user_attr("config_key", config.key())
         baseline = is_baseline(trial)  # type: ignore[arg-type]
+        earlier = None if baseline or fixed else self.repeats.earlier_measurement(self.study, config.key())
+        if earlier is not None and earlier.value is not None:
+            present = set(trial.user_attrs)
+            for name, value in earlier.user_attrs.items():  # its summary and metrics, as if measured again
+                if name not in present:
+                    trial.set_user_attr(name, value)
+            trial.set_user_attr(REPEAT_ATTR, earlier.number)
+            return float(earlier.value)
         label = f"trial-{trial.number:04d}"
         self.progress.update(f"trial {trial.number}{' (baseline)' if baseline else ''}: {_short(config)}")
 
@@ -266,9 +276,14 @@ class Search:
                             "measurement is not recorded")
 
     def _log(self, trial: FrozenTrial, *, lost: bool = False) -> None:
+        config = trial.user_attrs.get("config", {})
+        if trial.state == TrialState.COMPLETE and REPEAT_ATTR in trial.user_attrs:
+            self.report.repeats += 1
+            self.progress.event(f"trial {trial.number}: proposed again, {trial.value:.1f} {self.unit} as measured in "
+                                f"trial {trial.user_attrs[REPEAT_ATTR]} (not measured again) {_short_dict(config)}")
+            return
         self.report.trials_run += 1
         tag = " (baseline)" if is_baseline(trial) else ""
-        config = trial.user_attrs.get("config", {})
         if lost:
             self.report.failed += 1
             self.report.lost += 1

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 
 from tuner.space import SearchSpace
-from tuner.study import make_pruner, make_sampler, quiet_optuna
+from tuner.study import REPEAT_ATTR, RepeatPolicy, make_pruner, make_sampler, quiet_optuna
 
 WITHIN = 0.02  # "near the optimum": a true value within 2% of the grid's best
 STAGES = (("ubatch_log2", "batch_log2", "threads_batch"), ("flash_attn",))  # llama-optimus: batch, then FA
@@ -162,15 +162,25 @@ def _key_of(space: SearchSpace, params: dict[str, Any]) -> str:
 
 
 def _optuna_search(sampler: Callable[[int], optuna.samplers.BaseSampler], pruned: bool) -> Method:
+    """An Optuna search as the tuner runs it (``pruned``: its pruner, and a configuration proposed again takes
+    the earlier measurement, as tuner.search.Search does with tuner.study.RepeatPolicy), or plain."""
     def method(grid: Grid, space: SearchSpace, rng: random.Random, budget: int, measure: Measure) -> None:
         by_key = {p.key: p for p in grid.points}
+        repeats = RepeatPolicy(limit=RepeatPolicy().limit if pruned else 0)
         with quiet_optuna():
             study = optuna.create_study(direction="maximize", sampler=sampler(rng.randrange(2**31)),
                                         pruner=make_pruner() if pruned else optuna.pruners.NopPruner())
             study.enqueue_trial(space.baseline_params())
             while True:
                 trial = study.ask()
-                value = measure(by_key[space.draw(trial).key()], trial)
+                key = space.draw(trial).key()
+                trial.set_user_attr("config_key", key)
+                earlier = None if trial.number == 0 else repeats.earlier_measurement(study, key)
+                if earlier is not None:
+                    trial.set_user_attr(REPEAT_ATTR, earlier.number)
+                    study.tell(trial, earlier.value)
+                    continue
+                value = measure(by_key[key], trial)
                 if value is None:
                     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 else:

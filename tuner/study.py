@@ -321,6 +321,36 @@ def best_of(trials: Sequence[FrozenTrial], k: int, *,
     return best
 
 
+REPEAT_ATTR = "repeat_of"  # a trial that took an earlier trial's measurement instead of measuring again
+
+
+class RepeatPolicy:
+    """Whether a configuration the sampler proposes again is measured again.
+
+    TPE proposes a configuration it has already measured in about one trial of five (replayed over the recorded
+    grids, benchmarks/results/grid-*.replay.txt), and each repeat used to cost a full measurement. A repeat now
+    takes the earlier trial's measurement: the sampler learns the same value, and the time goes to a new
+    configuration. Only ``limit`` proposals in a row are answered that way; the next is measured again, so a
+    search that keeps returning to its leaders (a converged space) still measures, and a leader's value is not
+    one draw forever. Pruned and failed configurations are always measured again: their verdict was noisy or
+    the failure may have passed."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.limit = limit
+        self._streak = 0
+
+    def earlier_measurement(self, study: optuna.Study, config_key: str) -> FrozenTrial | None:
+        """The latest trial that measured ``config_key`` to completion, when this proposal may take its
+        measurement; None when it must be measured."""
+        earlier = None
+        if self._streak < self.limit:
+            measured = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                        if t.user_attrs.get("config_key") == config_key and REPEAT_ATTR not in t.user_attrs]
+            earlier = measured[-1] if measured else None
+        self._streak = self._streak + 1 if earlier is not None else 0
+        return earlier
+
+
 def list_study_names(storage: RDBStorage) -> list[str]:
     return [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
 
