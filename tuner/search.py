@@ -167,6 +167,13 @@ def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
             trial.set_user_attr(name, metric_summary.to_dict())
 
 
+def measurement_attrs(trial: FrozenTrial) -> dict[str, Any]:
+    """What :func:`record_outcome` wrote on ``trial``: its summary, outcome and metric summaries."""
+    outcome = trial.user_attrs.get("outcome", {})
+    names = {"summary", "outcome", *outcome.get("series", {}), *outcome.get("info", {})}
+    return {name: value for name, value in trial.user_attrs.items() if name in names}
+
+
 # Called with each trial before it is measured (fleet workers record who runs it and until when).
 TrialStartHook = Callable[[optuna.Trial], None]
 
@@ -196,10 +203,8 @@ class Search:
         baseline = is_baseline(trial)  # type: ignore[arg-type]
         earlier = None if baseline or fixed else self.repeats.earlier_measurement(self.study, config.key())
         if earlier is not None and earlier.value is not None:
-            present = set(trial.user_attrs)
-            for name, value in earlier.user_attrs.items():  # its summary and metrics, as if measured again
-                if name not in present:
-                    trial.set_user_attr(name, value)
+            for name, value in measurement_attrs(earlier).items():  # not its role: a baseline stays one trial
+                trial.set_user_attr(name, value)
             trial.set_user_attr(REPEAT_ATTR, earlier.number)
             return float(earlier.value)
         label = f"trial-{trial.number:04d}"

@@ -18,7 +18,7 @@ from tuner.probe import read_host
 from tuner.progress import TuneProgress
 from tuner.search import Search
 from tuner.space import SearchSpace
-from tuner.study import REPEAT_ATTR, RepeatPolicy, best_trials, enqueue_baseline, quiet_optuna
+from tuner.study import REPEAT_ATTR, RepeatPolicy, best_trials, enqueue_baseline, is_baseline, quiet_optuna
 from tuner.trial.runner import TrialOutcome
 
 HOST = Path(__file__).resolve().parents[1] / "fixtures" / "hosts" / "epyc-kvm-2vcpu"
@@ -64,6 +64,20 @@ def test_a_configuration_proposed_again_takes_the_earlier_measurement_and_is_not
         assert trial.user_attrs["summary"] == first.user_attrs["summary"]
     assert (search.report.trials_run, search.report.repeats) == (2, 2)
     assert [t.number for t in best_trials(study, 3)] == [first.number], "one candidate per configuration"
+
+
+def test_the_baselines_configuration_proposed_by_the_sampler_takes_its_measurement_but_not_its_role() -> None:
+    space = SearchSpace(read_host(HOST), a_model(), "tg")
+    study = a_study()
+    enqueue_baseline(study, space.baseline_params(), None)
+    study.enqueue_trial(space.baseline_params())  # the sampler proposing the baseline's configuration
+    measurer = CountingMeasurer()
+    with TuneProgress(600, title="repeats") as progress:
+        search = Search(study, space, measurer, progress, unit="tok/s")
+        baseline, again = search.run_one(), search.run_one()
+    assert baseline is not None and again is not None and len(measurer.configs) == 1
+    assert is_baseline(baseline) and not is_baseline(again) and again.user_attrs[REPEAT_ATTR] == baseline.number
+    assert again.user_attrs["summary"] == baseline.user_attrs["summary"]
 
 
 def test_the_baseline_proposed_again_is_measured_again() -> None:
