@@ -153,7 +153,7 @@ class SearchReport:
     pruned: int = 0
     failed: int = 0
     lost: int = 0  # measured, but failed as stale or lost by the store during an outage (counted in failed too)
-    repeats: int = 0  # proposed again and answered with the earlier measurement (not in trials_run)
+    repeats: int = 0  # proposed again and answered with the earlier measurement (in trials_run and complete)
     interrupted: bool = False
 
 
@@ -282,12 +282,14 @@ class Search:
 
     def _log(self, trial: FrozenTrial, *, lost: bool = False) -> None:
         config = trial.user_attrs.get("config", {})
+        self.report.trials_run += 1
         if trial.state == TrialState.COMPLETE and REPEAT_ATTR in trial.user_attrs:
+            # A trial of the study like any other (a --trials limit counts it), which cost no measuring time.
+            self.report.complete += 1
             self.report.repeats += 1
             self.progress.event(f"trial {trial.number}: proposed again, {trial.value:.1f} {self.unit} as measured in "
                                 f"trial {trial.user_attrs[REPEAT_ATTR]} (not measured again) {_short_dict(config)}")
             return
-        self.report.trials_run += 1
         tag = " (baseline)" if is_baseline(trial) else ""
         if lost:
             self.report.failed += 1

@@ -62,7 +62,7 @@ def test_a_configuration_proposed_again_takes_the_earlier_measurement_and_is_not
         assert trial is not None and trial.state == TrialState.COMPLETE and trial.value == 12.0
         assert trial.user_attrs[REPEAT_ATTR] == first.number  # the measured trial, not the repeat before it
         assert trial.user_attrs["summary"] == first.user_attrs["summary"]
-    assert (search.report.trials_run, search.report.repeats) == (2, 2)
+    assert (search.report.trials_run, search.report.complete, search.report.repeats) == (4, 4, 2)
     assert [t.number for t in best_trials(study, 3)] == [first.number], "one candidate per configuration"
 
 
