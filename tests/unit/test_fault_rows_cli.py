@@ -19,6 +19,7 @@ import optuna
 import pytest
 import yaml
 from model_support import a_model
+from optuna.trial import TrialState
 
 from tuner.errors import UserError
 from tuner.model.checksum import model_sha256
@@ -130,9 +131,7 @@ def test_an_explicit_study_made_for_another_model_file_is_refused_and_kept(tmp_p
     study, created = open_study("night", open_storage(url), tune_binding(old_sha),
                                 baseline_params=space.baseline_params())
     assert created
-    baseline = study.ask()  # the enqueued baseline, measured
-    study.tell(baseline, 12.5)
-    study.enqueue_trial({}, user_attrs={"note": "queued, not measured yet"})
+    study.add_trial(optuna.trial.create_trial(value=12.5, user_attrs={"config_key": "threads=2"}))  # a measured trial
     before = snapshot(study)
     store_bytes = (tmp_path / "studies.db").read_bytes()
 
@@ -144,12 +143,15 @@ def test_an_explicit_study_made_for_another_model_file_is_refused_and_kept(tmp_p
 
     again = optuna.load_study(study_name="night", storage=url)
     assert snapshot(again) == before and again.user_attrs["model_sha256"] == old_sha
-    assert len(before[1]) == 2 and before[1][0][2] == [12.5]  # the snapshot holds a measured trial and a queued one
+    assert [t[1] for t in before[1]] == [TrialState.WAITING, TrialState.COMPLETE]  # the queued baseline, a trial
     assert (tmp_path / "studies.db").read_bytes() == store_bytes, "the refusal wrote nothing to the store"
     assert optuna.study.get_all_study_names(url) == ["night"], "no study was created by the refused run"
 
-    # Without --study the name carries the model's sha256: the new file gets a new study, the old one is kept.
-    model = dataclasses.replace(a_model(), path=new_file, files=(new_file,))
+    # Without --study the name carries the model's sha256: the new file gets a study of its own, the old one is kept.
     probe = read_host(HOST)
-    old_name, new_name = default_study_name(model, old_sha, "tg", probe), default_study_name(model, new_sha, "tg", probe)
-    assert old_name != new_name and new_sha[:8] in new_name
+    model = dataclasses.replace(a_model(), path=new_file, files=(new_file,))
+    default = default_study_name(model, new_sha, "tg", probe)
+    assert default != default_study_name(model, old_sha, "tg", probe) and new_sha[:8] in default
+    _, created = open_study(default, open_storage(url), tune_binding(new_sha), baseline_params=space.baseline_params())
+    assert created and sorted(optuna.study.get_all_study_names(url)) == sorted(["night", default])
+    assert snapshot(optuna.load_study(study_name="night", storage=url)) == before
