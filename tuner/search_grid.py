@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 
 from tuner.space import SearchSpace
-from tuner.study import REPEAT_ATTR, RepeatPolicy, make_pruner, make_sampler, quiet_optuna
+from tuner.study import REPEAT_ATTR, REPEAT_LIMIT, RepeatPolicy, make_pruner, make_sampler, quiet_optuna
 
 WITHIN = 0.02  # "near the optimum": a true value within 2% of the grid's best
 STAGES = (("ubatch_log2", "batch_log2", "threads_batch"), ("flash_attn",))  # llama-optimus: batch, then FA
@@ -166,7 +166,7 @@ def _optuna_search(sampler: Callable[[int], optuna.samplers.BaseSampler], pruned
     the earlier measurement, as tuner.search.Search does with tuner.study.RepeatPolicy), or plain."""
     def method(grid: Grid, space: SearchSpace, rng: random.Random, budget: int, measure: Measure) -> None:
         by_key = {p.key: p for p in grid.points}
-        repeats = RepeatPolicy(limit=RepeatPolicy().limit if pruned else 0)
+        repeats = RepeatPolicy(limit=REPEAT_LIMIT if pruned else 0)
         with quiet_optuna():
             study = optuna.create_study(direction="maximize", sampler=sampler(rng.randrange(2**31)),
                                         pruner=make_pruner() if pruned else optuna.pruners.NopPruner())

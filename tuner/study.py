@@ -322,6 +322,7 @@ def best_of(trials: Sequence[FrozenTrial], k: int, *,
 
 
 REPEAT_ATTR = "repeat_of"  # a trial that took an earlier trial's measurement instead of measuring again
+REPEAT_LIMIT = 8  # proposals in a row that may take an earlier measurement before one is measured again
 
 
 class RepeatPolicy:
@@ -335,7 +336,7 @@ class RepeatPolicy:
     one draw forever. Pruned and failed configurations are always measured again: their verdict was noisy or
     the failure may have passed."""
 
-    def __init__(self, limit: int = 8) -> None:
+    def __init__(self, limit: int = REPEAT_LIMIT) -> None:
         self.limit = limit
         self._streak = 0
 

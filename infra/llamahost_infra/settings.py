@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tuner.errors import UserError
+from tuner.model.gguf_file import SHARD_PATTERN
 from tuner.sizing.assumptions import DEFAULT_EFFICIENCY
 from tuner.sizing.demand import CACHE_TYPE_BYTES
 
@@ -29,8 +30,6 @@ SG_PATTERN = re.compile(r"^sg-[0-9a-f]{8,17}$")
 NAME_PREFIX_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 MODEL_FILE_PATTERN = re.compile(r"^[^/\s][^\s]*\.gguf$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
-# A split GGUF (llama.cpp's gguf-split) is named by its first shard; the role fetches the others beside it.
-FIRST_SHARD_PATTERN = re.compile(r"-00001-of-(?P<count>\d{5})\.gguf$")
 MAX_COUNT = 20
 MODEL_PARAM_KEYS = {
     "params",
@@ -288,8 +287,10 @@ def _contradictions(s: StackSettings, raw: Mapping[str, str]) -> list[str]:
             "against the pinned sha256 (sha256sum FILE; a list, one per shard, for a split model)"
         )
     elif s.model_file:
-        first = FIRST_SHARD_PATTERN.search(s.model_file)
-        shards = int(first.group("count")) if first else 1
+        # A split GGUF is named by its first shard (gguf-split's names); the role fetches the others beside it.
+        shard = SHARD_PATTERN.match(s.model_file.rsplit("/", 1)[-1])
+        first = shard is not None and int(shard.group("no")) == 1
+        shards = int(shard.group("count")) if shard is not None and first else 1
         if len(s.model_sha256) != shards:
             what = f"the first of {shards} shards" if first else "one file"
             out.append(
