@@ -28,7 +28,8 @@ from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
 from tuner.errors import UserError
 from tuner.live.control import Target, TargetOptions, TrialStartFailed
 from tuner.live.measure import Heartbeat
-from tuner.live.systemd import DEADMAN_LOG, DEADMAN_UNIT, RemoteConnection, dropin_path
+from tuner.live.unit import DEADMAN_LOG, DEADMAN_UNIT, dropin_path
+from tuner.live.unit_connection import InventoryConnection
 from tuner.server.identity import identify
 from tuner.writeback import write_vars
 
@@ -92,9 +93,9 @@ import sys, time, dataclasses
 from tuner.cli import build_parser
 from tuner.live.measure import Heartbeat
 from tuner.live.control import TargetOptions
-from tuner.live.systemd import RemoteConnection
+from tuner.live.unit_connection import InventoryConnection
 args = build_parser().parse_args(sys.argv[1:])
-connection = RemoteConnection(TargetOptions.from_args(args))
+connection = InventoryConnection(TargetOptions.from_args(args))
 with connection.lock():
     target = connection.describe()
     with Heartbeat(connection.control, 5):  # as a tuning run does while it works
@@ -129,7 +130,7 @@ def test_a_killed_controller_is_reverted_by_the_dead_man_unit_and_its_lock_relea
     assert "controller silent" in served.ssh(f"sudo cat {DEADMAN_LOG}")
     assert served.ssh(f"systemctl is-active {DEADMAN_UNIT} || true").strip() != "active"
     # The dead controller's lock went with its SSH session: a new tuner gets it at once.
-    connection = RemoteConnection(TargetOptions.from_args(live_args(served)))
+    connection = InventoryConnection(TargetOptions.from_args(live_args(served)))
     with connection.lock():
         pass
 
@@ -204,8 +205,8 @@ def test_a_short_live_search_on_two_nodes_reads_every_trials_placement_back(serv
 
 
 @pytest.fixture(scope="module")
-def remote(served: Lab) -> Iterator[tuple[RemoteConnection, Target]]:
-    connection = RemoteConnection(TargetOptions.from_args(live_args(served)))
+def remote(served: Lab) -> Iterator[tuple[InventoryConnection, Target]]:
+    connection = InventoryConnection(TargetOptions.from_args(live_args(served)))
     with connection.lock(), Heartbeat(connection.control, DEADMAN_S / 4):  # as run_live does
         target = connection.describe()
         assert target.deployed is not None
@@ -213,7 +214,7 @@ def remote(served: Lab) -> Iterator[tuple[RemoteConnection, Target]]:
         yield connection, target
 
 
-def test_the_target_is_read_from_the_host(remote: tuple[RemoteConnection, Target],
+def test_the_target_is_read_from_the_host(remote: tuple[InventoryConnection, Target],
                                           llama_server_binary: Path) -> None:
     connection, target = remote
     assert target.deployed is not None
@@ -226,11 +227,11 @@ def test_the_target_is_read_from_the_host(remote: tuple[RemoteConnection, Target
     assert target.usable_cpus == (2, 4, 6), "trials pin only the inference CPUs (CPU 0 keeps the housekeeping)"
     assert target.numa_blocked is None
     assert target.probe.hostname != os.uname().nodename
-    assert connection.control.describe() == f"{UNIT}.service on {connection.control.facts.name}"
+    assert connection.control.describe() == f"{UNIT}.service on {connection.control.shell.name}"
     assert connection.control.api_key  # read from the unit's key file, as root
 
 
-def test_a_trial_drop_in_is_applied_and_removed(served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
+def test_a_trial_drop_in_is_applied_and_removed(served: Lab, remote: tuple[InventoryConnection, Target]) -> None:
     connection, target = remote
     assert target.deployed is not None
     trial = dataclasses.replace(target.deployed, threads=1, threads_batch=1, cpus=(2,), memory_policy="default",
@@ -266,7 +267,7 @@ for shard in {' '.join(shards)}; do grep -F "file=$(readlink -f $shard)" /proc/$
 
 
 def test_the_model_pages_move_to_the_node_each_placement_binds(served: Lab,
-                                                                remote: tuple[RemoteConnection, Target]) -> None:
+                                                                remote: tuple[InventoryConnection, Target]) -> None:
     """Issue 13's page placement on a real 2-node kernel: a model page stays on the node that first faulted it,
     across restarts, so without a reset the baseline after this trial would run on node-0 pages. The tuner
     drops the model's pages whenever the placement changes, and each server faults them in on its own node."""
@@ -295,7 +296,7 @@ def test_the_model_pages_move_to_the_node_each_placement_binds(served: Lab,
 
 
 def test_numa_settings_are_left_out_while_another_process_maps_the_model(
-        served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
+        served: Lab, remote: tuple[InventoryConnection, Target]) -> None:
     connection, _ = remote
     assert connection.control.numa_blocked() is None, "only the unit's own server maps the model"
     model = connection.control.server_command().model
@@ -319,7 +320,7 @@ setsid python3 /tmp/llamahost-holder.py {model} </dev/null >/dev/null 2>&1 &
 
 
 def test_a_trial_that_cannot_start_fails_with_the_journal_and_the_baseline_comes_back(
-        served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
+        served: Lab, remote: tuple[InventoryConnection, Target]) -> None:
     connection, target = remote
     assert target.deployed is not None
     # a 16 GiB f32 KV cache: beyond the guest's RAM, even for the tiny model
@@ -335,8 +336,8 @@ def test_a_trial_that_cannot_start_fails_with_the_journal_and_the_baseline_comes
     assert state["dropin"] == "absent" and runs(state, TUNED) and state["health"] == "200"
 
 
-def test_a_second_tuner_is_refused_at_once(served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
-    second = RemoteConnection(TargetOptions.from_args(live_args(served)))
+def test_a_second_tuner_is_refused_at_once(served: Lab, remote: tuple[InventoryConnection, Target]) -> None:
+    second = InventoryConnection(TargetOptions.from_args(live_args(served)))
     second.control.connect()
     try:
         started = time.monotonic()
@@ -350,7 +351,7 @@ def test_a_second_tuner_is_refused_at_once(served: Lab, remote: tuple[RemoteConn
 
 
 def test_adopt_refuses_a_winner_missing_from_the_inventory_then_applies_it_with_the_role(
-        served: Lab, remote: tuple[RemoteConnection, Target]) -> None:
+        served: Lab, remote: tuple[InventoryConnection, Target]) -> None:
     """The permanent path: the winner must be in host_vars (the write-back), then
     playbooks/llama_server.yml --limit HOST rewrites the unit. The host_vars file is put back afterwards."""
     connection, target = remote

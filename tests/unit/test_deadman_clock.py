@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from tuner.live.heartbeat import SHELL_WRITE, heartbeat_age, write_heartbeat
-from tuner.live.systemd import DEADMAN_LOG, HEARTBEAT_FILE, dropin_path, render_deadman_script
+from tuner.live.unit import DEADMAN_LOG, HEARTBEAT_FILE, dropin_path, render_deadman_script
 
 LIMIT_S = 3
 HOUR = 3600.0

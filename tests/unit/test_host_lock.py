@@ -21,7 +21,7 @@ import pytest
 
 from tuner.errors import UserError
 from tuner.host_lock import LOCK_DIR_ENV, LOCK_NAME, lock_path, measuring_lock
-from tuner.live.systemd import LOCK_REFUSED_RC, remote_lock_script
+from tuner.live.unit import LOCK_REFUSED_RC, remote_lock_script
 
 HOLDER = ("import sys, time\nfrom tuner.host_lock import measuring_lock\n"
           "with measuring_lock('llamahost tune'):\n    print('held', flush=True)\n    time.sleep(600)\n")

@@ -19,20 +19,19 @@ from tuner.cli import main
 from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.inventory import read_host_variables
-from tuner.live.systemd import (
+from tuner.live.remote_probe import PROBE_COLLECTOR, PROBE_GLOBS, probe_from_files
+from tuner.live.ssh import host_facts
+from tuner.live.systemd import serving_cores
+from tuner.live.unit import (
     DEADMAN_LOG,
     HEARTBEAT_FILE,
-    PROBE_COLLECTOR,
-    PROBE_GLOBS,
     ServerCommand,
+    UnitSettings,
     dropin_path,
     exec_words,
-    host_facts,
-    probe_from_files,
     render_deadman_script,
     render_trial_dropin,
     server_command,
-    serving_cores,
     split_exec_words,
 )
 from tuner.model_pages import policy_nodes
@@ -72,9 +71,12 @@ def test_connection_facts_come_from_the_inventory_variables() -> None:
     assert (facts.address, facts.port, facts.user) == ("127.0.0.1", 42217, "lab")
     assert facts.private_key == str(Path("~/.cache/lab/id_ed25519").expanduser())
     assert facts.ssh_args == ("-o", "IdentitiesOnly=yes", "-o", "UserKnownHostsFile=/tmp/a b/known_hosts")
-    assert facts.needs_sudo and facts.service == "llama-server" and facts.health_timeout_s == 600
+    assert facts.needs_sudo
+    assert UnitSettings.from_role_vars("lab", LAB_VARS) == UnitSettings("lab", "llama-server", 600)
     bare = host_facts("h1.example", {"ansible_user": "root", "llama_server_health_timeout": 30})
-    assert (bare.address, bare.port, bare.needs_sudo, bare.health_timeout_s) == ("h1.example", None, False, 30)
+    assert (bare.address, bare.port, bare.needs_sudo) == ("h1.example", None, False)
+    assert UnitSettings.from_role_vars("h1", {"llama_server_health_timeout": 30,
+                                             "llama_server_service_name": "big"}) == UnitSettings("h1", "big", 30)
 
 
 @pytest.mark.parametrize(("variables", "named"), [

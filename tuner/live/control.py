@@ -80,6 +80,7 @@ class TargetOptions:
     port: int = 0  # --local: the supervised server's port
     inventory: Path | None = None
     host: str | None = None
+    unit: str | None = None  # --unit: the systemd service of the machine the tuner runs on
     model: Path | None = None  # a local copy of the served GGUF (default: the inventory's, or the embedded model)
     baseline_vars: Path | None = None  # --local: the deployed llama_server_* settings
     host_vars: Path | None = None
@@ -93,8 +94,9 @@ class TargetOptions:
             return Path(str(value)) if value else None
 
         return cls(local=bool(args.local), port=int(args.port), inventory=path(args.inventory), host=args.host or None,
-                   model=path(args.model), baseline_vars=path(args.baseline_vars), host_vars=path(args.host_vars),
-                   apply=bool(args.apply), deadman=str(args.deadman), max_server_memory=float(args.max_server_memory))
+                   unit=getattr(args, "unit", None) or None, model=path(args.model),
+                   baseline_vars=path(args.baseline_vars), host_vars=path(args.host_vars), apply=bool(args.apply),
+                   deadman=str(args.deadman), max_server_memory=float(args.max_server_memory))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Shared by ``llamahost tune --live`` and ``llamahost apply`` (the same run without a search: prove the
 study's best against the baseline, then write back and apply). ``--local`` tunes a supervised server
-on this machine; ``--inventory/--host`` tunes a host's systemd unit over SSH (:mod:`tuner.live.systemd`).
+on this machine; ``--inventory/--host`` tunes a host's systemd unit over SSH, and ``--unit`` the unit of the
+machine the tuner runs on (:mod:`tuner.live.unit_connection`).
 Everything is checked before anything is started or written.
 """
 
@@ -41,6 +42,8 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local", action="store_true", help="tune a llama-server process on this machine")
     group.add_argument("--inventory", type=Path, help="Ansible inventory of the host to tune")
     group.add_argument("--host", help="inventory host name to tune (its llama_server systemd unit)")
+    group.add_argument("--unit", help="on a llama host itself: the llama_server systemd service to tune "
+                                      "(with --baseline-vars; what playbooks/tune.yml runs on each host)")
     group.add_argument("--workload", default="chat", help="chat, batch, or a JSONL file of requests (default chat)")
     group.add_argument("--concurrency", type=int, default=4, help="requests in flight at once (default 4)")
     group.add_argument("--requests", type=int, default=24, help="requests per measurement window (default 24)")
@@ -58,7 +61,8 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--port", type=int, default=DEFAULT_LOCAL_PORT,
                        help=f"--local: port of the local server (default {DEFAULT_LOCAL_PORT})")
     group.add_argument("--baseline-vars", type=Path,
-                       help="--local: YAML with the deployed llama_server_* settings (default: llama-server's)")
+                       help="--local, --unit: YAML with the deployed llama_server_* settings "
+                            "(--local default: llama-server's)")
     group.add_argument("--host-vars", type=Path, help="write a proven winner into this host_vars file")
     group.add_argument("--apply", action="store_true", help="make a proven winner the running configuration")
 
@@ -128,16 +132,16 @@ class LocalConnection:
 
 def connection_from_args(args: argparse.Namespace) -> Connection:
     options = TargetOptions.from_args(args)
-    if options.local == bool(options.inventory or options.host):
-        raise UserError("a live run needs either --local or --inventory FILE --host NAME",
-                        "pass --local to tune a server on this machine, or name the inventory host")
+    if [options.local, bool(options.inventory or options.host), bool(options.unit)].count(True) != 1:
+        raise UserError("a live run needs one of --local, --inventory FILE --host NAME, or --unit NAME",
+                        "pass --local to tune a supervised server on this machine, --unit to tune this machine's "
+                        "llama_server systemd unit, or name the inventory host to tune over SSH")
     if options.local:
         return LocalConnection(options)
-    if not (options.inventory and options.host):
-        raise UserError("--inventory and --host go together", "pass both, e.g. --inventory inv.yml --host h1")
-    from tuner.live.systemd import RemoteConnection  # only for --inventory: an SSH control the local path never needs
+    # the systemd control is imported only for a unit: the --local path never needs it
+    from tuner.live.unit_connection import InventoryConnection, OnHostConnection
 
-    return RemoteConnection(options)
+    return OnHostConnection(options) if options.unit else InventoryConnection(options)
 
 
 def _live_inputs(args: argparse.Namespace, *, verify_only: bool) -> tuple[LiveRequest, RequestMix, Connection]:
