@@ -7,8 +7,8 @@ lock per host for as long as it runs: ``flock`` on a file in ``/run/lock`` (shar
 stale lock outlives a killed run. The file says who holds it, for the refusal message.
 
 ``LLAMAHOST_LOCK_DIR`` moves the lock; tests use it to run two workers as two "hosts" on one machine.
-A live run on a systemd unit (over SSH, or on the host) takes the same file there, from a shell (``tuner.live.unit``), and
-writes its holder into it the same way.
+A live run on a systemd unit (over SSH, or on the host) takes the same file there, from a shell
+(``tuner.live.unit``), and writes its holder into it the same way.
 """
 
 from __future__ import annotations
