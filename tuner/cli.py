@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "tuner.commands.apply",
     "tuner.commands.writeback",
     "tuner.commands.rollout",
+    "tuner.commands.wheelhouse",
     "tuner.commands.model",
     "tuner.commands.size",
     "tuner.commands.server",

@@ -458,7 +458,7 @@ def test_host_topology_reads_this_machine_consistently(tmp_path: Path) -> None:
     assert topology["thp"]["enabled"] in ("always", "madvise", "never")
 
 
-@pytest.mark.parametrize("role", ["cpu", "numa", "hugepages", "llama_server"])
+@pytest.mark.parametrize("role", ["cpu", "numa", "hugepages", "llama_server", "llamahost_tuner"])
 def test_every_role_variable_is_documented_and_has_a_default(role: str) -> None:
     specs = yaml.safe_load((REPO / "roles" / role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
     defaults = yaml.safe_load((REPO / "roles" / role / "defaults" / "main.yml").read_text())
