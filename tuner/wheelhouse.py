@@ -7,7 +7,8 @@ deployed llama.cpp build (the ``binding`` extra stays on the controller).
 
 The directory holds the wheels, ``requirements.txt`` (every wheel pinned by version and sha256) and
 ``wheelhouse.json``, the manifest the role checks a host against before it copies anything: the CPython version
-the binary wheels were built for, the machine architecture and the oldest glibc that every wheel accepts.
+the binary wheels were built for, the machine architecture and the oldest glibc that every wheel accepts; and
+``wheelhouse.tar``, all of them in one file, which is what the role copies to a host.
 Pure parsing here; :func:`build_wheelhouse` runs pip.
 """
 
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -34,6 +36,8 @@ from tuner.errors import UserError
 
 MANIFEST_NAME = "wheelhouse.json"
 REQUIREMENTS_NAME = "requirements.txt"
+# Everything above in one file: the role copies this (one transfer, where each file costs a round trip over SSM).
+ARCHIVE_NAME = "wheelhouse.tar"
 PROJECT = "llamahost"
 # Extras that the host side may need: the fleet's PostgreSQL driver (`fleet work` on the hosts).
 HOST_EXTRAS = ("fleet",)
@@ -160,6 +164,19 @@ def host_requirements(extras: Sequence[str]) -> list[str]:
     return out
 
 
+def write_archive(directory: Path) -> Path:
+    """``wheelhouse.tar`` in ``directory``: its wheels, requirements and manifest, flat (wheels are compressed
+    already), written beside and renamed into place."""
+    archive = directory / ARCHIVE_NAME
+    scratch = directory / f".{ARCHIVE_NAME}.tmp"
+    with tarfile.open(scratch, "w") as tar:
+        for path in sorted(directory.iterdir()):
+            if path.suffix == ".whl" or path.name in (REQUIREMENTS_NAME, MANIFEST_NAME):
+                tar.add(path, arcname=path.name)
+    scratch.replace(archive)
+    return archive
+
+
 def _pip(args: Sequence[str], *, what: str) -> None:
     cmd = [sys.executable, "-m", "pip", *args, "--disable-pip-version-check", "-q"]
     try:
@@ -212,6 +229,7 @@ def build_wheelhouse(dest: Path, *, python_version: str | None, arch: str | None
         manifest = manifest_of(wheels)
         (work / REQUIREMENTS_NAME).write_text(requirement_lines(wheels))
         (work / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        write_archive(work)
         previous = previous_path(dest)
         if dest.exists():
             shutil.rmtree(previous, ignore_errors=True)

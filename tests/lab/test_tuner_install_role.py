@@ -11,11 +11,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 from role_support import BIN, REPO, run_playbook
+
+from tuner.wheelhouse import write_archive
 
 pytestmark = [pytest.mark.fetches,
               pytest.mark.skipif(os.geteuid() != 0, reason="the role installs as root (owner: root)")]
@@ -85,6 +88,13 @@ def test_a_host_the_wheelhouse_cannot_serve_is_refused_before_anything_is_copied
     assert not (root / "stage").exists() and not (root / "opt").exists()
 
 
+def test_the_archive_the_role_copies_holds_exactly_the_wheelhouse(wheelhouse: Path) -> None:
+    with tarfile.open(wheelhouse / "wheelhouse.tar") as tar:
+        members = {member.name: tar.extractfile(member).read() for member in tar.getmembers()}  # type: ignore[union-attr]
+    files = {path.name: path.read_bytes() for path in wheelhouse.iterdir() if path.name != "wheelhouse.tar"}
+    assert members == files
+
+
 def test_a_wheel_whose_hash_differs_is_refused_and_the_working_release_stays_current(
         wheelhouse: Path, tmp_path: Path) -> None:
     rc, _, output = install(wheelhouse, tmp_path)
@@ -96,6 +106,7 @@ def test_a_wheel_whose_hash_differs_is_refused_and_the_working_release_stays_cur
     wheel.write_bytes(wheel.read_bytes() + b"\0")  # same name, other bytes
     requirements = tampered / "requirements.txt"  # a new release (another pin elsewhere), with the old hash for it
     requirements.write_text(requirements.read_text() + "# another wheelhouse\n")
+    write_archive(tampered)
     rc, _, output = install(tampered, tmp_path)
     assert rc != 0
     assert "hash" in output.lower(), output
