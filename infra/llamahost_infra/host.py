@@ -2,7 +2,8 @@
 
 Secure by default, not by option: IMDSv2 only (hop limit 1, so containers cannot borrow the role),
 encrypted gp3 root and model volumes, no public IP, no SSH port unless SSH access is asked for and then
-only from the client security group, the server port only from that group, an instance role limited to
+only from the client security group, the server port only from that group, egress to TCP 80 and 443 only
+(plus the fleet's study store, named by its security group, when one is given), an instance role limited to
 SSM and (optionally) reading one S3 prefix, SMT off through CPU options where the type allows it, and a
 pinned image. All the choices are made beforehand in :class:`~llamahost_infra.plan.HostPlan`; this class
 only turns them into resources.
@@ -45,6 +46,8 @@ class CpuInferenceHostArgs:
     count: int = 1
     server_port: int = 8080
     client_security_group_id: pulumi.Input[str] | None = None
+    fleet_database_security_group_id: str | None = None
+    fleet_database_port: int = 5432
     access: str = "ssm"
     key_name: str | None = None
     ssm_bucket: str | None = None
@@ -144,6 +147,18 @@ class CpuInferenceHost(pulumi.ComponentResource):
             )
             for port, description in zip(EGRESS_PORTS, ("package mirrors", "SSM, S3, HTTPS"), strict=True)
         ]
+        if args.fleet_database_security_group_id is not None:
+            # Fleet tuning: every host talks to one PostgreSQL study store (docs/fleet.md). Its members only,
+            # on its port only: the destination is the database's group, never an address range.
+            egress.append(
+                aws.ec2.SecurityGroupEgressArgs(
+                    protocol="tcp",
+                    from_port=args.fleet_database_port,
+                    to_port=args.fleet_database_port,
+                    security_groups=[args.fleet_database_security_group_id],
+                    description="fleet study store (PostgreSQL)",
+                )
+            )
         group = aws.ec2.SecurityGroup(
             f"{self._name}-hosts",
             vpc_id=args.vpc_id,

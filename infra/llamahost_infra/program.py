@@ -2,7 +2,8 @@
 
 Every problem a user can fix ends as one :class:`pulumi.RunError` with the problem and the fix (no
 traceback), raised before any resource is registered: the configuration is checked, the model read, the
-type chosen and checked against EC2, the image and subnet looked up, and only then are resources built.
+type chosen and checked against EC2, the image, the subnet and the fleet database's group looked up,
+and only then are resources built.
 """
 
 from __future__ import annotations
@@ -111,6 +112,19 @@ def network_for(settings: StackSettings, plan: HostPlan, name: str) -> tuple[Any
     return subnet.vpc_id, subnet.subnet_id, subnet.availability_zone
 
 
+def check_fleet_database(settings: StackSettings, vpc_id: Any) -> None:
+    """The fleet study store's group exists; outside the hosts' VPC a rule reaches it only through peering."""
+    if settings.fleet_database_security_group is None:
+        return
+    group = aws_lookups.lookup_fleet_database_group(settings.fleet_database_security_group)
+    if group.vpc_id != vpc_id:
+        pulumi.log.warn(
+            f"llamahost:fleetDatabaseSecurityGroup {group.group_id} ({group.name}) is in {group.vpc_id}, the "
+            f"hosts in {vpc_id}: EC2 accepts the egress rule only while the two VPCs are peered (active, same "
+            "region), and the hosts reach the database only with a route over that peering"
+        )
+
+
 def tag_value(text: str) -> str:
     """EC2 tag values allow letters, digits, spaces and ``+ - = . _ : / @``, at most 256 characters."""
     return re.sub(r"[^\w\s+\-=.:/@]", "_", text)[:256]
@@ -158,6 +172,7 @@ def build_stack(settings: StackSettings) -> dict[str, Any]:
     partition = aws_lookups.lookup_partition()
     name = settings.name_prefix
     vpc_id, subnet_id, zone = network_for(settings, plan, name)
+    check_fleet_database(settings, vpc_id)
     host = CpuInferenceHost(
         name,
         CpuInferenceHostArgs(
@@ -171,6 +186,8 @@ def build_stack(settings: StackSettings) -> dict[str, Any]:
             count=settings.count,
             server_port=settings.server_port,
             client_security_group_id=settings.client_security_group_id,
+            fleet_database_security_group_id=settings.fleet_database_security_group,
+            fleet_database_port=settings.fleet_database_port,
             access=settings.access,
             key_name=settings.key_name,
             ssm_bucket=settings.ssm_bucket,

@@ -43,6 +43,7 @@ MODEL_PARAM_KEYS = {
     "name",
 }
 DEFAULT_NETWORK_CIDR = "10.42.0.0/16"
+DEFAULT_FLEET_DATABASE_PORT = 5432  # PostgreSQL's
 # "auto" and the llama_server role's own modes (roles/llama_server/defaults/main.yml).
 INSTALL_MODES = ("auto", "binary", "source", "python")
 
@@ -80,6 +81,12 @@ KEYS: dict[str, tuple[str, str]] = {
     ),
     "clientSecurityGroupId": ("string", "security group allowed to reach the server port; unset = a new one"),
     "serverPort": ("integer", "llama-server port opened to the client group (default 8080)"),
+    "fleetDatabaseSecurityGroup": (
+        "string",
+        "security group of the fleet's PostgreSQL study store (sg-..., in the hosts' VPC): the hosts may open "
+        "connections to its members on fleetDatabasePort; unset = no such rule",
+    ),
+    "fleetDatabasePort": ("integer", "with fleetDatabaseSecurityGroup: the store's port (default 5432)"),
     "installMode": (
         "string",
         "how the role installs llama-server: auto (default: binary on x86_64, source on arm64), binary, source, "
@@ -132,6 +139,8 @@ class StackSettings:
     ssm_endpoints: bool = False
     client_security_group_id: str | None = None
     server_port: int = 8080
+    fleet_database_security_group: str | None = None
+    fleet_database_port: int = DEFAULT_FLEET_DATABASE_PORT
     install_mode: str = "auto"
     access: Access = "ssm"
     key_name: str | None = None
@@ -315,6 +324,18 @@ def _contradictions(s: StackSettings, raw: Mapping[str, str]) -> list[str]:
             "llamahost:natGateway and llamahost:ssmEndpoints are both false: the hosts could reach "
             "neither SSM nor package mirrors; enable one"
         )
+    if "fleetDatabasePort" in raw and not s.fleet_database_security_group:
+        out.append(
+            "llamahost:fleetDatabasePort is the port of the store in llamahost:fleetDatabaseSecurityGroup: "
+            "set that group too, or drop the port"
+        )
+    if s.fleet_database_security_group and s.new_network:
+        # A rule may reference a group of its own VPC or of an active peering; a new VPC has no peering yet.
+        out.append(
+            "llamahost:fleetDatabaseSecurityGroup names a group of an existing VPC, but without "
+            "llamahost:subnetId the hosts go into a new network that cannot reach it: set llamahost:subnetId "
+            "(and llamahost:vpcId) to a private subnet of the database's VPC"
+        )
     if s.access == "ssh" and not s.key_name:
         out.append("llamahost:access is ssh but llamahost:keyName is not set")
     if s.access == "ssm" and s.key_name:
@@ -397,6 +418,10 @@ def parse_settings(raw: Mapping[str, str], *, stack: str, region: str | None) ->
         ssm_endpoints=read.boolean("ssmEndpoints", default=False),
         client_security_group_id=read.string("clientSecurityGroupId", SG_PATTERN, "sg-0123456789abcdef0"),
         server_port=read.integer_or("serverPort", 1024, 65535, 8080),
+        fleet_database_security_group=read.string(
+            "fleetDatabaseSecurityGroup", SG_PATTERN, "sg-0123456789abcdef0"
+        ),
+        fleet_database_port=read.integer_or("fleetDatabasePort", 1, 65535, DEFAULT_FLEET_DATABASE_PORT),
         install_mode=read.choice("installMode", INSTALL_MODES, "auto"),
         access="ssh" if access == "ssh" else "ssm",
         key_name=read.string("keyName"),

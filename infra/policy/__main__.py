@@ -5,7 +5,7 @@ from pulumi_policy import EnforcementLevel, PolicyPack
 
 PolicyPack(
     name="llamahost-security",
-    description="IMDSv2, encrypted EBS, no public ingress, no public IP, no administrator IAM.",
+    description="IMDSv2, encrypted EBS, no public ingress, public egress on 80/443 only, no public IP, no admin IAM.",
     enforcement_level=EnforcementLevel.MANDATORY,
     policies=list(POLICIES),
 )

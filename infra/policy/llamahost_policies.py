@@ -6,8 +6,9 @@ Policy`` wrappers in :data:`POLICIES` hand them to Pulumi. Plain functions keep 
 Pulumi CLI, and let the mock tests run every policy over every resource the real program creates.
 
 They guard the defaults of ``CpuInferenceHost`` against later edits and against other programs run with
-this pack: IMDSv2 only, encrypted EBS, no ingress from the whole internet, no public IP on a host, and
-no administrator-level IAM.
+this pack: IMDSv2 only, encrypted EBS, no ingress from the whole internet, egress to the whole internet
+only on TCP 80 and 443 (every other destination, such as the fleet's PostgreSQL, is named by its security
+group), no public IP on a host, and no administrator-level IAM.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ VOLUME = "aws:ebs/volume:Volume"
 SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
 SECURITY_GROUP_RULE = "aws:ec2/securityGroupRule:SecurityGroupRule"
 INGRESS_RULE = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+EGRESS_RULE = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
 SUBNET = "aws:ec2/subnet:Subnet"
 EIP = "aws:ec2/eip:Eip"
 EIP_ASSOCIATION = "aws:ec2/eipAssociation:EipAssociation"
@@ -33,6 +35,9 @@ IAM_POLICY = "aws:iam/policy:Policy"
 ROLE = "aws:iam/role:Role"
 
 WORLD = frozenset({"0.0.0.0/0", "::/0"})
+# The only ports the hosts may reach on any address: package mirrors (HTTP) and SSM, S3, HTTPS.
+WEB_PORTS = frozenset({80, 443})
+TCP = frozenset({"tcp", "6"})
 ADMIN_POLICIES = ("AdministratorAccess", "PowerUserAccess", "IAMFullAccess")
 
 Props = Mapping[str, Any]
@@ -113,6 +118,37 @@ def check_no_public_ingress(resource_type: str, props: Props) -> list[str]:
     return out
 
 
+def _web_only(rule: Props, protocol_key: str) -> bool:
+    """TCP to exactly port 80 or exactly port 443 (a range such as 80-443 is not)."""
+
+    def port(value: Any) -> int | None:
+        return int(value) if isinstance(value, int | float) else None
+
+    low, high = port(rule.get("fromPort")), port(rule.get("toPort"))
+    return str(rule.get(protocol_key, "")).lower() in TCP and low == high and low in WEB_PORTS
+
+
+def check_egress_to_the_world_is_web_only(resource_type: str, props: Props) -> list[str]:
+    """Egress to 0.0.0.0/0 or ::/0 only on TCP 80 and 443; any other port (PostgreSQL's 5432, all traffic)
+    must name its destination, by security group or by a narrower network."""
+    rules: list[tuple[Props, Sequence[str], str]] = []
+    if resource_type == SECURITY_GROUP:
+        rules = [(rule, ("cidrBlocks", "ipv6CidrBlocks"), "protocol") for rule in _list(props.get("egress"))]
+    elif resource_type == SECURITY_GROUP_RULE and props.get("type") == "egress":
+        rules = [(props, ("cidrBlocks", "ipv6CidrBlocks"), "protocol")]
+    elif resource_type == EGRESS_RULE:
+        rules = [(props, ("cidrIpv4", "cidrIpv6"), "ipProtocol")]
+    out = []
+    for rule, keys, protocol_key in rules:
+        world = _world_cidrs(rule, keys)
+        if world and not _web_only(rule, protocol_key):
+            out.append(
+                f"egress {rule.get(protocol_key)} {_ports(rule)} to {', '.join(world)}: only TCP 80 and 443 "
+                "may go to every address; name the destination's security group instead"
+            )
+    return out
+
+
 def check_no_public_ip(resource_type: str, props: Props) -> list[str]:
     """Hosts get no public address: not at launch, not from their subnet, not through an Elastic IP."""
     if resource_type == INSTANCE and _truthy(props.get("associatePublicIpAddress")):
@@ -175,6 +211,10 @@ CHECKS: dict[str, tuple[Check, str]] = {
     "llamahost-no-public-ingress": (
         check_no_public_ingress,
         "No security group ingress from 0.0.0.0/0 or ::/0",
+    ),
+    "llamahost-egress-web-only": (
+        check_egress_to_the_world_is_web_only,
+        "Security group egress to 0.0.0.0/0 or ::/0 only on TCP 80 and 443",
     ),
     "llamahost-no-public-ip": (check_no_public_ip, "Inference hosts have no public IP address"),
     "llamahost-least-privilege-iam": (check_least_privilege, "No administrator-level IAM grants"),

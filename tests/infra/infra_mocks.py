@@ -4,8 +4,8 @@
   valid threads, memory, architecture, EBS throughput), so a CPU-options combination the catalog says
   EC2 refuses is refused here too; a test can override one answer to play an EC2 that disagrees.
 * ``ec2.get_ami`` knows two pinned images (x86_64 and arm64) and fails for any other ID, as EC2 does.
-* ``ec2.get_subnet`` knows the subnets a test registers; ``get_instance_type_offerings`` offers every
-  catalog type in the zones a test allows.
+* ``ec2.get_subnet`` and ``ec2.get_security_group`` know the subnets and groups a test registers;
+  ``get_instance_type_offerings`` offers every catalog type in the zones a test allows.
 * New resources get provider-like IDs and the outputs the program reads (private IPs, ARNs, names).
 
 Every resource's inputs are recorded (with the engine's camelCase names, as the policy pack sees them).
@@ -55,6 +55,10 @@ LLAMA_70B = {
 BASE_CONFIG = {"amiId": ARM_AMI, "modelParams": LLAMA_70B}
 EXISTING_SUBNET = "subnet-0123456789abcdef0"
 EXISTING_VPC = "vpc-0123456789abcdef0"
+OTHER_VPC = "vpc-0fedcba987654321f"
+# The fleet's PostgreSQL study store: its security group in the existing subnet's VPC, and one elsewhere.
+FLEET_DB_GROUP = "sg-0d8b0d8b0d8b0d8b0"
+FLEET_DB_GROUP_ELSEWHERE = "sg-0e1e0e1e0e1e0e1e0"
 
 
 class ProviderError(Exception):
@@ -114,6 +118,12 @@ class CatalogBackedAws(pulumi.runtime.Mocks):
             }
         }
     )
+    security_groups: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            FLEET_DB_GROUP: {"id": FLEET_DB_GROUP, "vpcId": EXISTING_VPC, "name": "fleet-postgres"},
+            FLEET_DB_GROUP_ELSEWHERE: {"id": FLEET_DB_GROUP_ELSEWHERE, "vpcId": OTHER_VPC, "name": "pg-other"},
+        }
+    )
     instance_type_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     resources: list[Recorded] = field(default_factory=list)
     calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
@@ -133,6 +143,7 @@ class CatalogBackedAws(pulumi.runtime.Mocks):
             "aws:ec2/getInstanceType:getInstanceType": self._instance_type,
             "aws:ec2/getAmi:getAmi": self._ami,
             "aws:ec2/getSubnet:getSubnet": self._subnet,
+            "aws:ec2/getSecurityGroup:getSecurityGroup": self._security_group,
             "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings": self._offerings,
             "aws:index/getPartition:getPartition": lambda _: {
                 "partition": "aws",
@@ -163,6 +174,12 @@ class CatalogBackedAws(pulumi.runtime.Mocks):
         if subnet is None:
             raise ProviderError(f"no matching EC2 Subnet found for {args.get('id')}")
         return subnet
+
+    def _security_group(self, args: dict[str, Any]) -> dict[str, Any]:
+        group = self.security_groups.get(args.get("id", ""))
+        if group is None:
+            raise ProviderError(f"no matching EC2 Security Group found for {args.get('id')}")
+        return group
 
     def _offerings(self, args: dict[str, Any]) -> dict[str, Any]:
         types = [v for f in args.get("filters", []) if f["name"] == "instance-type" for v in f["values"]]

@@ -150,6 +150,35 @@ def test_a_split_model_in_the_grant_names_its_first_shard() -> None:
     assert settings.model_sha256 == ("ab" * 32, "cd" * 32)
 
 
+def test_the_fleet_database_is_unset_by_default_and_its_port_is_postgresqls() -> None:
+    base = {"amiId": "ami-0123456789abcdef0", "model": "m.gguf", "subnetId": "subnet-0123456789abcdef0"}
+    settings = parse_settings(base, stack="dev", region="us-east-1")
+    assert (settings.fleet_database_security_group, settings.fleet_database_port) == (None, 5432)
+    settings = parse_settings(
+        {**base, "fleetDatabaseSecurityGroup": "sg-0d8b0d8b0d8b0d8b0"}, stack="dev", region="us-east-1"
+    )
+    assert (settings.fleet_database_security_group, settings.fleet_database_port) == ("sg-0d8b0d8b0d8b0d8b0", 5432)
+
+
+@pytest.mark.parametrize(
+    ("fleet_keys", "problem"),
+    [
+        ({"fleetDatabaseSecurityGroup": "fleet-postgres"},
+         "llamahost:fleetDatabaseSecurityGroup 'fleet-postgres' is malformed (expected e.g. sg-0123456789abcdef0)"),
+        ({"fleetDatabaseSecurityGroup": "sg-12"}, "llamahost:fleetDatabaseSecurityGroup 'sg-12' is malformed"),
+        ({"fleetDatabaseSecurityGroup": "0.0.0.0/0"}, "llamahost:fleetDatabaseSecurityGroup '0.0.0.0/0' is malformed"),
+        ({"fleetDatabaseSecurityGroup": "sg-0d8b0d8b0d8b0d8b0", "fleetDatabasePort": "0"},
+         "llamahost:fleetDatabasePort 0 is outside 1..65535"),
+        ({"fleetDatabasePort": "5432"}, "set that group too, or drop the port"),
+    ],
+)
+def test_a_bad_fleet_database_setting_is_refused_with_the_fix(fleet_keys: dict[str, str], problem: str) -> None:
+    base = {"amiId": "ami-0123456789abcdef0", "model": "m.gguf", "subnetId": "subnet-0123456789abcdef0"}
+    with pytest.raises(UserError, match=re.escape(problem)) as info:
+        parse_settings({**base, **fleet_keys}, stack="dev", region="us-east-1")
+    assert "pulumi config set llamahost:<key> <value>" in str(info.value)
+
+
 def test_every_key_is_documented_in_the_infra_readme() -> None:
     from infra_mocks import INFRA_DIR
 

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from infra_mocks import INFRA_DIR
+from infra_mocks import EXISTING_SUBNET, FLEET_DB_GROUP, INFRA_DIR
 from llamahost_policies import (
     CHECKS,
     POLICIES,
     check_ebs_encryption,
+    check_egress_to_the_world_is_web_only,
     check_imdsv2,
     check_least_privilege,
     check_no_public_ingress,
@@ -34,6 +35,16 @@ GOOD_INSTANCE: dict[str, Any] = {
 
 def bad(**changes: Any) -> dict[str, Any]:
     return {**GOOD_INSTANCE, **changes}
+
+
+SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
+EGRESS_RULE = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
+WEB_EGRESS = [
+    {"protocol": "tcp", "fromPort": 80, "toPort": 80, "cidrBlocks": ["0.0.0.0/0"]},
+    {"protocol": "tcp", "fromPort": 443, "toPort": 443, "cidrBlocks": ["0.0.0.0/0"]},
+]
+# The rule llamahost:fleetDatabaseSecurityGroup adds: PostgreSQL to the database's group, not to an address range.
+FLEET_DB_EGRESS = {"protocol": "tcp", "fromPort": 5432, "toPort": 5432, "securityGroups": [FLEET_DB_GROUP]}
 
 
 @pytest.mark.parametrize(
@@ -109,6 +120,81 @@ def bad(**changes: Any) -> dict[str, Any]:
             "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
             {"fromPort": 8080, "toPort": 8080, "cidrIpv4": "0.0.0.0/0"},
             ["0.0.0.0/0"],
+        ),
+        # egress to every address: TCP 80 and 443 only; the fleet's database by its group
+        (check_egress_to_the_world_is_web_only, SECURITY_GROUP, {"egress": WEB_EGRESS}, []),
+        (check_egress_to_the_world_is_web_only, SECURITY_GROUP, {"egress": [*WEB_EGRESS, FLEET_DB_EGRESS]}, []),
+        (
+            check_egress_to_the_world_is_web_only,
+            SECURITY_GROUP,
+            {"egress": [*WEB_EGRESS, {**FLEET_DB_EGRESS, "securityGroups": [], "cidrBlocks": ["0.0.0.0/0"]}]},
+            ["egress tcp 5432-5432 to 0.0.0.0/0"],
+        ),
+        (
+            check_egress_to_the_world_is_web_only,
+            SECURITY_GROUP,
+            {"egress": [{**FLEET_DB_EGRESS, "ipv6CidrBlocks": ["::/0"]}]},
+            ["5432-5432 to ::/0"],
+        ),
+        (
+            check_egress_to_the_world_is_web_only,
+            SECURITY_GROUP,
+            {"egress": [{"protocol": "tcp", "fromPort": 5432, "toPort": 5432, "cidrBlocks": ["10.8.0.0/20"]}]},
+            [],
+        ),  # a named network is not every address
+        (
+            check_egress_to_the_world_is_web_only,
+            SECURITY_GROUP,
+            {"egress": [{"protocol": "-1", "fromPort": 0, "toPort": 0, "cidrBlocks": ["0.0.0.0/0"]}]},
+            ["egress -1 0-0"],
+        ),  # all traffic (AWS's default egress)
+        (
+            check_egress_to_the_world_is_web_only,
+            SECURITY_GROUP,
+            {"egress": [{"protocol": "udp", "fromPort": 443, "toPort": 443, "cidrBlocks": ["0.0.0.0/0"]}]},
+            ["udp 443-443"],
+        ),
+        (
+            check_egress_to_the_world_is_web_only,
+            SECURITY_GROUP,
+            {"egress": [{"protocol": "tcp", "fromPort": 80, "toPort": 443, "cidrBlocks": ["0.0.0.0/0"]}]},
+            ["80-443"],
+        ),  # a range holds 5432's neighbours too
+        (
+            check_egress_to_the_world_is_web_only,
+            SECURITY_GROUP,
+            {"ingress": [{"protocol": "tcp", "fromPort": 5432, "toPort": 5432, "cidrBlocks": ["10.0.0.0/8"]}]},
+            [],
+        ),  # ingress is the other policy's
+        (
+            check_egress_to_the_world_is_web_only,
+            "aws:ec2/securityGroupRule:SecurityGroupRule",
+            {"type": "egress", "protocol": "tcp", "fromPort": 5432, "toPort": 5432, "cidrBlocks": ["0.0.0.0/0"]},
+            ["5432-5432 to 0.0.0.0/0"],
+        ),
+        (
+            check_egress_to_the_world_is_web_only,
+            "aws:ec2/securityGroupRule:SecurityGroupRule",
+            {"type": "egress", "protocol": "tcp", "fromPort": 5432, "toPort": 5432, "sourceSecurityGroupId": "sg-1"},
+            [],
+        ),
+        (
+            check_egress_to_the_world_is_web_only,
+            EGRESS_RULE,
+            {"ipProtocol": "tcp", "fromPort": 5432, "toPort": 5432, "cidrIpv4": "0.0.0.0/0"},
+            ["5432-5432 to 0.0.0.0/0"],
+        ),
+        (
+            check_egress_to_the_world_is_web_only,
+            EGRESS_RULE,
+            {"ipProtocol": "tcp", "fromPort": 5432, "toPort": 5432, "referencedSecurityGroupId": "sg-1"},
+            [],
+        ),
+        (
+            check_egress_to_the_world_is_web_only,
+            EGRESS_RULE,
+            {"ipProtocol": "tcp", "fromPort": 443, "toPort": 443, "cidrIpv4": "0.0.0.0/0"},
+            [],
         ),
         # public IP
         (check_no_public_ip, INSTANCE, GOOD_INSTANCE, []),
@@ -298,10 +384,29 @@ def test_the_served_pack_rejects_bad_resources(analyzer: Any) -> None:
                                                     "llamahost-no-public-ip"]
 
 
-def test_the_served_pack_accepts_every_resource_of_the_program(analyzer: Any) -> None:
+def test_the_served_pack_refuses_postgresql_to_every_address_and_accepts_it_to_the_database_group(
+    analyzer: Any,
+) -> None:
+    """The fleet's study store is reached by its security group; 0.0.0.0/0 on 5432 stays refused."""
+    wide = {"egress": [*WEB_EGRESS, {**FLEET_DB_EGRESS, "securityGroups": [], "cidrBlocks": ["0.0.0.0/0"]}]}
+    found = analyze(analyzer, SECURITY_GROUP, wide, name="hosts")
+    assert [policy for policy, _ in found] == ["llamahost-egress-web-only"]
+    assert "hosts: egress tcp 5432-5432 to 0.0.0.0/0" in found[0][1]
+    assert analyze(analyzer, SECURITY_GROUP, {"egress": [*WEB_EGRESS, FLEET_DB_EGRESS]}) == []
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"modelS3Uri": "s3://acme-models/m/"},
+        {"subnetId": EXISTING_SUBNET, "fleetDatabaseSecurityGroup": FLEET_DB_GROUP},
+    ],
+    ids=["model-grant", "fleet-database"],
+)
+def test_the_served_pack_accepts_every_resource_of_the_program(analyzer: Any, extra: dict[str, str]) -> None:
     from infra_mocks import BASE_CONFIG, deploy
 
-    run = deploy({**BASE_CONFIG, "modelS3Uri": "s3://acme-models/m/"})
+    run = deploy({**BASE_CONFIG, **extra})
     for record in run.mocks.resources:
         assert analyze(analyzer, record.typ, record.inputs, record.name) == [], record.name
 

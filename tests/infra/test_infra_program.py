@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import runpy
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from infra_mocks import (
     BASE_CONFIG,
     EXISTING_SUBNET,
     EXISTING_VPC,
+    FLEET_DB_GROUP,
+    FLEET_DB_GROUP_ELSEWHERE,
     INFRA_DIR,
     LLAMA_70B,
     X86_AMI,
@@ -36,6 +39,8 @@ INSTANCE = "aws:ec2/instance:Instance"
 SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"
 BASE = BASE_CONFIG
 INTEL = {"amiId": X86_AMI, "modelParams": LLAMA_70B, "instanceType": "r7i.24xlarge"}
+# Hosts in the database's VPC, allowed to reach its PostgreSQL study store (docs/fleet.md).
+FLEET = {**BASE, "subnetId": EXISTING_SUBNET, "fleetDatabaseSecurityGroup": FLEET_DB_GROUP}
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +145,53 @@ def test_an_existing_client_group_is_used_as_is() -> None:
     assert rule["fromPort"] == 9000
     assert not [r for r in run.resources(SECURITY_GROUP) if r.name.endswith("-clients")]
     assert run.outputs["client_security_group_id"] == "sg-0aaaabbbbccccdddd"
+
+
+def test_the_fleet_database_group_is_reachable_on_its_port_only() -> None:
+    """One more egress rule on the hosts' group: TCP 5432 to the database's group, by reference, not CIDR;
+    everything else as without the setting."""
+    run = deploy(FLEET)
+    egress = group_named(run, "-hosts")["egress"]
+    (rule,) = [e for e in egress if "securityGroups" in e]
+    assert (rule["protocol"], rule["fromPort"], rule["toPort"]) == ("tcp", 5432, 5432)
+    assert rule["securityGroups"] == [FLEET_DB_GROUP]
+    assert "cidrBlocks" not in rule and "ipv6CidrBlocks" not in rule
+    assert sorted((e["fromPort"], tuple(e["cidrBlocks"])) for e in egress if e is not rule) == [
+        (80, ("0.0.0.0/0",)),
+        (443, ("0.0.0.0/0",)),
+    ]
+    without = deploy({**BASE, "subnetId": EXISTING_SUBNET})
+    assert sorted(r.name for r in run.mocks.resources) == sorted(r.name for r in without.mocks.resources)
+    lookups = [args for token, args in run.mocks.calls if token == "aws:ec2/getSecurityGroup:getSecurityGroup"]
+    assert lookups == [{"id": FLEET_DB_GROUP}]
+
+
+def test_the_fleet_database_port_is_configurable() -> None:
+    run = deploy({**FLEET, "fleetDatabasePort": "6432"})
+    (rule,) = [e for e in group_named(run, "-hosts")["egress"] if "securityGroups" in e]
+    assert (rule["fromPort"], rule["toPort"], rule["securityGroups"]) == (6432, 6432, [FLEET_DB_GROUP])
+
+
+def test_without_a_fleet_database_the_hosts_reach_80_and_443_only(default: Deployment) -> None:
+    egress = group_named(default, "-hosts")["egress"]
+    assert all("securityGroups" not in e for e in egress)
+    assert sorted((e["protocol"], e["fromPort"], e["toPort"]) for e in egress) == [
+        ("tcp", 80, 80),
+        ("tcp", 443, 443),
+    ]
+    assert not [t for t, _ in default.mocks.calls if t == "aws:ec2/getSecurityGroup:getSecurityGroup"]
+
+
+def test_a_fleet_database_group_in_another_vpc_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A peered VPC can hold the database; EC2 is the judge of the peering, so the stack only says so."""
+    with caplog.at_level(logging.WARNING):
+        run = deploy({**FLEET, "fleetDatabaseSecurityGroup": FLEET_DB_GROUP_ELSEWHERE})
+    (rule,) = [e for e in group_named(run, "-hosts")["egress"] if "securityGroups" in e]
+    assert rule["securityGroups"] == [FLEET_DB_GROUP_ELSEWHERE]
+    warnings = [r.getMessage() for r in caplog.records if "fleetDatabaseSecurityGroup" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "is in vpc-0fedcba987654321f, the hosts in vpc-0123456789abcdef0" in warnings[0]
+    assert "peered" in warnings[0]
 
 
 def test_new_private_network_with_nat_and_s3_endpoint(default: Deployment) -> None:
@@ -412,8 +464,9 @@ def test_ssh_access_opens_port_22_to_the_client_group_only() -> None:
         {**BASE, "access": "ssh", "keyName": "ops"},
         {**BASE, "natGateway": "false", "ssmEndpoints": "true"},
         {**BASE, "subnetId": EXISTING_SUBNET, "modelS3Uri": "s3://acme-models/m/"},
+        FLEET,
     ],
-    ids=["default", "intel", "ssh", "endpoints", "existing-subnet"],
+    ids=["default", "intel", "ssh", "endpoints", "existing-subnet", "fleet-database"],
 )
 def test_every_resource_passes_every_policy(config: dict[str, Any]) -> None:
     run = deploy(config)
@@ -483,6 +536,24 @@ def test_every_resource_passes_every_policy(config: dict[str, Any]) -> None:
             r"instance type\n  fix: set llamahost:installMode source",
         ),
         ({**BASE, "installMode": "docker"}, r"llamahost:installMode"),
+        (
+            {**FLEET, "fleetDatabaseSecurityGroup": "fleet-postgres"},
+            r"llamahost:fleetDatabaseSecurityGroup 'fleet-postgres' is malformed \(expected e\.g\. "
+            r"sg-0123456789abcdef0\)",
+        ),
+        ({**FLEET, "fleetDatabasePort": "65536"}, r"llamahost:fleetDatabasePort 65536 is outside 1\.\.65535"),
+        (
+            {**BASE, "subnetId": EXISTING_SUBNET, "fleetDatabasePort": "5432"},
+            r"llamahost:fleetDatabasePort is the port of the store in llamahost:fleetDatabaseSecurityGroup",
+        ),
+        (
+            {**BASE, "fleetDatabaseSecurityGroup": FLEET_DB_GROUP},
+            r"without llamahost:subnetId the hosts go into a new network that cannot reach it",
+        ),
+        (
+            {**FLEET, "fleetDatabaseSecurityGroup": "sg-0fffffffffffffff0"},
+            r"fleetDatabaseSecurityGroup sg-0fffffffffffffff0 cannot be found",
+        ),
     ],
 )
 def test_configuration_errors_fail_with_a_clear_message(config: dict[str, Any], message: str) -> None:
