@@ -9,6 +9,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console, Group
 from rich.table import Table
 
+from tuner.live.drain import downtime_line
 from tuner.result import METRIC_LABELS, metric_names
 from tuner.roofline import bandwidth_phrase
 from tuner.study import is_baseline
@@ -112,6 +113,8 @@ def result_table(result: dict[str, Any]) -> Group:
                             "measuring")
     if search.get("plan"):
         verdict.add_row("budget", search["plan"]["text"])
+    if result.get("downtime"):  # a live run's restarts (tuner.live.drain)
+        verdict.add_row("downtime", downtime_line(result["downtime"]))
     verdict.add_row("llama-server flags", " ".join(result["settings"]["server_args"]))
     config = result["settings"]["config"]
     settings = Table(title="settings to run", title_justify="left")

@@ -103,7 +103,9 @@ def request_from_args(args: argparse.Namespace) -> TuneRequest:
 
 
 # Flags that act on a deployed server: a benchmark tune starts llama-server processes of its own.
-LIVE_ONLY_FLAGS = (("--apply", "apply"), ("--baseline-vars", "baseline_vars"), ("--max-ttft-p95", "max_ttft_p95"))
+LIVE_ONLY_FLAGS = (("--apply", "apply"), ("--baseline-vars", "baseline_vars"), ("--max-ttft-p95", "max_ttft_p95"),
+                   ("--drain", "drain"), ("--undrain", "undrain"), ("--hook-timeout", "hook_timeout"),
+                   ("--max-restarts-per-hour", "max_restarts_per_hour"))
 
 
 def refuse_live_only_flags(args: argparse.Namespace) -> None:

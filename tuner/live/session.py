@@ -14,9 +14,10 @@ Between trials and at the end the server runs its baseline unless a winner was p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -28,6 +29,7 @@ from rich.markup import escape
 from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.live.control import ServerControl, Target
+from tuner.live.drain import RestartGuard, RestartPolicy, UndrainFailed, downtime_line
 from tuner.live.measure import Guards, Heartbeat, LiveMeasurer, LiveObjective, LiveSettings
 from tuner.live.space import LiveSearchSpace
 from tuner.live.workload import RequestMix
@@ -85,6 +87,7 @@ class LiveRequest:
     inventory: Path | None = None  # the inventory host_vars belongs to (default: the directory holding it)
     apply: bool = False  # make a proven winner the running configuration
     verify_only: bool = False  # `llamahost apply`: prove the study's best against the baseline, no search
+    restarts: RestartPolicy = field(default_factory=RestartPolicy)  # drain, undrain, cap (tuner.live.drain)
 
 
 def validate_live_request(request: LiveRequest) -> None:
@@ -106,7 +109,7 @@ def ctx_per_slot(mix: RequestMix) -> int:
 @dataclass
 class LiveContext:
     request: LiveRequest
-    control: ServerControl
+    control: RestartGuard  # the server's control, each restart drained, capped and counted
     mix: RequestMix
     model: ModelInfo
     model_sha256: str
@@ -206,7 +209,8 @@ def prepare_live(request: LiveRequest, *, control: ServerControl, mix: RequestMi
                                 baseline_config=space.baseline(), seed=request.seed,
                                 constraints=ttft_constraint(request.objective))
     result_path = request.output or results_dir() / f"{name}.yaml"
-    return LiveContext(request, control, mix, target.model, target.model_sha256, target.probe, space, study, created,
+    guarded = RestartGuard(control, request.restarts)
+    return LiveContext(request, guarded, mix, target.model, target.model_sha256, target.probe, space, study, created,
                        result_path, target.server)
 
 
@@ -237,9 +241,12 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
     measurer = LiveMeasurer(ctx.control, ctx.mix, req.objective, req.settings, req.guards)
     title = f"live tuning {ctx.control.describe()} ({req.objective.name}, {ctx.mix.name} x{ctx.mix.concurrency})"
     heartbeat_every = max(1.0, ctx.control.deadman_seconds / 4)
+    restarts = ctx.control
     with sigterm_as_interrupt(), TuneProgress(req.budget_seconds, title=title) as progress, \
-            Heartbeat(ctx.control, heartbeat_every, on_miss=lambda miss: progress.event(escape(miss))) as heartbeat:
+            Heartbeat(ctx.control, heartbeat_every, on_miss=lambda miss: progress.event(escape(miss))) as heartbeat, \
+            _events_to(restarts, progress):
         measurer.heartbeat = heartbeat
+        restarts.deadline = deadline
         baseline_args = " ".join(ctx.space.baseline().server_args())
         progress.event(f"study {ctx.study.study_name} ({'new' if ctx.study_created else 'resumed'}, "
                        f"{len(ctx.study.trials)} trials so far); baseline: {baseline_args}")
@@ -258,7 +265,14 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
                                        eligible=eligible(req.objective))
             progress.event(plan.describe())
             if not req.verify_only:
-                search.run_until(lambda: deadline - plan.reserve_s, lambda: 0.5 * plan.trial_s)
+                search_end, trial_s = deadline - plan.reserve_s, 0.5 * plan.trial_s
+                restarts.deadline = search_end  # a trial's wait for the restart cap never eats the proof's time
+                search.run_until(lambda: search_end, lambda: trial_s + restarts.restart_wait_s())
+                restarts.deadline = deadline
+                if search_end - time.monotonic() > trial_s and restarts.restart_wait_s() > 0:
+                    restarts.search_held_back = True
+                    progress.event(f"the search ends: the restart cap ({req.restarts.max_per_hour} per hour) allows "
+                                   "no further trial before its part of the budget ends")
             progress.update("verifying")
             proof = ProofSettings(stop=req.settings.stop, samples=req.verify_windows, alpha=req.alpha,
                                   min_effect=req.min_effect, seed=req.seed or 0)
@@ -280,7 +294,9 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             baseline_name="the deployed configuration")
         result["server"] = ctx.control.describe()
         result["heartbeat"] = heartbeat.report()
-        written, applied = save_write_and_apply(ctx, result, progress)
+        result["downtime"] = restarts.report()
+        progress.event(f"downtime: {downtime_line(result['downtime'])}")
+        written, applied = save_write_and_apply(ctx, result, progress, downtime=restarts.report)
         report = ctx.result_path.with_suffix(".html")
         write_report(report, result, ctx.study)
         progress.event(f"result written to {ctx.result_path}, report to {report}")
@@ -293,10 +309,22 @@ class Events(Protocol):
     def event(self, message: str) -> None: ...
 
 
-def save_write_and_apply(ctx: LiveContext, result: dict[str, Any],
-                         progress: Events) -> tuple[WriteBack | None, bool]:
+@contextlib.contextmanager
+def _events_to(restarts: RestartGuard, progress: Events) -> Iterator[None]:
+    """The restart guard's waits and failures in the run's display while it shows (stderr before and after)."""
+    before = restarts.events
+    restarts.events = lambda message: progress.event(escape(message))
+    try:
+        yield
+    finally:
+        restarts.events = before
+
+
+def save_write_and_apply(ctx: LiveContext, result: dict[str, Any], progress: Events, *,
+                         downtime: Callable[[], dict[str, Any]] | None = None) -> tuple[WriteBack | None, bool]:
     """Result first, then the vars file (:mod:`tuner.safe_change`), then the apply; a failed apply puts the vars
-    file back, so the inventory never names a winner the host does not run."""
+    file back, so the inventory never names a winner the host does not run. ``downtime`` gives the result's
+    restart record again after the apply (its restart counts too)."""
     req = ctx.request
     written = save_and_write(ctx.result_path, result, req.host_vars, inventory=req.inventory,
                              hardware=ctx.probe.fingerprint())
@@ -310,6 +338,11 @@ def save_write_and_apply(ctx: LiveContext, result: dict[str, Any],
     try:
         ctx.control.adopt(winner)
     except (UserError, OSError, RuntimeError) as exc:
+        if downtime is not None:
+            result["downtime"] = downtime()
+        if isinstance(exc, UndrainFailed):  # the winner runs (the host is left drained): the inventory keeps it
+            record_write_back(ctx.result_path, result, req.host_vars, STATE_APPLIED, written, applied=True)
+            raise
         restored = written is not None and written.wrote
         if restored and written is not None:
             written.restore()
@@ -320,5 +353,7 @@ def save_write_and_apply(ctx: LiveContext, result: dict[str, Any],
                         + f"the proof is kept in {ctx.result_path}: fix the cause, then "
                           f"`llamahost apply --study {ctx.study.study_name}`") from None
     progress.event(f"the server now runs the proven configuration: {' '.join(winner.server_args())}")
+    if downtime is not None:
+        result["downtime"] = downtime()
     record_write_back(ctx.result_path, result, req.host_vars, STATE_APPLIED, written, applied=True)
     return written, True

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 from tuner.config import RunConfig
 from tuner.durations import parse_duration
 from tuner.errors import UserError
-from tuner.live.control import Connection, Target, TargetOptions, TrialStartFailed
+from tuner.live.control import Connection, ServerControl, Target, TargetOptions, TrialStartFailed
+from tuner.live.drain import DEFAULT_HOOK_TIMEOUT_S, RestartPolicy
+from tuner.live.hooks import parse_hook
 from tuner.live.local import DEFAULT_LOCAL_PORT, LocalServer, ServerSpec
 from tuner.live.measure import OBJECTIVES, Guards, LiveObjective, LiveSettings
 from tuner.live.workload import RequestMix, make_request_mix
@@ -65,6 +67,18 @@ def add_live_arguments(parser: argparse.ArgumentParser) -> None:
                             "(--local default: llama-server's)")
     group.add_argument("--host-vars", type=Path, help="write a proven winner into this host_vars file")
     group.add_argument("--apply", action="store_true", help="make a proven winner the running configuration")
+    restarts = parser.add_argument_group("restarts of the served unit (--live; docs/live.md)")
+    restarts.add_argument("--drain", metavar="CMD|URL",
+                          help="before every restart: a shell command (sh -c, on this machine) or an http(s) URL "
+                               "to POST to, that takes the host out of its load balancer (needs --undrain)")
+    restarts.add_argument("--undrain", metavar="CMD|URL",
+                          help="after every restart, once the server is healthy: puts the host back in service")
+    restarts.add_argument("--hook-timeout", metavar="DURATION",
+                          help=f"stop a drain or undrain hook after this long (default "
+                               f"{DEFAULT_HOOK_TIMEOUT_S:g}s); a failed hook stops the run")
+    restarts.add_argument("--max-restarts-per-hour", type=int, metavar="N",
+                          help="a trial waits until it is at most the N-th restart within the last hour "
+                               "(the wait counts against the budget; default: no cap)")
 
 
 def live_request(args: argparse.Namespace, *, verify_only: bool) -> LiveRequest:
@@ -89,8 +103,16 @@ def live_request(args: argparse.Namespace, *, verify_only: bool) -> LiveRequest:
         guards=Guards(latency_multiple=args.latency_guard),
         settings=live_settings(budget),
         search_kv_cache=not args.no_kv_quant, host_vars=args.host_vars, inventory=args.inventory, apply=args.apply,
-        verify_only=verify_only,
+        verify_only=verify_only, restarts=restart_policy(args),
     )
+
+
+def restart_policy(args: argparse.Namespace) -> RestartPolicy:
+    timeout = parse_duration(args.hook_timeout, what="--hook-timeout") if args.hook_timeout else \
+        DEFAULT_HOOK_TIMEOUT_S
+    return RestartPolicy(drain=parse_hook("drain", args.drain) if args.drain is not None else None,
+                         undrain=parse_hook("undrain", args.undrain) if args.undrain is not None else None,
+                         hook_timeout_s=timeout, max_per_hour=args.max_restarts_per_hour)
 
 
 def live_settings(budget_seconds: float) -> LiveSettings:
@@ -173,15 +195,16 @@ def run_live_command(args: argparse.Namespace, *, verify_only: bool) -> LiveOutc
                                      max_memory_bytes=int(args.max_server_memory * target.probe.memory_total_bytes))
         request = dataclasses.replace(request, guards=guards)
         ctx = prepare_live(request, control=connection.control, mix=mix, target=target)
-        start_deployed(connection, ctx.space.baseline(), args.baseline_vars)
-        return run_live(ctx)
+        with ctx.control:  # every restart from here on is drained, capped and counted (tuner.live.drain)
+            start_deployed(ctx.control, ctx.space.baseline(), args.baseline_vars)
+            return run_live(ctx)
 
 
-def start_deployed(connection: Connection, baseline: RunConfig, baseline_vars: Path | None) -> None:
+def start_deployed(control: ServerControl, baseline: RunConfig, baseline_vars: Path | None) -> None:
     """Run the deployed configuration, the one every trial is judged against. When it cannot start there is
     nothing to compare with: a usage error naming where the configuration came from, not a traceback."""
     try:
-        connection.control.start(baseline)
+        control.start(baseline)
     except TrialStartFailed as exc:
         source = str(baseline_vars) if baseline_vars else "the host's deployed settings (its host_vars)"
         raise UserError(f"the deployed configuration ({' '.join(baseline.server_args())}) does not start, so there "
