@@ -9,9 +9,12 @@ is emulated.
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +22,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import optuna
 import pytest
-from labkit import BIN, REPO, TUNED, Lab
-from study_support import study_trials
+from labkit import API_KEY, BIN, REPO, TUNED, Lab
 
 from tuner.cli import build_parser
 from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
@@ -168,20 +171,69 @@ LAB_WORKLOAD = ["--concurrency", "1", "--requests", "2", "--prompt-scale", "0.05
                 "--latency-guard", "50"]
 
 
-def test_a_short_live_search_on_two_nodes_reads_every_trials_placement_back(served: Lab, tmp_path: Path) -> None:
-    """Issue 13's proof on a real 2-node kernel: a short `tune --live` over SSH searches NUMA mode, memory policy
-    and CPU placement inside the inference CPUs, and every measured trial records what the server's /proc said:
-    its CPU mask, its memory policy and the nodes of the model's pages. Timings under emulation mean nothing;
-    placement does. (Runs before the module's `remote` fixture takes the host's lock.)"""
-    home = tmp_path / "home"
-    done = subprocess.run(
-        [str(BIN / "llamahost"), "tune", "--live", "--inventory", str(served.inventory / "hosts.yml"),
-         "--host", served.state.alias, "--deadman", f"{DEADMAN_S}s", "--budget", "6m", "--candidates", "1",
-         "--study", "numa-lab", "--json", *LAB_WORKLOAD],
-        env={**os.environ, "LLAMAHOST_HOME": str(home), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
-        capture_output=True, text=True, timeout=1500, cwd=REPO, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    every = study_trials(home, "numa-lab")
+TUNE_RUN_STATE = "systemctl show -p ActiveState --value llamahost-tune"
+
+
+def tune_playbook(lab: Lab, inventory: Path, wheelhouse: Path) -> list[str]:
+    """playbooks/tune.yml for the lab: a short run, no rollout (the later tests need the host as converged)."""
+    extra = {"tune_budget": "6m", "tune_concurrency": 1, "tune_wait_poll_s": 5, "tune_rollout": False,
+             "llamahost_tuner_wheelhouse": str(wheelhouse),
+             "tune_extra_args": ["--deadman", f"{DEADMAN_S}s", "--candidates", "1",
+                                 *[arg for arg in LAB_WORKLOAD if arg not in ("--concurrency", "1")]]}
+    return [str(BIN / "ansible-playbook"), "-i", str(inventory / "hosts.yml"), str(REPO / "playbooks" / "tune.yml"),
+            "-e", json.dumps(extra)]
+
+
+def test_tune_yml_tunes_on_the_host_survives_a_killed_controller_and_reads_every_trials_placement_back(
+        served: Lab, tmp_path: Path) -> None:
+    """playbooks/tune.yml for real on a 2-node kernel, over Ansible's own connection only: the llamahost_tuner role
+    installs llamahost from a wheelhouse built here, the tuner runs on the host as the transient unit llamahost-tune,
+    and the controller's ansible-playbook is killed while it waits. The run goes on on the host; a second
+    ansible-playbook re-attaches (the install changes nothing the second time), collects the result and shows the
+    verdict. Then every measured trial's placement, read back from the host's /proc by the tuner there, is checked
+    from the study the host kept: CPU mask, memory policy, the nodes of the model's pages. Timings under emulation
+    mean nothing; placement does. (Runs before the module's `remote` fixture takes the host's lock.)"""
+    wheelhouse = tmp_path / "wheelhouse"
+    built = subprocess.run([str(BIN / "llamahost"), "wheelhouse", str(wheelhouse)], capture_output=True, text=True,
+                           timeout=900, check=False)
+    assert built.returncode == 0, built.stderr[-2000:]
+    inventory = tmp_path / "inventory"
+    shutil.copytree(served.inventory, inventory, symlinks=True)  # a write-back must not reach the lab's inventory
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    first = subprocess.Popen(tune_playbook(served, inventory, wheelhouse), cwd=REPO, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while served.ssh(f"{TUNE_RUN_STATE} || true").strip() != "active":
+            assert first.poll() is None, (first.stdout.read() if first.stdout else "")[-4000:]
+            assert time.monotonic() < deadline, "the tuner never started on the host"
+            time.sleep(5)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the controller goes away mid-run
+        first.wait()
+    time.sleep(10)
+    assert served.ssh(f"{TUNE_RUN_STATE} || true").strip() == "active", "the run on the host outlived the controller"
+    again = subprocess.run(tune_playbook(served, inventory, wheelhouse), cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=1800, check=False)
+    output = again.stdout + again.stderr
+    host_log = served.ssh("sudo sh -c 'tail -n 40 /var/lib/llamahost/tune/*/log; journalctl -u llamahost-tune "
+                          "-n 20 --no-pager'", check=False)
+    assert again.returncode == 0, output[-5000:] + "\n--- on the host ---\n" + host_log
+    blocks = output.split("TASK [")
+    changed_install = [block.split("]", 1)[0] for block in blocks
+                       if block.startswith("llamahost_tuner : ") and "\nchanged:" in block]
+    assert changed_install == [], f"the second install changed {changed_install}"
+    start = next(block for block in blocks if block.startswith("Start the tuner on the host"))
+    assert "\nskipping:" in start and "\nchanged:" not in start, \
+        f"the second run re-attached, it started no other\n{output[-3000:]}\n--- on the host ---\n{host_log}"
+    assert re.search(rf'"msg": "{re.escape(served.state.alias)}: [\w-]+ - ', output), output[-3000:]
+    assert API_KEY not in output
+    study = tmp_path / "studies.db"
+    study.write_bytes(base64.b64decode(served.ssh("sudo base64 -w0 /var/lib/llamahost/tune/studies.db")))
+    names = optuna.get_all_study_names(f"sqlite:///{study}")
+    assert len(names) == 1 and names[0].startswith("live-"), names
+    every = optuna.load_study(study_name=names[0], storage=f"sqlite:///{study}").get_trials(deepcopy=False)
     trials = [t for t in every if "outcome" in t.user_attrs]
     assert len(trials) >= 2, [(t.state, t.user_attrs.get("failure")) for t in every]
     assert any("numa" in t.params for t in every), "NUMA mode is searched on two nodes"
@@ -201,7 +253,9 @@ def test_a_short_live_search_on_two_nodes_reads_every_trials_placement_back(serv
         resets += bool(applied["page_cache_reset"])
     assert mapped >= 1, "the baseline (mmap+mlock) maps the model, and its pages were read back"
     assert resets >= 1, "some trial changed the placement, and the model's pages were put back for it"
-    assert server_state(served)["dropin"] == "absent", "the run ends on the baseline"
+    state = server_state(served)
+    assert state["dropin"] == "absent" and runs(state, TUNED), "the run ends on the baseline (no rollout asked)"
+    assert served.ssh(f"{TUNE_RUN_STATE} || true").strip() != "active"
 
 
 @pytest.fixture(scope="module")

@@ -245,7 +245,7 @@ def test_a_deployed_configuration_that_does_not_start_is_a_clear_error_and_chang
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    (["--local", "--inventory", "inv.yml", "--host", "h1"], "either --local or --inventory"),
+    (["--local", "--inventory", "inv.yml", "--host", "h1"], "needs one of --local, --inventory"),
     (["--local", "--objective", "tg"], "--objective tg is a benchmark objective"),
     (["--local", "--verify-windows", "2"], "--verify-windows must be at least 3"),
     (["--local", "--max-server-memory", "1.5"], "--max-server-memory is a fraction"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from fnmatch import fnmatchcase
@@ -19,6 +20,8 @@ from tuner.cli import main
 from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.inventory import read_host_variables
+from tuner.live.control import TargetOptions
+from tuner.live.host_shell import LocalShell
 from tuner.live.remote_probe import PROBE_COLLECTOR, PROBE_GLOBS, probe_from_files
 from tuner.live.ssh import host_facts
 from tuner.live.systemd import serving_cores
@@ -34,6 +37,7 @@ from tuner.live.unit import (
     server_command,
     split_exec_words,
 )
+from tuner.live.unit_connection import OnHostConnection
 from tuner.model_pages import policy_nodes
 from tuner.probe import read_host
 from tuner.probe.files import RecordingHostFiles
@@ -229,15 +233,63 @@ def run_tune_playbook(inventory: Path, *extra: str) -> subprocess.CompletedProce
                           text=True, timeout=300, check=False)
 
 
-def test_the_tune_playbook_needs_a_budget_and_stops_at_the_first_failed_host(tmp_path: Path) -> None:
+def test_the_tune_playbook_needs_a_budget_and_tries_every_host_when_some_cannot_be_reached(tmp_path: Path) -> None:
     inventory = tmp_path / "hosts.yml"
     unreachable = {"ansible_host": "127.0.0.1", "ansible_port": 9, "ansible_user": "root"}
     inventory.write_text(yaml.safe_dump({"llama_hosts": {"hosts": {"h1": unreachable, "h2": unreachable}}}))
     missing = run_tune_playbook(inventory)
     assert missing.returncode != 0 and "-e tune_budget=8h" in missing.stdout
-    failed = run_tune_playbook(inventory, "-e", "tune_budget=1h",
-                               "-e", f"tune_llamahost_command={Path(sys.executable).parent / 'llamahost'}")
-    assert failed.returncode != 0
-    assert "cannot connect to h1" in failed.stdout  # the tuner's own message, from the controller
-    assert "from_json" not in failed.stdout  # the failure is reported as itself
-    assert "h2" not in failed.stdout  # serial 1 + any_errors_fatal: the rollout stopped before h2
+    unreadable = run_tune_playbook(inventory, "-e", "tune_budget=overnight")
+    assert unreadable.returncode != 0 and "got overnight" in unreadable.stdout
+    lost = run_tune_playbook(inventory, "-e", "tune_budget=1h", "-e", "tune_install=false")
+    assert lost.returncode != 0
+    assert "fatal: [h1]: UNREACHABLE" in lost.stdout and "fatal: [h2]: UNREACHABLE" in lost.stdout, \
+        "all hosts tune at once: one lost host does not stop the others"
+    assert not (tmp_path / "host_vars").exists(), "nothing is written for a host without a result"
+
+
+# What the playbook may use: modules that act through Ansible's connection, and on the controller only llamahost's
+# write-back and rollout (which run ansible-playbook, so the same connection).
+CONNECTION_MODULES = {"ansible.builtin.assert", "ansible.builtin.include_role", "ansible.builtin.file",
+                      "ansible.builtin.copy", "ansible.builtin.shell", "ansible.builtin.command",
+                      "ansible.builtin.set_fact", "ansible.builtin.debug", "ansible.builtin.stat",
+                      "ansible.builtin.find"}
+
+
+def playbook_tasks(path: Path) -> list[dict[str, Any]]:
+    return [task for play in yaml.safe_load(path.read_text()) for task in play.get("tasks", [])]
+
+
+def test_the_tune_playbook_reaches_the_hosts_only_through_ansibles_own_connection() -> None:
+    """No ssh, no port forward, no --inventory/--host run from the controller: the tuner runs on the host
+    (`--unit`), started and read through the connection Ansible has (SSH, SSM or local alike)."""
+    tasks = [*playbook_tasks(REPO / "playbooks" / "tune.yml"),
+             *yaml.safe_load((REPO / "roles" / "llamahost_tuner" / "tasks" / "main.yml").read_text())]
+    used = {key for task in tasks for key in task if key.startswith("ansible.")}
+    assert used <= CONNECTION_MODULES, used - CONNECTION_MODULES
+    text = (REPO / "playbooks" / "tune.yml").read_text()
+    assert "ssh" not in text.replace("SSH, amazon.aws.aws_ssm", "") and "forward" not in text
+    on_host = next(task for task in tasks if task["name"].startswith("Start the tuner on the host"))
+    argv = str(on_host["ansible.builtin.command"]["argv"])
+    assert "'--unit'" in argv and "'--inventory'" not in argv and "'--host'" not in argv
+    assert "delegate_to" not in on_host
+    delegated = [str(task.get("ansible.builtin.command", {}).get("argv")) for task in tasks
+                 if task.get("delegate_to") == "localhost" and "ansible.builtin.command" in task]
+    assert len(delegated) == 2 and "write-back" in delegated[0] and "'rollout'" in delegated[1], delegated
+
+
+def test_on_the_host_the_unit_is_driven_through_a_local_shell_and_its_own_address(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tripwire = tmp_path / "bin" / "ssh"
+    tripwire.parent.mkdir()
+    tripwire.write_text("#!/bin/sh\necho ssh was called >&2\nexit 99\n")
+    tripwire.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tripwire.parent}:{os.environ['PATH']}")
+    role_vars = tmp_path / "role-vars.yml"
+    role_vars.write_text("llama_server_health_timeout: 30\nllama_server_service_name: other\n")
+    connection = OnHostConnection(TargetOptions(unit="big.service", baseline_vars=role_vars))
+    shell = connection.control.shell
+    assert isinstance(shell, LocalShell)
+    assert (connection.control.service, connection.control.settings.health_timeout_s) == ("big", 30)
+    assert shell.reach("127.0.0.1", 8080) == ("127.0.0.1", 8080), "no port forward: the server's own address"
+    assert shell.run("echo ran here", root=False).stdout.strip() == "ran here"
