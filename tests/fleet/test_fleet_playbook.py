@@ -84,7 +84,8 @@ def playbook_invocation(inventory: Path, store: Store, home: Path, *extra: str) 
     its environment."""
     config = home / "ansible.cfg"  # the repository's adds a profiling callback that writes to stdout too
     config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text("[defaults]\nstdout_callback = ansible.posix.json\nretry_files_enabled = false\n")
+    config.write_text("[defaults]\nstdout_callback = ansible.posix.json\nretry_files_enabled = false\n"
+                      f"roles_path = {REPO / 'roles'}\n")
     env = {**os.environ, "LLAMAHOST_HOME": str(home), "ANSIBLE_CONFIG": str(config),
            "ANSIBLE_LOCAL_TEMP": str(home / "ansible-tmp"), "ANSIBLE_ASYNC_DIR": str(home / "ansible-async")}
     env.pop("LLAMAHOST_STORAGE", None)
@@ -207,6 +208,40 @@ def test_on_a_partitioned_host_every_step_runs_in_the_servers_slice(
         refusals = task_results(report, "Refuse a host that cannot run llamahost")
         assert all("--slice llama-server-70b.slice needs systemd" in outcome["msg"] for outcome in refusals.values())
     assert store.studies() == {}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the llamahost_tuner role installs as root (owner: root)")
+def test_with_a_wheelhouse_every_step_on_the_host_runs_the_llamahost_the_role_installed(
+        store: Store, model_path: Path, tmp_path: Path) -> None:
+    """Given the controller's wheelhouse, tune_fleet.yml installs llamahost with the llamahost_tuner role before
+    anything else (as tune.yml does), and the fingerprint, the worker and the proof all run that install: the
+    default command follows the role's prefix, and no tune_llamahost_command is set. One host: two inventory
+    names for this machine would install into one prefix at once."""
+    wheels = tmp_path / "wheelhouse"
+    built = subprocess.run([llamahost_bin(), "wheelhouse", str(wheels)], capture_output=True, text=True,
+                           timeout=900, check=False)
+    assert built.returncode == 0, built.stderr[-2000:]
+    root = tmp_path / "host"
+    (root / "bin").mkdir(parents=True)
+    inventory = write_inventory(tmp_path / "inventory", {HOSTS[0]: model_path})
+    hosts = yaml.safe_load(inventory.read_text())
+    host = hosts["all"]["children"]["llama_hosts"]["children"][GROUP]["hosts"][HOSTS[0]]
+    del host["tune_llamahost_command"]
+    host.update({"llamahost_tuner_wheelhouse": str(wheels), "llamahost_tuner_prefix": str(root / "opt"),
+                 "llamahost_tuner_stage_dir": str(root / "stage"),
+                 "llamahost_tuner_command_link": str(root / "bin" / "llamahost"),
+                 "ansible_become_method": "ansible.builtin.su"})  # root already; this machine has no sudo
+    inventory.write_text(yaml.safe_dump(hosts))
+
+    done, report = run_playbook(inventory, store, tmp_path / "home")
+    assert done.returncode == 0, (done.stdout[-4000:], done.stderr[-2000:])
+    assert report is not None
+    installed = str(root / "opt" / "current" / "bin" / "llamahost")
+    for step in ("Compute each host's hardware group", "Wait for every worker", "Prove the group's winner"):
+        assert task_results(report, step)[HOSTS[0]]["cmd"][0] == installed, step
+    assert Path(installed).resolve().is_relative_to(root / "opt" / "releases")
+    trials = next(iter(store.studies().values()))
+    assert len(trials) == TRIALS_EACH, "the installed worker searched"
 
 
 def test_missing_settings_are_refused_with_what_to_pass(store: Store, model_path: Path, tmp_path: Path) -> None:

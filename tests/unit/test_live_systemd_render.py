@@ -225,8 +225,10 @@ def test_the_remote_probe_sees_what_a_local_probe_sees() -> None:
     assert remote.fingerprint() == local.fingerprint()
 
 
-def run_tune_playbook(inventory: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+def run_tune_playbook(inventory: Path, *extra: str, first_on_path: Path | None = None
+                      ) -> subprocess.CompletedProcess[str]:
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    env = {"PATH": f"{first_on_path}:{path}" if first_on_path else path, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
            "ANSIBLE_NOCOLOR": "1", "HOME": str(inventory.parent)}
     return subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(inventory),
                            str(REPO / "playbooks" / "tune.yml"), *extra], cwd=REPO, env=env, capture_output=True,
@@ -246,6 +248,57 @@ def test_the_tune_playbook_needs_a_budget_and_tries_every_host_when_some_cannot_
     assert "fatal: [h1]: UNREACHABLE" in lost.stdout and "fatal: [h2]: UNREACHABLE" in lost.stdout, \
         "all hosts tune at once: one lost host does not stop the others"
     assert not (tmp_path / "host_vars").exists(), "nothing is written for a host without a result"
+
+
+# systemd's commands as tune.yml calls them, for a machine without systemd as PID 1: no unit is running, and
+# systemd-run records the command it was asked to start (one word per line) instead of starting it.
+FAKE_SYSTEMD = """#!/bin/sh
+case "$(basename "$0")" in
+  systemd-run) printf '%s\\n' "$@" > "{log}/started-$(date +%s%N)"; exit 0 ;;
+  systemctl) [ "$1" = is-active ] && { [ "$2" = -q ] || echo inactive; exit 3; }; exit 0 ;;
+esac
+exit 0
+"""
+
+
+def started_commands(tmp_path: Path, **settings: Any) -> list[list[str]]:
+    """The argv of every tuner tune.yml started on a local host with ``settings`` as extra vars (its own tune
+    home under ``tmp_path``; nothing started really runs, so each run ends as FAILED without a result)."""
+    fakes, log = tmp_path / "fake-bin", tmp_path / "started"
+    if not fakes.exists():
+        fakes.mkdir()
+        log.mkdir()
+        (fakes / "systemd").write_text(FAKE_SYSTEMD.replace("{log}", str(log)))
+        (fakes / "systemd").chmod(0o755)
+        for name in ("systemd-run", "systemctl", "journalctl"):
+            (fakes / name).symlink_to(fakes / "systemd")
+        local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False}
+        (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"llama_hosts": {"hosts": {"h1": local}}}))
+    extra = {"tune_budget": "1h", "tune_install": False, "tune_rollout": False, "tune_wait_poll_s": 1,
+             "tune_home": str(tmp_path / "tune"), **settings}
+    done = run_tune_playbook(tmp_path / "hosts.yml", "-e", json.dumps(extra), first_on_path=fakes)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "h1: FAILED" in done.stdout, "nothing ran, so there is no result"
+    return [path.read_text().splitlines() for path in sorted(log.iterdir())]
+
+
+def flag_values(argv: list[str], *flags: str) -> dict[str, str]:
+    return {flag: argv[argv.index(flag) + 1] for flag in flags if flag in argv}
+
+
+def test_drain_undrain_and_the_restart_cap_reach_the_tuner_on_the_host_and_make_another_run(tmp_path: Path) -> None:
+    hooks = {"tune_drain": "curl -fsS -X POST http://lb.internal/drain/h1", "tune_undrain": "https://lb.internal/up/h1",
+             "tune_hook_timeout": "20s", "tune_max_restarts_per_hour": 6}
+    flags = ("--drain", "--undrain", "--hook-timeout", "--max-restarts-per-hour")
+    plain, = started_commands(tmp_path)
+    assert flag_values(plain, *flags) == {}
+    first, hooked = started_commands(tmp_path, **hooks)
+    assert first == plain
+    tuner = hooked[hooked.index("--") + 1:]
+    assert tuner[1:4] == ["tune", "--live", "--unit"], "the hooks run with the tuner, on the host"
+    assert flag_values(tuner, *flags) == {"--drain": hooks["tune_drain"], "--undrain": hooks["tune_undrain"],
+                                          "--hook-timeout": "20s", "--max-restarts-per-hour": "6"}
+    assert flag_values(tuner, "--study") != flag_values(plain, "--study"), "other hooks make another run"
 
 
 # What the playbook may use: modules that act through Ansible's connection, and on the controller only llamahost's
