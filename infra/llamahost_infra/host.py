@@ -110,7 +110,10 @@ class CpuInferenceHost(pulumi.ComponentResource):
             vpc_id=args.vpc_id,
             description="Members may call llama-server on the llamahost hosts",
             ingress=[],
-            egress=[],
+            # No inline egress, not even an empty list: its one egress rule is a separate resource (below), and
+            # an inline list would claim every egress rule of the group, so a `pulumi refresh` would see that
+            # rule as drift and the next `pulumi up` would delete it. The provider still removes AWS's default
+            # allow-all egress when it creates the group.
             tags={**tags, "Name": f"{self._name}-clients"},
             opts=self._child,
         )
