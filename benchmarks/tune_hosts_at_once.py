@@ -49,15 +49,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "lab"))  # the lab's wanted host and its playbook runner
 
-from labkit import GROUP_VARS, TUNED, Lab, converged_disk_key, converged_disks_dir, converged_record  # noqa: E402
+from labkit import Lab, converged_disks_dir, converged_record, wanted_lab_vars  # noqa: E402
 
 from tuner.atomic import write_atomic  # noqa: E402
 from tuner.lab.image import lab_cache_dir  # noqa: E402
 from tuner.lab.instance import LabInstance  # noqa: E402
 from tuner.lab.spec import ImageRecipe, MachineSpec  # noqa: E402
-from tuner.model.checksum import cached_sha256  # noqa: E402
 from tuner.model.default_model import default_model_path, models_dir  # noqa: E402
-from tuner.model.gguf_file import inspect_model  # noqa: E402
 from tuner.model.tiny import tiny_model  # noqa: E402
 from tuner.server.build import ensure_server  # noqa: E402
 
@@ -78,16 +76,11 @@ def lab_vars(disk: Path | None) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """The lab's group_vars and host_vars (as tests/lab/conftest.py makes them) and the converged disk they key
     (or ``disk``: one saved for other playbooks, when only playbooks that site.yml does not run changed)."""
     split = tiny_model(models_dir() / "tiny", source=default_model_path(), shards=2)
-    binary = ensure_server("portable").binary
-    group_vars = {**GROUP_VARS, "llama_server_model_src": str(split),
-                  "llama_server_model_sha256": [cached_sha256(shard) for shard in inspect_model(split).files],
-                  "llama_server_binary_src": str(binary)}
-    host_vars = TUNED.role_vars()
+    group_vars, host_vars, key = wanted_lab_vars(split, ensure_server("portable").binary)
     if disk is not None:
         if not disk.is_file():
             sys.exit(f"no lab disk at {disk}: name one in {converged_disks_dir()}, or leave --disk out")
         return group_vars, host_vars, disk
-    key = converged_disk_key(group_vars, host_vars, binary_sha256=cached_sha256(binary))
     if converged_record(key) is None:
         sys.exit(f"no converged lab disk for the current roles ({key}) in {converged_disks_dir()}: run "
                  "`pytest tests/lab/test_roles_on_lab.py` once to converge and save it, then run this again")

@@ -25,13 +25,11 @@ from typing import Any
 
 import pytest
 import yaml
-from labkit import GROUP_VARS, TUNED, Lab, converged_disk_key, converged_disks_dir, converged_record
+from labkit import Lab, converged_disks_dir, converged_record, wanted_lab_vars
 
 from tuner.lab.image import lab_cache_dir
 from tuner.lab.instance import LabInstance, LabState
 from tuner.lab.spec import ImageRecipe, MachineSpec
-from tuner.model.checksum import cached_sha256
-from tuner.model.gguf_file import inspect_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,16 +40,8 @@ def shared_lab_cache() -> None:
 
 @pytest.fixture(scope="session")
 def lab_vars(tiny_split_model_path: Path, llama_server_binary: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """group_vars and host_vars like a user's (host_vars as written from a RunConfig), and the key of the disk
-    that converging them leaves. The lab serves the tiny model split in two, as big models are published: one
-    sha256 per shard."""
-    shards = inspect_model(tiny_split_model_path).files
-    group_vars = {**GROUP_VARS, "llama_server_model_src": str(tiny_split_model_path),
-                  "llama_server_model_sha256": [cached_sha256(shard) for shard in shards],
-                  "llama_server_binary_src": str(llama_server_binary)}
-    host_vars = TUNED.role_vars()
-    return group_vars, host_vars, converged_disk_key(group_vars, host_vars,
-                                                     binary_sha256=cached_sha256(llama_server_binary))
+    """The lab's wanted variables and the key of their converged disk (labkit.wanted_lab_vars)."""
+    return wanted_lab_vars(tiny_split_model_path, llama_server_binary)
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,8 @@ from tuner.lab.image import lab_cache_dir
 from tuner.lab.instance import LabInstance, LabState
 from tuner.lab.recipe import image_key
 from tuner.lab.spec import ImageRecipe, MachineSpec, content_key
+from tuner.model.checksum import cached_sha256
+from tuner.model.gguf_file import inspect_model
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -98,6 +100,17 @@ def converged_disk_key(group_vars: dict[str, Any], host_vars: dict[str, Any], *,
                            .replace(str(REPO), "<checkout>"))
     return content_key(digests, variables, binary_sha256, version("ansible-core"), image_key(ImageRecipe()),
                        asdict(MachineSpec()))
+
+
+def wanted_lab_vars(split_model: Path, binary: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """group_vars and host_vars like a user's (host_vars as written from a RunConfig), and the key of the disk
+    that converging them leaves. The lab serves ``split_model`` (the tiny model split in two, as big models are
+    published: one sha256 per shard) with ``binary``."""
+    group_vars = {**GROUP_VARS, "llama_server_model_src": str(split_model),
+                  "llama_server_model_sha256": [cached_sha256(shard) for shard in inspect_model(split_model).files],
+                  "llama_server_binary_src": str(binary)}
+    host_vars = TUNED.role_vars()
+    return group_vars, host_vars, converged_disk_key(group_vars, host_vars, binary_sha256=cached_sha256(binary))
 
 
 def converged_record(key: str) -> tuple[PlaybookRun, PlaybookRun] | None:
