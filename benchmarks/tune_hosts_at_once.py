@@ -49,7 +49,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "lab"))  # the lab's wanted host and its playbook runner
 
-from labkit import Lab, converged_disks_dir, converged_record, wanted_lab_vars  # noqa: E402
+from labkit import SHORT_TUNE_VARS, Lab, converged_disks_dir, converged_record, wanted_lab_vars  # noqa: E402
 
 from tuner.atomic import write_atomic  # noqa: E402
 from tuner.lab.image import lab_cache_dir  # noqa: E402
@@ -60,9 +60,6 @@ from tuner.model.tiny import tiny_model  # noqa: E402
 from tuner.server.build import ensure_server  # noqa: E402
 
 HOSTS = ("bench-a", "bench-b")
-# The lab test's short live search (tests/lab/test_live_systemd.py): one request in flight, tiny prompts.
-TUNE_EXTRA_ARGS = ["--deadman", "45s", "--candidates", "1", "--requests", "2", "--prompt-scale", "0.05",
-                   "--verify-windows", "3", "--latency-guard", "50"]
 INSTALL_PLAYBOOK = """\
 - name: Install llamahost from the controller's wheelhouse
   hosts: llama_hosts
@@ -106,10 +103,12 @@ def boot(names: tuple[str, ...], disk: Path, inventory: Path, group_vars: dict[s
 
 
 def reset(labs: list[Lab]) -> None:
-    """No run on any host: the next tune.yml starts a new one (with its full budget)."""
+    """No run on any host: the next tune.yml starts a new one (with its full budget), with the lab's short
+    workload."""
     for lab in labs:
         lab.ssh("sudo sh -c 'systemctl stop llamahost-tune 2>/dev/null; systemctl reset-failed llamahost-tune "
                 "2>/dev/null; rm -rf /var/lib/llamahost/tune'")
+        lab.put_short_workload()
 
 
 def host_results(labs: list[Lab]) -> dict[str, Any]:
@@ -135,8 +134,9 @@ def tune(labs: list[Lab], on: list[Lab], budget: str, wheelhouse: Path) -> dict[
     way a user would, by running the playbook again: the wall time then counts both runs."""
     reset(labs)
     limit = ",".join(lab.state.alias for lab in on)
-    extra = {"tune_budget": budget, "tune_concurrency": 1, "tune_wait_poll_s": 5, "tune_rollout": False,
-             "tune_install": False, "llamahost_tuner_wheelhouse": str(wheelhouse), "tune_extra_args": TUNE_EXTRA_ARGS}
+    extra = {**SHORT_TUNE_VARS, "tune_budget": budget, "tune_install": False,
+             "llamahost_tuner_wheelhouse": str(wheelhouse),
+             "tune_extra_args": ["--deadman", "45s", *SHORT_TUNE_VARS["tune_extra_args"]]}
     seconds, resumed, crashed = 0.0, 0, {}
     for attempt in (1, 2):
         print(f"tune.yml on {limit} for {budget}" + (" (again: resume)" if attempt > 1 else "") + " ...", flush=True)

@@ -49,10 +49,13 @@ def plan_verification(budget_seconds: float, run_cost: float, candidates: int, *
 
 
 def verification_run_cost(outcome: dict[str, Any], verify_samples: int) -> float:
-    """Seconds one verification run will take, from a finished trial's time accounting."""
+    """Seconds one verification run will take, from a finished trial's time accounting. A run ends as the trial
+    did, with what the trial spent on the metric its objective does not optimise (``info_seconds``: two runs of
+    it in a benchmark trial, nothing in a live one, whose windows measure every metric at once); an outcome
+    recorded without it is taken to have spent two samples' time."""
     n = max(1, len(outcome["values"]))
     per_sample = float(outcome["measure_seconds"]) / n
-    info = 2 * per_sample
+    info = float(outcome.get("info_seconds", 2 * per_sample))
     fixed = float(outcome["load_seconds"]) + float(outcome["warmup_seconds"])
     return SPAWN_OVERHEAD_S + fixed + verify_samples * per_sample + info
 

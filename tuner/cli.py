@@ -37,9 +37,13 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # "@FILE" stands for the arguments in FILE, one per line: playbooks/tune.yml starts the tuner on a host that
+    # way, so a hook's URL token is in no process list and systemd never expands a hook's "$" in a unit's command.
     parser = argparse.ArgumentParser(
         prog="llamahost",
-        description="Provision, prepare and tune CPU hosts for llama.cpp.",
+        description="Provision, prepare and tune CPU hosts for llama.cpp. `llamahost @FILE` reads the arguments "
+                    "from FILE, one per line.",
+        fromfile_prefix_chars="@",
     )
     parser.add_argument("--version", action="version", version=f"llamahost {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

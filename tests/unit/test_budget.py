@@ -14,7 +14,9 @@ from tuner.budget import (
     plan_budget,
     smallest_provable_effect,
     suggested_budget,
+    verification_run_cost,
 )
+from tuner.search import SPAWN_OVERHEAD_S
 from tuner.stats import compare_paired
 from tuner.verify import MIN_ROUNDS
 
@@ -84,3 +86,15 @@ def test_noisier_samples_and_fewer_rounds_need_a_bigger_effect() -> None:
     assert calm is not None and noisy is not None and short is not None
     assert 0 < calm < noisy < short
     assert detectable_effect([100.0], samples_per_run=5, rounds=5, level=0.05) is None
+
+
+def test_a_proof_run_costs_what_its_trial_spent_on_the_other_metric_and_a_live_one_nothing() -> None:
+    """A live window measures every metric at once (info_seconds 0); a benchmark trial spent two runs of the
+    metric it does not optimise. Before, every run was charged two samples more, which on an emulated lab host
+    made the proof of a live run look 40% dearer and refused its budget."""
+    trial = {"values": [10.0, 11.0, 10.5], "measure_seconds": 30.0, "load_seconds": 4.0, "warmup_seconds": 6.0}
+    live = verification_run_cost({**trial, "info_seconds": 0.0}, verify_samples=3)
+    benchmark = verification_run_cost({**trial, "info_seconds": 7.5}, verify_samples=3)
+    assert live == pytest.approx(SPAWN_OVERHEAD_S + 4 + 6 + 3 * 10)
+    assert benchmark == pytest.approx(live + 7.5)
+    assert verification_run_cost(trial, verify_samples=3) == pytest.approx(live + 2 * 10), "older outcomes"

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tuner.cli import main
+from tuner.cli import build_parser, main
 from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.inventory import read_host_variables
@@ -286,19 +286,44 @@ def flag_values(argv: list[str], *flags: str) -> dict[str, str]:
     return {flag: argv[argv.index(flag) + 1] for flag in flags if flag in argv}
 
 
+def tuner_arguments(started: list[str]) -> list[str]:
+    """What the tuner systemd-run started reads: its arguments file (``@FILE``), as the tuner's own parser
+    expands it; the file holds the run's settings, so it may be read by root alone."""
+    at_file = Path(started[started.index("--") + 2].removeprefix("@"))
+    assert started[started.index("--") + 2:] == [f"@{at_file}"], "systemd sees nothing but the file's name"
+    assert at_file.stat().st_mode & 0o777 == 0o600
+    return [started[started.index("--") + 1], *at_file.read_text().splitlines()]
+
+
 def test_drain_undrain_and_the_restart_cap_reach_the_tuner_on_the_host_and_make_another_run(tmp_path: Path) -> None:
-    hooks = {"tune_drain": "curl -fsS -X POST http://lb.internal/drain/h1", "tune_undrain": "https://lb.internal/up/h1",
-             "tune_hook_timeout": "20s", "tune_max_restarts_per_hour": 6}
+    """The hooks reach the tuner as written, through its arguments file: not on a command line (a hook URL's
+    token would be in every process list and in the unit) and never seen by systemd, which would expand a hook's
+    own ${LLAMAHOST_HOOK} when it starts the tuner instead of leaving it to the hook's shell."""
+    hooks = {"tune_drain": 'curl -fsS -X POST "http://lb.internal/${LLAMAHOST_HOOK}/h1?pid=$$" -H \'X: a\\b\'',
+             "tune_undrain": "https://lb.internal/up/h1?token=s3cret", "tune_hook_timeout": "20s",
+             "tune_max_restarts_per_hour": 6}
     flags = ("--drain", "--undrain", "--hook-timeout", "--max-restarts-per-hour")
     plain, = started_commands(tmp_path)
-    assert flag_values(plain, *flags) == {}
+    assert flag_values(tuner_arguments(plain), *flags) == {}
     first, hooked = started_commands(tmp_path, **hooks)
     assert first == plain
-    tuner = hooked[hooked.index("--") + 1:]
+    assert not any("lb.internal" in arg for arg in hooked)
+    tuner = tuner_arguments(hooked)
     assert tuner[1:4] == ["tune", "--live", "--unit"], "the hooks run with the tuner, on the host"
     assert flag_values(tuner, *flags) == {"--drain": hooks["tune_drain"], "--undrain": hooks["tune_undrain"],
                                           "--hook-timeout": "20s", "--max-restarts-per-hour": "6"}
-    assert flag_values(tuner, "--study") != flag_values(plain, "--study"), "other hooks make another run"
+    parsed = build_parser().parse_args(hooked[hooked.index("--") + 2:])
+    assert (parsed.drain, parsed.undrain) == (hooks["tune_drain"], hooks["tune_undrain"])
+    assert flag_values(tuner, "--study") != flag_values(tuner_arguments(plain), "--study"), \
+        "other hooks make another run"
+
+
+def test_a_hook_on_two_lines_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    (tmp_path / "hosts.yml").write_text(yaml.safe_dump({"llama_hosts": {"hosts": {"h1": {
+        "ansible_connection": "local", "ansible_python_interpreter": sys.executable, "ansible_become": False}}}}))
+    done = run_tune_playbook(tmp_path / "hosts.yml", "-e", json.dumps(
+        {"tune_budget": "1h", "tune_install": False, "tune_drain": "lbctl drain\nlbctl wait"}))
+    assert done.returncode != 0 and "one line each" in done.stdout, done.stdout[-2000:]
 
 
 # What the playbook may use: modules that act through Ansible's connection, and on the controller only llamahost's
@@ -310,7 +335,10 @@ CONNECTION_MODULES = {"ansible.builtin.assert", "ansible.builtin.include_role", 
 
 
 def playbook_tasks(path: Path) -> list[dict[str, Any]]:
-    return [task for play in yaml.safe_load(path.read_text()) for task in play.get("tasks", [])]
+    """Every task of the playbook's plays, a block's own tasks after the block."""
+    def flat(tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [each for task in tasks for each in (task, *flat(task.get("block", [])))]
+    return [task for play in yaml.safe_load(path.read_text()) for task in flat(play.get("tasks", []))]
 
 
 def test_the_tune_playbook_reaches_the_hosts_only_through_ansibles_own_connection() -> None:
@@ -322,10 +350,11 @@ def test_the_tune_playbook_reaches_the_hosts_only_through_ansibles_own_connectio
     assert used <= CONNECTION_MODULES, used - CONNECTION_MODULES
     text = (REPO / "playbooks" / "tune.yml").read_text()
     assert "ssh" not in text.replace("SSH, amazon.aws.aws_ssm", "") and "forward" not in text
-    on_host = next(task for task in tasks if task["name"].startswith("Start the tuner on the host"))
-    argv = str(on_host["ansible.builtin.command"]["argv"])
+    arguments = next(task for task in tasks if task["name"].startswith("Write the tuner's arguments"))
+    argv = arguments["ansible.builtin.copy"]["content"]
     assert "'--unit'" in argv and "'--inventory'" not in argv and "'--host'" not in argv
-    assert "delegate_to" not in on_host
+    start = next(task for task in tasks if task["name"] == "Start the tuner on the host as a transient unit")
+    assert "delegate_to" not in arguments and "delegate_to" not in start
     delegated = [str(task.get("ansible.builtin.command", {}).get("argv")) for task in tasks
                  if task.get("delegate_to") == "localhost" and "ansible.builtin.command" in task]
     assert len(delegated) == 2 and "write-back" in delegated[0] and "'rollout'" in delegated[1], delegated
