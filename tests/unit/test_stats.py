@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 from scipy import stats as scipy_stats
@@ -27,6 +29,28 @@ from tuner.stats import (
 def test_median_interval_ranks_and_coverage_are_exact(n: int, lo: int, hi: int, coverage: float) -> None:
     expected: tuple[int, int, object] = (lo, hi, pytest.approx(coverage))
     assert median_ci_ranks(n, 0.95) == expected
+
+
+@pytest.mark.parametrize("confidence", [0.9, 0.95, 0.99])
+def test_median_interval_ranks_agree_with_scipys_binomial_for_every_sample_count(confidence: float) -> None:
+    for n in range(1, 201):
+        binom = scipy_stats.binom(n, 0.5)
+        k = next((k for k in range((n - 1) // 2, 0, -1) if binom.cdf(n - 1 - k) - binom.cdf(k) >= confidence), 0)
+        lo, hi, coverage = median_ci_ranks(n, confidence)
+        assert (lo, hi) == (k, n - 1 - k), n
+        assert coverage == pytest.approx(binom.cdf(n - 1 - k) - binom.cdf(k), abs=1e-12), n
+
+
+def test_sampling_decisions_do_not_import_scipy() -> None:
+    """A trial's first sample asks for a median interval and a stop decision; scipy.stats, imported there, cost
+    that one sample half a minute on an emulated host, and the budget planner took it for every sample's cost."""
+    probe = ("import sys\n"
+             "from tuner.stats import StopRule, sampling_should_stop, summarize\n"
+             "summarize([1.0]); summarize([3.0, 1.0, 2.0, 2.5, 2.2])\n"
+             "sampling_should_stop([1.0, 1.1, 1.05], StopRule(min_samples=3, max_samples=12, target_rel_ci=0.03))\n"
+             "print(sorted(name for name in sys.modules if name.split('.')[0] == 'scipy'))\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "[]"
 
 
 def test_median_interval_covers_the_true_median_at_least_as_often_as_promised() -> None:
