@@ -175,7 +175,7 @@ HOOK = f'echo "$LLAMAHOST_HOOK ${{LLAMAHOST_RESTART_REASON}}" >> {HOOKS_LOG}'
 def tune_playbook(lab: Lab, inventory: Path, wheelhouse: Path) -> list[str]:
     """playbooks/tune.yml for the lab: a short run, no rollout (the later tests need the host as converged).
     12 minutes: the budget planner refuses a run with no time for a candidate and the smallest proof after the
-    baseline, and on a slow runner a measured window stalled for half a minute (seen, not understood)."""
+    baseline; on a slow day here a window of the short workload took 7 s, a trial about a minute."""
     extra = {**SHORT_TUNE_VARS, "tune_budget": "12m", "llamahost_tuner_wheelhouse": str(wheelhouse),
              "tune_drain": HOOK, "tune_undrain": HOOK, "tune_max_restarts_per_hour": 30,
              "tune_extra_args": ["--deadman", f"{DEADMAN_S}s", *SHORT_TUNE_VARS["tune_extra_args"]]}

@@ -428,6 +428,9 @@ def test_bad_restart_arguments_stop_before_anything_runs(fresh_home: Path, capsy
 
 # ---- llamahost tune --live --local with hooks and a cap -------------------------------------------------------
 
+# 150 s: the baseline's own time accounting must leave room for a candidate and the smallest proof (3 rounds of
+# 2 runs); at 90 s a slower day's baseline (12 s, 2.3 s a window) left 77 s for a proof planned at 80 s.
+BUDGET = "150s"
 WORKLOAD = ["--concurrency", "2", "--requests", "4", "--prompt-scale", "0.1", "--verify-windows", "3",
             "--candidates", "1"]
 DEPLOYED = "llama_server_threads: 1\nllama_server_parallel: 1\nllama_server_batch_size: 2\n" \
@@ -443,7 +446,7 @@ def tune_with_hooks(home: Path, model: Path, *extra: str) -> tuple[dict[str, Any
     hook = f'echo "$LLAMAHOST_HOOK $LLAMAHOST_RESTART_REASON $LLAMAHOST_SERVICE" >> {shlex.quote(str(log))}'
     port = free_port()
     command = [sys.executable, "-m", "tuner.cli", "tune", "--live", "--local", "--port", str(port),
-               "--model", str(model), "--budget", "90s", *WORKLOAD, "--baseline-vars", str(deployed),
+               "--model", str(model), "--budget", BUDGET, *WORKLOAD, "--baseline-vars", str(deployed),
                "--drain", hook, "--undrain", hook, *extra, "--json"]
     try:
         done = subprocess.run(command, env={**os.environ, "LLAMAHOST_HOME": str(home)}, capture_output=True,
@@ -490,6 +493,6 @@ def test_the_restart_cap_holds_the_search_back_within_a_short_budget(tmp_path: P
     assert "trial" not in reasons[3:], "a trial restarted beyond the cap (the run is far shorter than an hour)"
     downtime = result["downtime"]
     assert downtime["max_restarts_per_hour"] == 3 and downtime["search_held_back"] is True
-    assert downtime["capped_waits_s"] == 0  # an hour's wait never fits a 90 s budget: nothing was waited for
+    assert downtime["capped_waits_s"] == 0  # an hour's wait never fits the budget: nothing was waited for
     assert "the search ends: the restart cap (3 per hour)" in stderr
     assert result["search"]["trials_run"] <= 2 and downtime["reasons"].get("trial", 0) <= 1
