@@ -49,7 +49,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "lab"))  # the lab's wanted host and its playbook runner
 
-from labkit import SHORT_TUNE_VARS, Lab, converged_disks_dir, converged_record, wanted_lab_vars  # noqa: E402
+from labkit import Lab, converged_disks_dir, converged_record, short_tune_vars, wanted_lab_vars  # noqa: E402
 
 from tuner.atomic import write_atomic  # noqa: E402
 from tuner.lab.image import lab_cache_dir  # noqa: E402
@@ -134,9 +134,8 @@ def tune(labs: list[Lab], on: list[Lab], budget: str, wheelhouse: Path) -> dict[
     way a user would, by running the playbook again: the wall time then counts both runs."""
     reset(labs)
     limit = ",".join(lab.state.alias for lab in on)
-    extra = {**SHORT_TUNE_VARS, "tune_budget": budget, "tune_install": False,
-             "llamahost_tuner_wheelhouse": str(wheelhouse),
-             "tune_extra_args": ["--deadman", "45s", *SHORT_TUNE_VARS["tune_extra_args"]]}
+    extra = {**short_tune_vars(budget, deadman_s=45), "tune_install": False,
+             "llamahost_tuner_wheelhouse": str(wheelhouse)}
     seconds, resumed, crashed = 0.0, 0, {}
     for attempt in (1, 2):
         print(f"tune.yml on {limit} for {budget}" + (" (again: resume)" if attempt > 1 else "") + " ...", flush=True)

@@ -131,9 +131,13 @@ def converged_record(key: str) -> tuple[PlaybookRun, PlaybookRun] | None:
 SHORT_WORKLOAD = "/var/lib/llamahost/lab-workload.jsonl"
 SHORT_REQUESTS = "".join(json.dumps({"prompt": f"Summarise note {n}: memory bandwidth bounds token generation on CPU "
                                                "hosts.", "max_tokens": 8}) + "\n" for n in (1, 2))
-SHORT_TUNE_VARS: dict[str, Any] = {
-    "tune_concurrency": 1, "tune_workload": SHORT_WORKLOAD, "tune_wait_poll_s": 5, "tune_rollout": False,
-    "tune_extra_args": ["--candidates", "1", "--verify-windows", "3", "--latency-guard", "50"]}
+
+
+def short_tune_vars(budget: str, *, deadman_s: int) -> dict[str, Any]:
+    """tune.yml's extra vars for such a run (no rollout: the host stays as converged)."""
+    return {"tune_budget": budget, "tune_concurrency": 1, "tune_workload": SHORT_WORKLOAD, "tune_wait_poll_s": 5,
+            "tune_rollout": False, "tune_extra_args": ["--deadman", f"{deadman_s}s", "--candidates", "1",
+                                                       "--verify-windows", "3", "--latency-guard", "50"]}
 
 
 @dataclass
@@ -173,11 +177,10 @@ class Lab:
         self.from_converged_disk = True
         self.timings["save the converged disk and boot from it"] = round(time.monotonic() - started, 1)
 
-    def put_short_workload(self) -> str:
-        """Write SHORT_REQUESTS to the host; returns the path tune.yml's tune_workload names."""
+    def put_short_workload(self) -> None:
+        """Write SHORT_REQUESTS to the host, where short_tune_vars' tune_workload names it."""
         self.ssh(f"sudo mkdir -p {Path(SHORT_WORKLOAD).parent} && sudo tee {SHORT_WORKLOAD} >/dev/null",
                  stdin=SHORT_REQUESTS)
-        return SHORT_WORKLOAD
 
     def ssh(self, command: str, *, stdin: str | None = None, check: bool = True, timeout: float = 300) -> str:
         cmd = ssh_command(self.instance.access(self.state), [command], connect_timeout=30)

@@ -25,7 +25,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from labkit import API_KEY, BIN, REPO, SHORT_TUNE_VARS, TUNED, Lab
+from labkit import API_KEY, BIN, REPO, TUNED, Lab, short_tune_vars
 
 from tuner.cli import build_parser
 from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
@@ -176,9 +176,8 @@ def tune_playbook(lab: Lab, inventory: Path, wheelhouse: Path) -> list[str]:
     """playbooks/tune.yml for the lab: a short run, no rollout (the later tests need the host as converged).
     12 minutes: the budget planner refuses a run with no time for a candidate and the smallest proof after the
     baseline; on a slow day here a window of the short workload took 7 s, a trial about a minute."""
-    extra = {**SHORT_TUNE_VARS, "tune_budget": "12m", "llamahost_tuner_wheelhouse": str(wheelhouse),
-             "tune_drain": HOOK, "tune_undrain": HOOK, "tune_max_restarts_per_hour": 30,
-             "tune_extra_args": ["--deadman", f"{DEADMAN_S}s", *SHORT_TUNE_VARS["tune_extra_args"]]}
+    extra = {**short_tune_vars("12m", deadman_s=DEADMAN_S), "llamahost_tuner_wheelhouse": str(wheelhouse),
+             "tune_drain": HOOK, "tune_undrain": HOOK, "tune_max_restarts_per_hour": 30}
     return [str(BIN / "ansible-playbook"), "-i", str(inventory / "hosts.yml"), str(REPO / "playbooks" / "tune.yml"),
             "-e", json.dumps(extra)]
 
