@@ -245,6 +245,7 @@ def test_everything_persists_across_a_reboot(lab: Lab, converged: PlaybookRun) -
     assert_host_matches_variables(state)
     assert "nosmt" in state["cmdline"] and "hugepagesz=1G hugepages=0:1,1:1" in state["cmdline"]
     assert state["pdpe1gb"], "the emulated CPU must offer 1 GiB pages (pdpe1gb)"
+    assert "nokaslr" in state["cmdline"], "the lab image keeps its kernel in the low gigabyte (LAB_KERNEL_ARGS)"
     assert {node: pages["1g"] for node, pages in state["nodes"].items()} == {"0": 1, "1": 1}
 
 
