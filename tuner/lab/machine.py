@@ -13,9 +13,8 @@ Decisions, and why:
   overlay is thrown away with the lab (a disk is saved only after a clean guest shutdown).
 * ``max-ram-below-4g=1G``: below 4 GiB QEMU's ``pc`` machine has RAM up to just under 3 GiB (the top
   pages are firmware's), so no gigabyte there is whole RAM and the first holds the kernel and initrd.
-  Mapping only 1 GiB low moves the rest of node 0 above 4 GiB, three whole gigabytes of which the
-  early per-node allocations take the top one; the image turns KASLR off (``LAB_KERNEL_ARGS``) so the
-  kernel stays in the low gigabyte instead of taking another.
+  Mapping only 1 GiB low moves the rest of node 0 above 4 GiB as three whole gigabytes; the image turns
+  KASLR off (``LAB_KERNEL_ARGS``) so the kernel stays in the low gigabyte instead of taking one of them.
 * ``-daemonize`` with a pid file: QEMU's parent exits once the machine runs, so the CLI returns, and a
   guest reboot is a machine reset inside the same QEMU process that goes through GRUB again.
 """
