@@ -155,6 +155,7 @@ class SearchReport:
     lost: int = 0  # measured, but failed as stale or lost by the store during an outage (counted in failed too)
     repeats: int = 0  # proposed again and answered with the earlier measurement (in trials_run and complete)
     interrupted: bool = False
+    trial_limit_reached: bool = False  # ended by --trials, not by the budget
 
 
 def record_outcome(trial: optuna.Trial, outcome: TrialOutcome) -> None:
@@ -316,6 +317,8 @@ class Search:
         try:
             while deadline() - time.monotonic() > min_trial_seconds():
                 if max_trials is not None and self.report.trials_run >= max_trials:
+                    self.report.trial_limit_reached = True
+                    self.progress.event("the search ends: it ran the trials --trials asked for")
                     break
                 self.run_one()
         except KeyboardInterrupt:

@@ -175,9 +175,12 @@ HOOK = f'echo "$LLAMAHOST_HOOK ${{LLAMAHOST_RESTART_REASON}}" >> {HOOKS_LOG}'
 def tune_playbook(lab: Lab, inventory: Path, wheelhouse: Path) -> list[str]:
     """playbooks/tune.yml for the lab: a short run, no rollout (the later tests need the host as converged).
     12 minutes: the budget planner refuses a run with no time for a candidate and the smallest proof after the
-    baseline; on a slow day here a window of the short workload took 7 s, a trial about a minute."""
+    baseline; on a slow day here a window of the short workload took 7 s, a trial about a minute. Three trials
+    after the baseline are enough to see placements change (--trials ends the search there), and the run is
+    minutes shorter than the budget."""
     extra = {**short_tune_vars("12m", deadman_s=DEADMAN_S), "llamahost_tuner_wheelhouse": str(wheelhouse),
              "tune_drain": HOOK, "tune_undrain": HOOK, "tune_max_restarts_per_hour": 30}
+    extra["tune_extra_args"] = [*extra["tune_extra_args"], "--trials", "3"]
     return [str(BIN / "ansible-playbook"), "-i", str(inventory / "hosts.yml"), str(REPO / "playbooks" / "tune.yml"),
             "-e", json.dumps(extra)]
 
@@ -236,6 +239,7 @@ def test_tune_yml_tunes_on_the_host_survives_a_killed_controller_and_reads_every
     every = optuna.load_study(study_name=names[0], storage=f"sqlite:///{study}").get_trials(deepcopy=False)
     trials = [t for t in every if "outcome" in t.user_attrs]
     assert len(trials) >= 2, f"{[(t.state, t.user_attrs.get('failure')) for t in every]}\n{host_log}"
+    assert len(every) == 4, f"the baseline and the three trials --trials asked for: {len(every)}\n{host_log}"
     assert any("numa" in t.params for t in every), "NUMA mode is searched on two nodes"
     resets = mapped = 0
     for trial in trials:

@@ -174,12 +174,15 @@ def test_sigterm_stops_cleanly_and_the_next_run_resumes(tmp_path: Path, model_pa
     assert not any(t.state == optuna.trial.TrialState.RUNNING for t in before)
 
     # Generous budget and one candidate: on a loaded machine the verification reserve must not eat the run.
-    again = llamahost("tune", "--model", str(model_path), "--budget", "3m", "--candidates", "1", "--study",
-                      "resume-me", *FAST, home=home)
+    # --trials 2 ends the search long before the budget: two trials, the kept baseline not measured again.
+    again = llamahost("tune", "--model", str(model_path), "--budget", "3m", "--candidates", "1", "--trials", "2",
+                      "--study", "resume-me", *FAST, "--json", home=home)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed" in again.stderr
+    assert "resumed" in again.stderr and "the search ends: it ran the trials --trials asked for" in again.stderr
+    search = json.loads(again.stdout)["search"]
+    assert search["trials_run"] == 2 and search["trial_limit_reached"], search
     after = study_trials(home, "resume-me")
-    assert len(after) > len(before), again.stderr[-3000:]
+    assert len(after) == len(before) + 2, again.stderr[-3000:]
     assert [t.number for t in after[: len(before)]] == [t.number for t in before]
     baselines = [t for t in after if t.user_attrs.get("role") == "baseline"]
     assert len(baselines) == 1, "resuming must not measure the baseline again"
@@ -246,6 +249,7 @@ def assert_refused(done: subprocess.CompletedProcess[str], fragment: str, home: 
     (["--storage", "redis://localhost"], "unsupported study storage URL"),
     (["--apply"], "--apply only work with --live"),
     (["--baseline-vars", "deployed.yml", "--max-ttft-p95", "2s"], "--baseline-vars, --max-ttft-p95 only work with"),
+    (["--trials", "0"], "--trials must be at least 1, got 0"),
 ])
 def test_bad_arguments(tmp_path: Path, model_path: Path, args: list[str], fragment: str) -> None:
     home = tmp_path / "home"

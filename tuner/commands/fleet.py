@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuner import proof_defaults
+from tuner.commands.options import add_trials_argument, trials_limit
 from tuner.commands.tune import add_proof_arguments, print_outcome
 from tuner.durations import format_duration, parse_duration
 from tuner.errors import UserError
@@ -49,7 +50,7 @@ def register(sub: Any) -> None:
     work = fleet.add_parser("work", help="run search trials for this host's group (search only, no result file)")
     _add_selection(work)
     work.add_argument("--budget", default="30m", help="time this worker searches at most (default 30m)")
-    work.add_argument("--trials", type=int, help="stop after this many trials (default: only the budget limits)")
+    add_trials_argument(work, counted="this worker's (the group's baseline too, if this worker measures it)")
     work.add_argument("--worker-name", help="name recorded on this worker's trials (default: the hostname)")
     work.add_argument("--json", action="store_true", help="print this worker's summary as JSON at the end")
     work.set_defaults(handler=run_work)
@@ -144,12 +145,10 @@ def run_work(args: argparse.Namespace) -> int:
 
     if args.slice:
         enter_slice(args.slice)
-    if args.trials is not None and args.trials < 1:
-        raise UserError("--trials must be at least 1", "pass e.g. --trials 20, or leave it out to search until "
-                                                       "the budget is spent")
+    trials = trials_limit(args)
     with measuring_lock("llamahost fleet work"):
         session = open_group(_request(args, budget=args.budget), create=True)
-        report = run_worker(session, worker_name=args.worker_name, trials=args.trials)
+        report = run_worker(session, worker_name=args.worker_name, trials=trials)
     if args.json:
         print_json(report.to_dict())
     else:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuner import proof_defaults
+from tuner.commands.options import add_trials_argument, trials_limit
 from tuner.durations import parse_duration
 from tuner.errors import UserError
 from tuner.host_lock import measuring_lock
@@ -63,6 +64,8 @@ def register_common(parser: argparse.ArgumentParser, *, live_only: bool) -> None
     add_proof_arguments(parser)
     parser.add_argument("--no-kv-quant", action="store_true", help="keep the KV cache in f16 (do not search q8_0)")
     parser.add_argument("--seed", type=int, help="sampler seed, for reproducible searches")
+    if not live_only:  # `apply` proves what a study holds: it searches nothing
+        add_trials_argument(parser, counted="the baseline not counted")
     parser.add_argument("--json", action="store_true", help="print the result as JSON at the end")
     if not live_only:
         parser.add_argument("--pp-tokens", type=int, default=512, help="prompt length of the workload (512)")
@@ -97,6 +100,7 @@ def request_from_args(args: argparse.Namespace) -> TuneRequest:
         search_kv_cache=not args.no_kv_quant,
         max_measure_seconds=args.max_measure,
         seed=args.seed,
+        trials=trials_limit(args),
         stop=StopRule(),
         server_binary=args.server_binary,
     )

@@ -143,7 +143,7 @@ def run_worker(session: GroupSession, *, worker_name: str | None, trials: int | 
                         on_trial_start=identity.stamp)
         try:
             search.run_until(lambda: deadline, identity.expected_trial_seconds, max_trials=trials)
-            if trials is not None and search.report.trials_run >= trials:
+            if search.report.trial_limit_reached:
                 stopped_by = STOPPED_BY_TRIALS
         except (Interrupted, KeyboardInterrupt):
             search.report.interrupted = True

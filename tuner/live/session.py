@@ -60,6 +60,7 @@ from tuner.tune import (
     announce_numa_blocked,
     measure_baseline,
     plan_after_baseline,
+    search_trials_cap,
     verify_candidates,
 )
 from tuner.verify import Verification
@@ -80,6 +81,7 @@ class LiveRequest:
     alpha: float = ALPHA
     min_effect: float = MIN_EFFECT
     seed: int | None = None
+    trials: int | None = None  # search trials after the baseline at most; None: only the budget limits
     guards: Guards = field(default_factory=Guards)
     settings: LiveSettings = field(default_factory=LiveSettings)
     search_kv_cache: bool = True
@@ -267,7 +269,8 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             if not req.verify_only:
                 search_end, trial_s = deadline - plan.reserve_s, 0.5 * plan.trial_s
                 restarts.deadline = search_end  # a trial's wait for the restart cap never eats the proof's time
-                search.run_until(lambda: search_end, lambda: trial_s + restarts.restart_wait_s())
+                search.run_until(lambda: search_end, lambda: trial_s + restarts.restart_wait_s(),
+                                 max_trials=search_trials_cap(search, req.trials))
                 restarts.deadline = deadline
                 if search_end - time.monotonic() > trial_s and restarts.restart_wait_s() > 0:
                     restarts.search_held_back = True
