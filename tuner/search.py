@@ -313,10 +313,11 @@ class Search:
     def run_until(self, deadline: Callable[[], float], min_trial_seconds: Callable[[], float],
                   *, max_trials: int | None = None) -> SearchReport:
         """Trials until the time left before ``deadline()`` is shorter than a trial is expected to take,
-        or until this search has run ``max_trials`` trials."""
+        or until this call has run ``max_trials`` trials (a baseline measured before the call is not one)."""
+        started_with = self.report.trials_run
         try:
             while deadline() - time.monotonic() > min_trial_seconds():
-                if max_trials is not None and self.report.trials_run >= max_trials:
+                if max_trials is not None and self.report.trials_run - started_with >= max_trials:
                     self.report.trial_limit_reached = True
                     self.progress.event("the search ends: it ran the trials --trials asked for")
                     break

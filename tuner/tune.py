@@ -231,7 +231,7 @@ def run(ctx: TuneContext) -> TuneOutcome:
                                        alpha=req.alpha)
             progress.event(plan.describe())
             search.run_until(lambda: deadline - plan.reserve_s, lambda: 0.5 * plan.trial_s,
-                             max_trials=search_trials_cap(search, req.trials))
+                             max_trials=req.trials)
             progress.update("verifying")
             fail_stale_trials(ctx.study)
             verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
@@ -301,12 +301,6 @@ def write_outcome(ctx: TuneContext, result: dict[str, Any], progress: TuneProgre
     report_path = ctx.result_path.with_suffix(".html")
     write_report(report_path, result, ctx.study)
     progress.event(f"result written to {ctx.result_path}, report to {report_path}")
-
-
-def search_trials_cap(search: Search, trials: int | None) -> int | None:
-    """``--trials`` as :meth:`Search.run_until`'s cap, which counts every trial this run ran: the baseline
-    just measured (a resumed study's baseline is not measured again) is not one of the trials asked for."""
-    return None if trials is None else search.report.trials_run + trials
 
 
 def measure_baseline(search: Search, deadline: float, *, baseline_name: str, fix: str) -> FrozenTrial:

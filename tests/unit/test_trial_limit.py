@@ -1,6 +1,6 @@
 """``--trials``: the search stops after the trials asked for, long before its budget, and the baseline a run
-measures (or finds in a resumed study) is not one of them (tuner.tune.search_trials_cap with
-tuner.search.Search.run_until; the option itself in tuner.commands.options).
+measures (or finds in a resumed study) is not one of them (tuner.search.Search.run_until, which counts
+the trials of its own call; the option itself in tuner.commands.options).
 
 Real Optuna studies and the real Search; the measurer answers at once (tests/unit/test_search_repeats.py)."""
 
@@ -21,7 +21,7 @@ from tuner.progress import TuneProgress
 from tuner.search import Search
 from tuner.space import SearchSpace
 from tuner.study import is_baseline
-from tuner.tune import measure_baseline, search_trials_cap
+from tuner.tune import measure_baseline
 
 FAR = 3600.0
 
@@ -34,7 +34,7 @@ def run_with_cap(study: optuna.Study, trials: int | None, *, seconds: float = FA
         end = time.monotonic() + seconds
         measure_baseline(search, end, baseline_name="defaults", fix="-")
         search.run_until(lambda: end, lambda: 0.0 if seconds == FAR else 1.0,
-                         max_trials=search_trials_cap(search, trials))
+                         max_trials=trials)
     return search, measurer
 
 

@@ -60,7 +60,6 @@ from tuner.tune import (
     announce_numa_blocked,
     measure_baseline,
     plan_after_baseline,
-    search_trials_cap,
     verify_candidates,
 )
 from tuner.verify import Verification
@@ -270,7 +269,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
                 search_end, trial_s = deadline - plan.reserve_s, 0.5 * plan.trial_s
                 restarts.deadline = search_end  # a trial's wait for the restart cap never eats the proof's time
                 search.run_until(lambda: search_end, lambda: trial_s + restarts.restart_wait_s(),
-                                 max_trials=search_trials_cap(search, req.trials))
+                                 max_trials=req.trials)
                 restarts.deadline = deadline
                 if search_end - time.monotonic() > trial_s and restarts.restart_wait_s() > 0:
                     restarts.search_held_back = True
