@@ -295,6 +295,19 @@ def tuner_arguments(started: list[str]) -> list[str]:
     return [started[started.index("--") + 1], *at_file.read_text().splitlines()]
 
 
+def test_without_an_install_the_host_s_llamahost_runs_unless_the_inventory_names_one(tmp_path: Path) -> None:
+    """tune.yml takes its command from playbooks/vars/tuner_command.yml, as tune_fleet.yml does: with
+    tune_install=false, `llamahost` on the host's PATH (the role's link from an earlier install, or a pip
+    install), and tune_llamahost_command wherever it is given. (With an install, the installed release's own
+    path: tests/fleet/test_fleet_playbook.py and the lab's tune.yml test run that one.)"""
+    for name in ("default", "named"):
+        (tmp_path / name).mkdir()
+    default = started_commands(tmp_path / "default")
+    named = started_commands(tmp_path / "named", tune_llamahost_command="/srv/llamahost/bin/llamahost")
+    assert [argv[argv.index("--") + 1] for argv in default] == ["llamahost"], default
+    assert [argv[argv.index("--") + 1] for argv in named] == ["/srv/llamahost/bin/llamahost"], named
+
+
 def test_drain_undrain_and_the_restart_cap_reach_the_tuner_on_the_host_and_make_another_run(tmp_path: Path) -> None:
     """The hooks reach the tuner as written, through its arguments file: not on a command line (a hook URL's
     token would be in every process list and in the unit) and never seen by systemd, which would expand a hook's
