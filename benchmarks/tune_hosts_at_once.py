@@ -17,11 +17,13 @@ Both guests share this machine's cores under TCG, so a two-host run measures eac
 one-host run; the budget, not the speed, sets the wall time, which is the point of the measurement. Timings
 of trials under emulation mean nothing.
 
-What it showed on the 2-core VM (2026-12-05, not a result: see the closing note of that stop): two guests of 8
-vCPUs each on 2 cores make every trial about twice as slow, and a budget under about 15 minutes can then be
-refused by the budget planner after the baseline (it buys no verdict); the tuner on the host also died once
-with SIGSEGV under that load, so tune.yml now starts it with PYTHONFAULTHANDLER=1 and the run's log keeps a
-traceback. Give it a machine with 4 or more free cores, or --budget 20m.
+What it showed on the 2-core VM (2026-12-06, --budget 20m, one round; tune_hosts_at_once.txt/.json): one host 1242
+s, both hosts at once 1326 s, x1.07 (one budget per host would be x2.00). The two guests (8 vCPUs each on 2 cores)
+made every trial about twice as slow, so each host got 4-5 trials against 8 alone; the extra 7 % is the slower
+host's tuner (1168 s against 1114 s alone) and the playbook's own tasks on two loaded guests. A budget under about
+15 minutes can be refused by the budget planner after the baseline at that speed (it buys no verdict); the tuner on
+the host also died once with SIGSEGV under that load (2026-12-05), so tune.yml starts it with PYTHONFAULTHANDLER=1
+and the run's log keeps a traceback. Give it a machine with 4 or more free cores, or --budget 20m.
 
 Usage: python benchmarks/tune_hosts_at_once.py [--budget 10m] [--rounds 1] [--disk D.qcow2] [--keep]
        [--out benchmarks/tune_hosts_at_once.out]
