@@ -79,7 +79,7 @@ def requirements() -> dict[str, SpecifierSet]:
 
 
 def installed_collections() -> dict[str, Version]:
-    """The collections ansible-galaxy finds for this venv's ansible-core, newest first where one is found twice."""
+    """The collections ansible-galaxy finds for this venv's ansible-core; the newest where one is found twice."""
     done = subprocess.run([str(BIN / "ansible-galaxy"), "collection", "list", "--format", "json"], cwd=REPO,
                           capture_output=True, text=True, timeout=120, check=True)
     found: dict[str, Version] = {}
