@@ -24,12 +24,18 @@ MemoryPolicy = Literal["default", "interleave", "bind"]
 LoadMode = Literal["auto", "none", "mmap", "mlock", "mmap+mlock"]
 FlashAttn = Literal["auto", "on", "off"]
 Placement = Literal["os", "compact", "scatter"]
+# libgomp's OMP_WAIT_POLICY for the server's OpenMP threads: "default" leaves the variable unset (libgomp
+# spins a while, then sleeps), ACTIVE keeps idle threads spinning, PASSIVE puts them to sleep at once.
+OmpWaitPolicy = Literal["default", "active", "passive"]
 
 NUMA_MODES: tuple[str, ...] = get_args(NumaMode)
 MEMORY_POLICIES: tuple[str, ...] = get_args(MemoryPolicy)
 LOAD_MODES: tuple[str, ...] = get_args(LoadMode)
 FLASH_ATTN: tuple[str, ...] = get_args(FlashAttn)
 PLACEMENTS: tuple[str, ...] = get_args(Placement)
+OMP_WAIT_POLICIES: tuple[str, ...] = get_args(OmpWaitPolicy)
+# Every environment variable RunConfig.server_environment may set: whoever starts a trial decides each of them.
+SERVER_ENVIRONMENT_NAMES: tuple[str, ...] = ("OMP_WAIT_POLICY",)
 # KV cache element types llama.cpp accepts for -ctk/-ctv on CPU.
 CACHE_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "f32")
 QUANTIZED_CACHE_TYPES = frozenset({"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"})
@@ -49,12 +55,14 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "batch_size": (1, 1 << 20), "ubatch_size": (1, 1 << 20),
     "parallel": (-1, 4096), "ctx_size": (0, 1 << 24),
 }
-_BOOL_FIELDS = ("smt", "cont_batching")
+_BOOL_FIELDS = ("smt", "cont_batching", "repack")
 _CHOICE_FIELDS: dict[str, tuple[str, ...]] = {
     "placement": PLACEMENTS, "numa": NUMA_MODES, "memory_policy": MEMORY_POLICIES, "load_mode": LOAD_MODES,
     "flash_attn": FLASH_ATTN, "cache_type_k": CACHE_TYPES, "cache_type_v": CACHE_TYPES,
+    "omp_wait_policy": OMP_WAIT_POLICIES,
 }
 _CPU_LIST_FIELDS = ("cpus", "memory_nodes")
+KEY_OPTIONAL_FIELDS = frozenset({"repack", "omp_wait_policy"})
 
 
 def format_cpu_list(cpus: Iterable[int]) -> str:
@@ -148,6 +156,10 @@ class RunConfig:
     flash_attn: FlashAttn = "auto"
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
+    # What the build offers beyond the flags above (tuner.build_knobs decides whether a build has them):
+    # weight repacking (``--no-repack`` turns it off) and the OpenMP wait policy (an environment variable).
+    repack: bool = True
+    omp_wait_policy: OmpWaitPolicy = "default"
     # Only a live server has these (overnight tuning of a deployment). parallel -1 is llama-server's
     # "auto" (4 slots sharing one unified KV cache); ctx_size 0 leaves the context size to whoever starts
     # the server (a benchmark trial or the role's own llama_server_ctx_size).
@@ -226,8 +238,12 @@ class RunConfig:
         return self.memory_nodes or cpu_nodes
 
     def key(self) -> str:
-        """A stable identity, so the same configuration is recognised across trials and hosts."""
-        return ";".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self))
+        """A stable identity, so the same configuration is recognised across trials and hosts.
+
+        Settings added after studies were first stored (:data:`KEY_OPTIONAL_FIELDS`) join the key only when they
+        differ from their default, so a key a study recorded before them still names the same configuration."""
+        return ";".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self)
+                        if f.name not in KEY_OPTIONAL_FIELDS or getattr(self, f.name) != f.default)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -289,7 +305,16 @@ class RunConfig:
             args += ["--numa", self.numa]
         if self.load_mode != "auto":
             args += ["--load-mode", self.load_mode]
+        if not self.repack:
+            args.append("--no-repack")
         return args
+
+    def server_environment(self) -> dict[str, str]:
+        """Environment variables this configuration sets for the server process (systemd ``Environment=``
+        in the role's unit and a live trial's drop-in; the process environment of a benchmark trial)."""
+        if self.omp_wait_policy == "default":
+            return {}
+        return {"OMP_WAIT_POLICY": self.omp_wait_policy.upper()}
 
     def role_vars(self, kind: RunKind = "live") -> dict[str, Any]:
         """The ``llama_server_*`` variables that make the Ansible role run this configuration.
@@ -316,6 +341,8 @@ class RunConfig:
             f"{ROLE_PREFIX}flash_attn": self.flash_attn,
             f"{ROLE_PREFIX}cache_type_k": self.cache_type_k,
             f"{ROLE_PREFIX}cache_type_v": self.cache_type_v,
+            f"{ROLE_PREFIX}repack": self.repack,
+            f"{ROLE_PREFIX}omp_wait_policy": self.omp_wait_policy,
             f"{ROLE_PREFIX}parallel": self.parallel,
             f"{ROLE_PREFIX}cont_batching": self.cont_batching,
         } | ({f"{ROLE_PREFIX}ctx_size": self.ctx_size} if self.ctx_size > 0 else {})
@@ -329,7 +356,8 @@ class RunConfig:
         ``threads_batch: 0`` as "the same as threads"; ``physical_cores`` resolves them."""
         data: dict[str, Any] = {}
         for name in ("threads", "threads_batch", "batch_size", "ubatch_size", "numa", "load_mode",
-                     "flash_attn", "cache_type_k", "cache_type_v", "parallel", "cont_batching", "ctx_size"):
+                     "flash_attn", "cache_type_k", "cache_type_v", "parallel", "cont_batching", "ctx_size",
+                     "repack", "omp_wait_policy"):
             key = f"{ROLE_PREFIX}{name}"
             if key in variables:
                 data[name] = _as_typed(name, variables[key])

@@ -6,7 +6,9 @@ Dimensions that cannot matter are not searched, so the sampler spends its trials
 * compact vs. scatter placement only with more than one cache or NUMA domain;
 * NUMA mode and memory policy only with more than one NUMA node;
 * generation threads only when tg is measured, batch threads and batch sizes only when pp is;
-* mlock only when this process may lock the whole model in memory.
+* mlock only when this process may lock the whole model in memory;
+* the OpenMP wait policy and weight repacking only when the build that will serve offers them
+  (:mod:`tuner.build_knobs`, read from the binary).
 
 Invalid combinations are excluded by construction, never scored: the CPU mask is chosen for the larger of
 the two thread counts, ``n_ubatch <= n_batch`` holds by the order of sampling, a quantized V cache is only
@@ -24,7 +26,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from tuner.config import MEMORY_POLICIES, NUMA_MODES, MemoryPolicy, NumaMode, Placement, RunConfig
+from tuner.build_knobs import BuildKnobs
+from tuner.config import (
+    MEMORY_POLICIES,
+    NUMA_MODES,
+    OMP_WAIT_POLICIES,
+    MemoryPolicy,
+    NumaMode,
+    OmpWaitPolicy,
+    Placement,
+    RunConfig,
+)
 from tuner.errors import UserError
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
@@ -81,8 +93,10 @@ class SearchSpace:
     """
 
     def __init__(self, probe: HostProbe, model: ModelInfo, objective: str, *, search_kv_cache: bool = True,
-                 usable_cpus: Iterable[int] | None = None, numa_blocked: str | None = None) -> None:
+                 usable_cpus: Iterable[int] | None = None, numa_blocked: str | None = None,
+                 knobs: BuildKnobs | None = None) -> None:
         self.probe = probe
+        self.knobs = knobs if knobs is not None else BuildKnobs()
         self.model = model
         self.objective = objective
         usable = None if usable_cpus is None else sorted(set(usable_cpus))
@@ -148,11 +162,15 @@ class SearchSpace:
             cache_v = trial.suggest_categorical("cache_type_v", KV_TYPES) if flash_attn != "off" else "f16"
         else:
             cache_k = cache_v = "f16"
+        repack = bool(trial.suggest_categorical("repack", (True, False))) if self.knobs.repack \
+            else bool(self._unsearched("repack"))
+        omp_wait_policy: OmpWaitPolicy = trial.suggest_categorical("omp_wait_policy", OMP_WAIT_POLICIES) \
+            if self.knobs.omp_wait_policy else self._unsearched("omp_wait_policy")
         return RunConfig(
             threads=threads, threads_batch=threads_batch, batch_size=batch, ubatch_size=ubatch, smt=smt,
             placement=placement, cpus=tuple(cpus), numa=numa, memory_policy=memory_policy,
             memory_nodes=tuple(memory_nodes), load_mode=load_mode, flash_attn=flash_attn,
-            cache_type_k=cache_k, cache_type_v=cache_v,
+            cache_type_k=cache_k, cache_type_v=cache_v, repack=repack, omp_wait_policy=omp_wait_policy,
         ).validate()
 
     def config_from_params(self, params: dict[str, Any]) -> RunConfig:
@@ -169,8 +187,12 @@ class SearchSpace:
             "numa": "none", "placement": "os", "smt": self.has_smt, "threads": self.physical_cores,
             "threads_batch": self.physical_cores, "ubatch_log2": 9, "batch_log2": 11,
             "memory_policy": "default", "load_mode": "auto", "flash_attn": "auto",
-            "cache_type_k": "f16", "cache_type_v": "f16",
+            "cache_type_k": "f16", "cache_type_v": "f16", "repack": True, "omp_wait_policy": "default",
         }[name]
+
+    def _unsearched(self, name: str) -> Any:
+        """The value of a build-dependent setting this build does not offer: what the baseline runs."""
+        return self._baseline_value(name)
 
     def baseline(self) -> RunConfig:
         return self.config_from_params({})
@@ -209,6 +231,9 @@ class SearchSpace:
             Dimension("kv cache type", self.search_kv_cache, ", ".join(KV_TYPES),
                       "smaller KV reads per token" if self.search_kv_cache else
                       f"pinned to f16 ({self.kv_blocked or '--no-kv-quant'})"),
+            Dimension("repack", self.knobs.repack, "on, off", self.knobs.repack_reason),
+            Dimension("omp_wait_policy", self.knobs.omp_wait_policy, ", ".join(OMP_WAIT_POLICIES),
+                      self.knobs.omp_reason),
         ]
         return dims
 

@@ -15,7 +15,8 @@ from tuner.roofline import bandwidth_phrase
 from tuner.study import is_baseline
 
 CONFIG_COLUMNS = ("threads", "threads_batch", "batch_size", "ubatch_size", "placement", "cpus", "numa",
-                  "memory_policy", "load_mode", "flash_attn", "cache_type_k", "cache_type_v")
+                  "memory_policy", "load_mode", "flash_attn", "cache_type_k", "cache_type_v", "repack",
+                  "omp_wait_policy")
 
 
 def _ci(block: dict[str, Any] | None) -> str:

@@ -18,6 +18,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.budget import SUGGESTED_TRIALS, BudgetPlan, plan_budget, suggested_budget, verification_run_cost
+from tuner.build_knobs import knobs_of
 from tuner.config import RunConfig
 from tuner.durations import format_duration
 from tuner.errors import UserError
@@ -46,6 +47,7 @@ from tuner.search import (
     sigterm_as_interrupt,
 )
 from tuner.server.build import deployed_server_binary
+from tuner.server.flags import server_flags
 from tuner.server.identity import ServerBinary, identify
 from tuner.space import SearchSpace
 from tuner.stats import StopRule
@@ -141,9 +143,11 @@ def intake(request: TuneRequest) -> Intake:
     check_fits_in_memory(model, probe.memory_available_bytes)
     sha = model_sha256(model.files)
     blocked = page_reset_blocked(model.files) if len(probe.topology.nodes) > 1 else None
+    server = identify(request.server_binary or deployed_server_binary())
+    knobs = knobs_of(server.system_info, server_flags(Path(server.path)))
     space = SearchSpace(probe, model, request.objective, search_kv_cache=request.search_kv_cache,
-                        usable_cpus=probe.allowed_cpus, numa_blocked=blocked)
-    return Intake(model, sha, probe, space, identify(request.server_binary or deployed_server_binary()))
+                        usable_cpus=probe.allowed_cpus, numa_blocked=blocked, knobs=knobs)
+    return Intake(model, sha, probe, space, server)
 
 
 def workload_attrs(workload: Workload) -> dict[str, Any]:

@@ -100,6 +100,8 @@ def main() -> None:
         "server_cpus": status_line(f"/proc/{pid}/status", "Cpus_allowed_list") if pid != "0" else "",
         "server_uid": status_line(f"/proc/{pid}/status", "Uid").split()[:1] if pid != "0" else [],
         "server_cmdline": read(f"/proc/{pid}/cmdline").split("\0") if pid != "0" else [],
+        "server_environ": [item for item in read(f"/proc/{pid}/environ").split("\0") if item.startswith("OMP_")]
+        if pid != "0" else [],
         "server_vmlck_kb": status_line(f"/proc/{pid}/status", "VmLck") if pid != "0" else "",
         "health": health(),
         "facts": json.loads(read("/etc/ansible/facts.d/llamahost.fact") or "{}"),

@@ -55,7 +55,8 @@ GROUP_VARS: dict[str, Any] = {
 }
 # What `llamahost tune` would write into host_vars: the role must run exactly this.
 TUNED = RunConfig(threads=2, threads_batch=2, batch_size=256, ubatch_size=128, cpus=(4, 6), placement="compact",
-                  memory_policy="bind", load_mode="mmap+mlock", flash_attn="on", ctx_size=512)
+                  memory_policy="bind", load_mode="mmap+mlock", flash_attn="on", ctx_size=512,
+                  omp_wait_policy="active")
 
 
 @dataclass

@@ -58,6 +58,7 @@ HEALTH='import urllib.request as u; print(u.urlopen("http://127.0.0.1:8080/healt
 pid=$(systemctl show -p MainPID --value {UNIT})
 systemctl show -p ActiveState -p SubState -p CPUAffinity -p NUMAPolicy -p NUMAMask {UNIT}
 echo "cmdline=$(tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null)"
+echo "omp=$(tr '\\0' '\\n' < /proc/$pid/environ 2>/dev/null | sed -n 's/^OMP_WAIT_POLICY=//p')"
 echo "dropin=$(test -e {dropin_path(UNIT)} && echo present || echo absent)"
 echo "health=$(python3 -c "$HEALTH" 2>/dev/null || echo down)"
 """
@@ -66,7 +67,10 @@ echo "health=$(python3 -c "$HEALTH" 2>/dev/null || echo down)"
 
 
 def runs(state: dict[str, str], config: RunConfig) -> bool:
-    return f" {' '.join(config.server_args())} " in f" {state['cmdline']} "
+    """The unit's process runs ``config``: its flags, and its OpenMP wait policy (a trial's drop-in sets or unsets
+    it over the unit's Environment=, and removing the drop-in must bring the unit's back)."""
+    return f" {' '.join(config.server_args())} " in f" {state['cmdline']} " and \
+        state.get("omp", "") == config.server_environment().get("OMP_WAIT_POLICY", "")
 
 
 def wait_for(lab: Lab, predicate: Callable[[dict[str, str]], bool], timeout_s: float) -> tuple[dict[str, str], float]:

@@ -34,6 +34,7 @@ from tuner.config import (
     LOAD_MODES,
     MEMORY_POLICIES,
     NUMA_MODES,
+    OMP_WAIT_POLICIES,
     RunConfig,
     format_cpu_list,
     parse_cpu_list,
@@ -55,9 +56,9 @@ CONFIGS = [
               memory_policy="bind", load_mode="mlock", flash_attn="on", cache_type_k="q8_0", cache_type_v="q8_0",
               ctx_size=8192),
     RunConfig(threads=30, threads_batch=60, numa="distribute", load_mode="mmap+mlock", flash_attn="off",
-              parallel=-1, cont_batching=False),
+              parallel=-1, cont_batching=False, repack=False, omp_wait_policy="active"),
     RunConfig(threads=2, threads_batch=2, numa="numactl", memory_policy="interleave", memory_nodes=(0, 1),
-              load_mode="none", parallel=4, ctx_size=2048),
+              load_mode="none", parallel=4, ctx_size=2048, omp_wait_policy="passive"),
 ]
 
 
@@ -363,7 +364,8 @@ def test_role_accepts_exactly_the_variables_the_tuner_writes_with_the_same_choic
     assert written <= set(DEFAULTS) and written <= set(OPTIONS)
     choices = {"llama_server_numa": NUMA_MODES, "llama_server_numa_policy": MEMORY_POLICIES,
                "llama_server_load_mode": LOAD_MODES, "llama_server_flash_attn": FLASH_ATTN,
-               "llama_server_cache_type_k": CACHE_TYPES, "llama_server_cache_type_v": CACHE_TYPES}
+               "llama_server_cache_type_k": CACHE_TYPES, "llama_server_cache_type_v": CACHE_TYPES,
+               "llama_server_omp_wait_policy": OMP_WAIT_POLICIES}
     for name, allowed in choices.items():
         assert set(OPTIONS[name]["choices"]) == set(allowed), name
     for entry_point in ("validate", "verify"):
@@ -372,13 +374,15 @@ def test_role_accepts_exactly_the_variables_the_tuner_writes_with_the_same_choic
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"t{c.threads}-{c.numa}-{c.load_mode}-p{c.parallel}")
 def test_role_renders_the_tuned_settings_to_the_tuners_own_flags(config: RunConfig) -> None:
-    tuned_args, command = render(config, ["__llama_server_tuned_args", "__llama_server_command"])
+    tuned_args, command, environment = render(config, ["__llama_server_tuned_args", "__llama_server_command",
+                                                       "__llama_server_tuned_environment"])
     # ctx_size 0 leaves the context to the role's own default (RunConfig's documented contract).
     expected = config if config.ctx_size else config.with_changes(ctx_size=DEFAULTS["llama_server_ctx_size"])
     assert tuned_args == expected.server_args()
     # the unit runs the build by its sha256, so a rollback to the previous unit runs the previous build
     assert command[:2] == [f"/opt/llama-server/builds/llama-server-{BUILD_SHA}", "--model"]
     assert command[-len(tuned_args):] == tuned_args
+    assert environment == config.server_environment()
     assert RunConfig.from_role_vars(config.role_vars()) == config.with_changes(
         placement="compact" if config.cpus else "os")
 

@@ -80,6 +80,8 @@ def assert_host_matches_variables(state: dict[str, Any]) -> None:
     expected = TUNED.server_args()
     assert any(argv[i:i + len(expected)] == expected for i in range(len(argv))), argv
     assert "--api-key-file" in argv and API_KEY not in state["ps"]
+    # The tuned environment (Environment= in the unit), read back from the process.
+    assert state["server_environ"] == [f"{k}={v}" for k, v in TUNED.server_environment().items()] != []
     assert state["api_key_file"] == {"mode": "0o640", "uid": 0, "gid": state["api_key_file"]["gid"]}
     facts = state["facts"]
     assert [node["cpus"] for node in facts["nodes"]] == [[0, 2], [4, 6]]

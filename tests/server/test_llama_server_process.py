@@ -12,10 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from tuner.build_knobs import knobs_of
 from tuner.config import RunConfig, parse_cpu_list
 from tuner.errors import UserError
 from tuner.live.workload import make_request_mix, run_window
 from tuner.server.client import ServerRequestError, complete, health, read_metrics
+from tuner.server.flags import server_flags
+from tuner.server.identity import identify
 from tuner.server.process import ServerProcess, ServerStartError
 
 pytestmark = pytest.mark.server
@@ -99,6 +102,28 @@ def test_non_default_settings_are_accepted_by_the_binary(llama_server_binary: Pa
     with ServerProcess(llama_server_binary, server_model, config, ctx_size=1024) as server:
         server.wait_healthy(60)
         assert complete(server.base_url, "Hello", 4).timings.predicted_n > 0
+
+
+def test_the_build_knobs_reach_the_process_and_inherited_openmp_settings_do_not(
+        llama_server_binary: Path, server_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read back from /proc: ``--no-repack`` on the command line, the configuration's OMP_WAIT_POLICY in the
+    environment, and nothing of the caller's OpenMP variables; the pinned build offers both knobs."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    server_identity = identify(llama_server_binary)
+    knobs = knobs_of(server_identity.system_info, server_flags(llama_server_binary))
+    assert knobs.omp_wait_policy and knobs.repack, (knobs, server_identity.system_info)
+    for config, expected in [(RunConfig(threads=1, threads_batch=1, repack=False, omp_wait_policy="active"), "ACTIVE"),
+                             (RunConfig(threads=1, threads_batch=1), None)]:
+        with ServerProcess(llama_server_binary, server_model, config, ctx_size=512) as server:
+            server.wait_healthy(60)
+            argv = Path(f"/proc/{server.pid}/cmdline").read_bytes().split(b"\0")
+            environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0")
+                           if b"=" in item)
+            assert (b"--no-repack" in argv) == (not config.repack)
+            assert environ.get(b"OMP_WAIT_POLICY") == (expected.encode() if expected else None)
+            assert b"GOMP_SPINCOUNT" not in environ
+            assert complete(server.base_url, "Hello", 4).timings.predicted_n > 0
 
 
 def test_api_key_from_file_is_required_and_kept_out_of_the_command_line(

@@ -16,7 +16,16 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tuner.config import CACHE_TYPES, FLASH_ATTN, LOAD_MODES, MEMORY_POLICIES, NUMA_MODES, RunConfig, parse_cpu_list
+from tuner.config import (
+    CACHE_TYPES,
+    FLASH_ATTN,
+    LOAD_MODES,
+    MEMORY_POLICIES,
+    NUMA_MODES,
+    OMP_WAIT_POLICIES,
+    RunConfig,
+    parse_cpu_list,
+)
 from tuner.errors import UserError
 from tuner.live.local import DEFAULT_LOCAL_PORT
 from tuner.output import console, human_bytes, print_json, table
@@ -95,6 +104,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-type-v", choices=CACHE_TYPES, default="f16")
     group.add_argument("--parallel", type=int, default=1, help="server slots")
     group.add_argument("--no-cont-batching", dest="cont_batching", action="store_false")
+    group.add_argument("--no-repack", dest="repack", action="store_false", help="turn weight repacking off")
+    group.add_argument("--omp-wait-policy", choices=OMP_WAIT_POLICIES, default="default",
+                       help="OpenMP wait policy of the server's threads (default: unset, libgomp's own)")
 
 
 def physical_cores(cpus: set[int]) -> int:
@@ -115,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         load_mode=args.load_mode, flash_attn=args.flash_attn,
         cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
         parallel=args.parallel, cont_batching=args.cont_batching,
+        repack=args.repack, omp_wait_policy=args.omp_wait_policy,
     ).validate()
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from tuner.build_knobs import BuildKnobs
 from tuner.config import RunConfig
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
@@ -110,6 +111,7 @@ class Target:
     server: ServerBinary | None = None  # the llama-server build the deployment runs, when it can be read
     numa_blocked: str | None = None  # why the model's pages cannot be put back between trials (tuner.model_pages)
     usable_cpus: tuple[int, ...] | None = None  # the CPUs trials may pin (the inference CPUs); None: every CPU
+    knobs: BuildKnobs | None = None  # the build-dependent settings the deployed build offers (None: none searched)
 
 
 class Connection(Protocol):

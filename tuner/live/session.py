@@ -156,7 +156,7 @@ def _study_identity(request: LiveRequest, *, control: ServerControl, mix: Reques
     model, model_sha256, probe = target.model, target.model_sha256, target.probe
     space = LiveSearchSpace(probe, model, concurrency=mix.concurrency, ctx_per_slot=ctx_per_slot(mix),
                             baseline=target.deployed, search_kv_cache=request.search_kv_cache,
-                            usable_cpus=target.usable_cpus, numa_blocked=target.numa_blocked)
+                            usable_cpus=target.usable_cpus, numa_blocked=target.numa_blocked, knobs=target.knobs)
     key = objective_key(request.objective)
     name = request.study_name or f"live-{model.path.stem.lower()[:32]}-{model_sha256[:8]}-{key}-" \
                                  f"{mix.name}-c{mix.concurrency}-{probe.fingerprint()[:8]}"

@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuner.build_knobs import knobs_of
 from tuner.commands.options import trials_limit
 from tuner.config import RunConfig
 from tuner.durations import parse_duration
@@ -32,6 +33,7 @@ from tuner.paths import data_dir
 from tuner.probe import probe_host
 from tuner.proof_defaults import LIVE_VERIFY_WINDOWS
 from tuner.server.build import server_binary
+from tuner.server.flags import server_flags
 from tuner.server.identity import identify
 from tuner.stats import MIN_SAMPLES, StopRule
 from tuner.yamlfile import read_yaml_mapping
@@ -149,8 +151,10 @@ class LocalConnection:
         deployed = RunConfig.from_role_vars(self.role_vars, physical_cores=probe.topology.physical_core_count) \
             if self.role_vars is not None else None
         self.control.spec = dataclasses.replace(self.control.spec, model=str(model.path))
-        return Target(model, model_sha256(model.files), probe, deployed,
-                      server=identify(Path(self.control.spec.binary)))
+        binary = Path(self.control.spec.binary)
+        server = identify(binary)
+        return Target(model, model_sha256(model.files), probe, deployed, server=server,
+                      knobs=knobs_of(server.system_info, server_flags(binary)))
 
 
 def connection_from_args(args: argparse.Namespace) -> Connection:

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+from tuner.build_knobs import BuildKnobs
 from tuner.config import RunConfig
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
@@ -38,9 +39,10 @@ def slots_of(parallel: int) -> int:
 class LiveSearchSpace(SearchSpace):
     def __init__(self, probe: HostProbe, model: ModelInfo, *, concurrency: int, ctx_per_slot: int,
                  baseline: RunConfig | None = None, search_kv_cache: bool = True,
-                 usable_cpus: Iterable[int] | None = None, numa_blocked: str | None = None) -> None:
+                 usable_cpus: Iterable[int] | None = None, numa_blocked: str | None = None,
+                 knobs: BuildKnobs | None = None) -> None:
         super().__init__(probe, model, "both", search_kv_cache=search_kv_cache, usable_cpus=usable_cpus,
-                         numa_blocked=numa_blocked)
+                         numa_blocked=numa_blocked, knobs=knobs)
         self.concurrency = concurrency
         self.ctx_per_slot = ctx_per_slot
         self.slots = slot_choices(concurrency)
@@ -63,6 +65,12 @@ class LiveSearchSpace(SearchSpace):
         if name == "cont_batching":
             return True
         return super()._baseline_value(name)
+
+    def _unsearched(self, name: str) -> Any:
+        """A build-dependent setting this build does not offer keeps the deployed value."""
+        if self._deployed is not None:
+            return getattr(self._deployed, name)
+        return super()._unsearched(name)
 
     def baseline(self) -> RunConfig:
         """The deployed configuration when one was given, else llama-server's defaults."""
@@ -87,6 +95,7 @@ def params_for(space: SearchSpace, config: RunConfig) -> dict[str, Any] | None:
         "batch_log2": config.batch_size.bit_length() - 1, "memory_policy": config.memory_policy,
         "load_mode": config.load_mode, "flash_attn": config.flash_attn, "cache_type_k": config.cache_type_k,
         "cache_type_v": config.cache_type_v, "parallel": config.parallel, "cont_batching": config.cont_batching,
+        "repack": config.repack, "omp_wait_policy": config.omp_wait_policy,
     }
     try:
         rebuilt = space.config_from_params(params)

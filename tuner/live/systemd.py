@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from tuner.build_knobs import BuildKnobs, knobs_of
 from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
 from tuner.errors import UserError
 from tuner.inventory import read_host_variables
@@ -62,6 +63,7 @@ from tuner.model_pages import (
 from tuner.probe.host import HostProbe, Topology
 from tuner.rollout.converge import converge_host
 from tuner.server.client import health
+from tuner.server.flags import parse_help
 from tuner.server.identity import ServerBinary, identity_of, probe_commands
 from tuner.server.process import api_key_from_text
 
@@ -458,6 +460,11 @@ class SystemdServer:
         if len(digests) != len(shards):
             raise UserError(f"cannot read the model on {self.shell.name}", "converge the host with site.yml")
         return combined_sha256(digests)
+
+    def binary_knobs(self, identity: ServerBinary) -> BuildKnobs:
+        """The build-dependent settings the unit's build offers, from its ``--help`` read on the host."""
+        out = self._shell().run(f"{shlex.quote(identity.path)} --help 2>&1; true", root=False, timeout=60).stdout
+        return knobs_of(identity.system_info, parse_help(out))
 
     def binary_identity(self) -> ServerBinary:
         """The llama-server build the unit runs, named on the host as a benchmark result names its build (run as

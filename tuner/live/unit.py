@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuner.config import RunConfig, format_cpu_list
+from tuner.config import SERVER_ENVIRONMENT_NAMES, RunConfig, format_cpu_list
 from tuner.errors import UserError
 from tuner.host_lock import LOCK_NAME, SYSTEM_LOCK_DIRS
 from tuner.live.heartbeat import SHELL_WRITE
@@ -52,7 +52,7 @@ _PLAIN_WORD = re.compile(r"^[A-Za-z0-9_./:=+,@-]+$")  # needs no quotes in ExecS
 TUNED_FLAGS: dict[str, int] = {
     "--threads": 1, "--threads-batch": 1, "--batch-size": 1, "--ubatch-size": 1, "--flash-attn": 1,
     "--cache-type-k": 1, "--cache-type-v": 1, "--parallel": 1, "--cont-batching": 0, "--no-cont-batching": 0,
-    "--ctx-size": 1, "--numa": 1, "--load-mode": 1,
+    "--ctx-size": 1, "--numa": 1, "--load-mode": 1, "--no-repack": 0, "--repack": 0, "-nr": 0,
 }
 
 
@@ -200,6 +200,12 @@ def render_trial_dropin(command: ServerCommand, config: RunConfig, mask: tuple[i
         lines.append(f"NUMAMask={format_cpu_list(mask)}")
     if config.load_mode in ("mlock", "mmap+mlock"):
         lines.append("LimitMEMLOCK=infinity")
+    # The trial's environment replaces what the role's unit set for the same variables: an assignment
+    # overrides the unit's, and a variable the trial leaves unset is removed.
+    environment = config.server_environment()
+    for name in SERVER_ENVIRONMENT_NAMES:
+        lines.append(f"Environment={name}={environment[name]}" if name in environment
+                     else f"UnsetEnvironment={name}")
     return "\n".join(lines) + "\n"
 
 

@@ -50,7 +50,8 @@ def describe_unit(control: SystemdServer, variables: Mapping[str, Any], model: M
     check_fits_in_memory(model, probe.memory_available_bytes + (control.server_memory_bytes() or 0))
     cpus = parse_cpu_list(str(variables.get("llama_server_cpus", "") or ""))
     deployed = RunConfig.from_role_vars(variables, physical_cores=serving_cores(probe.topology, cpus))
-    return Target(model, model_digest, probe, deployed, server=control.binary_identity(),
+    server = control.binary_identity()
+    return Target(model, model_digest, probe, deployed, server=server, knobs=control.binary_knobs(server),
                   numa_blocked=control.numa_blocked(), usable_cpus=usable_cpus(control, variables, probe))
 
 

@@ -8,8 +8,9 @@ its whole process group, whatever happens to the caller. Specifically:
   before anything starts, so a wrong flag is a clear error instead of a server that exits at once;
 * CPU affinity and memory policy are applied to the process before llama.cpp loads the model
   (:mod:`tuner.server.placement`);
-* ``LLAMA_ARG_*`` and OpenMP placement variables are removed from the server's environment: llama.cpp
-  reads them as defaults, and a trial must run the configuration it claims, nothing inherited;
+* ``LLAMA_ARG_*`` and OpenMP variables are removed from the server's environment: llama.cpp and libgomp
+  read them as defaults, and a trial must run the configuration it claims, nothing inherited; the
+  variables the RunConfig itself sets (:meth:`RunConfig.server_environment`) are then added;
 * the server runs in its own session (one ``killpg`` reaches every child), and by default the kernel
   kills it if the Python process dies without cleaning up (``PR_SET_PDEATHSIG``). That signal follows
   the *thread* that started the server: start it from a thread that lives as long as the server;
@@ -165,6 +166,10 @@ class ServerProcess:
             args.append("--metrics")
         return [*args, *self.config.server_args(), *self.extra_args]
 
+    def environment(self) -> dict[str, str]:
+        """This process's environment without inherited settings, plus the ones the RunConfig sets."""
+        return server_environment(dict(os.environ)) | self.config.server_environment()
+
     def _check_inputs(self) -> None:
         if not (self.binary.is_file() and os.access(self.binary, os.X_OK)):
             raise UserError(f"llama-server binary {self.binary} does not exist or is not executable",
@@ -200,7 +205,7 @@ class ServerProcess:
         try:
             with self._log_path.open("ab") as log:
                 self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                              stderr=subprocess.STDOUT, env=server_environment(dict(os.environ)),
+                                              stderr=subprocess.STDOUT, env=self.environment(),
                                               start_new_session=True,
                                               preexec_fn=setup)  # noqa: PLW1509 - only syscalls, see _child_setup
         except BaseException:
