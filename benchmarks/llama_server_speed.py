@@ -7,6 +7,8 @@
     python benchmarks/llama_server_speed.py --variant poll0=BIN:--poll,0 --variant poll50=BIN:--poll,50
     python benchmarks/llama_server_speed.py --knob default= --knob omp-active=omp_wait_policy=active \
         --knob omp-passive=omp_wait_policy=passive --knob no-repack=repack=false --json out.json
+    python benchmarks/llama_server_speed.py --knob pinned=cpus=0-1,placement=compact \
+        --knob strict=cpus=0-1,placement=compact,cpu_strict=true
 
 A variant is ``NAME=BINARY[:EXTRA,FLAGS]``, or with ``--knob NAME=FIELD=VALUE[,FIELD=VALUE]`` the cached build
 run with RunConfig settings changed (rendered to flags and environment as a trial would be). Every variant
@@ -34,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tuner.config import RunConfig
+from tuner.config import RunConfig, parse_cpu_list
 from tuner.model.default_model import default_model_path
 from tuner.server.build import server_binary
 from tuner.server.client import Completion, complete
@@ -54,8 +56,12 @@ class Variant:
         values: dict[str, Any] = {}
         for field, text in self.changes:
             current = getattr(base, field)
-            values[field] = text.lower() in ("1", "true", "on", "yes") if isinstance(current, bool) else \
-                type(current)(text)
+            if isinstance(current, bool):
+                values[field] = text.lower() in ("1", "true", "on", "yes")
+            elif isinstance(current, tuple):  # cpus, memory_nodes: a CPU list, with ';' for ','
+                values[field] = parse_cpu_list(text.replace(";", ","))
+            else:
+                values[field] = type(current)(text)
         return dataclasses.replace(base, **values).validate()
 
 

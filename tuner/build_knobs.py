@@ -10,7 +10,15 @@ Two settings move CPU throughput and exist only in some builds:
   time for faster matrix kernels; ``--no-repack`` turns that off. It speeds prompt processing, moves
   generation either way, and can stretch the load a lot: worth a measurement, not a default.
 
-Both facts come from the binary that will run (its ``system_info`` line and its ``--help``), never from a list
+* **strict placement.** ``--cpu-strict 1`` with a ``--cpu-mask`` pins each of llama.cpp's threads to its own
+  CPU of the mask (read back on this machine from an OpenMP build: the compute threads each get one CPU), where
+  the process's affinity alone lets them move within the set. Offered when the help has both flags; searched
+  only for pinned configurations.
+
+``--prio`` is not offered: the role's unit runs unprivileged without CAP_SYS_NICE, so a raised priority would be
+measured by a trial started as root and then silently dropped by the server that serves.
+
+All facts come from the binary that will run (its ``system_info`` line and its ``--help``), never from a list
 kept here, so a build without a setting leaves it out of the search space instead of failing every trial.
 """
 
@@ -34,8 +42,10 @@ class BuildKnobs:
 
     omp_wait_policy: bool = False
     repack: bool = False
+    cpu_strict: bool = False
     omp_reason: str = "the build was not inspected"
     repack_reason: str = "the build was not inspected"
+    cpu_strict_reason: str = "the build was not inspected"
 
 
 def knobs_of(system_info: str, flag_names: Collection[str]) -> BuildKnobs:
@@ -52,5 +62,8 @@ def knobs_of(system_info: str, flag_names: Collection[str]) -> BuildKnobs:
         repack_reason = "the build's --help has no --no-repack"
     else:
         repack_reason = "the build has no repacked kernels (no REPACK = 1 in its system_info)"
-    return BuildKnobs(omp_wait_policy=openmp, repack=has_flag and has_kernels, omp_reason=omp_reason,
-                      repack_reason=repack_reason)
+    strict = "--cpu-strict" in flag_names and "--cpu-mask" in flag_names
+    strict_reason = "the build has --cpu-strict and --cpu-mask (searched for pinned configurations)" if strict \
+        else "the build's --help has no --cpu-strict or no --cpu-mask"
+    return BuildKnobs(omp_wait_policy=openmp, repack=has_flag and has_kernels, cpu_strict=strict,
+                      omp_reason=omp_reason, repack_reason=repack_reason, cpu_strict_reason=strict_reason)

@@ -55,14 +55,16 @@ _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "batch_size": (1, 1 << 20), "ubatch_size": (1, 1 << 20),
     "parallel": (-1, 4096), "ctx_size": (0, 1 << 24),
 }
-_BOOL_FIELDS = ("smt", "cont_batching", "repack")
+_BOOL_FIELDS = ("smt", "cont_batching", "repack", "cpu_strict")
 _CHOICE_FIELDS: dict[str, tuple[str, ...]] = {
     "placement": PLACEMENTS, "numa": NUMA_MODES, "memory_policy": MEMORY_POLICIES, "load_mode": LOAD_MODES,
     "flash_attn": FLASH_ATTN, "cache_type_k": CACHE_TYPES, "cache_type_v": CACHE_TYPES,
     "omp_wait_policy": OMP_WAIT_POLICIES,
 }
 _CPU_LIST_FIELDS = ("cpus", "memory_nodes")
-KEY_OPTIONAL_FIELDS = frozenset({"repack", "omp_wait_policy"})
+KEY_OPTIONAL_FIELDS = frozenset({"repack", "omp_wait_policy", "cpu_strict"})
+# llama.cpp reads a CPU mask of at most 128 hex digits (GGML_MAX_N_THREADS, 512 CPUs).
+MAX_MASK_CPU = 511
 
 
 def format_cpu_list(cpus: Iterable[int]) -> str:
@@ -111,6 +113,11 @@ def parse_cpu_list(text: str) -> tuple[int, ...]:
     return tuple(sorted(cpus))
 
 
+def cpu_mask(cpus: Iterable[int]) -> str:
+    """``[4, 6]`` -> ``"0x50"``: llama.cpp's ``--cpu-mask`` (hex, the highest CPU in the first digit)."""
+    return hex(sum(1 << cpu for cpu in set(cpus)))
+
+
 def plain_scalar(value: Any) -> Any:
     """A YAML loader's scalar as the plain Python type it stands for (ruamel's round-trip loader gives
     ``ScalarInt``/``ScalarBoolean``/``ScalarFloat`` subclasses, which strict type checks must see through)."""
@@ -157,9 +164,12 @@ class RunConfig:
     cache_type_k: str = "f16"
     cache_type_v: str = "f16"
     # What the build offers beyond the flags above (tuner.build_knobs decides whether a build has them):
-    # weight repacking (``--no-repack`` turns it off) and the OpenMP wait policy (an environment variable).
+    # weight repacking (``--no-repack`` turns it off), the OpenMP wait policy (an environment variable), and
+    # strict placement: each of llama.cpp's threads pinned to its own CPU of ``cpus`` (``--cpu-mask``
+    # and ``--cpu-strict 1``), instead of every thread free to move within them.
     repack: bool = True
     omp_wait_policy: OmpWaitPolicy = "default"
+    cpu_strict: bool = False
     # Only a live server has these (overnight tuning of a deployment). parallel -1 is llama-server's
     # "auto" (4 slots sharing one unified KV cache); ctx_size 0 leaves the context size to whoever starts
     # the server (a benchmark trial or the role's own llama_server_ctx_size).
@@ -207,6 +217,9 @@ class RunConfig:
                        "would oversubscribe them")
         if self.placement != "os" and not self.cpus:
             out.append(f"placement {self.placement!r} needs a CPU list")
+        if self.cpu_strict and (not self.cpus or max(self.cpus) > MAX_MASK_CPU):
+            out.append(f"cpu_strict pins each thread to one of the CPUs in cpus, so it needs a CPU list (of CPUs up "
+                       f"to {MAX_MASK_CPU}, llama.cpp's mask)")
         if self.cache_type_v in QUANTIZED_CACHE_TYPES and self.flash_attn == "off":
             out.append("a quantized V cache needs flash attention (llama.cpp refuses it otherwise)")
         if self.numa in ("distribute", "isolate") and self.cpus:
@@ -307,6 +320,8 @@ class RunConfig:
             args += ["--load-mode", self.load_mode]
         if not self.repack:
             args.append("--no-repack")
+        if self.cpu_strict:
+            args += ["--cpu-mask", cpu_mask(self.cpus), "--cpu-strict", "1"]
         return args
 
     def server_environment(self) -> dict[str, str]:
@@ -343,6 +358,7 @@ class RunConfig:
             f"{ROLE_PREFIX}cache_type_v": self.cache_type_v,
             f"{ROLE_PREFIX}repack": self.repack,
             f"{ROLE_PREFIX}omp_wait_policy": self.omp_wait_policy,
+            f"{ROLE_PREFIX}cpu_strict": self.cpu_strict,
             f"{ROLE_PREFIX}parallel": self.parallel,
             f"{ROLE_PREFIX}cont_batching": self.cont_batching,
         } | ({f"{ROLE_PREFIX}ctx_size": self.ctx_size} if self.ctx_size > 0 else {})
@@ -357,7 +373,7 @@ class RunConfig:
         data: dict[str, Any] = {}
         for name in ("threads", "threads_batch", "batch_size", "ubatch_size", "numa", "load_mode",
                      "flash_attn", "cache_type_k", "cache_type_v", "parallel", "cont_batching", "ctx_size",
-                     "repack", "omp_wait_policy"):
+                     "repack", "omp_wait_policy", "cpu_strict"):
             key = f"{ROLE_PREFIX}{name}"
             if key in variables:
                 data[name] = _as_typed(name, variables[key])

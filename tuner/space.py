@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from tuner.build_knobs import BuildKnobs
 from tuner.config import (
+    MAX_MASK_CPU,
     MEMORY_POLICIES,
     NUMA_MODES,
     OMP_WAIT_POLICIES,
@@ -166,11 +167,15 @@ class SearchSpace:
             else bool(self._unsearched("repack"))
         omp_wait_policy: OmpWaitPolicy = trial.suggest_categorical("omp_wait_policy", OMP_WAIT_POLICIES) \
             if self.knobs.omp_wait_policy else self._unsearched("omp_wait_policy")
+        maskable = bool(cpus) and max(cpus) <= MAX_MASK_CPU
+        cpu_strict = bool(trial.suggest_categorical("cpu_strict", (False, True))) \
+            if (self.knobs.cpu_strict and maskable) else bool(self._unsearched("cpu_strict")) and maskable
         return RunConfig(
             threads=threads, threads_batch=threads_batch, batch_size=batch, ubatch_size=ubatch, smt=smt,
             placement=placement, cpus=tuple(cpus), numa=numa, memory_policy=memory_policy,
             memory_nodes=tuple(memory_nodes), load_mode=load_mode, flash_attn=flash_attn,
             cache_type_k=cache_k, cache_type_v=cache_v, repack=repack, omp_wait_policy=omp_wait_policy,
+            cpu_strict=cpu_strict,
         ).validate()
 
     def config_from_params(self, params: dict[str, Any]) -> RunConfig:
@@ -188,6 +193,7 @@ class SearchSpace:
             "threads_batch": self.physical_cores, "ubatch_log2": 9, "batch_log2": 11,
             "memory_policy": "default", "load_mode": "auto", "flash_attn": "auto",
             "cache_type_k": "f16", "cache_type_v": "f16", "repack": True, "omp_wait_policy": "default",
+            "cpu_strict": False,
         }[name]
 
     def _unsearched(self, name: str) -> Any:
@@ -234,6 +240,7 @@ class SearchSpace:
             Dimension("repack", self.knobs.repack, "on, off", self.knobs.repack_reason),
             Dimension("omp_wait_policy", self.knobs.omp_wait_policy, ", ".join(OMP_WAIT_POLICIES),
                       self.knobs.omp_reason),
+            Dimension("cpu_strict", self.knobs.cpu_strict, "off, on (pinned only)", self.knobs.cpu_strict_reason),
         ]
         return dims
 

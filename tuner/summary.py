@@ -16,7 +16,7 @@ from tuner.study import is_baseline
 
 CONFIG_COLUMNS = ("threads", "threads_batch", "batch_size", "ubatch_size", "placement", "cpus", "numa",
                   "memory_policy", "load_mode", "flash_attn", "cache_type_k", "cache_type_v", "repack",
-                  "omp_wait_policy")
+                  "omp_wait_policy", "cpu_strict")
 
 
 def _ci(block: dict[str, Any] | None) -> str:

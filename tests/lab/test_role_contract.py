@@ -36,6 +36,7 @@ from tuner.config import (
     NUMA_MODES,
     OMP_WAIT_POLICIES,
     RunConfig,
+    cpu_mask,
     format_cpu_list,
     parse_cpu_list,
 )
@@ -54,7 +55,7 @@ CONFIGS = [
     RunConfig(threads=8, threads_batch=16),
     RunConfig(threads=4, threads_batch=4, batch_size=512, ubatch_size=256, cpus=(0, 1, 2, 3), placement="compact",
               memory_policy="bind", load_mode="mlock", flash_attn="on", cache_type_k="q8_0", cache_type_v="q8_0",
-              ctx_size=8192),
+              ctx_size=8192, cpu_strict=True),
     RunConfig(threads=30, threads_batch=60, numa="distribute", load_mode="mmap+mlock", flash_attn="off",
               parallel=-1, cont_batching=False, repack=False, omp_wait_policy="active"),
     RunConfig(threads=2, threads_batch=2, numa="numactl", memory_policy="interleave", memory_nodes=(0, 1),
@@ -420,6 +421,7 @@ def test_cpu_list_filters_read_cpu_lists_exactly_like_the_tuner(text: str) -> No
     if expected is not None:
         assert tuple(CPU_LISTS.cpu_list(text)) == expected
         assert CPU_LISTS.cpu_list_format(expected) == format_cpu_list(expected)
+        assert CPU_LISTS.cpu_mask(expected) == cpu_mask(expected)
     assert CPU_LISTS.cpu_list("4 6") == [4, 6]  # systemctl show's spelling
 
 

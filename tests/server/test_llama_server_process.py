@@ -126,6 +126,22 @@ def test_the_build_knobs_reach_the_process_and_inherited_openmp_settings_do_not(
             assert complete(server.base_url, "Hello", 4).timings.predicted_n > 0
 
 
+def test_strict_placement_puts_each_compute_thread_on_its_own_cpu(llama_server_binary: Path,
+                                                                 server_model: Path) -> None:
+    """Without --cpu-strict every thread may move within the process's CPUs; with it, llama.cpp pins its
+    compute threads one CPU each (read back from /proc/PID/task/*/status)."""
+    allowed = tuple(sorted(os.sched_getaffinity(0)))[:2]
+    if len(allowed) < 2:
+        pytest.skip("strict placement needs two CPUs this process may use")
+    for strict in (False, True):
+        config = RunConfig(threads=2, threads_batch=2, cpus=allowed, placement="compact", cpu_strict=strict)
+        with ServerProcess(llama_server_binary, server_model, config, ctx_size=512) as server:
+            server.wait_healthy(60)
+            assert complete(server.base_url, "Hello", 4).timings.predicted_n > 0  # the compute threads exist
+            singles = {cpus for cpus in thread_affinities(server.pid) if len(cpus) == 1}
+            assert singles == ({(allowed[0],), (allowed[1],)} if strict else set()), thread_affinities(server.pid)
+
+
 def test_api_key_from_file_is_required_and_kept_out_of_the_command_line(
         llama_server_binary: Path, server_model: Path, small_config: RunConfig, tmp_path: Path) -> None:
     key_file = tmp_path / "api-key"

@@ -45,6 +45,19 @@ def drawn(space: SearchSpace, count: int = 60) -> list[RunConfig]:
     return [space.draw(study.ask()) for _ in range(count)]
 
 
+def test_strict_placement_is_searched_only_for_pinned_configurations() -> None:
+    space = SearchSpace(read_host(HOST), a_model(), "both", knobs=knobs_of(OPENMP_BUILD, parse_help(HELP.read_text())))
+    configs = drawn(space, 120)
+    assert {c.cpu_strict for c in configs if c.cpus} == {True, False}
+    assert not any(c.cpu_strict for c in configs if not c.cpus)
+    strict = RunConfig(threads=2, threads_batch=2, cpus=(4, 6), placement="compact", cpu_strict=True)
+    assert strict.server_args()[-4:] == ["--cpu-mask", "0x50", "--cpu-strict", "1"]
+    with pytest.raises(UserError, match="cpu_strict"):
+        RunConfig(threads=2, threads_batch=2, cpu_strict=True).validate()
+    command = ServerCommand(("/opt/llama-server/bin/llama-server", "--model", "m.gguf", *strict.server_args()))
+    assert command.kept == ("/opt/llama-server/bin/llama-server", "--model", "m.gguf")
+
+
 def test_a_build_without_a_knob_leaves_it_out_of_the_space() -> None:
     host, flags = read_host(HOST), parse_help(HELP.read_text())
     offered = SearchSpace(host, a_model(), "both", knobs=knobs_of(OPENMP_BUILD, flags))
@@ -52,7 +65,7 @@ def test_a_build_without_a_knob_leaves_it_out_of_the_space() -> None:
     assert {c.omp_wait_policy for c in configs} == {"default", "active", "passive"}
     assert {c.repack for c in configs} == {True, False}
     dims = {d.name: d for d in offered.dimensions()}
-    assert dims["repack"].searched and dims["omp_wait_policy"].searched
+    assert dims["repack"].searched and dims["omp_wait_policy"].searched and dims["cpu_strict"].searched
     baseline = offered.baseline()
     assert (baseline.repack, baseline.omp_wait_policy) == (True, "default"), "the baseline is llama.cpp's default"
 
@@ -60,14 +73,18 @@ def test_a_build_without_a_knob_leaves_it_out_of_the_space() -> None:
     assert {c.omp_wait_policy for c in drawn(threadpool)} == {"default"}
     assert not {d.name: d for d in threadpool.dimensions()}["omp_wait_policy"].searched
     uninspected = SearchSpace(host, a_model(), "both")
-    assert {(c.repack, c.omp_wait_policy) for c in drawn(uninspected)} == {(True, "default")}
+    assert {(c.repack, c.omp_wait_policy, c.cpu_strict) for c in drawn(uninspected)} == {(True, "default", False)}
 
 
 def test_a_live_space_without_the_knobs_keeps_the_deployed_values() -> None:
-    deployed = RunConfig(threads=4, threads_batch=4, repack=False, omp_wait_policy="active")
+    deployed = RunConfig(threads=4, threads_batch=4, repack=False, omp_wait_policy="active", cpus=(0, 1, 2, 3),
+                         placement="compact", cpu_strict=True)
     space = LiveSearchSpace(read_host(HOST), a_model(), concurrency=1, ctx_per_slot=512, baseline=deployed)
-    assert {(c.repack, c.omp_wait_policy) for c in drawn(space)} == {(False, "active")}
-    offered = LiveSearchSpace(read_host(HOST), a_model(), concurrency=1, ctx_per_slot=512, baseline=deployed,
+    configs = drawn(space)
+    assert {(c.repack, c.omp_wait_policy) for c in configs} == {(False, "active")}
+    assert all(c.cpu_strict == bool(c.cpus) for c in configs), "strict where pinned, as deployed"
+    unpinned = deployed.with_changes(cpus=(), placement="os", cpu_strict=False)
+    offered = LiveSearchSpace(read_host(HOST), a_model(), concurrency=1, ctx_per_slot=512, baseline=unpinned,
                               knobs=knobs_of(OPENMP_BUILD, parse_help(HELP.read_text())))
     params = params_for(offered, offered.baseline())
     assert params is not None and (params["repack"], params["omp_wait_policy"]) == (False, "active")

@@ -107,6 +107,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-repack", dest="repack", action="store_false", help="turn weight repacking off")
     group.add_argument("--omp-wait-policy", choices=OMP_WAIT_POLICIES, default="default",
                        help="OpenMP wait policy of the server's threads (default: unset, libgomp's own)")
+    group.add_argument("--cpu-strict", action="store_true",
+                       help="pin each thread to its own CPU of --cpus (llama.cpp's --cpu-mask and --cpu-strict 1)")
 
 
 def physical_cores(cpus: set[int]) -> int:
@@ -127,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         load_mode=args.load_mode, flash_attn=args.flash_attn,
         cache_type_k=args.cache_type_k, cache_type_v=args.cache_type_v,
         parallel=args.parallel, cont_batching=args.cont_batching,
-        repack=args.repack, omp_wait_policy=args.omp_wait_policy,
+        repack=args.repack, omp_wait_policy=args.omp_wait_policy, cpu_strict=args.cpu_strict,
     ).validate()
 
 

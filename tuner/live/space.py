@@ -95,7 +95,7 @@ def params_for(space: SearchSpace, config: RunConfig) -> dict[str, Any] | None:
         "batch_log2": config.batch_size.bit_length() - 1, "memory_policy": config.memory_policy,
         "load_mode": config.load_mode, "flash_attn": config.flash_attn, "cache_type_k": config.cache_type_k,
         "cache_type_v": config.cache_type_v, "parallel": config.parallel, "cont_batching": config.cont_batching,
-        "repack": config.repack, "omp_wait_policy": config.omp_wait_policy,
+        "repack": config.repack, "omp_wait_policy": config.omp_wait_policy, "cpu_strict": config.cpu_strict,
     }
     try:
         rebuilt = space.config_from_params(params)

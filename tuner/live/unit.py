@@ -53,6 +53,7 @@ TUNED_FLAGS: dict[str, int] = {
     "--threads": 1, "--threads-batch": 1, "--batch-size": 1, "--ubatch-size": 1, "--flash-attn": 1,
     "--cache-type-k": 1, "--cache-type-v": 1, "--parallel": 1, "--cont-batching": 0, "--no-cont-batching": 0,
     "--ctx-size": 1, "--numa": 1, "--load-mode": 1, "--no-repack": 0, "--repack": 0, "-nr": 0,
+    "--cpu-mask": 1, "-C": 1, "--cpu-strict": 1,
 }
 
 

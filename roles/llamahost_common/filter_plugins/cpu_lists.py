@@ -65,6 +65,12 @@ def cpu_list_format(cpus):
     return ",".join(parts)
 
 
+def cpu_mask(cpus):
+    """``[4, 6]`` -> ``"0x50"``: llama.cpp's ``--cpu-mask``, as ``tuner.config.cpu_mask`` writes it."""
+    return hex(sum(1 << int(cpu) for cpu in set(cpus)))
+
+
 class FilterModule:
     def filters(self):
-        return {"cpu_list": cpu_list, "cpu_list_ok": cpu_list_ok, "cpu_list_format": cpu_list_format}
+        return {"cpu_list": cpu_list, "cpu_list_ok": cpu_list_ok, "cpu_list_format": cpu_list_format,
+                "cpu_mask": cpu_mask}
