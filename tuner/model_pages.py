@@ -136,11 +136,30 @@ class MappedPages:
 
 
 def cpus_allowed(proc_status: str) -> tuple[int, ...] | None:
-    """The CPUs a process may run on, from the text of ``/proc/<pid>/status`` (None when it has no such line)."""
+    """The CPUs a process may run on, from the text of its threads' ``/proc/<pid>/task/*/status`` (or of
+    ``/proc/<pid>/status`` alone): the union of their masks, None when the text has no such line.
+
+    The union, because with strict placement (``--cpu-strict 1``) llama.cpp narrows single threads, its main
+    thread included, to one CPU of the process's set: the main thread alone would report one CPU."""
+    found: set[int] = set()
+    seen = False
     for line in proc_status.splitlines():
         if line.startswith("Cpus_allowed_list:"):
-            return parse_cpu_list(line.split(":", 1)[1])
-    return None
+            found.update(parse_cpu_list(line.split(":", 1)[1]))
+            seen = True
+    return tuple(sorted(found)) if seen else None
+
+
+def threads_status(pid: int) -> str:
+    """``/proc/<pid>/task/*/status`` of every thread, concatenated (a thread that ends meanwhile is skipped);
+    read with :func:`cpus_allowed`."""
+    texts = []
+    for path in sorted(Path(f"/proc/{pid}/task").glob("*/status")):
+        try:
+            texts.append(path.read_text())
+        except OSError:
+            continue
+    return "".join(texts)
 
 
 def model_file_names(files: Iterable[str | Path]) -> tuple[str, ...]:

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 from process_support import session_processes
 
-from tuner.config import RunConfig
+from tuner.config import RunConfig, format_cpu_list
 from tuner.errors import TrialFailed, UserError
 from tuner.live.control import TrialStartFailed
 from tuner.live.local import LocalServer, ServerSpec
 from tuner.live.measure import Guards, Heartbeat, LiveMeasurer, LiveObjective, LiveSettings
 from tuner.live.workload import make_request_mix
+from tuner.model_pages import cpus_allowed, threads_status
+from tuner.server.client import complete
 from tuner.server.process import free_port
 from tuner.stats import StopRule
 
@@ -61,6 +63,25 @@ def test_trial_and_baseline_configurations_swap(server: LocalServer) -> None:
     assert oom_score_adj(server) == "1000"
     server.restore_baseline()
     assert "--parallel 1" in running_args(server) and oom_score_adj(server) == inherited
+
+
+def test_a_strictly_placed_trial_is_placed_as_asked(server: LocalServer) -> None:
+    """llama.cpp narrows the main thread of a ``--cpu-strict 1`` server to one CPU: the placement read-back takes
+    every thread's mask, so the trial starts instead of failing as "not placed as asked"."""
+    cpus = tuple(sorted(os.sched_getaffinity(0)))[:2]
+    if len(cpus) < 2:
+        pytest.skip("strict placement needs two CPUs this process may use")
+    server.apply(RunConfig(threads=2, threads_batch=2, cpus=cpus, placement="compact", cpu_strict=True,
+                           ctx_size=1024))
+    assert "--cpu-strict 1" in running_args(server)
+    assert server.last_applied["cpus_allowed"] == format_cpu_list(cpus)
+    # Once it has computed, the main thread alone says one CPU; every thread's mask together says the set.
+    complete(f"http://127.0.0.1:{server.spec.port}", "Hello", 4)
+    pid = server.server_pid()
+    assert pid is not None
+    assert len(cpus_allowed(Path(f"/proc/{pid}/status").read_text()) or ()) == 1
+    assert cpus_allowed(threads_status(pid)) == cpus
+    server.restore_baseline()
 
 
 def test_dead_man_switch_restores_the_baseline_when_the_controller_goes_quiet(server: LocalServer) -> None:

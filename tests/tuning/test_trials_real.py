@@ -88,6 +88,19 @@ def test_a_trial_measures_pp_and_tg(model_path: Path, tmp_path: Path, spec: Spec
     assert outcome.stop_reason in ("ci-narrow", "max-samples")
 
 
+def test_a_strictly_placed_trial_is_read_back_on_its_whole_cpu_set(model_path: Path, tmp_path: Path,
+                                                                   spec: SpecMaker) -> None:
+    """``--cpu-strict 1`` narrows llama.cpp's main thread to one CPU of the set: the read-back takes every thread's
+    mask, so the trial is measured, not failed as "runs on CPU 0, not the trial's 0-1"."""
+    cpus = tuple(sorted(os.sched_getaffinity(0)))[:2]
+    if len(cpus) < 2:
+        pytest.skip("strict placement needs two CPUs this process may use")
+    config = RunConfig(threads=2, threads_batch=2, cpus=cpus, placement="compact", cpu_strict=True)
+    outcome = run_trial(spec(model_path, config), timeout_s=120, log_path=tmp_path / "t.log")
+    assert outcome.applied["cpus"] == list(cpus)
+    assert all(v > 0 for v in outcome.values)
+
+
 def test_tg_objective_still_reports_pp(model_path: Path, tmp_path: Path, spec: SpecMaker) -> None:
     outcome = run_trial(spec(model_path, RunConfig(threads=1, threads_batch=1)), timeout_s=120,
                         log_path=tmp_path / "t.log")

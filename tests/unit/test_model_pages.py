@@ -30,6 +30,7 @@ from tuner.model_pages import (
     page_placement,
     page_reset_blocked,
     placement_problem,
+    threads_status,
 )
 from tuner.model_pages import resident_bytes as counted_resident_bytes
 from tuner.trial.protocol import TrialSpec
@@ -74,6 +75,11 @@ def test_the_cpus_a_process_may_use_are_read_from_its_status() -> None:
     assert cpus_allowed("Name:\tx\n") is None
     here = cpus_allowed(Path("/proc/self/status").read_text())
     assert here is not None and set(here) == os.sched_getaffinity(0)
+    # every thread's status: strict placement narrows single threads, the main one included, to one CPU
+    threads = "Name:\tllama-server\nCpus_allowed_list:\t4\n" + "Cpus_allowed_list:\t4,6\n" + "Cpus_allowed_list:\t6\n"
+    assert cpus_allowed(threads) == (4, 6)
+    assert cpus_allowed(threads_status(os.getpid())) == tuple(sorted(os.sched_getaffinity(0)))
+    assert threads_status(2**22 + 1) == "", "a process that is gone has no threads"
 
 
 def test_pages_are_dropped_only_on_a_numa_host_and_only_when_the_placement_changes() -> None:

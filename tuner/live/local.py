@@ -48,6 +48,7 @@ from tuner.model_pages import (
     page_placement,
     placement_problem,
     policy_nodes,
+    threads_status,
 )
 from tuner.probe.collect import read_host
 from tuner.probe.host import Topology
@@ -318,7 +319,7 @@ class LocalServer:
         if pid is None:
             return
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            status = threads_status(pid)
             numa_maps = Path(f"/proc/{pid}/numa_maps").read_text()
         except OSError:
             return  # it exited meanwhile: the next window's requests fail the trial

@@ -336,7 +336,7 @@ class SystemdServer:
         out = self._shell().run(
             f"pid=$(systemctl show -p MainPID --value {self.service}.service); [ \"${{pid:-0}}\" -gt 0 ] || exit 0\n"
             f"cat /proc/$pid/cmdline; echo; echo {_STATE_MARK}\n"
-            f"cat /proc/$pid/status; echo {_STATE_MARK}\n"
+            f"cat /proc/$pid/task/*/status 2>/dev/null; echo {_STATE_MARK}\n"
             f"for f in {files}; do readlink -f \"$f\"; done; echo {_STATE_MARK}\n"
             f"grep -F file= /proc/$pid/numa_maps || true\n", check=False, timeout=30).stdout
         parts = out.split(_STATE_MARK + "\n")

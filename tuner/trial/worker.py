@@ -29,7 +29,14 @@ from typing import Any, TextIO
 
 from tuner.config import RunConfig
 from tuner.model.gguf_file import inspect_model
-from tuner.model_pages import MappedPages, mapped_pages, model_file_names, placement_problem
+from tuner.model_pages import (
+    MappedPages,
+    cpus_allowed,
+    mapped_pages,
+    model_file_names,
+    placement_problem,
+    threads_status,
+)
 from tuner.server.client import complete, model_meta
 from tuner.server.identity import identify
 from tuner.server.process import ServerProcess
@@ -196,7 +203,7 @@ def run(spec: TrialSpec, emit: Callable[..., None]) -> None:
     with server:  # started here, stopped (whole process group) on the way out
         server.wait_healthy(timeout_s=LOAD_TIMEOUT_S)
         load_seconds = time.perf_counter() - started
-        server_cpus = tuple(sorted(os.sched_getaffinity(server.pid)))
+        server_cpus = cpus_allowed(threads_status(server.pid)) or ()
         if server_cpus != applied_cpus:
             raise WorkerError(f"llama-server runs on CPUs {list(server_cpus)}, not the trial's {list(applied_cpus)}")
         pages = model_pages_of(server.pid, spec, config)
