@@ -7,4 +7,8 @@ MIN_EFFECT = 0.01  # the smallest speed-up worth a configuration change (1 %)
 CANDIDATES = 3  # the best trials measured again against the baseline
 BENCHMARK_VERIFY_SAMPLES = 5  # measurements per benchmark verification run
 LIVE_VERIFY_WINDOWS = 3  # workload windows per live verification run
+# A candidate whose server took longer than this many times the baseline's load (and LOAD_SLACK_S more) to come
+# up healthy is not proven: a faster token rate must not hide a start ten times slower (repacking, load modes).
+MAX_LOAD_FACTOR = 3.0
+LOAD_SLACK_S = 5.0  # small models load in under a second, and a busy host adds seconds of noise
 RESERVE_MAX_FRACTION = 0.4  # the most of a budget the proof may reserve when a search shares it

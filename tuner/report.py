@@ -30,7 +30,7 @@ from tuner.config import format_cpu_list
 from tuner.result import METRIC_LABELS, metric_names
 from tuner.roofline import bandwidth_phrase
 from tuner.study import is_baseline, quiet_optuna
-from tuner.summary import CONFIG_COLUMNS
+from tuner.summary import CONFIG_COLUMNS, load_line
 
 COLORS = {"baseline": "#6c757d", "chosen": "#0b7a3e", "search": "#1f77b4", "pruned": "#ff7f0e", "failed": "#d62728"}
 SYNTHETIC_PHRASE = (", <b>synthetic</b>: random weights in the real model's shape, so the speeds hold and the "
@@ -298,6 +298,9 @@ def build_report(result: dict[str, Any], study: optuna.Study) -> str:
     parts.append("<h2>Measured</h2>")
     parts.append(_table([(METRIC_LABELS.get(n, n), _ci(result["baseline"].get(n)), _ci(result["chosen"].get(n)))
                          for n in metric_names(result)], ("median [95% CI]", "baseline", "chosen")))
+    load = load_line(result)
+    if load:
+        parts.append(f"<p>Server start (to healthy, median): {html.escape(load)}</p>")
     complete, importances = importances_of(study)
     figures: list[tuple[str, Callable[[], Figure | None]]] = [
         ("Baseline vs. chosen", lambda: throughput_figure(result)),

@@ -32,6 +32,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.config import RunConfig
 from tuner.errors import UserError
 from tuner.paths import data_dir, default_storage_url
+from tuner.proof_defaults import LOAD_SLACK_S
 from tuner.resilient_storage import ResilientRDBStorage, causes
 from tuner.store import (
     check_schema,
@@ -295,6 +296,42 @@ def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
     """The completed baseline trial, if any (the latest if it was retried)."""
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if is_baseline(t)]
     return done[-1] if done else None
+
+
+def load_seconds_of(trial: FrozenTrial) -> float | None:
+    """Seconds from the trial's server start to healthy, as its outcome recorded them."""
+    load = (trial.user_attrs.get("outcome") or {}).get("load_seconds")
+    return float(load) if isinstance(load, int | float) and load > 0 else None
+
+
+def load_limit(baseline_load_s: float | None, factor: float) -> float | None:
+    """The slowest start a candidate may have: ``factor`` times the baseline's, and never less than
+    :data:`LOAD_SLACK_S` over it. None: no bound (``factor`` 0, or the baseline's load is unknown)."""
+    if factor <= 0 or not baseline_load_s:
+        return None
+    return max(factor * baseline_load_s, baseline_load_s + LOAD_SLACK_S)
+
+
+def load_within(study: optuna.Study, factor: float) -> Callable[[FrozenTrial], bool] | None:
+    """Whether a trial's server came up within :func:`load_limit` of the study's baseline (None: no bound)."""
+    base = baseline_trial(study)
+    limit = load_limit(load_seconds_of(base) if base is not None else None, factor)
+    if limit is None:
+        return None
+
+    def within(trial: FrozenTrial) -> bool:
+        load = load_seconds_of(trial)
+        return load is None or load <= limit
+
+    return within
+
+
+def both(first: Callable[[FrozenTrial], bool] | None,
+         second: Callable[[FrozenTrial], bool] | None) -> Callable[[FrozenTrial], bool] | None:
+    """Eligible under both rules (either may be None: no rule)."""
+    if first is None or second is None:
+        return first or second
+    return lambda trial: first(trial) and second(trial)
 
 
 def best_trials(study: optuna.Study, k: int, *,

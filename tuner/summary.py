@@ -94,6 +94,16 @@ def failures_table(study: optuna.Study, *, limit: int = 10) -> Table | None:
     return table
 
 
+def load_line(result: dict[str, Any]) -> str | None:
+    """``baseline 0.4 s   chosen 0.5 s (x1.25)``: how long each configuration's server took to come up healthy
+    (median of the proof's runs), so a faster token rate never hides a slower start. None for a result file
+    written before it was recorded."""
+    base, chosen = result["baseline"].get("load_seconds"), result["chosen"].get("load_seconds")
+    if not base or not chosen:
+        return None
+    return f"baseline {base:.1f} s   chosen {chosen:.1f} s (x{chosen / base:.2f})"
+
+
 def result_table(result: dict[str, Any]) -> Group:
     verdict = Table(title=f"result: {result['verdict']}", title_justify="left", show_header=False)
     verdict.add_column("what")
@@ -102,6 +112,9 @@ def result_table(result: dict[str, Any]) -> Group:
     for name in metric_names(result):
         baseline, chosen = _ci(result["baseline"].get(name)), _ci(result["chosen"].get(name))
         verdict.add_row(METRIC_LABELS.get(name, name), f"baseline {baseline}   chosen {chosen}")
+    load = load_line(result)
+    if load:
+        verdict.add_row("server start", load)
     roof = result.get("roofline")
     if roof:
         verdict.add_row("bandwidth roofline",

@@ -33,7 +33,7 @@ from tuner.probe.bandwidth import DEFAULT_SECONDS as DEFAULT_BANDWIDTH_SECONDS
 from tuner.probe.bandwidth_cache import measure_and_record
 from tuner.probe.host import BandwidthResult, HostProbe
 from tuner.progress import TuneProgress
-from tuner.proof_defaults import ALPHA, BENCHMARK_VERIFY_SAMPLES, CANDIDATES, MIN_EFFECT
+from tuner.proof_defaults import ALPHA, BENCHMARK_VERIFY_SAMPLES, CANDIDATES, MAX_LOAD_FACTOR, MIN_EFFECT
 from tuner.report import write_report
 from tuner.result import assemble_result, host_block, model_block, write_result
 from tuner.roofline import Roofline, mean_context_depth, roofline
@@ -55,9 +55,12 @@ from tuner.study import (
     StudyBinding,
     baseline_trial,
     best_trials,
+    both,
     enqueue_baseline,
     fail_stale_trials,
     is_baseline,
+    load_seconds_of,
+    load_within,
     open_storage,
     open_study,
 )
@@ -81,6 +84,7 @@ class TuneRequest:
     verify_samples: int = BENCHMARK_VERIFY_SAMPLES
     alpha: float = ALPHA
     min_effect: float = MIN_EFFECT
+    max_load_factor: float = MAX_LOAD_FACTOR
     search_kv_cache: bool = True
     max_measure_seconds: float | None = None  # None: derived from the budget, see measure_cap()
     seed: int | None = None
@@ -356,19 +360,28 @@ class ProofSettings:
     alpha: float = ALPHA
     min_effect: float = MIN_EFFECT
     seed: int = 0
+    max_load_factor: float = MAX_LOAD_FACTOR  # 0: no bound on a candidate's load time
 
     @classmethod
     def of(cls, request: TuneRequest, stop: StopRule) -> ProofSettings:
         return cls(stop=stop, samples=request.verify_samples, alpha=request.alpha, min_effect=request.min_effect,
-                   seed=request.seed or 0)
+                   seed=request.seed or 0, max_load_factor=request.max_load_factor)
 
 
 def verify_candidates(study: optuna.Study, baseline: RunConfig, measurer: MeasurerLike, progress: TuneProgress,
                       deadline: float, run_cost: float, k: int, proof: ProofSettings,
                       eligible: Callable[[FrozenTrial], bool] | None = None) -> Verification:
     """The study's ``k`` best distinct (and ``eligible``) configurations against the baseline, interleaved,
-    until ``deadline``. Candidates are rebuilt from the configuration each trial recorded."""
-    top = best_trials(study, k, eligible=eligible)
+    until ``deadline``. Candidates are rebuilt from the configuration each trial recorded. A trial whose server
+    took longer to come up than the load bound allows (:func:`tuner.study.load_limit`) is left out, and said so:
+    a faster token rate never hides a start several times slower."""
+    top = best_trials(study, k, eligible=both(eligible, load_within(study, proof.max_load_factor)))
+    for slow in sorted(set(t.number for t in best_trials(study, k, eligible=eligible)) - {t.number for t in top}):
+        trial = study.trials[slow]
+        base = baseline_trial(study)
+        progress.event(f"trial {slow} is left out of the proof: its server took {load_seconds_of(trial) or 0:.1f} s "
+                       f"to come up against the baseline's {load_seconds_of(base) if base else 0:.1f} s "
+                       f"(more than x{proof.max_load_factor:g}; --max-load-factor 0 lifts the bound)")
     candidates = [(f"trial-{t.number}", RunConfig.from_dict(
         t.user_attrs["config"], origin=f"trial {t.number} of study {study.study_name}"), t.number) for t in top]
     if not candidates:

@@ -12,6 +12,7 @@ baseline stands and nothing is written.
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,12 @@ class Arm:
     samples: dict[str, list[float]] = field(default_factory=dict)  # every run's samples, by metric
     failure: str | None = None
     comparison: Comparison | None = None
+    load_seconds: list[float] = field(default_factory=list)  # each run's start to healthy
+
+    @property
+    def load_median_s(self) -> float | None:
+        """The median time this configuration's server took to come up healthy (None: not recorded)."""
+        return statistics.median(self.load_seconds) if self.load_seconds else None
 
     @classmethod
     def from_search(cls, label: str, config: RunConfig, trial_number: int, outcome: dict[str, Any]) -> Arm:
@@ -44,10 +51,14 @@ class Arm:
         arm.round_values = [summarize(outcome["values"]).median]
         for name in sorted(set(outcome["series"]) | set(outcome["info"])):
             arm.samples[name] = list(outcome["series"].get(name) or outcome["info"].get(name) or [])
+        if outcome.get("load_seconds"):
+            arm.load_seconds = [float(outcome["load_seconds"])]
         return arm
 
     def add(self, outcome: TrialOutcome) -> None:
         self.round_values.append(outcome.value)
+        if outcome.load_seconds > 0:
+            self.load_seconds.append(outcome.load_seconds)
         for name in outcome.metric_names:
             self.samples.setdefault(name, []).extend(outcome.metric(name))
 
@@ -63,6 +74,7 @@ class Arm:
             "round_values": self.round_values,
             "failure": self.failure,
             "comparison": self.comparison.to_dict() if self.comparison else None,
+            "load_seconds": self.load_median_s,
         }
         for name in sorted(self.samples):
             summary = self.metric(name)

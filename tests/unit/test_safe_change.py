@@ -91,7 +91,8 @@ def test_hostile_results_are_refused_and_the_file_stays_byte_identical(
 def test_a_poisoned_study_row_is_refused_before_anything_is_rendered() -> None:
     """A configuration read back from a (shared) study store is validated before it becomes a command line or a
     unit file: the candidates of a proof are rebuilt through RunConfig.from_dict."""
-    from tuner.tune import verify_candidates
+    from tuner.stats import StopRule
+    from tuner.tune import ProofSettings, verify_candidates
 
     study = optuna.create_study(study_name="poisoned", direction="maximize")
     trial = study.ask()
@@ -104,7 +105,8 @@ def test_a_poisoned_study_row_is_refused_before_anything_is_rendered() -> None:
             raise AssertionError("nothing may be measured or rendered from a poisoned row")
 
     with pytest.raises(UserError, match=r"trial 0 of study poisoned: cache_type_v must be one of"):
-        verify_candidates(study, WINNER, NeverMeasured(), None, 0.0, 1.0, 3, None)  # type: ignore[arg-type]
+        verify_candidates(study, WINNER, NeverMeasured(), None, 0.0, 1.0, 3,  # type: ignore[arg-type]
+                          ProofSettings(stop=StopRule()))
 
 
 def test_a_benchmark_result_keeps_the_deployments_slots_batching_and_context(tmp_path: Path) -> None:

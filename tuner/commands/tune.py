@@ -33,6 +33,16 @@ if TYPE_CHECKING:
 EXIT_INTERRUPTED = 130
 
 
+def non_negative_factor(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a factor of 0 or more (e.g. 3; 0 = no bound)")
+    return value
+
+
 def add_proof_arguments(parser: argparse.ArgumentParser) -> None:
     """The proof's knobs, shared by ``tune``/``apply`` and ``fleet finish`` (defaults: tuner.proof_defaults)."""
     parser.add_argument("--candidates", type=int, default=proof_defaults.CANDIDATES,
@@ -42,6 +52,10 @@ def add_proof_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-effect", type=float, default=proof_defaults.MIN_EFFECT,
                         help="smallest speed-up worth a configuration change "
                              f"({proof_defaults.MIN_EFFECT} = {proof_defaults.MIN_EFFECT * 100:g}%%)")
+    parser.add_argument("--max-load-factor", type=non_negative_factor, default=proof_defaults.MAX_LOAD_FACTOR,
+                        help="leave out of the proof a candidate whose server takes longer than this many times the "
+                             f"baseline's to come up, and {proof_defaults.LOAD_SLACK_S:g} s more "
+                             f"({proof_defaults.MAX_LOAD_FACTOR:g}; 0 = no bound)")
 
 
 def register(sub: Any) -> None:
@@ -97,6 +111,7 @@ def request_from_args(args: argparse.Namespace) -> TuneRequest:
         candidates=args.candidates,
         alpha=args.alpha,
         min_effect=args.min_effect,
+        max_load_factor=args.max_load_factor,
         search_kv_cache=not args.no_kv_quant,
         max_measure_seconds=args.max_measure,
         seed=args.seed,
