@@ -7,8 +7,8 @@ Dimensions that cannot matter are not searched, so the sampler spends its trials
 * NUMA mode and memory policy only with more than one NUMA node;
 * generation threads only when tg is measured, batch threads and batch sizes only when pp is;
 * mlock only when this process may lock the whole model in memory;
-* the OpenMP wait policy and weight repacking only when the build that will serve offers them
-  (:mod:`tuner.build_knobs`, read from the binary).
+* the OpenMP wait policy, weight repacking and strict placement only when the build that will serve offers
+  them (:mod:`tuner.build_knobs`, read from the binary), strict placement only for pinned configurations.
 
 Invalid combinations are excluded by construction, never scored: the CPU mask is chosen for the larger of
 the two thread counts, ``n_ubatch <= n_batch`` holds by the order of sampling, a quantized V cache is only
