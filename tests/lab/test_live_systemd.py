@@ -304,6 +304,9 @@ def test_the_target_is_read_from_the_host(remote: tuple[InventoryConnection, Tar
     assert [node.cpus for node in target.probe.topology.nodes] == [(0, 2), (4, 6)]  # SMT off, 2 nodes
     assert target.usable_cpus == (2, 4, 6), "trials pin only the inference CPUs (CPU 0 keeps the housekeeping)"
     assert target.numa_blocked is None
+    # what the unit's build offers, read from its system_info and its --help on the host
+    assert target.knobs is not None
+    assert (target.knobs.omp_wait_policy, target.knobs.repack, target.knobs.cpu_strict) == (True, True, True)
     assert target.probe.hostname != os.uname().nodename
     assert connection.control.describe() == f"{UNIT}.service on {connection.control.shell.name}"
     assert connection.control.api_key  # read from the unit's key file, as root
@@ -312,8 +315,9 @@ def test_the_target_is_read_from_the_host(remote: tuple[InventoryConnection, Tar
 def test_a_trial_drop_in_is_applied_and_removed(served: Lab, remote: tuple[InventoryConnection, Target]) -> None:
     connection, target = remote
     assert target.deployed is not None
+    # The unit sets OMP_WAIT_POLICY=ACTIVE; a trial that leaves it unset must run without it (UnsetEnvironment=).
     trial = dataclasses.replace(target.deployed, threads=1, threads_batch=1, cpus=(2,), memory_policy="default",
-                                load_mode="mmap", parallel=2, ctx_size=1024)
+                                load_mode="mmap", parallel=2, ctx_size=1024, omp_wait_policy="default")
     connection.control.apply(trial)
     state = server_state(served)
     assert state["dropin"] == "present" and runs(state, trial) and state["health"] == "200"
