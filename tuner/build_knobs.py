@@ -1,6 +1,6 @@
 """Which build-dependent settings a llama-server build offers, read from the build itself.
 
-Two settings move CPU throughput and exist only in some builds:
+Three settings move CPU throughput and exist only in some builds:
 
 * **the OpenMP wait policy.** An OpenMP build (``OPENMP = 1`` in llama.cpp's ``system_info``) runs its
   threads in libgomp, which reads ``OMP_WAIT_POLICY`` from the environment: ACTIVE keeps idle threads
@@ -9,7 +9,6 @@ Two settings move CPU throughput and exist only in some builds:
 * **weight repacking.** A build with repacked CPU kernels (``REPACK = 1``) rearranges quantized weights at load
   time for faster matrix kernels; ``--no-repack`` turns that off. It speeds prompt processing, moves
   generation either way, and can stretch the load a lot: worth a measurement, not a default.
-
 * **strict placement.** ``--cpu-strict 1`` with a ``--cpu-mask`` pins each of llama.cpp's threads to its own
   CPU of the mask (read back on this machine from an OpenMP build: the compute threads each get one CPU), where
   the process's affinity alone lets them move within the set. Offered when the help has both flags; searched
