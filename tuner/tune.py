@@ -376,12 +376,14 @@ def verify_candidates(study: optuna.Study, baseline: RunConfig, measurer: Measur
     took longer to come up than the load bound allows (:func:`tuner.study.load_limit`) is left out, and said so:
     a faster token rate never hides a start several times slower."""
     top = best_trials(study, k, eligible=both(eligible, load_within(study, proof.max_load_factor)))
-    for slow in sorted(set(t.number for t in best_trials(study, k, eligible=eligible)) - {t.number for t in top}):
-        trial = study.trials[slow]
-        base = baseline_trial(study)
-        progress.event(f"trial {slow} is left out of the proof: its server took {load_seconds_of(trial) or 0:.1f} s "
-                       f"to come up against the baseline's {load_seconds_of(base) if base else 0:.1f} s "
-                       f"(more than x{proof.max_load_factor:g}; --max-load-factor 0 lifts the bound)")
+    kept = {t.number for t in top}
+    slow = [t for t in best_trials(study, k, eligible=eligible) if t.number not in kept]
+    base = baseline_trial(study) if slow else None
+    for trial in slow:
+        progress.event(f"trial {trial.number} is left out of the proof: its server took "
+                       f"{load_seconds_of(trial) or 0:.1f} s to come up against the baseline's "
+                       f"{load_seconds_of(base) if base else 0:.1f} s (more than x{proof.max_load_factor:g}; "
+                       "--max-load-factor 0 lifts the bound)")
     candidates = [(f"trial-{t.number}", RunConfig.from_dict(
         t.user_attrs["config"], origin=f"trial {t.number} of study {study.study_name}"), t.number) for t in top]
     if not candidates:
