@@ -13,10 +13,12 @@ can read a result and type it into llama-server by hand.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal, get_args
 
+from tuner import cpu_lists
+from tuner.cpu_lists import MAX_CPU_ID, cpu_mask, format_cpu_list
 from tuner.errors import UserError
 
 NumaMode = Literal["none", "distribute", "isolate", "numactl"]
@@ -49,7 +51,6 @@ RUN_KINDS: tuple[str, ...] = get_args(RunKind)
 
 # Bounds on every integer setting. They are far past any real host (the kernel allows 8192 CPUs), and they keep a
 # value read from a result file or a shared study store from reaching a unit file or a command line unchecked.
-MAX_CPU_ID = 8191
 _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "threads": (1, MAX_CPU_ID + 1), "threads_batch": (1, MAX_CPU_ID + 1),
     "batch_size": (1, 1 << 20), "ubatch_size": (1, 1 << 20),
@@ -67,55 +68,12 @@ KEY_OPTIONAL_FIELDS = frozenset({"repack", "omp_wait_policy", "cpu_strict"})
 MAX_MASK_CPU = 511
 
 
-def format_cpu_list(cpus: Iterable[int]) -> str:
-    """``[0, 1, 2, 3, 8, 10]`` -> ``"0-3,8,10"``, the kernel's and systemd's CPU list syntax."""
-    ordered = sorted(set(cpus))
-    parts: list[str] = []
-    start = prev = None
-    for cpu in ordered:
-        if start is None:
-            start = prev = cpu
-        elif prev is not None and cpu == prev + 1:
-            prev = cpu
-        else:
-            parts.append(f"{start}-{prev}" if start != prev else f"{start}")
-            start = prev = cpu
-    if start is not None:
-        parts.append(f"{start}-{prev}" if start != prev else f"{start}")
-    return ",".join(parts)
-
-
 def parse_cpu_list(text: str) -> tuple[int, ...]:
     """Parse ``"0-3,8,10"`` (the format of /sys/.../cpulist). Empty text is the empty set."""
-    cpus: set[int] = set()
-    text = text.strip()
-    if not text:
-        return ()
-    for raw_part in text.split(","):
-        part = raw_part.strip()
-        try:
-            if not part or not part.replace("-", "").isdigit() or not part.isascii():
-                raise ValueError(part)
-            if "-" in part:
-                lo_s, hi_s = part.split("-", 1)
-                lo, hi = int(lo_s), int(hi_s)
-                if lo > hi or lo < 0 or hi > MAX_CPU_ID:
-                    raise ValueError(part)
-                cpus.update(range(lo, hi + 1))
-            else:
-                value = int(part)
-                if value < 0 or value > MAX_CPU_ID:
-                    raise ValueError(part)
-                cpus.add(value)
-        except ValueError:
-            raise UserError(f"malformed CPU list {text!r} (bad part {part!r})",
-                            f"write CPU lists like '0-7,16-23', CPU ids 0 to {MAX_CPU_ID}") from None
-    return tuple(sorted(cpus))
-
-
-def cpu_mask(cpus: Iterable[int]) -> str:
-    """``[4, 6]`` -> ``"0x50"``: llama.cpp's ``--cpu-mask`` (hex, the highest CPU in the first digit)."""
-    return hex(sum(1 << cpu for cpu in set(cpus)))
+    try:
+        return cpu_lists.parse_cpu_list(text)
+    except cpu_lists.CpuListError as exc:
+        raise UserError(str(exc), f"write CPU lists like '0-7,16-23', CPU ids 0 to {MAX_CPU_ID}") from None
 
 
 def plain_scalar(value: Any) -> Any:

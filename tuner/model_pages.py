@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
+from tuner.config import RunConfig, parse_cpu_list
+from tuner.cpu_lists import format_cpu_list
 from tuner.probe.host import Topology
 
 PlacementKey = tuple[Any, ...]

@@ -26,7 +26,7 @@ from optuna.importance import BaseImportanceEvaluator, PedAnovaImportanceEvaluat
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.atomic import write_atomic
-from tuner.config import format_cpu_list
+from tuner.cpu_lists import format_cpu_list
 from tuner.result import METRIC_LABELS, metric_names
 from tuner.roofline import bandwidth_phrase
 from tuner.study import is_baseline, quiet_optuna

@@ -20,7 +20,8 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from tuner.config import format_cpu_list, parse_cpu_list
+from tuner.config import parse_cpu_list
+from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")

@@ -33,7 +33,7 @@ from ruamel.yaml import YAML
 
 from tuner.config import RunConfig
 
-ROLE_FILTERS = Path(__file__).resolve().parents[2] / "roles" / "llama_server" / "filter_plugins"
+ROLE_FILTERS = Path(__file__).resolve().parents[2] / "plugins" / "filter"
 
 INSTANCE = "aws:ec2/instance:Instance"
 SECURITY_GROUP = "aws:ec2/securityGroup:SecurityGroup"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 from labkit import Lab, converged_disks_dir, converged_record, wanted_lab_vars
+from role_support import BIN, build_collection
 
 from tuner.lab.image import lab_cache_dir
 from tuner.lab.instance import LabInstance, LabState
@@ -36,6 +38,27 @@ from tuner.lab.spec import ImageRecipe, MachineSpec
 def shared_lab_cache() -> None:
     """Share the lab image across sessions (the suite's LLAMAHOST_HOME is thrown away every run)."""
     os.environ.setdefault("LLAMAHOST_LAB_CACHE", str(Path.home() / ".cache" / "llamahost" / "lab"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def built_collection(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The roles as users get them: ``ansible-galaxy collection build`` of this checkout, installed into a
+    throw-away collections path that every playbook of the session uses (ANSIBLE_COLLECTIONS_PATH outranks
+    ansible.cfg's link to the checkout). A file the build leaves out fails the lab, not a user."""
+    root = tmp_path_factory.mktemp("collection")
+    tarball = build_collection(root / "dist")
+    installed = root / "collections"
+    subprocess.run([str(BIN / "ansible-galaxy"), "collection", "install", "--offline", "--no-deps", "--force",
+                    "-p", str(installed), str(tarball)], check=True, capture_output=True, text=True, timeout=300)
+    before = os.environ.get("ANSIBLE_COLLECTIONS_PATH")
+    os.environ["ANSIBLE_COLLECTIONS_PATH"] = str(installed)
+    try:
+        yield installed / "ansible_collections" / "llamahost" / "host"
+    finally:
+        if before is None:
+            os.environ.pop("ANSIBLE_COLLECTIONS_PATH", None)
+        else:
+            os.environ["ANSIBLE_COLLECTIONS_PATH"] = before
 
 
 @pytest.fixture(scope="session")

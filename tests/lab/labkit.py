@@ -78,7 +78,7 @@ class PlaybookRun:
 # Converged lab disks kept between test sessions, newest first; each is ~150-300 MB.
 CONVERGED_DISKS_KEPT = 2
 # What a site.yml converge of the lab depends on, besides the variables and the image.
-CONVERGE_INPUTS = ("roles", "playbooks", "ansible.cfg", "requirements.yml")
+CONVERGE_INPUTS = ("roles", "plugins", "meta", "galaxy.yml", "playbooks", "ansible.cfg", "requirements.yml")
 
 
 def converged_disks_dir() -> Path:

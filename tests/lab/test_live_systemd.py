@@ -28,7 +28,8 @@ import yaml
 from labkit import API_KEY, BIN, REPO, TUNED, Lab, short_tune_vars
 
 from tuner.cli import build_parser
-from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
+from tuner.config import RunConfig, parse_cpu_list
+from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
 from tuner.live.control import Target, TargetOptions, TrialStartFailed
 from tuner.live.measure import Heartbeat

@@ -26,13 +26,13 @@ from typing import Any
 
 import pytest
 import yaml
-from role_support import BIN, ROLE, load_plugin, run_module, run_playbook
+from role_support import BIN, PLUGINS, ROLE, load_plugin, run_module, run_playbook
 
 from tuner.model.checksum import cached_sha256
 from tuner.model.gguf_file import inspect_model
 
-SHARDS = load_plugin(ROLE / "filter_plugins" / "model_shards.py")
-FETCH = ROLE / "library" / "model_fetch.py"
+SHARDS = load_plugin(PLUGINS / "filter" / "model_shards.py")
+FETCH = PLUGINS / "modules" / "model_fetch.py"
 MIB = 1024 * 1024
 
 

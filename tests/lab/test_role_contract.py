@@ -25,7 +25,8 @@ from typing import Any
 import llama_cpp
 import pytest
 import yaml
-from role_support import COMMON, REPO, ROLE, load_plugin, run_playbook, run_plays
+from ansible.errors import AnsibleFilterError  # type: ignore[import-untyped]
+from role_support import PLUGINS, REPO, ROLE, load_plugin, run_playbook, run_plays
 from role_support import run_module as run_role_module
 
 from tuner.config import (
@@ -36,10 +37,9 @@ from tuner.config import (
     NUMA_MODES,
     OMP_WAIT_POLICIES,
     RunConfig,
-    cpu_mask,
-    format_cpu_list,
     parse_cpu_list,
 )
+from tuner.cpu_lists import cpu_mask, format_cpu_list
 from tuner.errors import UserError
 from tuner.safe_change import TUNED_BINARY_VAR
 from tuner.server.build import cmake_flags
@@ -408,32 +408,34 @@ def test_source_mode_builds_from_the_tuners_pinned_source_with_its_native_flags(
     assert DEFAULTS["llama_server_source_url"].endswith(f"llama_cpp_python-{pinned_version()}.tar.gz")
 
 
-CPU_LISTS = load_plugin(COMMON / "filter_plugins" / "cpu_lists.py")
+CPU_LIST_FILTERS = load_plugin(PLUGINS / "filter" / "cpu_lists.py").FilterModule().filters()
 
 
-@pytest.mark.parametrize("text", ["", "0", "0-3", "0-3,8,10-11", "7,1,3-4", "0-3,x", "4-2", "1,,2", "-1", "a"])
+@pytest.mark.parametrize("text", ["", "0", "0-3", "0-3,8,10-11", "7,1,3-4", "0-3,x", "4-2", "1,,2", "-1", "a", "9000"])
 def test_cpu_list_filters_read_cpu_lists_exactly_like_the_tuner(text: str) -> None:
     try:
         expected: tuple[int, ...] | None = parse_cpu_list(text)
     except UserError:
         expected = None
-    assert CPU_LISTS.cpu_list_ok(text) == (expected is not None)
+    assert CPU_LIST_FILTERS["cpu_list_ok"](text) == (expected is not None)
     if expected is not None:
-        assert tuple(CPU_LISTS.cpu_list(text)) == expected
-        assert CPU_LISTS.cpu_list_format(expected) == format_cpu_list(expected)
-        assert CPU_LISTS.cpu_mask(expected) == cpu_mask(expected)
-    assert CPU_LISTS.cpu_list("4 6") == [4, 6]  # systemctl show's spelling
+        assert tuple(CPU_LIST_FILTERS["cpu_list"](text)) == expected
+        assert CPU_LIST_FILTERS["cpu_list_format"](expected) == format_cpu_list(expected)
+        assert CPU_LIST_FILTERS["cpu_mask"](expected) == cpu_mask(expected)
+    else:
+        with pytest.raises(AnsibleFilterError, match="malformed CPU list"):
+            CPU_LIST_FILTERS["cpu_list"](text)
+    assert CPU_LIST_FILTERS["cpu_list"]("4 6") == [4, 6]  # systemctl show's spelling
 
 
 def test_exec_start_quoting_survives_spaces_percent_and_dollar() -> None:
-    exec_args = load_plugin(COMMON / "filter_plugins" / "systemd_exec.py").systemd_exec_args
+    exec_args = load_plugin(PLUGINS / "filter" / "systemd_exec.py").systemd_exec_args
     assert exec_args(["/bin/x", "--model", "/m/a b%.gguf", "$HOME", 'q"'] ) == \
         '/bin/x --model "/m/a b%%.gguf" "$$HOME" "q\\""'
 
 
 def run_module(name: str, args: dict[str, Any], tmp_path: Path, *, check_mode: bool = False) -> dict[str, Any]:
-    library = COMMON / "library" if name != "llama_server_health" else ROLE / "library"
-    return run_role_module(library / f"{name}.py", args, tmp_path, check_mode=check_mode)
+    return run_role_module(PLUGINS / "modules" / f"{name}.py", args, tmp_path, check_mode=check_mode)
 
 
 def test_sysfs_settings_applies_persists_and_honours_check_mode(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from process_support import session_processes
 
-from tuner.config import RunConfig, format_cpu_list
+from tuner.config import RunConfig
+from tuner.cpu_lists import format_cpu_list
 from tuner.errors import TrialFailed, UserError
 from tuner.live.control import TrialStartFailed
 from tuner.live.local import LocalServer, ServerSpec

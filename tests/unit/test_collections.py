@@ -25,6 +25,8 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 BUILTIN = {"ansible.builtin", "ansible.legacy"}
+# This repository is itself a collection (galaxy.yml): its own roles, modules and filters need no requirement.
+OWN = "{namespace}.{name}".format(**yaml.safe_load((REPO / "galaxy.yml").read_text()))
 FQCN = r"[a-z0-9_]+\.[a-z0-9_]+\.[a-z0-9_]+"
 # Where YAML names collection content: a task's module key, an inventory's connection, a filter, a lookup.
 YAML_USES = (re.compile(rf"^\s*(?:-\s+)?({FQCN}):", re.MULTILINE),
@@ -62,7 +64,7 @@ def collections_used(files: Iterable[Path], ansible_cfg: str, inventory_code: st
     found.append((REPO / "infra/llamahost_infra/inventory.py", set(SSM_CONNECTION.findall(inventory_code))))
     for path, names in found:
         for name in names:
-            if collection_of(name) not in BUILTIN:
+            if collection_of(name) not in BUILTIN | {OWN}:
                 used.setdefault(collection_of(name), set()).add(str(path.relative_to(REPO)))
     return used
 

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
+from tuner.config import RunConfig, parse_cpu_list
+from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
 
 

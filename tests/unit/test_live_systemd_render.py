@@ -58,7 +58,7 @@ ROLE_ARGV = ["/opt/llama-server/bin/llama-server", "--model", "/var/lib/llama-se
 
 
 def role_exec_filter() -> Any:
-    path = REPO / "roles" / "llamahost_common" / "filter_plugins" / "systemd_exec.py"
+    path = REPO / "plugins" / "filter" / "systemd_exec.py"
     spec = importlib.util.spec_from_file_location("systemd_exec", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.console import Console
 
-from tuner.config import format_cpu_list
+from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
 from tuner.output import console, human_bytes, print_json, table
 from tuner.probe.bandwidth import DEFAULT_SECONDS, BandwidthError

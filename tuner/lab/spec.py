@@ -24,7 +24,7 @@ import json
 import uuid
 from dataclasses import asdict, dataclass
 
-from tuner.config import format_cpu_list
+from tuner.cpu_lists import format_cpu_list
 
 # Everything the roles need must be on the disk: the guest has no route to any network (see
 # tuner.lab.machine), so `apt` in a role can only confirm that a package is installed.

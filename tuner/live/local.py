@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from tuner.atomic import write_atomic
-from tuner.config import RunConfig, format_cpu_list
+from tuner.config import RunConfig
+from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
 from tuner.host_lock import measuring_lock
 from tuner.live.control import TrialStartFailed

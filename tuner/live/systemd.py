@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from tuner.build_knobs import BuildKnobs, knobs_of
-from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
+from tuner.config import RunConfig, parse_cpu_list
+from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
 from tuner.inventory import read_host_variables
 from tuner.live.control import TrialStartFailed

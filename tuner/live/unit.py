@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tuner.config import SERVER_ENVIRONMENT_NAMES, RunConfig, format_cpu_list
+from tuner.config import SERVER_ENVIRONMENT_NAMES, RunConfig
+from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
 from tuner.host_lock import LOCK_NAME, SYSTEM_LOCK_DIRS
 from tuner.live.heartbeat import SHELL_WRITE

@@ -19,7 +19,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tuner.config import RunConfig, format_cpu_list, parse_cpu_list
+from tuner.config import RunConfig, parse_cpu_list
+from tuner.cpu_lists import format_cpu_list
 from tuner.durations import parse_duration
 from tuner.errors import UserError
 from tuner.inventory import read_host_variables

@@ -14,7 +14,8 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tuner.config import RunConfig, format_cpu_list
+from tuner.config import RunConfig
+from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
 from tuner.probe.collect import read_host
 

@@ -14,6 +14,7 @@ import re
 import shutil
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible_collections.llamahost.host.plugins.module_utils.cpu_lists import parse_cpu_list
 
 DOCUMENTATION = r"""
 module: host_topology
@@ -56,18 +57,9 @@ def read_int(path, default=None):
         return default
 
 
-def parse_cpu_list(text):
-    cpus = []
-    for part in (text or "").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "-" in part:
-            low, high = part.split("-", 1)
-            cpus.extend(range(int(low), int(high) + 1))
-        else:
-            cpus.append(int(part))
-    return sorted(set(cpus))
+def cpu_ids(text):
+    """A CPU list read from /sys or /proc as a sorted list of ids (empty when the file is missing)."""
+    return list(parse_cpu_list(text or ""))
 
 
 def selected(text):
@@ -90,7 +82,7 @@ def read_cpus(online):
             "id": cpu,
             "node": node_of(cpu),
             "socket": read_int(f"{base}/physical_package_id", 0),
-            "siblings": parse_cpu_list(siblings),
+            "siblings": cpu_ids(siblings),
         })
     return cpus
 
@@ -115,13 +107,13 @@ def node_memory_kib(node):
 
 
 def read_nodes(present):
-    node_ids = parse_cpu_list(read(f"{SYS_NODE}/online", "0"))
+    node_ids = cpu_ids(read(f"{SYS_NODE}/online", "0"))
     nodes = []
     for node in node_ids:
         base = f"{SYS_NODE}/node{node}"
         nodes.append({
             "id": node,
-            "cpus": parse_cpu_list(read(f"{base}/cpulist", "")),
+            "cpus": cpu_ids(read(f"{base}/cpulist", "")),
             "present_cpus": [cpu for cpu in present if node_of(cpu) == node],
             "memory_total_kib": node_memory_kib(node),
             "distances": [int(d) for d in (read(f"{base}/distance", "") or "").split()],
@@ -172,7 +164,7 @@ def hugetlbfs_mounts():
 def pid1_cpus():
     for line in (read("/proc/1/status", "") or "").splitlines():
         if line.startswith("Cpus_allowed_list:"):
-            return parse_cpu_list(line.split(":", 1)[1])
+            return cpu_ids(line.split(":", 1)[1])
     return []
 
 
@@ -181,13 +173,13 @@ def cgroup_cpus():
     out = {}
     for unit in ("init.scope", "system.slice", "user.slice"):
         text = read(f"/sys/fs/cgroup/{unit}/cpuset.cpus.effective")
-        out[unit] = parse_cpu_list(text) if text else []
+        out[unit] = cpu_ids(text)
     return out
 
 
 def topology():
-    present = parse_cpu_list(read(f"{SYS_CPU}/present", "0"))
-    online = parse_cpu_list(read(f"{SYS_CPU}/online", "0"))
+    present = cpu_ids(read(f"{SYS_CPU}/present", "0"))
+    online = cpu_ids(read(f"{SYS_CPU}/online", "0"))
     cpus = read_cpus(online)
     cores = sorted({tuple(cpu["siblings"]) for cpu in cpus})
     meminfo = read("/proc/meminfo", "") or ""
