@@ -85,7 +85,7 @@ def playbook_invocation(inventory: Path, store: Store, home: Path, *extra: str) 
     config = home / "ansible.cfg"  # the repository's adds a profiling callback that writes to stdout too
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text("[defaults]\nstdout_callback = ansible.posix.json\nretry_files_enabled = false\n"
-                      f"roles_path = {REPO / 'roles'}\n")
+                      f"collections_path = {REPO / '.collections'}\n")  # the llamahost.host collection
     env = {**os.environ, "LLAMAHOST_HOME": str(home), "ANSIBLE_CONFIG": str(config),
            "ANSIBLE_LOCAL_TEMP": str(home / "ansible-tmp"), "ANSIBLE_ASYNC_DIR": str(home / "ansible-async")}
     env.pop("LLAMAHOST_STORAGE", None)
