@@ -16,7 +16,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 ROLE = REPO / "roles" / "llama_server"
-COMMON = REPO / "roles" / "llamahost_common"
 # The collection's plugins, and the directory that makes the repository the llamahost.host collection (a link to
 # its root): modules and filters import the shared module_utils as ansible_collections.llamahost.host.
 PLUGINS = REPO / "plugins"

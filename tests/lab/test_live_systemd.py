@@ -158,9 +158,9 @@ print("uid", os.getuid())
 def test_an_on_host_run_moves_from_user_slice_into_the_servers_slice_onto_the_inference_cpus(served: Lab) -> None:
     """`--slice`, for real on the partitioned lab: a process started over SSH sits in user.slice on the
     housekeeping CPU 0; tuner.slice starts it again in llama-server.slice, as the same user, on CPUs 2,4,6.
-    (The module and its two stdlib-only imports are copied to the guest; the full tuner is not installed there.)"""
+    (The module and its stdlib-only imports are copied to the guest; the full tuner is not installed there.)"""
     served.ssh("rm -rf /tmp/llamahost-slice && mkdir -p /tmp/llamahost-slice/tuner")
-    for name in ("__init__.py", "errors.py", "config.py", "slice.py"):
+    for name in ("__init__.py", "errors.py", "cpu_lists.py", "config.py", "slice.py"):  # cpu_lists: a link, read
         served.ssh(f"cat > /tmp/llamahost-slice/tuner/{name}", stdin=(REPO / "tuner" / name).read_text())
     served.ssh("cat > /tmp/llamahost-slice/driver.py", stdin=SLICE_DRIVER)
     assert served.ssh("python3 -c 'import os; print(sorted(os.sched_getaffinity(0)))'").strip() == "[0]"
