@@ -9,8 +9,12 @@ module, for every file of the model at once:
   a HEAD request, or ``size`` when the caller knows it, as for a controller copy) and refuses when the
   volume that will hold the files has less room than they need, before the first byte is written;
 * ``state: present``: keeps a file whose sha256 is right; downloads any other to ``<path>.part`` beside
-  it, resuming a partial ``.part`` with an HTTP range request, checks the sha256 and the GGUF magic, then
-  renames it into place (fsynced). A wrong download is deleted; an interrupted one is kept for the next run.
+  it, resuming a partial ``.part`` with an HTTP range request, checks the sha256, then reads it as a GGUF
+  model with the tuner's own reader (``module_utils/gguf_reader``: a whole header, every tensor inside the
+  file, the shard in its place, an architecture in the first), and only then renames it into place
+  (fsynced). A wrong download is deleted; an interrupted one is kept for the next run. A pinned sha256
+  proves the bytes are the ones pinned, not that they are a model llama.cpp can load: a truncated upload or
+  a mislabelled shard has a sha256 too, and the unit must not point to it.
 
 An ``s3://bucket/key`` URL is fetched with the host's own AWS credentials (on EC2, the instance role): each
 request goes to a URL presigned for that one method by botocore on the host, so the download takes the same
@@ -27,6 +31,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.urls import open_url
+from ansible_collections.llamahost.host.plugins.module_utils.gguf_reader import model_file_problem
 
 DOCUMENTATION = r"""
 module: model_fetch
@@ -55,7 +60,6 @@ unchecked: {description: "Paths of s3:// files whose size is unknown without bot
 """
 
 CHUNK = 4 * 1024 * 1024
-GGUF_MAGIC = b"GGUF"
 S3_SCHEME = "s3://"
 # Long enough for one request to start; a resumed or later request is signed again.
 PRESIGNED_SECONDS = 900
@@ -149,11 +153,6 @@ def remote_size(module, url, timeout):
     return int(length)
 
 
-def has_magic(path):
-    with open(path, "rb") as handle:
-        return handle.read(len(GGUF_MAGIC)) == GGUF_MAGIC
-
-
 def fsync_directory(directory):
     descriptor = os.open(directory, os.O_RDONLY)
     try:
@@ -162,9 +161,9 @@ def fsync_directory(directory):
         os.close(descriptor)
 
 
-def download(module, entry, timeout):
-    """Download ``entry`` into ``<path>.part`` (resuming it), check it, rename it into place. Returns the
-    bytes that a partial download already held."""
+def download(module, entry, place, timeout):
+    """Download ``entry`` into ``<path>.part`` (resuming it), check it as shard ``place`` (number, count),
+    rename it into place. Returns the bytes that a partial download already held."""
     path, url, wanted = entry["path"], entry["url"], entry["sha256"].lower()
     part = path + ".part"
     have = size_on_disk(part)
@@ -213,9 +212,12 @@ def download(module, entry, timeout):
         os.unlink(part)
         module.fail_json(msg=f"{url} has sha256 {got}, not the pinned {wanted} (llama_server_model_sha256): the "
                              "download was deleted; pin the right digest or fix the URL")
-    if not has_magic(part):
+    problem = model_file_problem(part, *place)
+    if problem is not None:
         os.unlink(part)
-        module.fail_json(msg=f"{url} matches its sha256 but is not a GGUF file (no GGUF magic): pin a .gguf file")
+        module.fail_json(msg=f"{url} matches its pinned sha256 but is not a model llama.cpp can load: "
+                             f"{problem.message}. The download was deleted. The pinned file itself is wrong "
+                             f"({problem.fix}): pin the URL and sha256 of the model as published")
     os.replace(part, path)
     fsync_directory(os.path.dirname(path))
     return resumed
@@ -259,12 +261,13 @@ def main():
                              "make room, or give the model a larger volume (llama_server_model_dir)", **result)
     if state == "checked":
         module.exit_json(**result)
+    places = {entry["path"]: (number, len(files)) for number, entry in enumerate(files, start=1)}
     for entry in pending:
         if not entry.get("url"):
             module.fail_json(msg=f"{entry['path']} is missing or not the pinned sha256, and has no url to fetch "
                                  "it from", **result)
         if not module.check_mode:
-            result["resumed"][entry["path"]] = download(module, entry, timeout)
+            result["resumed"][entry["path"]] = download(module, entry, places[entry["path"]], timeout)
         result["downloaded"].append(entry["path"])
         result["changed"] = True
     for entry in files:

@@ -6,7 +6,8 @@
   the controller and from a URL, and refuse one whose shards disagree with the pinned digests.
 * The ``model_fetch`` module, run as Ansible runs it, against a real HTTP server on loopback that honours
   range requests and can drop a connection mid-file: it checks room before writing, resumes an interrupted
-  download, checks sha256 and GGUF magic, keeps files already in place, and writes nothing in check mode.
+  download, checks sha256 and then reads each file as a GGUF model (a whole header, every tensor inside the
+  file, each shard in its place), keeps files already in place, and writes nothing in check mode.
   The same server stands in for S3's endpoint (``AWS_ENDPOINT_URL_S3``), so an ``s3://`` model takes the
   module's real path: every request presigned by botocore with the host's credentials, for its own method.
   S3 itself cannot be reached from here: what AWS does with the signature is not tested.
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -24,6 +27,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import pytest
 import yaml
 from role_support import BIN, PLUGINS, ROLE, load_plugin, run_module, run_playbook
@@ -144,15 +149,31 @@ def mirror() -> Iterator[ModelMirror]:
     server.server_close()
 
 
-def gguf_bytes(size: int, seed: int) -> bytes:
-    return b"GGUF" + bytes((seed * 31 + i * 7) % 251 for i in range(size - 4))
+def gguf_bytes(size: int, seed: int, number: int = 1, count: int = 1) -> bytes:
+    """A real GGUF file of exactly ``size`` bytes: shard ``number`` of ``count`` as gguf-split writes them (the
+    architecture in the first), one F32 tensor filling half of it, zeros after it (which llama.cpp ignores)."""
+    path = Path(tempfile.mkdtemp()) / "m.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama" if number == 1 else "")  # "" writes no architecture
+    if count > 1:
+        writer.add_uint16("split.no", number - 1)
+        writer.add_uint16("split.count", count)
+    elements = size // 8 // 32 * 32
+    writer.add_tensor(f"blk.{seed}.weight", np.random.default_rng(seed).random(elements, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    data = path.read_bytes()
+    shutil.rmtree(path.parent)
+    assert len(data) <= size
+    return data + bytes(size - len(data))
 
 
 def split_model(mirror: ModelMirror, target: Path) -> list[dict[str, Any]]:
     files = []
     for number in (1, 2):
         name = f"m-0000{number}-of-00002.gguf"
-        mirror.files[name] = gguf_bytes(3 * MIB if number == 1 else MIB, number)
+        mirror.files[name] = gguf_bytes(3 * MIB if number == 1 else MIB, number, number, 2)
         files.append({"path": str(target / name), "url": mirror.url(name), "sha256": sha(mirror.files[name])})
     return files
 
@@ -182,16 +203,51 @@ def test_an_interrupted_split_download_resumes_and_lands_whole(mirror: ModelMirr
     assert not again.get("failed") and not again["changed"] and mirror.gets == gets  # in place: nothing fetched
 
 
+def fetch_pinned(mirror: ModelMirror, tmp_path: Path, name: str, data: bytes, place: str = "m.gguf",
+                 count: int = 1) -> dict[str, Any]:
+    """Serve ``data`` as ``name``, pin its own sha256, and fetch it (with ``count - 1`` good shards after it)."""
+    mirror.files[name] = data
+    files = [{"path": str(tmp_path / place), "url": mirror.url(name), "sha256": sha(data)}]
+    for number in range(2, count + 1):
+        later = place.replace("-00001-", f"-{number:05d}-")
+        mirror.files[later] = gguf_bytes(MIB, number, number, count)
+        files.append({"path": str(tmp_path / later), "url": mirror.url(later), "sha256": sha(mirror.files[later])})
+    return run_module(FETCH, {"files": files}, tmp_path)
+
+
 def test_a_download_with_the_wrong_sha256_or_no_gguf_magic_is_deleted(mirror: ModelMirror, tmp_path: Path) -> None:
     mirror.files["m.gguf"] = gguf_bytes(MIB, 3)
-    mirror.files["page.html"] = b"<html>not a model</html>"
     wrong = run_module(FETCH, {"files": [{"path": str(tmp_path / "m.gguf"), "url": mirror.url("m.gguf"),
                                           "sha256": "ab" * 32}]}, tmp_path)
     assert wrong.get("failed") and f"not the pinned {'ab' * 32}" in wrong["msg"], wrong
-    html = run_module(FETCH, {"files": [{"path": str(tmp_path / "page.gguf"), "url": mirror.url("page.html"),
-                                         "sha256": sha(mirror.files["page.html"])}]}, tmp_path)
-    assert html.get("failed") and "not a GGUF file" in html["msg"], html
+    html = fetch_pinned(mirror, tmp_path, "page.html", b"<html>not a model</html>")
+    assert html.get("failed") and "not a GGUF file" in html["msg"] and "was deleted" in html["msg"], html
     assert sorted(p.name for p in tmp_path.iterdir()) == ["args.json"]  # no file, no part left behind
+
+
+def test_a_pinned_file_that_is_not_a_loadable_model_is_deleted_before_the_unit_can_point_to_it(
+        mirror: ModelMirror, tmp_path: Path) -> None:
+    """The sha256 proves the bytes are the pinned ones, not that they are a model: a truncated upload, a shard
+    under another shard's name, or a first shard with no architecture each has a sha256 of its own."""
+    whole = gguf_bytes(2 * MIB, 4)
+    cut = fetch_pinned(mirror, tmp_path, "cut.gguf", whole[:MIB])
+    assert cut.get("failed") and "past the end of the file" in cut["msg"] and "truncated" in cut["msg"], cut
+
+    second = gguf_bytes(MIB, 5, 2, 2)  # shard 2's bytes, published under shard 1's name
+    swapped = fetch_pinned(mirror, tmp_path, "s-00001-of-00002.gguf", second, "s-00001-of-00002.gguf", count=2)
+    assert swapped.get("failed") and "shard 1 of 2 says it is shard 2 of 2" in swapped["msg"], swapped
+
+    mixed = fetch_pinned(mirror, tmp_path, "x-00001-of-00002.gguf", gguf_bytes(MIB, 6, 1, 3),
+                         "x-00001-of-00002.gguf", count=2)
+    assert mixed.get("failed") and "says it is shard 1 of 3" in mixed["msg"], mixed
+
+    headless = gguf_bytes(MIB, 7, 2, 1)  # a whole file without general.architecture
+    no_arch = fetch_pinned(mirror, tmp_path, "noarch.gguf", headless)
+    assert no_arch.get("failed") and "no general.architecture" in no_arch["msg"], no_arch
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["args.json"]  # nothing placed, no part kept
+
+    fine = fetch_pinned(mirror, tmp_path, "ok.gguf", whole)
+    assert not fine.get("failed") and (tmp_path / "m.gguf").read_bytes() == whole, fine
 
 
 def test_room_is_checked_before_the_first_byte(mirror: ModelMirror, tmp_path: Path) -> None:

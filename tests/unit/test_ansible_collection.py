@@ -15,6 +15,7 @@ import tarfile
 import tomllib
 from pathlib import Path
 
+import gguf
 import pytest
 import yaml
 
@@ -90,10 +91,23 @@ def test_the_scan_finds_a_bare_name_wherever_one_is_used(text: str, expected: li
     assert bare_uses(text) == expected
 
 
-def test_the_tuner_and_the_collection_read_cpu_lists_with_one_module() -> None:
-    """tuner/cpu_lists.py is a link to the collection's module_utils: one implementation, two import names."""
-    assert (REPO / "tuner" / "cpu_lists.py").is_symlink()
-    assert (REPO / "tuner" / "cpu_lists.py").resolve() == (REPO / "plugins" / "module_utils" / "cpu_lists.py")
-    users = [path for path in (REPO / "plugins").rglob("*.py")
-             if f"ansible_collections.{OWN}.plugins.module_utils.cpu_lists" in path.read_text()]
-    assert {path.name for path in users} == {"cpu_lists.py", "host_topology.py"}
+@pytest.mark.parametrize(("link", "shared", "users"), [
+    ("tuner/cpu_lists.py", "cpu_lists.py", {"cpu_lists.py", "host_topology.py"}),
+    ("tuner/model/gguf_reader.py", "gguf_reader.py", {"model_fetch.py"}),
+])
+def test_the_tuner_and_the_collection_share_one_module(link: str, shared: str, users: set[str]) -> None:
+    """A tuner module that is a link to the collection's module_utils: one implementation, two import names."""
+    assert (REPO / link).is_symlink()
+    assert (REPO / link).resolve() == (REPO / "plugins" / "module_utils" / shared)
+    importers = [path for path in (REPO / "plugins").rglob("*.py")
+                 if f"ansible_collections.{OWN}.plugins.module_utils.{shared[:-3]}" in path.read_text()]
+    assert {path.name for path in importers} == users
+
+
+def test_the_shared_gguf_reader_knows_every_tensor_type_of_the_gguf_package() -> None:
+    """The reader runs on hosts without the gguf package, so it carries the table; it must not drift from it."""
+    from tuner.model.gguf_reader import TENSOR_TYPES
+
+    package = {int(kind): (kind.name, *gguf.GGML_QUANT_SIZES[kind]) for kind in gguf.GGMLQuantizationType
+               if kind in gguf.GGML_QUANT_SIZES}
+    assert package == TENSOR_TYPES, sorted(package.items() ^ TENSOR_TYPES.items())

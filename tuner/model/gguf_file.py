@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from tuner.errors import UserError
-from tuner.model.gguf_header import GGUFHeader, corrupt, read_header
+from tuner.model.gguf_header import (
+    NOT_A_MODEL_FIX,
+    SPLIT_MIXED_FIX,
+    GGUFHeader,
+    corrupt,
+    read_header,
+    shard_place_problem,
+)
 
 SHARD_PATTERN = re.compile(r"^(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 MAX_SHARDS = 65535  # split.count is a uint16 in gguf-split's files
@@ -153,12 +160,9 @@ def _read_shards(path: Path, first: GGUFHeader) -> list[GGUFHeader]:
                           f"download every shard next to {path.name}")
         headers.append(read_header(shard, keep_array=_keep_small_arrays))
     for number, header in enumerate(headers, start=1):
-        count = _int_field(header, "split.count", 1)
-        index = header.value("split.no")
-        if count != split_count or (index is not None and index != number - 1):
-            raise corrupt(header.path, f"shard {number} of {split_count} says it is "
-                          f"{'shard ' + str(index + 1) if isinstance(index, int) else 'a shard'} of {count}: "
-                          "the shards belong to different splits", "download every shard of one model again")
+        problem = shard_place_problem(header, number, split_count)
+        if problem is not None:
+            raise corrupt(header.path, problem, SPLIT_MIXED_FIX)
     return headers
 
 
@@ -175,7 +179,7 @@ def inspect_model(path: Path | str) -> ModelInfo:
     arch = str(first.value("general.architecture") or "")
     if not arch:
         raise corrupt(path, "GGUF metadata has no general.architecture: not a llama.cpp language model",
-                      "pass a model converted by llama.cpp's convert_hf_to_gguf.py")
+                      NOT_A_MODEL_FIX)
 
     tensor_types: Counter[str] = Counter()
     n_params = 0
