@@ -2,8 +2,13 @@
 """Ansible module: read a Linux host's CPU/NUMA topology and the kernel settings the roles manage.
 
 One call returns everything the roles validate against (nodes, cores, SMT siblings, memory per node,
-hugepages per node and size, THP, cpufreq, the kernel command line, the bootloader), because under
-emulation every module call costs seconds. It only reads /sys and /proc; it never changes anything.
+hugepages per node and size, THP, cpufreq, the kernel command line, the bootloader, the distribution),
+because under emulation every module call costs seconds. It only reads /sys, /proc and /etc/os-release; it
+never changes anything.
+
+With ``require_supported_os`` (every role's validation sets it) it also refuses a distribution the roles
+cannot prepare, naming it, before any role has changed anything: the roles install with apt and set kernel
+arguments through /etc/default/grub and update-grub, which RHEL-family hosts (dnf, grubby, tuned) do not have.
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ module: host_topology
 short_description: Read CPU/NUMA topology, hugepages, THP, SMT, cpufreq and boot settings
 description:
   - Reads C(/sys) and C(/proc) only; supports check mode (it changes nothing either way).
-options: {}
+options:
+  require_supported_os:
+    description: Fail, naming the distribution, unless it is one the roles support (the Debian family).
+    type: bool
+    default: false
 author: llamahost
 """
 
@@ -29,7 +38,8 @@ RETURN = r"""
 topology:
   description: Online/present CPUs, physical cores and SMT siblings, NUMA nodes with memory and
     hugepages, THP modes, SMT control, cpufreq governors and EPP, kernel command line, NUMA sysctls,
-    hugetlbfs mounts, the CPUs PID 1 and the housekeeping cgroups may run on, GRUB presence.
+    hugetlbfs mounts, the CPUs PID 1 and the housekeeping cgroups may run on, GRUB presence, and the
+    distribution (os: id, id_like, version_id, name, family) from /etc/os-release.
   returned: always
   type: dict
 """
@@ -39,6 +49,11 @@ SYS_NODE = "/sys/devices/system/node"
 THP = "/sys/kernel/mm/transparent_hugepage"
 # ISA flags that decide whether a binary runs (x86-64-v3) and whether 1 GiB pages exist (pdpe1gb).
 INTERESTING_FLAGS = ("pdpe1gb", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f")
+OS_RELEASE = "/etc/os-release"
+# os-release IDs (ID or ID_LIKE) -> the family whose package manager and boot tooling the roles would use.
+OS_FAMILIES = {"debian": "debian", "ubuntu": "debian", "rhel": "redhat", "fedora": "redhat", "centos": "redhat",
+               "rocky": "redhat", "almalinux": "redhat", "suse": "suse", "arch": "arch", "alpine": "alpine"}
+SUPPORTED_FAMILIES = ("debian",)
 
 
 def read(path, default=None):
@@ -177,6 +192,34 @@ def cgroup_cpus():
     return out
 
 
+def parse_os_release(text):
+    """The fields of an os-release file (``KEY=value``, values optionally quoted) that name a distribution."""
+    fields = {}
+    for line in (text or "").splitlines():
+        key, sep, value = line.strip().partition("=")
+        if sep and key and not key.startswith("#"):
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+                value = value[1:-1]
+            fields[key] = value
+    ids = [fields.get("ID", "").lower(), *fields.get("ID_LIKE", "").lower().split()]
+    family = next((OS_FAMILIES[i] for i in ids if i in OS_FAMILIES), "unknown")
+    return {"id": ids[0], "id_like": ids[1:], "version_id": fields.get("VERSION_ID", ""),
+            "name": fields.get("PRETTY_NAME") or fields.get("NAME") or ids[0] or "an unnamed distribution",
+            "family": family}
+
+
+def os_problem(os_info):
+    """Why the roles cannot prepare this distribution, or None when they can."""
+    if os_info["family"] in SUPPORTED_FAMILIES:
+        return None
+    found = f"{os_info['name']} (ID {os_info['id'] or 'missing'}, family {os_info['family']})"
+    return (f"this host runs {found}, which the llamahost.host roles do not support yet: they install with apt "
+            "and set kernel arguments through /etc/default/grub and update-grub (a RHEL-family host has dnf, "
+            "grubby and tuned instead). Nothing was changed. Prepare a Debian 12 or Ubuntu 22.04/24.04 host, "
+            f"or remove this host from the llama_hosts group")
+
+
 def topology():
     present = cpu_ids(read(f"{SYS_CPU}/present", "0"))
     online = cpu_ids(read(f"{SYS_CPU}/online", "0"))
@@ -211,12 +254,18 @@ def topology():
             "defaults_file": os.path.isfile("/etc/default/grub"),
             "update_grub": shutil.which("update-grub") or shutil.which("update-grub2") or "",
         },
+        "os": parse_os_release(read(OS_RELEASE, "")),
     }
 
 
 def main():
-    module = AnsibleModule(argument_spec={}, supports_check_mode=True)
-    module.exit_json(changed=False, topology=topology())
+    module = AnsibleModule(argument_spec={"require_supported_os": {"type": "bool", "default": False}},
+                           supports_check_mode=True)
+    found = topology()
+    problem = os_problem(found["os"]) if module.params["require_supported_os"] else None
+    if problem:
+        module.fail_json(msg=problem, topology=found)
+    module.exit_json(changed=False, topology=found)
 
 
 if __name__ == "__main__":

@@ -466,6 +466,47 @@ def test_host_topology_reads_this_machine_consistently(tmp_path: Path) -> None:
     assert topology["thp"]["enabled"] in ("always", "madvise", "never")
 
 
+def test_host_topology_names_this_machines_distribution_and_accepts_it(tmp_path: Path) -> None:
+    """This machine is Debian (README's prerequisite): the roles' validation lets it through."""
+    checked = run_module("host_topology", {"require_supported_os": True}, tmp_path)
+    assert not checked.get("failed"), checked
+    assert checked["topology"]["os"]["family"] == "debian" and checked["topology"]["os"]["id"], checked["topology"]
+
+
+ROCKY = ('NAME="Rocky Linux"\nVERSION_ID="9.4"\nID="rocky"\nID_LIKE="rhel centos fedora"\n'
+         'PRETTY_NAME="Rocky Linux 9.4"\n')
+
+
+@pytest.mark.parametrize(("text", "family", "refused"), [
+    ('PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\nVERSION_ID="12"\n', "debian", None),
+    ('ID=ubuntu\nID_LIKE=debian\nVERSION_ID="24.04"\nPRETTY_NAME="Ubuntu 24.04.1 LTS"\n', "debian", None),
+    ('ID=linuxmint\nID_LIKE="ubuntu debian"\n', "debian", None),
+    (ROCKY, "redhat", "this host runs Rocky Linux 9.4 (ID rocky, family redhat)"),
+    ("ID='almalinux'\nID_LIKE='rhel centos fedora'\n", "redhat", "(ID almalinux, family redhat)"),
+    ("ID=alpine\n", "alpine", "family alpine"),
+    ("", "unknown", "an unnamed distribution (ID missing, family unknown)"),
+])
+def test_an_unsupported_distribution_is_refused_by_name(text: str, family: str, refused: str | None) -> None:
+    topology_module = load_plugin(PLUGINS / "modules" / "host_topology.py")
+    found = topology_module.parse_os_release(text)
+    assert found["family"] == family
+    problem = topology_module.os_problem(found)
+    if refused is None:
+        assert problem is None
+    else:
+        assert refused in problem and "Nothing was changed" in problem and "Debian 12" in problem, problem
+
+
+def test_every_roles_validation_refuses_an_unsupported_distribution_first() -> None:
+    """The first module call of each role's validation asks for the check, so site.yml stops before any change."""
+    for role in ("cpu", "numa", "hugepages", "llama_server"):
+        tasks = yaml.safe_load((REPO / "roles" / role / "tasks" / "validate.yml").read_text())
+        first_read = next(task for task in tasks if "llamahost.host.host_topology" in task)
+        assert first_read["llamahost.host.host_topology"] == {"require_supported_os": True}, role
+        assert tasks.index(first_read) == next(i for i, task in enumerate(tasks)
+                                               if any(key.startswith("llamahost.host.") for key in task)), role
+
+
 @pytest.mark.parametrize("role", ["cpu", "numa", "hugepages", "llama_server", "llamahost_tuner"])
 def test_every_role_variable_is_documented_and_has_a_default(role: str) -> None:
     specs = yaml.safe_load((REPO / "roles" / role / "meta" / "argument_specs.yml").read_text())["argument_specs"]
