@@ -45,8 +45,10 @@ venv: $(STAMP)
 system-deps:
 	.ci/system-deps.sh
 
+# plugins/: the collection's Python also runs on managed hosts (Python 3.8 and later): errors only, no 3.11 rewrites.
 lint: venv
 	$(BIN)/ruff check tuner tests benchmarks infra .ci
+	$(BIN)/ruff check --select E,F,W plugins
 	$(BIN)/mypy
 	cd infra && MYPYPATH=..:policy $(abspath $(BIN))/mypy --strict llamahost_infra policy/llamahost_policies.py write_inventory.py stack_inventory.py
 # tests/: one mypy run per directory, with it on MYPYPATH as pytest puts it on sys.path (one run would reject the several conftest.py).

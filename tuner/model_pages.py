@@ -27,7 +27,7 @@ from typing import Any
 
 from tuner.config import RunConfig, parse_cpu_list
 from tuner.cpu_lists import format_cpu_list
-from tuner.probe.host import Topology
+from tuner.host_sysfs import Topology
 
 PlacementKey = tuple[Any, ...]
 

@@ -4,7 +4,9 @@
 One call returns everything the roles validate against (nodes, cores, SMT siblings, memory per node,
 hugepages per node and size, THP, cpufreq, the kernel command line, the bootloader, the distribution),
 because under emulation every module call costs seconds. It only reads /sys, /proc and /etc/os-release; it
-never changes anything.
+never changes anything. CPUs, cores, sockets and NUMA nodes come from ``module_utils/host_sysfs``, the reader
+the tuner's probe uses too (``tuner/host_sysfs.py`` links to it), so the role and the tuner agree on which
+CPUs are SMT siblings and which node each sits on, hidden sysfs files and all.
 
 With ``require_supported_os`` (every role's validation sets it) it also refuses a distribution the roles
 cannot prepare, naming it, before any role has changed anything: the roles install with apt and set kernel
@@ -13,13 +15,20 @@ arguments through /etc/default/grub and update-grub, which RHEL-family hosts (dn
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible_collections.llamahost.host.plugins.module_utils.cpu_lists import parse_cpu_list
+from ansible_collections.llamahost.host.plugins.module_utils.host_sysfs import (
+    KIB,
+    HostFiles,
+    cpuinfo_topology,
+    parse_cpuinfo_blocks,
+    parse_meminfo,
+    read_topology,
+    tolerant_cpu_list,
+)
 
 DOCUMENTATION = r"""
 module: host_topology
@@ -45,11 +54,12 @@ topology:
 """
 
 SYS_CPU = "/sys/devices/system/cpu"
-SYS_NODE = "/sys/devices/system/node"
 THP = "/sys/kernel/mm/transparent_hugepage"
+HUGEPAGES = "/sys/kernel/mm/hugepages"
 # ISA flags that decide whether a binary runs (x86-64-v3) and whether 1 GiB pages exist (pdpe1gb).
 INTERESTING_FLAGS = ("pdpe1gb", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f")
 OS_RELEASE = "/etc/os-release"
+FILES = HostFiles("/")
 # os-release IDs (ID or ID_LIKE) -> the family whose package manager and boot tooling the roles would use.
 OS_FAMILIES = {"debian": "debian", "ubuntu": "debian", "rhel": "redhat", "fedora": "redhat", "centos": "redhat",
                "rocky": "redhat", "almalinux": "redhat", "suse": "suse", "arch": "arch", "alpine": "alpine"}
@@ -57,24 +67,18 @@ SUPPORTED_FAMILIES = ("debian",)
 
 
 def read(path, default=None):
-    try:
-        with open(path) as handle:
-            return handle.read().strip()
-    except OSError:
-        return default
+    text = FILES.text(path)
+    return default if text is None else text
 
 
 def read_int(path, default=None):
-    text = read(path)
-    try:
-        return int(text) if text is not None else default
-    except ValueError:
-        return default
+    value = FILES.integer(path)
+    return default if value is None else value
 
 
 def cpu_ids(text):
-    """A CPU list read from /sys or /proc as a sorted list of ids (empty when the file is missing)."""
-    return list(parse_cpu_list(text or ""))
+    """A CPU list read from /sys or /proc as a sorted list of ids (empty when missing or malformed)."""
+    return list(tolerant_cpu_list(text) or ())
 
 
 def selected(text):
@@ -84,57 +88,31 @@ def selected(text):
 
 
 def node_of(cpu):
-    links = glob.glob(f"{SYS_CPU}/cpu{cpu}/node[0-9]*")
-    return int(os.path.basename(links[0])[4:]) if links else 0
+    """The node of a present CPU, online or not (its ``cpuN/nodeM`` link); 0 on a kernel without NUMA."""
+    links = [name for name in FILES.listdir(f"{SYS_CPU}/cpu{cpu}") if re.match(r"^node\d+$", name)]
+    return int(links[0][4:]) if links else 0
 
 
-def read_cpus(online):
-    cpus = []
-    for cpu in online:
-        base = f"{SYS_CPU}/cpu{cpu}/topology"
-        siblings = read(f"{base}/core_cpus_list") or read(f"{base}/thread_siblings_list") or str(cpu)
-        cpus.append({
-            "id": cpu,
-            "node": node_of(cpu),
-            "socket": read_int(f"{base}/physical_package_id", 0),
-            "siblings": cpu_ids(siblings),
-        })
-    return cpus
+def cpu_entries(found):
+    """The online CPUs as the roles read them: SMT siblings are the CPUs of the same physical core."""
+    cores = found.cores()
+    return [{"id": cpu.id, "node": cpu.node, "socket": cpu.socket, "siblings": list(cores[cpu.core])}
+            for cpu in found.cpus]
 
 
-def read_hugepages(base):
-    pages = {}
-    for directory in sorted(glob.glob(f"{base}/hugepages/hugepages-*kB")):
-        size_kib = int(re.search(r"hugepages-(\d+)kB", directory).group(1))
-        pages[str(size_kib)] = {
-            "total": read_int(f"{directory}/nr_hugepages", 0),
-            "free": read_int(f"{directory}/free_hugepages", 0),
-            "surplus": read_int(f"{directory}/surplus_hugepages", 0),
-        }
-    return pages
-
-
-def node_memory_kib(node):
-    for line in (read(f"{SYS_NODE}/node{node}/meminfo", "") or "").splitlines():
-        if "MemTotal:" in line:
-            return int(line.split()[-2])
-    return 0
-
-
-def read_nodes(present):
-    node_ids = cpu_ids(read(f"{SYS_NODE}/online", "0"))
-    nodes = []
-    for node in node_ids:
-        base = f"{SYS_NODE}/node{node}"
-        nodes.append({
-            "id": node,
-            "cpus": cpu_ids(read(f"{base}/cpulist", "")),
-            "present_cpus": [cpu for cpu in present if node_of(cpu) == node],
-            "memory_total_kib": node_memory_kib(node),
-            "distances": [int(d) for d in (read(f"{base}/distance", "") or "").split()],
-            "hugepages": read_hugepages(base),
-        })
-    return nodes
+def node_entries(found, present):
+    """The NUMA nodes as the roles read them; ``present_cpus`` adds the offline CPUs (SMT siblings switched
+    off), which the tuner's topology leaves out because they cannot run anything now."""
+    return [{
+        "id": node.id,
+        "cpus": list(node.cpus),
+        "present_cpus": [cpu for cpu in present if node_of(cpu) == node.id],
+        "memory_total_kib": node.memory_total_bytes // KIB,
+        "distances": list(node.distances),
+        "hugepages": {str(size): {"total": node.hugepages_total.get(size, 0),
+                                  "free": node.hugepages_free.get(size, 0)}
+                      for size in sorted(set(node.hugepages_total) | set(node.hugepages_free))},
+    } for node in found.nodes]
 
 
 def read_cpufreq(online):
@@ -159,12 +137,9 @@ def read_cpufreq(online):
     }
 
 
-def cpu_flags():
-    for line in (read("/proc/cpuinfo", "") or "").splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return sorted(flag for flag in INTERESTING_FLAGS if flag in flags)
-    return []
+def cpu_flags(blocks):
+    flags = set(blocks[0].get("flags", "").split()) if blocks else set()
+    return sorted(flag for flag in INTERESTING_FLAGS if flag in flags)
 
 
 def hugetlbfs_mounts():
@@ -222,26 +197,28 @@ def os_problem(os_info):
 
 def topology():
     present = cpu_ids(read(f"{SYS_CPU}/present", "0"))
-    online = cpu_ids(read(f"{SYS_CPU}/online", "0"))
-    cpus = read_cpus(online)
-    cores = sorted({tuple(cpu["siblings"]) for cpu in cpus})
-    meminfo = read("/proc/meminfo", "") or ""
-    total = re.search(r"MemTotal:\s+(\d+)", meminfo)
+    blocks = parse_cpuinfo_blocks(read("/proc/cpuinfo", ""))
+    meminfo = parse_meminfo(read("/proc/meminfo", ""))
+    # The tuner's probe reads the same way (tuner.host_sysfs is this module_utils file).
+    found = read_topology(FILES, meminfo_total_bytes=meminfo.get("MemTotal"),
+                          meminfo_free_bytes=meminfo.get("MemFree"), cpuinfo=cpuinfo_topology(blocks))
+    cores = list(found.cores().values())
     return {
         "present_cpus": present,
-        "online_cpus": online,
-        "cpus": cpus,
+        "online_cpus": list(found.logical_cpus),
+        "cpus": cpu_entries(found),
         "cores": [list(core) for core in cores],
-        "physical_cores": len(cores),
-        "threads_per_core": max((len(core) for core in cores), default=1),
-        "sockets": len({cpu["socket"] for cpu in cpus}),
-        "nodes": read_nodes(present),
-        "memory_total_kib": int(total.group(1)) if total else 0,
-        "hugepage_sizes_kib": sorted(int(p.split("-")[1][:-2]) for p in glob.glob("/sys/kernel/mm/hugepages/*")),
+        "physical_cores": found.physical_core_count,
+        "threads_per_core": found.threads_per_core,
+        "sockets": len(found.sockets),
+        "nodes": node_entries(found, present),
+        "memory_total_kib": meminfo.get("MemTotal", 0) // KIB,
+        "hugepage_sizes_kib": sorted(int(name.split("-")[1][:-2]) for name in FILES.listdir(HUGEPAGES)
+                                     if re.match(r"^hugepages-\d+kB$", name)),
         "smt": {"control": read(f"{SYS_CPU}/smt/control"), "active": read_int(f"{SYS_CPU}/smt/active")},
         "thp": {"enabled": selected(read(f"{THP}/enabled")), "defrag": selected(read(f"{THP}/defrag"))},
-        "cpufreq": read_cpufreq(online),
-        "cpu_flags": cpu_flags(),
+        "cpufreq": read_cpufreq(found.logical_cpus),
+        "cpu_flags": cpu_flags(blocks),
         "kernel_cmdline": read("/proc/cmdline", ""),
         "sysctl": {
             "kernel.numa_balancing": read_int("/proc/sys/kernel/numa_balancing"),

@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -41,6 +42,7 @@ from tuner.config import (
 )
 from tuner.cpu_lists import cpu_mask, format_cpu_list
 from tuner.errors import UserError
+from tuner.probe import read_host
 from tuner.safe_change import TUNED_BINARY_VAR
 from tuner.server.build import cmake_flags
 from tuner.server.source import SDIST_SHA256, pinned_version
@@ -464,6 +466,41 @@ def test_host_topology_reads_this_machine_consistently(tmp_path: Path) -> None:
     assert sorted(cpu for core in topology["cores"] for cpu in core) == online
     assert topology["physical_cores"] * topology["threads_per_core"] >= len(online)
     assert topology["thp"]["enabled"] in ("always", "madvise", "never")
+
+
+FIXTURE_HOSTS = REPO / "tests" / "fixtures" / "hosts"
+
+
+def hide_core_lists(source: Path, target: Path) -> Path:
+    """A copy of a fixture host whose kernel hides the SMT sibling lists (as some VMs and containers do)."""
+    shutil.copytree(source, target, symlinks=True)
+    for name in ("core_cpus_list", "thread_siblings_list"):
+        for hidden in target.glob(f"sys/devices/system/cpu/cpu*/topology/{name}"):
+            hidden.unlink()
+    return target
+
+
+@pytest.mark.parametrize("host", sorted(p.name for p in FIXTURE_HOSTS.iterdir() if (p / "FIXTURE.json").exists()))
+@pytest.mark.parametrize("hidden", [False, True], ids=["sysfs", "sibling-lists-hidden"])
+def test_host_topology_and_the_tuner_see_the_same_cpus_cores_and_nodes(host: str, hidden: bool,
+                                                                       tmp_path: Path) -> None:
+    """The role validates and pins with host_topology, the tuner measures with its probe: one reader
+    (module_utils/host_sysfs), so on every fixture host, and on one that hides the sibling lists, they agree."""
+    root = hide_core_lists(FIXTURE_HOSTS / host, tmp_path / host) if hidden else FIXTURE_HOSTS / host
+    module = load_plugin(PLUGINS / "modules" / "host_topology.py")
+    setattr(module, "FILES", module.HostFiles(root))  # noqa: B010 - a module attribute mypy cannot see
+    seen = module.topology()
+    tuner = read_host(root).topology
+    cores = tuner.cores()
+    assert seen["cpus"] == [{"id": cpu.id, "node": cpu.node, "socket": cpu.socket, "siblings": list(cores[cpu.core])}
+                            for cpu in tuner.cpus]
+    assert seen["cores"] == [list(ids) for ids in cores.values()]
+    assert (seen["physical_cores"], seen["threads_per_core"], seen["sockets"]) == (
+        tuner.physical_core_count, tuner.threads_per_core, len(tuner.sockets))
+    assert [(n["id"], n["cpus"], n["memory_total_kib"], n["distances"]) for n in seen["nodes"]] == [
+        (n.id, list(n.cpus), n.memory_total_bytes // 1024, list(n.distances)) for n in tuner.nodes]
+    if hidden and tuner.threads_per_core > 1:  # core ids or /proc/cpuinfo still pair the siblings
+        assert seen["threads_per_core"] == tuner.threads_per_core > 1
 
 
 def test_host_topology_names_this_machines_distribution_and_accepts_it(tmp_path: Path) -> None:

@@ -41,7 +41,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
 
 def test_the_collection_holds_the_roles_plugins_and_playbooks_and_nothing_of_the_tuner(built: set[str]) -> None:
     wanted = {"meta/runtime.yml", "playbooks/site.yml", "playbooks/verify.yml", "requirements.yml", "LICENSE",
-              "plugins/module_utils/cpu_lists.py",
+              "plugins/module_utils/cpu_lists.py", "plugins/module_utils/host_sysfs.py",
+              "plugins/module_utils/gguf_reader.py",
               *(f"roles/{role}/meta/main.yml" for role in ROLES),
               *(f"plugins/modules/{module}.py" for module in MODULES)}
     assert wanted <= built, sorted(wanted - built)
@@ -92,7 +93,8 @@ def test_the_scan_finds_a_bare_name_wherever_one_is_used(text: str, expected: li
 
 
 @pytest.mark.parametrize(("link", "shared", "users"), [
-    ("tuner/cpu_lists.py", "cpu_lists.py", {"cpu_lists.py", "host_topology.py"}),
+    ("tuner/cpu_lists.py", "cpu_lists.py", {"cpu_lists.py"}),  # and host_sysfs.py, relatively
+    ("tuner/host_sysfs.py", "host_sysfs.py", {"host_topology.py"}),
     ("tuner/model/gguf_reader.py", "gguf_reader.py", {"model_fetch.py"}),
 ])
 def test_the_tuner_and_the_collection_share_one_module(link: str, shared: str, users: set[str]) -> None:

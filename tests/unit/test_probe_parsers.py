@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from tuner.host_sysfs import HostFiles, parse_cache_size, parse_cpuinfo_blocks, parse_meminfo
 from tuner.probe import HostProbe, read_host, select_cpus
-from tuner.probe.cpuinfo import identify_cpu, isa_warnings, parse_cpuinfo_blocks
-from tuner.probe.files import HostFiles
+from tuner.probe.cpuinfo import identify_cpu, isa_warnings
 from tuner.probe.kernel import active_choice, has_capability, parse_memlock_limit
-from tuner.probe.sysfs import parse_cache_size, parse_meminfo
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hosts"
 EPYC, XEON, GRAVITON, THIS_VM = "epyc-9654-2s-nps4", "xeon-8480-1s", "graviton3-64c", "epyc-kvm-2vcpu"

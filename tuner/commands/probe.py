@@ -17,10 +17,11 @@ from rich.console import Console
 
 from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
+from tuner.host_sysfs import NumaNode, Topology
 from tuner.output import console, human_bytes, print_json, table
 from tuner.probe.bandwidth import DEFAULT_SECONDS, BandwidthError
 from tuner.probe.collect import LIVE_ROOT, probe_host, read_host
-from tuner.probe.host import HostProbe, KernelSettings, NumaNode, Topology
+from tuner.probe.host import HostProbe, KernelSettings
 
 
 def register(sub: Any) -> None:

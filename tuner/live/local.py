@@ -36,6 +36,7 @@ from tuner.config import RunConfig
 from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
 from tuner.host_lock import measuring_lock
+from tuner.host_sysfs import Topology
 from tuner.live.control import TrialStartFailed
 from tuner.live.heartbeat import heartbeat_age, write_heartbeat
 from tuner.model.gguf_file import inspect_model
@@ -52,7 +53,6 @@ from tuner.model_pages import (
     threads_status,
 )
 from tuner.probe.collect import read_host
-from tuner.probe.host import Topology
 from tuner.server.process import ServerProcess, ServerStartError, api_key_from_text
 
 POLL_S = 0.2

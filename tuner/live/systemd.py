@@ -30,6 +30,7 @@ from tuner.build_knobs import BuildKnobs, knobs_of
 from tuner.config import RunConfig, parse_cpu_list
 from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
+from tuner.host_sysfs import Topology
 from tuner.inventory import read_host_variables
 from tuner.live.control import TrialStartFailed
 from tuner.live.host_shell import HostShell, read_line
@@ -61,7 +62,7 @@ from tuner.model_pages import (
     placement_problem,
     policy_nodes,
 )
-from tuner.probe.host import HostProbe, Topology
+from tuner.probe.host import HostProbe
 from tuner.rollout.converge import converge_host
 from tuner.server.client import health
 from tuner.server.flags import parse_help

@@ -8,9 +8,10 @@ Public surface (implementations live in the submodules):
 * the dataclasses of :mod:`tuner.probe.host`.
 """
 
+from tuner.host_sysfs import Cpu, NumaNode, Topology
 from tuner.probe.bandwidth import BandwidthError, measure_bandwidth
 from tuner.probe.collect import probe_host, read_host
-from tuner.probe.host import BandwidthResult, Cpu, HostProbe, KernelSettings, NumaNode, Topology
+from tuner.probe.host import BandwidthResult, HostProbe, KernelSettings
 from tuner.probe.placement import PLACEMENT_MODES, PlacementMode, max_threads, select_cpus
 
 __all__ = [

@@ -43,7 +43,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-from tuner.probe.host import BandwidthResult, Topology
+from tuner.host_sysfs import Topology
+from tuner.probe.host import BandwidthResult
 
 DEFAULT_SECONDS = 3.0
 DEFAULT_REPETITIONS = 5

@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tuner.host_sysfs import HostFiles, parse_meminfo, read_topology
 from tuner.probe.bandwidth import DEFAULT_SECONDS
 from tuner.probe.bandwidth_cache import cached_or_measured_bandwidth
 from tuner.probe.cpuinfo import isa_warnings, read_cpu_identity
-from tuner.probe.files import HostFiles
 from tuner.probe.host import HostProbe
 from tuner.probe.kernel import allowed_cpus, read_kernel_settings
-from tuner.probe.sysfs import parse_meminfo, read_topology
 
 LIVE_ROOT = Path("/")
 

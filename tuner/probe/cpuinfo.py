@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from tuner.probe.files import HostFiles
-from tuner.probe.sysfs import CpuinfoTopology
+from tuner.host_sysfs import CpuinfoTopology, HostFiles, cpuinfo_topology, int_or_none, parse_cpuinfo_blocks
 
 # Kernel flag names (as /proc/cpuinfo spells them) that select ggml CPU kernels.
 X86_ISA = (
@@ -55,41 +54,9 @@ class CpuIdentity:
     topology: Mapping[int, CpuinfoTopology]
 
 
-def parse_cpuinfo_blocks(text: str | None) -> list[dict[str, str]]:
-    """/proc/cpuinfo -> one ``{field: value}`` dict per processor block."""
-    blocks: list[dict[str, str]] = []
-    current: dict[str, str] = {}
-    for line in (text or "").splitlines():
-        if not line.strip():
-            if current:
-                blocks.append(current)
-                current = {}
-            continue
-        key, sep, value = line.partition(":")
-        if sep:
-            current[key.strip()] = value.strip()
-    if current:
-        blocks.append(current)
-    return [b for b in blocks if "processor" in b]
-
-
-def _int_or_none(value: str | None, base: int = 10) -> int | None:
-    if value is None:
-        return None
-    try:
-        return int(value, base)
-    except ValueError:
-        return None
-
-
 def identify_cpu(blocks: list[dict[str, str]]) -> CpuIdentity:
     """Identify the CPU from parsed /proc/cpuinfo blocks (the first block names the model)."""
-    topology = {}
-    for block in blocks:
-        processor = _int_or_none(block.get("processor"))
-        if processor is not None:
-            topology[processor] = CpuinfoTopology(
-                socket=_int_or_none(block.get("physical id")), core_id=_int_or_none(block.get("core id")))
+    topology = cpuinfo_topology(blocks)
     if not blocks:
         return CpuIdentity("unknown", "unknown", "unknown", (), topology)
     first = blocks[0]
@@ -101,8 +68,8 @@ def identify_cpu(blocks: list[dict[str, str]]) -> CpuIdentity:
     if "Features" in first:
         features = set(first["Features"].split())
         isa = tuple(f for f in ARM_ISA if f in features)
-        implementer = _int_or_none(first.get("CPU implementer"), 16)
-        part = _int_or_none(first.get("CPU part"), 16)
+        implementer = int_or_none(first.get("CPU implementer"), 16)
+        part = int_or_none(first.get("CPU part"), 16)
         vendor = ARM_IMPLEMENTERS.get(implementer or -1, f"implementer {first.get('CPU implementer', '?')}")
         model = first.get("model name") or ARM_PARTS.get(
             (implementer or -1, part or -1), f"part {first.get('CPU part', '?')}")

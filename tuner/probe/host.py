@@ -2,132 +2,20 @@
 
 These dataclasses are the contract between the probe (which reads /sys and /proc), the search space
 (which derives its dimensions from them), the trial runner (which pins CPUs and memory with them), and
-the result file (which records them). They hold no I/O; see :mod:`tuner.probe.sysfs` for the readers.
+the result file (which records them). They hold no I/O. The topology's own classes (``Cpu``, ``NumaNode``,
+``Topology``) live with their readers in :mod:`tuner.host_sysfs`, which the collection's ``host_topology``
+module shares.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-
-@dataclass(frozen=True)
-class Cpu:
-    """One logical CPU. ``core`` is a host-wide physical core index: SMT siblings share it."""
-
-    id: int
-    core: int
-    socket: int
-    node: int
-    llc: int
-
-
-@dataclass(frozen=True)
-class NumaNode:
-    id: int
-    cpus: tuple[int, ...]
-    memory_total_bytes: int
-    memory_free_bytes: int
-    # page size in KiB -> number of reserved pages on this node
-    hugepages_total: dict[int, int] = field(default_factory=dict)
-    hugepages_free: dict[int, int] = field(default_factory=dict)
-    distances: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Online CPUs and NUMA nodes. Every query the tuner needs is derived here, once."""
-
-    cpus: tuple[Cpu, ...]
-    nodes: tuple[NumaNode, ...]
-    # last-level-cache domain (Cpu.llc) -> its size in bytes, where sysfs tells it
-    llc_size_bytes: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def logical_cpus(self) -> tuple[int, ...]:
-        return tuple(c.id for c in self.cpus)
-
-    @property
-    def sockets(self) -> tuple[int, ...]:
-        return tuple(sorted({c.socket for c in self.cpus}))
-
-    @property
-    def node_ids(self) -> tuple[int, ...]:
-        return tuple(n.id for n in self.nodes)
-
-    @property
-    def llc_domains(self) -> tuple[int, ...]:
-        return tuple(sorted({c.llc for c in self.cpus}))
-
-    def cores(self) -> dict[int, tuple[int, ...]]:
-        """Physical core -> its logical CPUs (first one is the primary thread)."""
-        grouped: dict[int, list[int]] = {}
-        for cpu in sorted(self.cpus, key=lambda c: c.id):
-            grouped.setdefault(cpu.core, []).append(cpu.id)
-        return {core: tuple(ids) for core, ids in sorted(grouped.items())}
-
-    @property
-    def physical_core_count(self) -> int:
-        return len(self.cores())
-
-    @property
-    def threads_per_core(self) -> int:
-        return max((len(ids) for ids in self.cores().values()), default=1)
-
-    @property
-    def has_smt(self) -> bool:
-        return self.threads_per_core > 1
-
-    def cpu(self, cpu_id: int) -> Cpu:
-        for cpu in self.cpus:
-            if cpu.id == cpu_id:
-                return cpu
-        raise KeyError(cpu_id)
-
-    def nodes_of(self, cpu_ids: Iterable[int]) -> tuple[int, ...]:
-        by_id = {c.id: c for c in self.cpus}
-        return tuple(sorted({by_id[i].node for i in cpu_ids}))
-
-    @property
-    def nodes_with_cpus(self) -> tuple[int, ...]:
-        """Nodes that can run threads (memory-only nodes, e.g. CXL or HBM, are left out)."""
-        return tuple(n.id for n in self.nodes if n.cpus)
-
-    def restricted_to(self, cpu_ids: Iterable[int]) -> Topology:
-        """This topology as a process confined to ``cpu_ids`` sees it (its affinity, its cgroup cpuset): only
-        those CPUs, each node keeping its memory. A core with a sibling outside the set has one thread left."""
-        keep = set(cpu_ids)
-        return Topology(
-            cpus=tuple(c for c in self.cpus if c.id in keep),
-            nodes=tuple(replace(node, cpus=tuple(c for c in node.cpus if c in keep)) for node in self.nodes),
-            llc_size_bytes=dict(self.llc_size_bytes),
-        )
-
-    def primary_cpus(self) -> tuple[int, ...]:
-        """The first logical CPU of every physical core: one thread per core, no SMT sibling."""
-        return tuple(ids[0] for ids in self.cores().values())
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Topology:
-        return cls(
-            cpus=tuple(Cpu(**cpu) for cpu in data["cpus"]),
-            nodes=tuple(
-                NumaNode(
-                    id=node["id"],
-                    cpus=tuple(node["cpus"]),
-                    memory_total_bytes=node["memory_total_bytes"],
-                    memory_free_bytes=node["memory_free_bytes"],
-                    hugepages_total=_int_keys(node.get("hugepages_total", {})),
-                    hugepages_free=_int_keys(node.get("hugepages_free", {})),
-                    distances=tuple(node.get("distances", ())),
-                )
-                for node in data["nodes"]
-            ),
-            llc_size_bytes=_int_keys(data.get("llc_size_bytes", {})),
-        )
+from tuner.host_sysfs import Topology, int_keys
 
 
 @dataclass(frozen=True)
@@ -151,7 +39,7 @@ class KernelSettings:
     def from_dict(cls, data: Mapping[str, Any]) -> KernelSettings:
         values = dict(data)
         for name in ("hugepages_total", "hugepages_free"):
-            values[name] = _int_keys(values.get(name, {}))
+            values[name] = int_keys(values.get(name, {}))
         return cls(**values)
 
 
@@ -269,7 +157,3 @@ class HostProbe:
             allowed_cpus=tuple(allowed) if allowed is not None else None,
             warnings=tuple(data.get("warnings", ())),
         )
-
-
-def _int_keys(mapping: Mapping[Any, int]) -> dict[int, int]:
-    return {int(k): int(v) for k, v in mapping.items()}

@@ -17,9 +17,8 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from tuner.probe.files import HostFiles, tolerant_cpu_list
+from tuner.host_sysfs import CPU_DIR, HOST_HUGEPAGES_DIR, HostFiles, hugepages_in, tolerant_cpu_list
 from tuner.probe.host import KernelSettings
-from tuner.probe.sysfs import CPU_DIR, HOST_HUGEPAGES_DIR, hugepages_in
 
 THP_DIR = "/sys/kernel/mm/transparent_hugepage"
 CAP_IPC_LOCK = 14

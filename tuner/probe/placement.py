@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from itertools import chain, zip_longest
 from typing import Literal
 
-from tuner.probe.host import Cpu, Topology
+from tuner.host_sysfs import Cpu, Topology
 
 PlacementMode = Literal["compact", "scatter"]
 PLACEMENT_MODES: tuple[PlacementMode, ...] = ("compact", "scatter")

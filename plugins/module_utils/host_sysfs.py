@@ -1,4 +1,10 @@
-"""Topology from sysfs: which CPUs exist, how they group into cores, cache domains, sockets and NUMA nodes.
+"""A Linux host's CPU and NUMA topology from /sys and /proc: the one reader for the tuner and the collection.
+
+The tuner's probe (as ``tuner.host_sysfs``, a link to this file) and the ``host_topology`` module, which the
+roles validate against, read cores, SMT siblings, sockets, last-level caches and NUMA nodes with the same
+functions, so the CPUs the tuner pins a trial to are the CPUs the role's unit serves on. It runs on the
+managed host (Ansible ships module_utils with a module), so it keeps to the standard library and to Python
+3.8 at run time.
 
 Sources, in the order they are trusted:
 
@@ -15,17 +21,21 @@ Sources, in the order they are trusted:
   built without NUMA has no such directory: then the host is one node 0 holding every CPU and the
   memory of /proc/meminfo.
 
-Everything here is pure reading plus grouping; nothing is cached or measured.
+Every file is read through :class:`HostFiles`, rooted at ``/`` on a host and at a recorded tree in tests.
+Containers and VMs hide many of these files, and sysfs answers some reads with EINVAL or ENODEV: a file that
+cannot be read is ``None`` (or an empty listing), a fact about the host, not a crash. Everything here is pure
+reading plus grouping; nothing is cached or measured.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
-from tuner.probe.files import HostFiles
-from tuner.probe.host import Cpu, NumaNode, Topology
+from .cpu_lists import CpuListError, parse_cpu_list
 
 CPU_DIR = "/sys/devices/system/cpu"
 NODE_DIR = "/sys/devices/system/node"
@@ -34,6 +44,180 @@ KIB = 1024
 _HUGEPAGE_DIR = re.compile(r"^hugepages-(\d+)kB$")
 _NUMBERED = re.compile(r"^(cpu|node|index)(\d+)$")
 _SIZE = re.compile(r"^(\d+)\s*([KMG]?)$", re.IGNORECASE)
+
+
+def tolerant_cpu_list(text: str | None) -> tuple[int, ...] | None:
+    """A kernel CPU list (``0-3,8``) read from the host: ``None`` when absent or malformed, never an error."""
+    if text is None:
+        return None
+    try:
+        return parse_cpu_list(text)
+    except CpuListError:
+        return None
+
+
+class HostFiles:
+    """The files of one host as seen from ``root`` (``/`` for the machine this runs on)."""
+
+    def __init__(self, root: Path | str = "/") -> None:
+        self.root = Path(root)
+
+    @property
+    def is_live(self) -> bool:
+        """Whether this is the running machine (so measuring and process state apply to it)."""
+        return self.root.resolve() == Path("/")
+
+    def path(self, host_path: str) -> Path:
+        """``/sys/devices/...`` on the host -> the same file under :attr:`root`."""
+        return self.root / host_path.lstrip("/")
+
+    def text(self, host_path: str) -> str | None:
+        """The file's content without surrounding whitespace, or ``None`` if it cannot be read."""
+        try:
+            return self.path(host_path).read_text(encoding="utf-8", errors="strict").strip()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def integer(self, host_path: str) -> int | None:
+        """The file as one integer, or ``None`` if missing or not a number."""
+        raw = self.text(host_path)
+        if raw is None:
+            return None
+        try:
+            return int(raw.split()[0]) if raw else None
+        except ValueError:
+            return None
+
+    def cpu_list(self, host_path: str) -> tuple[int, ...] | None:
+        """A kernel CPU/node list file (``0-3,8``), or ``None`` if missing or malformed."""
+        return tolerant_cpu_list(self.text(host_path))
+
+    def listdir(self, host_path: str) -> tuple[str, ...]:
+        """Sorted entry names of a directory; empty when it is missing."""
+        try:
+            return tuple(sorted(entry.name for entry in self.path(host_path).iterdir()))
+        except OSError:
+            return ()
+
+
+@dataclass(frozen=True)
+class Cpu:
+    """One logical CPU. ``core`` is a host-wide physical core index: SMT siblings share it."""
+
+    id: int
+    core: int
+    socket: int
+    node: int
+    llc: int
+
+
+@dataclass(frozen=True)
+class NumaNode:
+    id: int
+    cpus: tuple[int, ...]
+    memory_total_bytes: int
+    memory_free_bytes: int
+    # page size in KiB -> number of reserved pages on this node
+    hugepages_total: dict[int, int] = field(default_factory=dict)
+    hugepages_free: dict[int, int] = field(default_factory=dict)
+    distances: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Online CPUs and NUMA nodes. Every query the tuner needs is derived here, once."""
+
+    cpus: tuple[Cpu, ...]
+    nodes: tuple[NumaNode, ...]
+    # last-level-cache domain (Cpu.llc) -> its size in bytes, where sysfs tells it
+    llc_size_bytes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def logical_cpus(self) -> tuple[int, ...]:
+        return tuple(c.id for c in self.cpus)
+
+    @property
+    def sockets(self) -> tuple[int, ...]:
+        return tuple(sorted({c.socket for c in self.cpus}))
+
+    @property
+    def node_ids(self) -> tuple[int, ...]:
+        return tuple(n.id for n in self.nodes)
+
+    @property
+    def llc_domains(self) -> tuple[int, ...]:
+        return tuple(sorted({c.llc for c in self.cpus}))
+
+    def cores(self) -> dict[int, tuple[int, ...]]:
+        """Physical core -> its logical CPUs (first one is the primary thread)."""
+        grouped: dict[int, list[int]] = {}
+        for cpu in sorted(self.cpus, key=lambda c: c.id):
+            grouped.setdefault(cpu.core, []).append(cpu.id)
+        return {core: tuple(ids) for core, ids in sorted(grouped.items())}
+
+    @property
+    def physical_core_count(self) -> int:
+        return len(self.cores())
+
+    @property
+    def threads_per_core(self) -> int:
+        return max((len(ids) for ids in self.cores().values()), default=1)
+
+    @property
+    def has_smt(self) -> bool:
+        return self.threads_per_core > 1
+
+    def cpu(self, cpu_id: int) -> Cpu:
+        for cpu in self.cpus:
+            if cpu.id == cpu_id:
+                return cpu
+        raise KeyError(cpu_id)
+
+    def nodes_of(self, cpu_ids: Iterable[int]) -> tuple[int, ...]:
+        by_id = {c.id: c for c in self.cpus}
+        return tuple(sorted({by_id[i].node for i in cpu_ids}))
+
+    @property
+    def nodes_with_cpus(self) -> tuple[int, ...]:
+        """Nodes that can run threads (memory-only nodes, e.g. CXL or HBM, are left out)."""
+        return tuple(n.id for n in self.nodes if n.cpus)
+
+    def restricted_to(self, cpu_ids: Iterable[int]) -> Topology:
+        """This topology as a process confined to ``cpu_ids`` sees it (its affinity, its cgroup cpuset): only
+        those CPUs, each node keeping its memory. A core with a sibling outside the set has one thread left."""
+        keep = set(cpu_ids)
+        return Topology(
+            cpus=tuple(c for c in self.cpus if c.id in keep),
+            nodes=tuple(replace(node, cpus=tuple(c for c in node.cpus if c in keep)) for node in self.nodes),
+            llc_size_bytes=dict(self.llc_size_bytes),
+        )
+
+    def primary_cpus(self) -> tuple[int, ...]:
+        """The first logical CPU of every physical core: one thread per core, no SMT sibling."""
+        return tuple(ids[0] for ids in self.cores().values())
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Topology:
+        return cls(
+            cpus=tuple(Cpu(**cpu) for cpu in data["cpus"]),
+            nodes=tuple(
+                NumaNode(
+                    id=node["id"],
+                    cpus=tuple(node["cpus"]),
+                    memory_total_bytes=node["memory_total_bytes"],
+                    memory_free_bytes=node["memory_free_bytes"],
+                    hugepages_total=int_keys(node.get("hugepages_total", {})),
+                    hugepages_free=int_keys(node.get("hugepages_free", {})),
+                    distances=tuple(node.get("distances", ())),
+                )
+                for node in data["nodes"]
+            ),
+            llc_size_bytes=int_keys(data.get("llc_size_bytes", {})),
+        )
+
+
+def int_keys(mapping: Mapping[Any, int]) -> dict[int, int]:
+    return {int(k): int(v) for k, v in mapping.items()}
 
 
 @dataclass(frozen=True)
@@ -288,3 +472,41 @@ def read_numa_nodes(
             "per-node memory figures are unreliable on this host"
         )
     return tuple(nodes), node_of
+
+
+def parse_cpuinfo_blocks(text: str | None) -> list[dict[str, str]]:
+    """/proc/cpuinfo -> one ``{field: value}`` dict per processor block."""
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in (text or "").splitlines():
+        if not line.strip():
+            if current:
+                blocks.append(current)
+                current = {}
+            continue
+        key, sep, value = line.partition(":")
+        if sep:
+            current[key.strip()] = value.strip()
+    if current:
+        blocks.append(current)
+    return [b for b in blocks if "processor" in b]
+
+
+def int_or_none(value: str | None, base: int = 10) -> int | None:
+    if value is None:
+        return None
+    try:
+        return int(value, base)
+    except ValueError:
+        return None
+
+
+def cpuinfo_topology(blocks: list[dict[str, str]]) -> dict[int, CpuinfoTopology]:
+    """Each processor's socket and core id as /proc/cpuinfo states them (the fallback for hidden sysfs)."""
+    topology = {}
+    for block in blocks:
+        processor = int_or_none(block.get("processor"))
+        if processor is not None:
+            topology[processor] = CpuinfoTopology(socket=int_or_none(block.get("physical id")),
+                                                  core_id=int_or_none(block.get("core id")))
+    return topology
