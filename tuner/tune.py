@@ -216,13 +216,17 @@ class TuneOutcome:
     verification: Verification
 
 
-def run(ctx: TuneContext) -> TuneOutcome:
+def run(ctx: TuneContext, measurer: MeasurerLike | None = None) -> TuneOutcome:
+    """Baseline, search, stale check, proof, result: the benchmark run end to end. ``measurer`` runs each
+    configuration; None is the real one (a pinned llama-server worker per run). Tests hand in a fake that
+    answers at once, so the whole pipeline runs in the fast tier."""
     req = ctx.request
     started = time.monotonic()
     deadline = started + req.budget_seconds
     log_dir = trial_log_dir(ctx.study.study_name)
-    measurer = Measurer(ctx.model, ctx.settings, log_dir, multi_node=ctx.space.multi_node,
-                        model_sha256=ctx.model_sha256)
+    if measurer is None:
+        measurer = Measurer(ctx.model, ctx.settings, log_dir, multi_node=ctx.space.multi_node,
+                            model_sha256=ctx.model_sha256)
     unit = UNITS[req.objective]
     title = f"tuning {ctx.model.path.name} for {req.objective} on {ctx.probe.hostname}"
     with sigterm_as_interrupt(), TuneProgress(req.budget_seconds, title=title) as progress:
