@@ -26,7 +26,7 @@ from tuner.server.identity import ServerBinary
 from tuner.server.source import pinned_version
 from tuner.stats import MAX_ROUNDS_TO_SETTLE
 from tuner.verify import Arm, Verification
-from tuner.yamlfile import read_user_text
+from tuner.yamlfile import as_ansible_reads_it, read_user_text
 
 FORMAT_VERSION = 1
 # How each measured metric is shown to people, in display order; live runs measure the latter ones.
@@ -61,14 +61,16 @@ def _yaml() -> YAML:
 
 
 def _plain(value: Any) -> Any:
-    """YAML-safe copy: tuples become lists, floats are rounded for people (raw samples keep 4 digits)."""
+    """YAML-safe copy: tuples become lists, floats are rounded for people (raw samples keep 4 digits), and a
+    string a YAML 1.1 reader would take for something else is quoted (``flash_attn: 'on'``, not ``True`` when
+    Ansible or PyYAML reads the role variables)."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, float):
         return round(value, 4)
-    return value
+    return as_ansible_reads_it(value)
 
 
 def dump_yaml(data: dict[str, Any]) -> str:

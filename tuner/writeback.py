@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import difflib
 import io
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +21,10 @@ from typing import Any
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.error import YAMLError
-from ruamel.yaml.scalarstring import ScalarString, SingleQuotedScalarString
 
 from tuner.atomic import write_atomic
 from tuner.errors import UserError
-from tuner.yamlfile import read_user_text
+from tuner.yamlfile import as_ansible_reads_it, misread_by_ansible, read_user_text
 
 
 @dataclass(frozen=True)
@@ -83,30 +81,6 @@ def render(data: CommentedMap, *, explicit_start: bool) -> str:
     return buffer.getvalue()
 
 
-def _ansible_reads_as_given(text: str) -> bool:
-    """Whether Ansible, whose loader speaks YAML 1.1, reads this plain (unquoted) scalar back as the same string.
-
-    This file's round-trip parser speaks YAML 1.2, where ``on``, ``off``, ``yes`` or ``012`` are strings; in
-    YAML 1.1 they are a boolean or a number, so ``llama_server_flash_attn: on`` would reach the role as ``True``."""
-    reader = YAML(typ="safe", pure=True)
-    reader.version = (1, 1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return bool(reader.load(text) == text)
-        except YAMLError:
-            return False
-
-
-def _plain_and_misread(value: Any) -> bool:
-    return isinstance(value, str) and not isinstance(value, ScalarString) and not _ansible_reads_as_given(value)
-
-
-def as_ansible_reads_it(value: Any) -> Any:
-    """``value`` quoted when Ansible would otherwise read it as something else than this string."""
-    return SingleQuotedScalarString(value) if _plain_and_misread(value) else value
-
-
 def apply_changes(data: CommentedMap, changes: dict[str, Any], note: str) -> dict[str, tuple[Any, Any]]:
     """Set ``changes`` in ``data`` in place; returns what actually changed. A value already there but written so
     that Ansible reads it as another type (``flash_attn: on``) counts as changed and is rewritten quoted."""
@@ -116,7 +90,7 @@ def apply_changes(data: CommentedMap, changes: dict[str, Any], note: str) -> dic
         key, value = raw_key, as_ansible_reads_it(raw_value)
         old = data.get(key)
         if key in data:
-            if old != value or _plain_and_misread(old):
+            if old != value or misread_by_ansible(old):
                 data[key] = value
                 changed[key] = (old, raw_value)
             continue

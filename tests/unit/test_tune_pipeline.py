@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from model_support import a_model
 
 from tuner.config import RunConfig
@@ -85,6 +86,9 @@ def test_a_handicapped_baseline_is_beaten_proven_and_written_as_the_result(tmp_p
     assert written["settings"]["config"]["flash_attn"] == "on"
     assert written["settings"]["config"]["threads"] == 2
     assert written["settings"]["role_vars"]["llama_server_flash_attn"] == "on"
+    # as Ansible (YAML 1.1) reads the file too, where a plain `on` would be True
+    as_ansible_reads = yaml.safe_load((tmp_path / "result.yaml").read_text())
+    assert as_ansible_reads["settings"]["role_vars"]["llama_server_flash_attn"] == "on"
     assert written["improvement"]["ci_low"] > 0.2, written["improvement"]  # +30% proven, not just observed
     assert written["baseline"]["config"] == ctx.space.baseline().to_dict()
     assert outcome.verification.winner is not None and outcome.verification.rounds >= 1
