@@ -21,9 +21,13 @@ import shutil
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.llamahost.host.plugins.module_utils.host_sysfs import (
+    CPU_DIR,
+    HOST_HUGEPAGES_DIR,
     KIB,
     HostFiles,
     cpuinfo_topology,
+    hugepages_in,
+    numbered_entries,
     parse_cpuinfo_blocks,
     parse_meminfo,
     read_topology,
@@ -53,9 +57,7 @@ topology:
   type: dict
 """
 
-SYS_CPU = "/sys/devices/system/cpu"
 THP = "/sys/kernel/mm/transparent_hugepage"
-HUGEPAGES = "/sys/kernel/mm/hugepages"
 # ISA flags that decide whether a binary runs (x86-64-v3) and whether 1 GiB pages exist (pdpe1gb).
 INTERESTING_FLAGS = ("pdpe1gb", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f")
 OS_RELEASE = "/etc/os-release"
@@ -89,8 +91,8 @@ def selected(text):
 
 def node_of(cpu):
     """The node of a present CPU, online or not (its ``cpuN/nodeM`` link); 0 on a kernel without NUMA."""
-    links = [name for name in FILES.listdir(f"{SYS_CPU}/cpu{cpu}") if re.match(r"^node\d+$", name)]
-    return int(links[0][4:]) if links else 0
+    links = numbered_entries(FILES, f"{CPU_DIR}/cpu{cpu}", "node")
+    return links[0] if links else 0
 
 
 def cpu_entries(found):
@@ -103,10 +105,11 @@ def cpu_entries(found):
 def node_entries(found, present):
     """The NUMA nodes as the roles read them; ``present_cpus`` adds the offline CPUs (SMT siblings switched
     off), which the tuner's topology leaves out because they cannot run anything now."""
+    node_of_present = {cpu: node_of(cpu) for cpu in present}  # one directory listing per CPU, not per node
     return [{
         "id": node.id,
         "cpus": list(node.cpus),
-        "present_cpus": [cpu for cpu in present if node_of(cpu) == node.id],
+        "present_cpus": [cpu for cpu in present if node_of_present[cpu] == node.id],
         "memory_total_kib": node.memory_total_bytes // KIB,
         "distances": list(node.distances),
         "hugepages": {str(size): {"total": node.hugepages_total.get(size, 0),
@@ -119,7 +122,7 @@ def read_cpufreq(online):
     governors, preferences = {}, {}
     available_governors, available_preferences = set(), set()
     for cpu in online:
-        base = f"{SYS_CPU}/cpu{cpu}/cpufreq"
+        base = f"{CPU_DIR}/cpu{cpu}/cpufreq"
         governor = read(f"{base}/scaling_governor")
         if governor:
             governors[governor] = governors.get(governor, 0) + 1
@@ -196,7 +199,7 @@ def os_problem(os_info):
 
 
 def topology():
-    present = cpu_ids(read(f"{SYS_CPU}/present", "0"))
+    present = cpu_ids(read(f"{CPU_DIR}/present", "0"))
     blocks = parse_cpuinfo_blocks(read("/proc/cpuinfo", ""))
     meminfo = parse_meminfo(read("/proc/meminfo", ""))
     # The tuner's probe reads the same way (tuner.host_sysfs is this module_utils file).
@@ -213,9 +216,8 @@ def topology():
         "sockets": len(found.sockets),
         "nodes": node_entries(found, present),
         "memory_total_kib": meminfo.get("MemTotal", 0) // KIB,
-        "hugepage_sizes_kib": sorted(int(name.split("-")[1][:-2]) for name in FILES.listdir(HUGEPAGES)
-                                     if re.match(r"^hugepages-\d+kB$", name)),
-        "smt": {"control": read(f"{SYS_CPU}/smt/control"), "active": read_int(f"{SYS_CPU}/smt/active")},
+        "hugepage_sizes_kib": sorted(hugepages_in(FILES, HOST_HUGEPAGES_DIR)[0]),
+        "smt": {"control": read(f"{CPU_DIR}/smt/control"), "active": read_int(f"{CPU_DIR}/smt/active")},
         "thp": {"enabled": selected(read(f"{THP}/enabled")), "defrag": selected(read(f"{THP}/defrag"))},
         "cpufreq": read_cpufreq(found.logical_cpus),
         "cpu_flags": cpu_flags(blocks),
