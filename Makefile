@@ -3,7 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= dev,ansible,infra,fleet,binding
+# `binding` (llama-cpp-python, a 10-minute compile on 2 cores) is for benchmarks/served_vs_binding.py only: add it
+# by hand (make venv EXTRAS=dev,binding); no test needs it.
+EXTRAS ?= dev,ansible,infra,fleet
 # One stamp per pyproject.toml and set of extras: `make demo` installs none, `make test` all of them.
 STAMP := $(VENV)/.installed-$(shell (cat pyproject.toml; echo "$(EXTRAS)") | sha256sum | cut -c1-12)
 PYTEST_ARGS ?= --durations=25

@@ -19,11 +19,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
 
-import llama_cpp
 import pytest
 import yaml
 from ansible.errors import AnsibleFilterError  # type: ignore[import-untyped]
@@ -45,7 +45,7 @@ from tuner.errors import UserError
 from tuner.probe import read_host
 from tuner.safe_change import TUNED_BINARY_VAR
 from tuner.server.build import cmake_flags
-from tuner.server.source import SDIST_SHA256, pinned_version
+from tuner.server.source import SDIST_SHA256, download_sdist, pinned_version
 
 BIN = Path(sys.executable).parent
 BUILD_SHA = "5e" * 32  # the sha256 of the llama-server build the role installs (validate_binary.yml reads it)
@@ -390,9 +390,18 @@ def test_role_renders_the_tuned_settings_to_the_tuners_own_flags(config: RunConf
         placement="compact" if config.cpus else "os")
 
 
-def test_python_mode_uses_only_options_llama_cpp_python_server_has() -> None:
-    settings = Path(llama_cpp.__file__).parent / "server" / "settings.py"
-    fields = set(re.findall(r"^    (\w+):", settings.read_text(), re.M))
+def pinned_server_settings(into: Path) -> str:
+    """llama_cpp/server/settings.py of the pinned release, read from its sdist (checked against the recorded
+    sha256): the options the host's ``python -m llama_cpp.server`` accepts, without compiling the binding here."""
+    version = pinned_version()
+    with tarfile.open(download_sdist(version, into), "r:gz") as archive:
+        member = archive.extractfile(f"llama_cpp_python-{version}/llama_cpp/server/settings.py")
+        assert member is not None
+        return member.read().decode()
+
+
+def test_python_mode_uses_only_options_llama_cpp_python_server_has(tmp_path: Path) -> None:
+    fields = set(re.findall(r"^    (\w+):", pinned_server_settings(tmp_path), re.M))
     config = RunConfig(threads=4, threads_batch=8, numa="distribute", load_mode="mmap+mlock", flash_attn="on",
                        cache_type_k="q8_0", cache_type_v="q4_0", ctx_size=1024)
     (command,) = render(config, ["__llama_server_python_command"], llama_server_install_mode="python")

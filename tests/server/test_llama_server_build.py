@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import signal
 import subprocess
@@ -21,14 +20,14 @@ from tuner.server.build import ServerBuild, ensure_server
 from tuner.server.flags import check_flags, server_flags
 from tuner.server.libraries import debian_packages, disallowed, parse_ldd
 from tuner.server.process import ServerProcess
-from tuner.server.source import SDIST_SHA256
+from tuner.server.source import SDIST_SHA256, pinned_version
 
 pytestmark = pytest.mark.server
 
 
 def test_manifest_records_the_pinned_source_and_the_binary(llama_server_build: ServerBuild) -> None:
     manifest = llama_server_build.manifest
-    version = importlib.metadata.version("llama-cpp-python")
+    version = pinned_version()
     assert manifest["llama_cpp_python_version"] == version
     assert manifest["source_sha256"] == SDIST_SHA256[version]
     assert manifest["binary_sha256"] == sha256_of(llama_server_build.binary)
@@ -119,7 +118,7 @@ def test_build_without_cmake_fails_before_downloading(tmp_path: Path, monkeypatc
 
 def test_pip_refuses_an_sdist_whose_hash_is_not_the_recorded_one(tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    version = importlib.metadata.version("llama-cpp-python")
+    version = pinned_version()
     monkeypatch.setitem(source.SDIST_SHA256, version, "0" * 64)
     with pytest.raises(UserError, match="DO NOT MATCH THE HASHES"):
         source.download_sdist(version, tmp_path)

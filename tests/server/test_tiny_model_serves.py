@@ -1,4 +1,4 @@
-"""The tiny test model with the real llama.cpp: llama-server serves it over HTTP, llama-cpp-python loads it.
+"""The tiny test model with the real llama.cpp: llama-server serves it over HTTP, whole and split.
 
 The tiny model (tuner.model.tiny) exists for hosts where the default model is too slow, e.g. under QEMU TCG;
 these tests prove that the real llama.cpp accepts it and generates exactly the requested tokens.
@@ -57,25 +57,3 @@ def test_llama_server_serves_a_split_model_from_its_first_shard(llama_server_bin
         server.wait_healthy(60)
         result = complete(server.base_url, "The capital of France is", 4, ignore_eos=True, cache_prompt=False)
     assert result.timings.predicted_n == 4
-
-
-def test_llama_cpp_python_loads_and_generates(tiny: Path) -> None:
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(tiny), n_ctx=256, n_threads=1, n_batch=64, seed=0, verbose=False)
-    try:
-        assert llm.n_vocab() > 1000 and llm.n_embd() == 64 and llm.n_ctx() == 256
-        prompt = llm.tokenize(b"The capital of France is")
-        assert len(prompt) > 1
-        generated: list[int] = []
-        for token in llm.generate(prompt, temp=0.0):
-            generated.append(token)
-            if len(generated) == 4:
-                break
-        assert len(generated) == 4
-        assert all(0 <= token < llm.n_vocab() for token in generated)
-        llm.detokenize(generated)  # the copied vocabulary turns every generated id back into bytes
-        out = llm.create_completion("Hello", max_tokens=4, temperature=0.0)
-        assert out["usage"]["completion_tokens"] >= 1  # type: ignore[index]
-    finally:
-        llm.close()
