@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from tuner.study import GRACE_PERIOD_S
 pytestmark = [pytest.mark.server, pytest.mark.timeout(1500)]
 
 WORKLOAD = ["--concurrency", "2", "--requests", "4", "--prompt-scale", "0.1", "--verify-windows", "3"]
+HOOKS = "hooks.log"  # the shared run's drain and undrain hooks write here, in its home
 DEPLOYED = """\
 # llama_server settings for this host (kept by hand; llamahost may update the tuned ones)
 llama_server_threads: 1   # one core for the server, one for the rest
@@ -78,10 +80,11 @@ def live_run(tmp_path_factory: pytest.TempPathFactory, model_path: Path,
     home = tmp_path_factory.mktemp("live-home")
     host_vars = home.parent / "h1.yml"
     host_vars.write_text(DEPLOYED)
+    hook = f'echo "$LLAMAHOST_HOOK $LLAMAHOST_RESTART_REASON $LLAMAHOST_SERVICE" >> {shlex.quote(str(home / HOOKS))}'
     port = free_port()
     done = run(home, "tune", "--live", "--local", "--port", str(port), "--model", str(model_path),
                "--budget", "4m", "--candidates", "1", *WORKLOAD, "--baseline-vars", str(host_vars),
-               "--host-vars", str(host_vars), "--json")
+               "--host-vars", str(host_vars), "--drain", hook, "--undrain", hook, "--json")
     try:
         assert done.returncode == 0, done.stderr[-3000:]
         yield home, host_vars, json.loads(done.stdout), done.stderr
@@ -112,6 +115,28 @@ def test_live_run_measures_trials_under_the_workload_and_proves_or_keeps_the_bas
     assert isinstance(heartbeat, dict) and heartbeat["missed"] == 0 and heartbeat["lapses"] == 0, heartbeat
     report = (home / "data" / "results" / f"{result['study']}.yaml").with_suffix(".html").read_text()
     assert html.escape(str(result["summary"])) in report and "aggregate generated tok/s" in report
+
+
+def test_the_run_drains_and_undrains_around_every_restart(live_run: tuple[Path, Path, dict[str, object], str]) -> None:
+    """The shared run's hooks append ``drain|undrain REASON SERVICE`` to a log: each restart is drained before and
+    undrained after, with the same reason; the result counts as many outages as drains."""
+    home, _, result, stderr = live_run
+    lines = [tuple(line.split(" ", 2)) for line in (home / HOOKS).read_text().splitlines()]
+    drains = lines[0::2]
+    assert [hook for hook, *_ in lines] == ["drain", "undrain"] * len(drains), lines
+    assert all(drain[1:] == undrain[1:] for drain, undrain in zip(lines[0::2], lines[1::2], strict=True))
+    reasons = [reason for _, reason, _ in drains]
+    assert reasons[0] == "start" and "trial" in reasons and set(reasons) <= {"start", "trial", "baseline"}
+    assert all(service.startswith("local llama-server on http://127.0.0.1:") for *_, service in lines)
+    downtime = result["downtime"]
+    assert isinstance(downtime, dict) and downtime["outages"] == len(drains)
+    search = result["search"]
+    if isinstance(search, dict) and search["failed"] == 0:  # no trial failed to start: each restart was drained
+        assert downtime["restarts"] == len(drains)
+    assert sum(downtime["reasons"].values()) == downtime["restarts"]
+    assert 0 < downtime["longest_s"] <= downtime["total_s"]
+    assert downtime["hooks"] == ["drain", "undrain"] and downtime["max_restarts_per_hour"] is None
+    assert "downtime: " in stderr and f"{downtime['restarts']} restart(s)" in stderr
 
 
 def test_a_handicapped_deployment_is_beaten_and_the_winner_written_back_with_its_comments(
