@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tuner.durations import format_duration
-from tuner.proof_defaults import RESERVE_MAX_FRACTION
+from tuner.proof_defaults import MIN_ROUNDS, RESERVE_MAX_FRACTION
 from tuner.search import SPAWN_OVERHEAD_S
 from tuner.stats import student_t_quantile
-from tuner.verify import MIN_ROUNDS, plan_rounds
+from tuner.verify import plan_rounds
 
 TARGET_VERIFY_ROUNDS = 5
 SUGGESTED_TRIALS = 10  # a refused budget is answered with one that buys about this many search trials

@@ -11,4 +11,9 @@ LIVE_VERIFY_WINDOWS = 3  # workload windows per live verification run
 # up healthy is not proven: a faster token rate must not hide a start ten times slower (repacking, load modes).
 MAX_LOAD_FACTOR = 3.0
 LOAD_SLACK_S = 5.0  # small models load in under a second, and a busy host adds seconds of noise
+# Interleaved proof rounds (a run of every arm each): fewer give no verdict worth writing; the proof takes what the
+# budget leaves, up to MAX_ROUNDS, or up to --max-rounds where each round's restarts cost more than its precision
+# is worth (a live host behind a load balancer; a test run).
+MIN_ROUNDS = 3
+MAX_ROUNDS = 8
 RESERVE_MAX_FRACTION = 0.4  # the most of a budget the proof may reserve when a search shares it

@@ -33,7 +33,14 @@ from tuner.probe.bandwidth import DEFAULT_SECONDS as DEFAULT_BANDWIDTH_SECONDS
 from tuner.probe.bandwidth_cache import measure_and_record
 from tuner.probe.host import BandwidthResult, HostProbe
 from tuner.progress import TuneProgress
-from tuner.proof_defaults import ALPHA, BENCHMARK_VERIFY_SAMPLES, CANDIDATES, MAX_LOAD_FACTOR, MIN_EFFECT
+from tuner.proof_defaults import (
+    ALPHA,
+    BENCHMARK_VERIFY_SAMPLES,
+    CANDIDATES,
+    MAX_LOAD_FACTOR,
+    MAX_ROUNDS,
+    MIN_EFFECT,
+)
 from tuner.report import write_report
 from tuner.result import assemble_result, host_block, model_block, write_result
 from tuner.roofline import Roofline, mean_context_depth, roofline
@@ -85,6 +92,7 @@ class TuneRequest:
     alpha: float = ALPHA
     min_effect: float = MIN_EFFECT
     max_load_factor: float = MAX_LOAD_FACTOR
+    max_rounds: int = MAX_ROUNDS
     search_kv_cache: bool = True
     max_measure_seconds: float | None = None  # None: derived from the budget, see measure_cap()
     seed: int | None = None
@@ -365,11 +373,12 @@ class ProofSettings:
     min_effect: float = MIN_EFFECT
     seed: int = 0
     max_load_factor: float = MAX_LOAD_FACTOR  # 0: no bound on a candidate's load time
+    max_rounds: int = MAX_ROUNDS  # the proof takes what the budget leaves, up to this many rounds
 
     @classmethod
     def of(cls, request: TuneRequest, stop: StopRule) -> ProofSettings:
         return cls(stop=stop, samples=request.verify_samples, alpha=request.alpha, min_effect=request.min_effect,
-                   seed=request.seed or 0, max_load_factor=request.max_load_factor)
+                   seed=request.seed or 0, max_load_factor=request.max_load_factor, max_rounds=request.max_rounds)
 
 
 def verify_candidates(study: optuna.Study, baseline: RunConfig, measurer: MeasurerLike, progress: TuneProgress,
@@ -395,7 +404,7 @@ def verify_candidates(study: optuna.Study, baseline: RunConfig, measurer: Measur
         assert base is not None
         arm = Arm.from_search("baseline", baseline, base.number, base.user_attrs["outcome"])
         return Verification(baseline=arm, candidates=[], rounds=0, alpha=proof.alpha, min_effect=proof.min_effect)
-    rounds = plan_rounds(deadline - time.monotonic(), run_cost, len(candidates) + 1)
+    rounds = plan_rounds(deadline - time.monotonic(), run_cost, len(candidates) + 1, max_rounds=proof.max_rounds)
     progress.event(f"verifying {len(candidates)} candidate(s) against the baseline in {rounds} interleaved rounds")
     stop = fixed_samples(proof.stop, proof.samples)
 

@@ -19,11 +19,9 @@ from typing import Any
 
 from tuner.config import RunConfig
 from tuner.errors import TrialFailed
-from tuner.proof_defaults import ALPHA, MIN_EFFECT
+from tuner.proof_defaults import ALPHA, MAX_ROUNDS, MIN_EFFECT, MIN_ROUNDS
 from tuner.stats import Comparison, Summary, compare_paired, summarize
 from tuner.trial.runner import TrialOutcome
-
-MIN_ROUNDS = 3
 
 
 @dataclass
@@ -163,7 +161,7 @@ def verify(
     return verification
 
 
-def plan_rounds(seconds_available: float, seconds_per_run: float, arms: int, *, max_rounds: int = 8) -> int:
+def plan_rounds(seconds_available: float, seconds_per_run: float, arms: int, *, max_rounds: int = MAX_ROUNDS) -> int:
     """As many rounds as fit (at least the minimum: a verdict from fewer is not worth writing)."""
     if seconds_per_run <= 0 or arms <= 0:
         return MIN_ROUNDS

@@ -16,9 +16,9 @@ from tuner.budget import (
     suggested_budget,
     verification_run_cost,
 )
+from tuner.proof_defaults import MIN_ROUNDS
 from tuner.search import SPAWN_OVERHEAD_S
 from tuner.stats import compare_paired
-from tuner.verify import MIN_ROUNDS
 
 NOISY = [100.0, 104.0, 97.0, 101.0, 99.0, 103.0]
 

@@ -9,6 +9,7 @@ The real measurer is exercised by the tuning tier (tests/tuning), which runs lla
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import Callable
@@ -104,6 +105,20 @@ def test_a_handicapped_baseline_is_beaten_proven_and_written_as_the_result(tmp_p
     write_back(written, vars_file)
     text = vars_file.read_text()
     assert "llama_server_flash_attn: 'on'" in text and "llama_server_threads: 2" in text, text
+
+
+def test_max_rounds_ends_the_proof_before_the_budget_and_still_proves_a_clear_win(tmp_path: Path) -> None:
+    """--max-rounds 3: the same search, a proof of three rounds where the budget would buy eight."""
+    capped = context(tmp_path, seed=3)
+    capped.request = dataclasses.replace(capped.request, max_rounds=3)
+    measurer = FakeMeasurer(flash_attention_wins)
+    outcome = run(capped, measurer)
+    assert outcome.verification.rounds == 3
+    written = load_result(tmp_path / "result.yaml")
+    assert written["verdict"] == IMPROVED and written["verification"]["rounds"] == 3, written["summary"]
+    (tmp_path / "uncapped").mkdir()
+    uncapped = context(tmp_path / "uncapped", seed=3)
+    assert run(uncapped, FakeMeasurer(flash_attention_wins)).verification.rounds > 3, "the budget buys more"
 
 
 @pytest.mark.parametrize("seed", [1, 2])

@@ -6,9 +6,8 @@ import pytest
 
 from tuner.budget import plan_verification
 from tuner.errors import UserError
-from tuner.proof_defaults import RESERVE_MAX_FRACTION
+from tuner.proof_defaults import MIN_ROUNDS, RESERVE_MAX_FRACTION
 from tuner.tune import TuneRequest, measure_cap, validate_request
-from tuner.verify import MIN_ROUNDS
 
 
 def test_long_budgets_verify_every_candidate_with_room_for_more_rounds() -> None:
@@ -61,6 +60,7 @@ def test_every_path_takes_the_proofs_defaults_from_one_place() -> None:
     for argv in (["tune"], ["apply"], ["fleet", "finish"]):
         args = parser.parse_args(argv)
         assert (args.candidates, args.alpha, args.min_effect) == (proof.CANDIDATES, proof.ALPHA, proof.MIN_EFFECT)
+        assert args.max_rounds == proof.MAX_ROUNDS
     assert parser.parse_args(["tune"]).verify_windows == proof.LIVE_VERIFY_WINDOWS
     benchmark, live = TuneRequest(budget_seconds=600), LiveRequest(budget_seconds=600)
     assert (benchmark.candidates, benchmark.alpha, benchmark.min_effect, benchmark.verify_samples) == (
@@ -70,3 +70,23 @@ def test_every_path_takes_the_proofs_defaults_from_one_place() -> None:
     assert verify.__kwdefaults__ is not None
     assert (verify.__kwdefaults__["alpha"], verify.__kwdefaults__["min_effect"]) == (proof.ALPHA, proof.MIN_EFFECT)
     assert ProofSettings.__dataclass_fields__["samples"].default == proof.BENCHMARK_VERIFY_SAMPLES
+    assert benchmark.max_rounds == live.max_rounds == ProofSettings.__dataclass_fields__["max_rounds"].default \
+        == proof.MAX_ROUNDS
+
+
+def test_max_rounds_reaches_both_requests_and_fewer_than_a_verdict_needs_is_refused(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from tuner.cli import build_parser
+    from tuner.commands.tune import request_from_args
+    from tuner.live.setup import live_request
+
+    parser = build_parser()
+    args = parser.parse_args(["tune", "--budget", "10m", "--max-rounds", "4"])
+    assert request_from_args(args).max_rounds == 4
+    assert live_request(parser.parse_args(["tune", "--live", "--budget", "10m", "--max-rounds", "4"]),
+                        verify_only=False).max_rounds == 4
+    for bad in ("2", "three"):
+        with pytest.raises(SystemExit) as refused:
+            parser.parse_args(["tune", "--max-rounds", bad])
+        assert refused.value.code == 2
+        assert f"--max-rounds: {bad!r} is not a number of rounds of {MIN_ROUNDS} or more" in capsys.readouterr().err

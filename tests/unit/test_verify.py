@@ -13,8 +13,9 @@ import pytest
 
 from tuner.config import RunConfig
 from tuner.errors import TrialFailed
+from tuner.proof_defaults import MIN_ROUNDS
 from tuner.trial.runner import TrialOutcome
-from tuner.verify import MIN_ROUNDS, plan_rounds, verify
+from tuner.verify import plan_rounds, verify
 
 BASE = RunConfig(threads=4, threads_batch=4)
 FAST = RunConfig(threads=3, threads_batch=3)
@@ -85,5 +86,7 @@ def test_round_planning() -> None:
     assert plan_rounds(1000, 10, 4) == 8                  # capped
     assert plan_rounds(200, 10, 4) == 5
     assert plan_rounds(10, 10, 4) == MIN_ROUNDS           # never fewer than the minimum
+    assert plan_rounds(1000, 10, 4, max_rounds=MIN_ROUNDS) == MIN_ROUNDS  # --max-rounds: the time left is not used
+    assert plan_rounds(200, 10, 4, max_rounds=6) == 5     # a cap above what fits changes nothing
     with pytest.raises(ValueError):
         verify(BASE, [], Machine({BASE: 1.0}).run, rounds=2)

@@ -112,6 +112,7 @@ def _request(args: argparse.Namespace, *, budget: str | None = None) -> TuneRequ
         alpha=getattr(args, "alpha", proof_defaults.ALPHA),
         min_effect=getattr(args, "min_effect", proof_defaults.MIN_EFFECT),
         max_load_factor=getattr(args, "max_load_factor", proof_defaults.MAX_LOAD_FACTOR),
+        max_rounds=getattr(args, "max_rounds", proof_defaults.MAX_ROUNDS),
         search_kv_cache=not args.no_kv_quant,
         max_measure_seconds=args.max_measure,
         server_binary=args.server_binary,

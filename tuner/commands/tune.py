@@ -43,6 +43,18 @@ def non_negative_factor(text: str) -> float:
     return value
 
 
+def proof_rounds(text: str) -> int:
+    """--max-rounds: a whole number of rounds, no fewer than a verdict needs."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < proof_defaults.MIN_ROUNDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rounds of {proof_defaults.MIN_ROUNDS} or "
+                                         f"more (a proof of fewer rounds decides nothing)")
+    return value
+
+
 def add_proof_arguments(parser: argparse.ArgumentParser) -> None:
     """The proof's knobs, shared by ``tune``/``apply`` and ``fleet finish`` (defaults: tuner.proof_defaults)."""
     parser.add_argument("--candidates", type=int, default=proof_defaults.CANDIDATES,
@@ -56,6 +68,10 @@ def add_proof_arguments(parser: argparse.ArgumentParser) -> None:
                         help="leave out of the proof a candidate whose server takes longer than this many times the "
                              f"baseline's to come up, and {proof_defaults.LOAD_SLACK_S:g} s more "
                              f"({proof_defaults.MAX_LOAD_FACTOR:g}; 0 = no bound)")
+    parser.add_argument("--max-rounds", type=proof_rounds, default=proof_defaults.MAX_ROUNDS,
+                        help="interleaved proof rounds at most: the proof takes what the budget leaves, up to this "
+                             f"many ({proof_defaults.MAX_ROUNDS}; at least {proof_defaults.MIN_ROUNDS}); fewer "
+                             "rounds end a run sooner with fewer restarts, and prove only larger speed-ups")
 
 
 def register(sub: Any) -> None:
@@ -112,6 +128,7 @@ def request_from_args(args: argparse.Namespace) -> TuneRequest:
         alpha=args.alpha,
         min_effect=args.min_effect,
         max_load_factor=args.max_load_factor,
+        max_rounds=args.max_rounds,
         search_kv_cache=not args.no_kv_quant,
         max_measure_seconds=args.max_measure,
         seed=args.seed,

@@ -37,7 +37,7 @@ from tuner.model.gguf_file import ModelInfo
 from tuner.paths import results_dir
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
-from tuner.proof_defaults import ALPHA, CANDIDATES, LIVE_VERIFY_WINDOWS, MAX_LOAD_FACTOR, MIN_EFFECT
+from tuner.proof_defaults import ALPHA, CANDIDATES, LIVE_VERIFY_WINDOWS, MAX_LOAD_FACTOR, MAX_ROUNDS, MIN_EFFECT
 from tuner.report import write_report
 from tuner.result import IMPROVED, assemble_result, host_block, model_block
 from tuner.safe_change import STATE_APPLIED, STATE_APPLY_FAILED, record_write_back, save_and_write, written_message
@@ -80,6 +80,7 @@ class LiveRequest:
     alpha: float = ALPHA
     min_effect: float = MIN_EFFECT
     max_load_factor: float = MAX_LOAD_FACTOR
+    max_rounds: int = MAX_ROUNDS
     seed: int | None = None
     trials: int | None = None  # search trials after the baseline at most; None: only the budget limits
     guards: Guards = field(default_factory=Guards)
@@ -279,7 +280,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             progress.update("verifying")
             proof = ProofSettings(stop=req.settings.stop, samples=req.verify_windows, alpha=req.alpha,
                                   min_effect=req.min_effect, seed=req.seed or 0,
-                                  max_load_factor=req.max_load_factor)
+                                  max_load_factor=req.max_load_factor, max_rounds=req.max_rounds)
             fail_stale_trials(ctx.study)
             verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
                                              plan.run_s, plan.candidates, proof, eligible=eligible(req.objective))

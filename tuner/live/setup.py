@@ -103,7 +103,7 @@ def live_request(args: argparse.Namespace, *, verify_only: bool) -> LiveRequest:
         objective=LiveObjective(objective, ttft),
         study_name=args.study, storage_url=args.storage, output=args.output, candidates=args.candidates,
         verify_windows=args.verify_windows, alpha=args.alpha, min_effect=args.min_effect, seed=args.seed,
-        max_load_factor=args.max_load_factor,
+        max_load_factor=args.max_load_factor, max_rounds=args.max_rounds,
         trials=trials_limit(args), guards=Guards(latency_multiple=args.latency_guard),
         settings=live_settings(budget),
         search_kv_cache=not args.no_kv_quant, host_vars=args.host_vars, inventory=args.inventory, apply=args.apply,
