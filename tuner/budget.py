@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tuner.durations import format_duration
-from tuner.proof_defaults import MIN_ROUNDS, RESERVE_MAX_FRACTION
+from tuner.proof_defaults import MAX_ROUNDS, MIN_ROUNDS, RESERVE_MAX_FRACTION
 from tuner.search import SPAWN_OVERHEAD_S
 from tuner.stats import student_t_quantile
 from tuner.verify import plan_rounds
@@ -34,17 +34,19 @@ MAX_SUGGESTED_S = 7 * 24 * 3600.0  # beyond a week a suggestion is no help
 
 
 def plan_verification(budget_seconds: float, run_cost: float, candidates: int, *,
-                      max_fraction: float = RESERVE_MAX_FRACTION) -> tuple[int, float]:
+                      max_fraction: float = RESERVE_MAX_FRACTION, max_rounds: int = MAX_ROUNDS) -> tuple[int, float]:
     """How many candidates to verify and how much time to hold back for it.
 
     Verification needs at least MIN_ROUNDS rounds of (candidates + baseline) runs. When that does not fit
     in ``max_fraction`` of the budget (RESERVE_MAX_FRACTION when a search shares it; all of it for a
     verification-only run), fewer candidates are verified (at least one); up to TARGET_VERIFY_ROUNDS
-    rounds are reserved when the budget allows."""
+    rounds are reserved when the budget allows, and never more than ``max_rounds`` (--max-rounds): time the
+    capped proof could not use goes to the search instead."""
     limit = max_fraction * budget_seconds
     fitting = int(limit // (MIN_ROUNDS * run_cost)) - 1 if run_cost > 0 else candidates
     k = max(1, min(candidates, fitting))
-    reserve = min(TARGET_VERIFY_ROUNDS * (k + 1) * run_cost, max(limit, MIN_ROUNDS * (k + 1) * run_cost))
+    target = max(MIN_ROUNDS, min(TARGET_VERIFY_ROUNDS, max_rounds))
+    reserve = min(target * (k + 1) * run_cost, max(limit, MIN_ROUNDS * (k + 1) * run_cost))
     return k, reserve
 
 
@@ -94,6 +96,7 @@ class BudgetPlan:
     known_candidates: int  # distinct finished trials the study already holds (a resumed study)
     searching: bool  # False for a proof-only run (``apply``)
     rounds: int
+    max_rounds: int  # --max-rounds
     detectable: float | None  # see detectable_effect
 
     @property
@@ -142,11 +145,12 @@ class BudgetPlan:
 
 def plan_budget(*, budget_s: float, elapsed_s: float, trial_s: float, run_s: float, candidates: int,
                 known_candidates: int, baseline_values: Sequence[float], samples_per_run: int, level: float,
-                searching: bool = True) -> BudgetPlan:
+                searching: bool = True, max_rounds: int = MAX_ROUNDS) -> BudgetPlan:
     """The plan for what is left of ``budget_s``; ``level`` is the proof's significance level before the
     correction for several candidates."""
     plan = _divide(budget_s, elapsed_s=elapsed_s, trial_s=max(trial_s, 1.0), run_s=max(run_s, 1.0),
-                   candidates=candidates, known_candidates=known_candidates, searching=searching)
+                   candidates=candidates, known_candidates=known_candidates, searching=searching,
+                   max_rounds=max_rounds)
     detectable = detectable_effect(baseline_values, samples_per_run, plan.rounds, level / plan.candidates)
     return dataclasses.replace(plan, detectable=detectable)
 
@@ -158,7 +162,7 @@ def suggested_budget(plan: BudgetPlan) -> float:
     while budget < MAX_SUGGESTED_S:
         bigger = _divide(budget, elapsed_s=plan.elapsed_s, trial_s=plan.trial_s, run_s=plan.run_s,
                          candidates=plan.requested, known_candidates=plan.known_candidates,
-                         searching=plan.searching)
+                         searching=plan.searching, max_rounds=plan.max_rounds)
         if (not plan.searching or bigger.trials >= SUGGESTED_TRIALS) and bigger.shortfall() is None:
             return budget
         budget += BUDGET_STEP_S
@@ -166,12 +170,12 @@ def suggested_budget(plan: BudgetPlan) -> float:
 
 
 def _divide(budget_s: float, *, elapsed_s: float, trial_s: float, run_s: float, candidates: int,
-            known_candidates: int, searching: bool) -> BudgetPlan:
+            known_candidates: int, searching: bool, max_rounds: int) -> BudgetPlan:
     """The search/proof split of ``budget_s`` (a search may hold back RESERVE_MAX_FRACTION for the proof; a
     proof-only run all of it)."""
     fraction = RESERVE_MAX_FRACTION if searching else 1.0
-    k, reserve = plan_verification(budget_s, run_s, candidates, max_fraction=fraction)
+    k, reserve = plan_verification(budget_s, run_s, candidates, max_fraction=fraction, max_rounds=max_rounds)
     return BudgetPlan(budget_s=budget_s, elapsed_s=elapsed_s, trial_s=trial_s, run_s=run_s, requested=candidates,
-                      candidates=k,
-                      reserve_s=reserve, known_candidates=known_candidates, searching=searching,
-                      rounds=plan_rounds(reserve, run_s, k + 1), detectable=None)
+                      candidates=k, reserve_s=reserve, known_candidates=known_candidates, searching=searching,
+                      rounds=plan_rounds(reserve, run_s, k + 1, max_rounds=max_rounds), max_rounds=max_rounds,
+                      detectable=None)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -246,16 +246,16 @@ def run(ctx: TuneContext, measurer: MeasurerLike | None = None) -> TuneOutcome:
             base = measure_baseline(search, deadline, baseline_name="llama.cpp's defaults",
                                     fix=f"read the trial logs in {log_dir}; on a busy host give a longer --budget "
                                         "or shorter --pp-tokens/--tg-tokens")
+            proof = ProofSettings.of(req, ctx.settings.stop, samples=req.verify_samples)
             plan = plan_after_baseline(ctx.study, base, budget_s=req.budget_seconds, started=started,
-                                       samples_per_run=req.verify_samples, candidates=req.candidates,
-                                       alpha=req.alpha)
+                                       candidates=req.candidates, proof=proof)
             progress.event(plan.describe())
             search.run_until(lambda: deadline - plan.reserve_s, lambda: 0.5 * plan.trial_s,
                              max_trials=req.trials)
             progress.update("verifying")
             fail_stale_trials(ctx.study)
             verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
-                                             plan.run_s, plan.candidates, ProofSettings.of(req, ctx.settings.stop))
+                                             plan.run_s, plan.candidates, proof)
         except KeyboardInterrupt:
             raise Interrupted from None
         result = build_result(ctx, verification, {**search.report.__dict__, "plan": plan.to_dict()},
@@ -344,16 +344,16 @@ def measure_baseline(search: Search, deadline: float, *, baseline_name: str, fix
 
 
 def plan_after_baseline(study: optuna.Study, base: FrozenTrial, *, budget_s: float, started: float,
-                        samples_per_run: int, candidates: int, alpha: float, searching: bool = True,
+                        candidates: int, proof: ProofSettings, searching: bool = True,
                         eligible: Callable[[FrozenTrial], bool] | None = None) -> BudgetPlan:
     """What the rest of the budget buys (:mod:`tuner.budget`), from the baseline's measurement; a budget that
     buys no verdict is refused here, with the study keeping the baseline for the next run."""
     outcome = base.user_attrs["outcome"]
     plan = plan_budget(budget_s=budget_s, elapsed_s=time.monotonic() - started,
-                       trial_s=float(outcome["wall_seconds"]), run_s=verification_run_cost(outcome, samples_per_run),
+                       trial_s=float(outcome["wall_seconds"]), run_s=verification_run_cost(outcome, proof.samples),
                        candidates=candidates, known_candidates=len(best_trials(study, 1, eligible=eligible)),
-                       baseline_values=outcome["values"], samples_per_run=samples_per_run, level=alpha,
-                       searching=searching)
+                       baseline_values=outcome["values"], samples_per_run=proof.samples, level=proof.alpha,
+                       searching=searching, max_rounds=proof.max_rounds)
     shortfall = plan.shortfall()
     if shortfall is not None:
         raise UserError(f"a budget of {format_duration(budget_s)} {shortfall}",
@@ -361,6 +361,21 @@ def plan_after_baseline(study: optuna.Study, base: FrozenTrial, *, budget_s: flo
                         f"{SUGGESTED_TRIALS} trials and the proof); the study keeps what was measured and the next "
                         "run resumes it")
     return plan
+
+
+class ProofOptions(Protocol):
+    """What a request says about its proof: a benchmark's TuneRequest and a live LiveRequest both do."""
+
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def min_effect(self) -> float: ...
+    @property
+    def seed(self) -> int | None: ...
+    @property
+    def max_load_factor(self) -> float: ...
+    @property
+    def max_rounds(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -376,8 +391,10 @@ class ProofSettings:
     max_rounds: int = MAX_ROUNDS  # the proof takes what the budget leaves, up to this many rounds
 
     @classmethod
-    def of(cls, request: TuneRequest, stop: StopRule) -> ProofSettings:
-        return cls(stop=stop, samples=request.verify_samples, alpha=request.alpha, min_effect=request.min_effect,
+    def of(cls, request: ProofOptions, stop: StopRule, samples: int) -> ProofSettings:
+        """The proof ``request`` asks for, each run measuring ``samples`` samples (a benchmark's requests, a
+        live run's windows): the one place either kind of run turns its options into proof settings."""
+        return cls(stop=stop, samples=samples, alpha=request.alpha, min_effect=request.min_effect,
                    seed=request.seed or 0, max_load_factor=request.max_load_factor, max_rounds=request.max_rounds)
 
 

@@ -29,6 +29,22 @@ def test_at_least_one_candidate_and_the_minimum_rounds_even_when_that_overruns()
     assert reserve == MIN_ROUNDS * 2 * 60
 
 
+def test_a_capped_proof_holds_back_only_the_rounds_it_may_run_and_the_search_gets_the_rest() -> None:
+    """--max-rounds 3 against a long budget: the reserve is three rounds, not TARGET_VERIFY_ROUNDS, so a capped
+    run searches for the time an uncapped proof would have taken instead of ending early."""
+    from tuner.budget import plan_budget
+
+    k, uncapped = plan_verification(8 * 3600, run_cost=30, candidates=3)
+    assert plan_verification(8 * 3600, run_cost=30, candidates=3, max_rounds=3) == (k, MIN_ROUNDS * (k + 1) * 30)
+    assert uncapped > MIN_ROUNDS * (k + 1) * 30
+    common = dict(budget_s=3600.0, elapsed_s=60.0, trial_s=60.0, run_s=30.0, candidates=3, known_candidates=0,
+                  baseline_values=[10.0, 10.2, 9.9], samples_per_run=5, level=0.05)
+    free, capped = plan_budget(**common), plan_budget(**common, max_rounds=3)  # type: ignore[arg-type]
+    assert capped.rounds == 3 < free.rounds
+    assert capped.search_s - free.search_s == free.reserve_s - capped.reserve_s > 0
+    assert capped.trials > free.trials
+
+
 def test_trial_sampling_cap_scales_with_the_budget() -> None:
     assert measure_cap(TuneRequest(budget_seconds=60)) == 5.0
     assert measure_cap(TuneRequest(budget_seconds=600)) == 20.0
@@ -72,6 +88,18 @@ def test_every_path_takes_the_proofs_defaults_from_one_place() -> None:
     assert ProofSettings.__dataclass_fields__["samples"].default == proof.BENCHMARK_VERIFY_SAMPLES
     assert benchmark.max_rounds == live.max_rounds == ProofSettings.__dataclass_fields__["max_rounds"].default \
         == proof.MAX_ROUNDS
+
+
+def test_both_kinds_of_run_turn_their_options_into_the_same_proof_settings() -> None:
+    from tuner.live.session import LiveRequest
+    from tuner.stats import StopRule
+    from tuner.tune import ProofSettings
+
+    options = dict(alpha=0.01, min_effect=0.03, seed=7, max_load_factor=2.5, max_rounds=4)
+    benchmark = ProofSettings.of(TuneRequest(budget_seconds=600, **options), StopRule(), samples=9)  # type: ignore[arg-type]
+    live = ProofSettings.of(LiveRequest(budget_seconds=600, **options), StopRule(), samples=9)  # type: ignore[arg-type]
+    assert benchmark == live == ProofSettings(stop=StopRule(), samples=9, **options)  # type: ignore[arg-type]
+    assert ProofSettings.of(TuneRequest(budget_seconds=600), StopRule(), samples=5).seed == 0  # no seed: 0
 
 
 def test_max_rounds_reaches_both_requests_and_fewer_than_a_verdict_needs_is_refused(

@@ -69,7 +69,9 @@ def finish_group(session: GroupSession) -> TuneOutcome:
     reference = _reference_trial(session)
     ctx.probe = with_bandwidth(ctx.probe)
     run_cost = verification_run_cost(reference.user_attrs["outcome"], req.verify_samples)
-    verify_k, _ = plan_verification(req.budget_seconds, run_cost, req.candidates, max_fraction=1.0)
+    proof = ProofSettings.of(req, ctx.settings.stop, samples=req.verify_samples)
+    verify_k, _ = plan_verification(req.budget_seconds, run_cost, req.candidates, max_fraction=1.0,
+                                    max_rounds=proof.max_rounds)
     started = time.monotonic()
     deadline = started + req.budget_seconds
     measurer = Measurer(ctx.model, ctx.settings, trial_log_dir(ctx.study.study_name),
@@ -83,7 +85,7 @@ def finish_group(session: GroupSession) -> TuneOutcome:
                                        "proof uses the trials finished so far", style="yellow")
         try:
             verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
-                                             run_cost, verify_k, ProofSettings.of(req, ctx.settings.stop))
+                                             run_cost, verify_k, proof)
         except KeyboardInterrupt:
             raise Interrupted from None
         tally = block["trials"]

@@ -262,9 +262,9 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             latency = base.user_attrs.get("latency_p95_s")
             measurer.baseline_latency_p95 = latency["median"] if latency else None
             measurer.baseline = ctx.space.baseline()
+            proof = ProofSettings.of(req, req.settings.stop, samples=req.verify_windows)
             plan = plan_after_baseline(ctx.study, base, budget_s=req.budget_seconds, started=started,
-                                       samples_per_run=req.verify_windows, candidates=req.candidates,
-                                       alpha=req.alpha, searching=not req.verify_only,
+                                       candidates=req.candidates, proof=proof, searching=not req.verify_only,
                                        eligible=eligible(req.objective))
             progress.event(plan.describe())
             if not req.verify_only:
@@ -278,9 +278,6 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
                     progress.event(f"the search ends: the restart cap ({req.restarts.max_per_hour} per hour) allows "
                                    "no further trial before its part of the budget ends")
             progress.update("verifying")
-            proof = ProofSettings(stop=req.settings.stop, samples=req.verify_windows, alpha=req.alpha,
-                                  min_effect=req.min_effect, seed=req.seed or 0,
-                                  max_load_factor=req.max_load_factor, max_rounds=req.max_rounds)
             fail_stale_trials(ctx.study)
             verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
                                              plan.run_s, plan.candidates, proof, eligible=eligible(req.objective))
