@@ -207,6 +207,7 @@ class Search:
             for name, value in measurement_attrs(earlier).items():  # not its role: a baseline stays one trial
                 trial.set_user_attr(name, value)
             trial.set_user_attr(REPEAT_ATTR, earlier.number)
+            self.repeats.redirect(self.study, trial, self.space.neighbours(trial.params))
             return float(earlier.value)
         label = f"trial-{trial.number:04d}"
         self.progress.update(f"trial {trial.number}{' (baseline)' if baseline else ''}: {_short(config)}")

@@ -163,12 +163,14 @@ def _key_of(space: SearchSpace, params: dict[str, Any]) -> str:
 
 def _optuna_search(sampler: Callable[[int], optuna.samplers.BaseSampler], pruned: bool) -> Method:
     """An Optuna search as the tuner runs it (``pruned``: its pruner, and a configuration proposed again takes
-    the earlier measurement, as tuner.search.Search does with tuner.study.RepeatPolicy), or plain."""
+    the earlier measurement and sends the next trial to an unmeasured neighbour, as tuner.search.Search does
+    with tuner.study.RepeatPolicy), or plain."""
     def method(grid: Grid, space: SearchSpace, rng: random.Random, budget: int, measure: Measure) -> None:
         by_key = {p.key: p for p in grid.points}
         repeats = RepeatPolicy(limit=REPEAT_LIMIT if pruned else 0)
         with quiet_optuna():
-            study = optuna.create_study(direction="maximize", sampler=sampler(rng.randrange(2**31)),
+            seed = rng.randrange(2**31)
+            study = optuna.create_study(study_name=f"replay-{seed}", direction="maximize", sampler=sampler(seed),
                                         pruner=make_pruner() if pruned else optuna.pruners.NopPruner())
             study.enqueue_trial(space.baseline_params())
             while True:
@@ -178,6 +180,7 @@ def _optuna_search(sampler: Callable[[int], optuna.samplers.BaseSampler], pruned
                 earlier = None if trial.number == 0 else repeats.earlier_measurement(study, key)
                 if earlier is not None:
                     trial.set_user_attr(REPEAT_ATTR, earlier.number)
+                    repeats.redirect(study, trial, space.neighbours(trial.params))
                     study.tell(trial, earlier.value)
                     continue
                 value = measure(by_key[key], trial)

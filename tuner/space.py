@@ -209,6 +209,31 @@ class SearchSpace:
         self.draw(recorder)
         return recorder.params
 
+    def neighbours(self, params: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        """The configurations one step from ``params``: one searched knob moved to another of its values (an
+        integer by one or two), as (key, the parameters its draw takes), distinct and other than ``params``'s.
+
+        A step that brings a knob in (flash attention on brings in the V cache type) starts that knob at the
+        baseline's value; a knob the step makes moot is dropped. The search measures such a neighbour when the
+        sampler proposes a configuration it has already measured (:class:`tuner.study.RepeatPolicy`)."""
+        def value_of(values: dict[str, Any]) -> Callable[[str], Any]:
+            return lambda name: values[name] if name in values else self._baseline_value(name)
+
+        origin = _Recorder(value_of(params))
+        seen = {self.draw(origin).key()}
+        found: list[tuple[str, dict[str, Any]]] = []
+        for name, steps in origin.steps.items():
+            for step in steps:
+                recorder = _Recorder(value_of({**origin.params, name: step}))
+                try:
+                    key = self.draw(recorder).key()
+                except (ValueError, UserError):
+                    continue  # a combination the space does not offer
+                if key not in seen:
+                    seen.add(key)
+                    found.append((key, recorder.params))
+        return found
+
     # ---- what the user sees ------------------------------------------------------------------------
 
     def _numa_reason(self) -> str:
@@ -246,19 +271,24 @@ class SearchSpace:
 
 
 class _Recorder:
-    """Plays the baseline through :meth:`SearchSpace.draw` and records which parameters it touched."""
+    """Plays a configuration's values through :meth:`SearchSpace.draw`, recording which parameters it touched and,
+    for each, the values one step away (another choice; an integer one or two steps up or down, in range)."""
 
     def __init__(self, value: Callable[[str], Any]) -> None:
         self.value = value
         self.params: dict[str, Any] = {}
+        self.steps: dict[str, list[Any]] = {}
 
     def suggest_int(self, name: str, low: int, high: int) -> int:
-        self.params[name] = min(max(int(self.value(name)), low), high)
-        return int(self.params[name])
+        value = min(max(int(self.value(name)), low), high)
+        self.params[name] = value
+        self.steps[name] = [v for v in (value - 1, value + 1, value - 2, value + 2) if low <= v <= high]
+        return value
 
     def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
         value = self.value(name)
         if value not in choices:
-            raise ValueError(f"baseline {name}={value!r} is not one of {list(choices)}")
+            raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
         self.params[name] = value
+        self.steps[name] = [c for c in choices if c != value]
         return value
