@@ -67,24 +67,6 @@ class Dimension:
     reason: str
 
 
-class _FromParams:
-    """Answers ``suggest_*`` calls from a stored parameter dict (or the baseline's)."""
-
-    def __init__(self, params: dict[str, Any], fallback: Callable[[str], Any]) -> None:
-        self.params = params
-        self.fallback = fallback
-
-    def suggest_int(self, name: str, low: int, high: int) -> int:
-        value = int(self.params[name]) if name in self.params else int(self.fallback(name))
-        return min(max(value, low), high)
-
-    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
-        value = self.params[name] if name in self.params else self.fallback(name)
-        if value not in choices:
-            raise ValueError(f"{name}={value!r} is not one of {list(choices)}")
-        return value
-
-
 class SearchSpace:
     """Every choice a trial makes, on the CPUs the trials may use.
 
@@ -180,7 +162,7 @@ class SearchSpace:
 
     def config_from_params(self, params: dict[str, Any]) -> RunConfig:
         """Rebuild the configuration a stored trial measured."""
-        return self.draw(_FromParams(params, self._baseline_value))
+        return self.draw(_Recorder(self._value_in(params)))
 
     # ---- the baseline: what llama.cpp does when nobody tunes it ------------------------------------
 
@@ -195,6 +177,10 @@ class SearchSpace:
             "cache_type_k": "f16", "cache_type_v": "f16", "repack": True, "omp_wait_policy": "default",
             "cpu_strict": False,
         }[name]
+
+    def _value_in(self, params: dict[str, Any]) -> Callable[[str], Any]:
+        """A knob's value in ``params``, or the baseline's where ``params`` does not name it."""
+        return lambda name: params[name] if name in params else self._baseline_value(name)
 
     def _unsearched(self, name: str) -> Any:
         """The value of a build-dependent setting this build does not offer: what the baseline runs."""
@@ -216,15 +202,12 @@ class SearchSpace:
         A step that brings a knob in (flash attention on brings in the V cache type) starts that knob at the
         baseline's value; a knob the step makes moot is dropped. The search measures such a neighbour when the
         sampler proposes a configuration it has already measured (:class:`tuner.study.RepeatPolicy`)."""
-        def value_of(values: dict[str, Any]) -> Callable[[str], Any]:
-            return lambda name: values[name] if name in values else self._baseline_value(name)
-
-        origin = _Recorder(value_of(params))
+        origin = _Recorder(self._value_in(params))
         seen = {self.draw(origin).key()}
         found: list[tuple[str, dict[str, Any]]] = []
         for name, steps in origin.steps.items():
             for step in steps:
-                recorder = _Recorder(value_of({**origin.params, name: step}))
+                recorder = _Recorder(self._value_in({**origin.params, name: step}))
                 try:
                     key = self.draw(recorder).key()
                 except (ValueError, UserError):
@@ -271,8 +254,9 @@ class SearchSpace:
 
 
 class _Recorder:
-    """Plays a configuration's values through :meth:`SearchSpace.draw`, recording which parameters it touched and,
-    for each, the values one step away (another choice; an integer one or two steps up or down, in range)."""
+    """Answers :meth:`SearchSpace.draw`'s ``suggest_*`` calls from ``value`` (an integer clamped into range; a
+    choice that is not offered is refused), recording which parameters the draw touched and, for each, the values
+    one step away (another choice; an integer one or two steps up or down, in range)."""
 
     def __init__(self, value: Callable[[str], Any]) -> None:
         self.value = value
