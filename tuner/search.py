@@ -192,6 +192,11 @@ class Search:
         self.on_trial_start = on_trial_start
         self.report = SearchReport()
         self.repeats = RepeatPolicy()
+        # Whether this call of run_until runs a trial after the current one: a repeat's neighbour is enqueued only
+        # then, so ``--trials N`` leaves N trials in the study and no queued one behind. A search that ends on
+        # its deadline may leave one queued; the next run on the study (a resumed night, another worker) takes it
+        # first.
+        self._more_trials_follow = True
 
     def _objective(self, trial: optuna.Trial) -> float:
         if self.on_trial_start is not None:
@@ -207,7 +212,8 @@ class Search:
             for name, value in measurement_attrs(earlier).items():  # not its role: a baseline stays one trial
                 trial.set_user_attr(name, value)
             trial.set_user_attr(REPEAT_ATTR, earlier.number)
-            self.repeats.redirect(self.study, trial, self.space.neighbours(trial.params))
+            if self._more_trials_follow:
+                self.repeats.redirect(self.study, trial, self.space.neighbours(trial.params))
             return float(earlier.value)
         label = f"trial-{trial.number:04d}"
         self.progress.update(f"trial {trial.number}{' (baseline)' if baseline else ''}: {_short(config)}")
@@ -322,6 +328,7 @@ class Search:
                     self.report.trial_limit_reached = True
                     self.progress.event("the search ends: it ran the trials --trials asked for")
                     break
+                self._more_trials_follow = max_trials is None or self.report.trials_run - started_with + 1 < max_trials
                 self.run_one()
         except KeyboardInterrupt:
             self.report.interrupted = True

@@ -12,6 +12,7 @@ import time
 import optuna
 import pytest
 from model_support import a_model
+from optuna.trial import TrialState
 from test_search_repeats import HOST, CountingMeasurer, a_study
 
 from tuner.commands.options import trials_limit
@@ -20,7 +21,7 @@ from tuner.probe import read_host
 from tuner.progress import TuneProgress
 from tuner.search import Search
 from tuner.space import SearchSpace
-from tuner.study import is_baseline
+from tuner.study import NEIGHBOUR_ATTR, REPEAT_ATTR, enqueue_baseline, is_baseline
 from tuner.tune import measure_baseline
 
 FAR = 3600.0
@@ -54,6 +55,30 @@ def test_a_resumed_study_runs_the_trials_asked_for_and_keeps_its_baseline() -> N
     assert len(trials) == 5 and sum(map(is_baseline, trials)) == 1
     assert search.report.trials_run == 2 and search.report.trial_limit_reached
     assert len(measurer.configs) <= 2, "the kept baseline is not measured again (a repeat is not measured at all)"
+
+
+def test_a_repeat_as_the_last_trial_asked_for_leaves_no_neighbour_queued_behind() -> None:
+    """A repeat enqueues an unmeasured neighbour for the next trial (tuner.study.RepeatPolicy.redirect), but the
+    last trial --trials allows has no next trial: the study holds the trials asked for and none waiting."""
+    space = SearchSpace(read_host(HOST), a_model(), "tg")
+    other = {**space.baseline_params(), "threads": 1}
+    study = a_study()
+    enqueue_baseline(study, space.baseline_params(), None)
+    study.enqueue_trial(other)
+    study.enqueue_trial(other)  # trial 2 proposes trial 1's configuration again: the last one of the two asked for
+    run_with_cap(study, 2)
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.COMPLETE] * 3, states
+    assert REPEAT_ATTR in study.trials[2].user_attrs
+
+    study = a_study()
+    enqueue_baseline(study, space.baseline_params(), None)
+    study.enqueue_trial(other)
+    study.enqueue_trial(other)
+    run_with_cap(study, 3)  # a trial follows the repeat: it measures the neighbour
+    trials = study.get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert trials[3].user_attrs[NEIGHBOUR_ATTR] == trials[2].number
 
 
 def test_without_a_limit_only_the_budget_ends_the_search() -> None:
