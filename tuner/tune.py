@@ -9,18 +9,14 @@ file is written.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.budget import SUGGESTED_TRIALS, BudgetPlan, plan_budget, suggested_budget, verification_run_cost
 from tuner.build_knobs import knobs_of
-from tuner.config import RunConfig
-from tuner.durations import format_duration
 from tuner.errors import UserError
 from tuner.model.checksum import model_sha256
 from tuner.model.default_model import default_model_path
@@ -28,6 +24,7 @@ from tuner.model.gguf_file import ModelInfo, check_fits_in_memory, inspect_model
 from tuner.model_pages import page_reset_blocked
 from tuner.output import console
 from tuner.paths import results_dir, trial_log_dir
+from tuner.pipeline import ProofSettings, RunSteps, search_and_prove
 from tuner.probe import BandwidthError, probe_host
 from tuner.probe.bandwidth import DEFAULT_SECONDS as DEFAULT_BANDWIDTH_SECONDS
 from tuner.probe.bandwidth_cache import measure_and_record
@@ -50,7 +47,6 @@ from tuner.search import (
     MeasurerLike,
     MeasureSettings,
     Search,
-    fixed_samples,
     sigterm_as_interrupt,
 )
 from tuner.server.build import deployed_server_binary
@@ -60,19 +56,11 @@ from tuner.space import SearchSpace
 from tuner.stats import StopRule
 from tuner.study import (
     StudyBinding,
-    baseline_trial,
-    best_trials,
-    both,
-    enqueue_baseline,
-    fail_stale_trials,
-    is_baseline,
-    load_seconds_of,
-    load_within,
     open_storage,
     open_study,
 )
 from tuner.trial.protocol import Warmup, Workload
-from tuner.verify import Arm, Verification, plan_rounds, verify
+from tuner.verify import Arm, Verification
 
 MIN_BUDGET_S = 30.0
 UNITS = {"tg": "tg tok/s", "pp": "pp tok/s", "both": "sqrt(pp*tg) tok/s"}
@@ -230,7 +218,6 @@ def run(ctx: TuneContext, measurer: MeasurerLike | None = None) -> TuneOutcome:
     answers at once, so the whole pipeline runs in the fast tier."""
     req = ctx.request
     started = time.monotonic()
-    deadline = started + req.budget_seconds
     log_dir = trial_log_dir(ctx.study.study_name)
     if measurer is None:
         measurer = Measurer(ctx.model, ctx.settings, log_dir, multi_node=ctx.space.multi_node,
@@ -242,23 +229,17 @@ def run(ctx: TuneContext, measurer: MeasurerLike | None = None) -> TuneOutcome:
                        f"{len(ctx.study.trials)} trials so far)")
         announce_numa_blocked(ctx.space, progress)
         search = Search(ctx.study, ctx.space, measurer, progress, unit=unit)
+        steps = RunSteps(baseline_name="llama.cpp's defaults",
+                         baseline_fix=f"read the trial logs in {log_dir}; on a busy host give a longer --budget "
+                                      "or shorter --pp-tokens/--tg-tokens",
+                         candidates=req.candidates, trials=req.trials)
         try:
-            base = measure_baseline(search, deadline, baseline_name="llama.cpp's defaults",
-                                    fix=f"read the trial logs in {log_dir}; on a busy host give a longer --budget "
-                                        "or shorter --pp-tokens/--tg-tokens")
-            proof = ProofSettings.of(req, ctx.settings.stop, samples=req.verify_samples)
-            plan = plan_after_baseline(ctx.study, base, budget_s=req.budget_seconds, started=started,
-                                       candidates=req.candidates, proof=proof)
-            progress.event(plan.describe())
-            search.run_until(lambda: deadline - plan.reserve_s, lambda: 0.5 * plan.trial_s,
-                             max_trials=req.trials)
-            progress.update("verifying")
-            fail_stale_trials(ctx.study)
-            verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
-                                             plan.run_s, plan.candidates, proof)
+            proven = search_and_prove(search, ProofSettings.of(req, ctx.settings.stop, samples=req.verify_samples),
+                                      steps, started=started, budget_s=req.budget_seconds)
         except KeyboardInterrupt:
             raise Interrupted from None
-        result = build_result(ctx, verification, {**search.report.__dict__, "plan": plan.to_dict()},
+        verification = proven.verification
+        result = build_result(ctx, verification, {**search.report.__dict__, "plan": proven.plan.to_dict()},
                               time.monotonic() - started, measurer.measuring_seconds)
         write_outcome(ctx, result, progress)
     return TuneOutcome(result, ctx.result_path, verification)
@@ -321,118 +302,6 @@ def write_outcome(ctx: TuneContext, result: dict[str, Any], progress: TuneProgre
     report_path = ctx.result_path.with_suffix(".html")
     write_report(report_path, result, ctx.study)
     progress.event(f"result written to {ctx.result_path}, report to {report_path}")
-
-
-def measure_baseline(search: Search, deadline: float, *, baseline_name: str, fix: str) -> FrozenTrial:
-    """The first trial of a study is the baseline; a resumed study reuses its measurement. A baseline that
-    fails twice, or fails with no budget left for another try, ends the run: with the baseline failing,
-    nothing can be proven against it."""
-    study, space = search.study, search.space
-    failures = 0
-    while (base := baseline_trial(study)) is None:
-        if not any(is_baseline(t) for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))):
-            enqueue_baseline(study, space.baseline_params(), space.baseline())
-        attempt_started = time.monotonic()
-        trial = search.run_one()
-        if trial is not None and is_baseline(trial) and trial.state == TrialState.FAIL:
-            failures += 1
-            attempt = time.monotonic() - attempt_started
-            if failures >= 2 or time.monotonic() + attempt > deadline:
-                raise UserError(f"the baseline configuration ({baseline_name}) could not be measured: "
-                                f"{trial.user_attrs.get('failure', '?')}", fix)
-    return base
-
-
-def plan_after_baseline(study: optuna.Study, base: FrozenTrial, *, budget_s: float, started: float,
-                        candidates: int, proof: ProofSettings, searching: bool = True,
-                        eligible: Callable[[FrozenTrial], bool] | None = None) -> BudgetPlan:
-    """What the rest of the budget buys (:mod:`tuner.budget`), from the baseline's measurement; a budget that
-    buys no verdict is refused here, with the study keeping the baseline for the next run."""
-    outcome = base.user_attrs["outcome"]
-    plan = plan_budget(budget_s=budget_s, elapsed_s=time.monotonic() - started,
-                       trial_s=float(outcome["wall_seconds"]), run_s=verification_run_cost(outcome, proof.samples),
-                       candidates=candidates, known_candidates=len(best_trials(study, 1, eligible=eligible)),
-                       baseline_values=outcome["values"], samples_per_run=proof.samples, level=proof.alpha,
-                       searching=searching, max_rounds=proof.max_rounds)
-    shortfall = plan.shortfall()
-    if shortfall is not None:
-        raise UserError(f"a budget of {format_duration(budget_s)} {shortfall}",
-                        f"pass --budget {format_duration(suggested_budget(plan))} or more (it buys about "
-                        f"{SUGGESTED_TRIALS} trials and the proof); the study keeps what was measured and the next "
-                        "run resumes it")
-    return plan
-
-
-class ProofOptions(Protocol):
-    """What a request says about its proof: a benchmark's TuneRequest and a live LiveRequest both do."""
-
-    @property
-    def alpha(self) -> float: ...
-    @property
-    def min_effect(self) -> float: ...
-    @property
-    def seed(self) -> int | None: ...
-    @property
-    def max_load_factor(self) -> float: ...
-    @property
-    def max_rounds(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class ProofSettings:
-    """How the final verification measures and decides (see :mod:`tuner.verify`)."""
-
-    stop: StopRule
-    samples: int = BENCHMARK_VERIFY_SAMPLES
-    alpha: float = ALPHA
-    min_effect: float = MIN_EFFECT
-    seed: int = 0
-    max_load_factor: float = MAX_LOAD_FACTOR  # 0: no bound on a candidate's load time
-    max_rounds: int = MAX_ROUNDS  # the proof takes what the budget leaves, up to this many rounds
-
-    @classmethod
-    def of(cls, request: ProofOptions, stop: StopRule, samples: int) -> ProofSettings:
-        """The proof ``request`` asks for, each run measuring ``samples`` samples (a benchmark's requests, a
-        live run's windows): the one place either kind of run turns its options into proof settings."""
-        return cls(stop=stop, samples=samples, alpha=request.alpha, min_effect=request.min_effect,
-                   seed=request.seed or 0, max_load_factor=request.max_load_factor, max_rounds=request.max_rounds)
-
-
-def verify_candidates(study: optuna.Study, baseline: RunConfig, measurer: MeasurerLike, progress: TuneProgress,
-                      deadline: float, run_cost: float, k: int, proof: ProofSettings,
-                      eligible: Callable[[FrozenTrial], bool] | None = None) -> Verification:
-    """The study's ``k`` best distinct (and ``eligible``) configurations against the baseline, interleaved,
-    until ``deadline``. Candidates are rebuilt from the configuration each trial recorded. A trial whose server
-    took longer to come up than the load bound allows (:func:`tuner.study.load_limit`) is left out, and said so:
-    a faster token rate never hides a start several times slower."""
-    top = best_trials(study, k, eligible=both(eligible, load_within(study, proof.max_load_factor)))
-    kept = {t.number for t in top}
-    slow = [t for t in best_trials(study, k, eligible=eligible) if t.number not in kept]
-    base = baseline_trial(study) if slow else None
-    for trial in slow:
-        progress.event(f"trial {trial.number} is left out of the proof: its server took "
-                       f"{load_seconds_of(trial) or 0:.1f} s to come up against the baseline's "
-                       f"{load_seconds_of(base) if base else 0:.1f} s (more than x{proof.max_load_factor:g}; "
-                       "--max-load-factor 0 lifts the bound)")
-    candidates = [(f"trial-{t.number}", RunConfig.from_dict(
-        t.user_attrs["config"], origin=f"trial {t.number} of study {study.study_name}"), t.number) for t in top]
-    if not candidates:
-        base = baseline_trial(study)
-        assert base is not None
-        arm = Arm.from_search("baseline", baseline, base.number, base.user_attrs["outcome"])
-        return Verification(baseline=arm, candidates=[], rounds=0, alpha=proof.alpha, min_effect=proof.min_effect)
-    rounds = plan_rounds(deadline - time.monotonic(), run_cost, len(candidates) + 1, max_rounds=proof.max_rounds)
-    progress.event(f"verifying {len(candidates)} candidate(s) against the baseline in {rounds} interleaved rounds")
-    stop = fixed_samples(proof.stop, proof.samples)
-
-    def run_once(config: RunConfig, label: str) -> Any:
-        return measurer.run(config, label, stop=stop)
-
-    def on_round(done: int, total: int) -> None:
-        progress.update(f"verification round {done}/{total}")
-
-    return verify(baseline, candidates, run_once, rounds=rounds, alpha=proof.alpha, min_effect=proof.min_effect,
-                  seed=proof.seed, on_round=on_round)
 
 
 def build_result(ctx: TuneContext, verification: Verification, search: dict[str, Any], wall_seconds: float,

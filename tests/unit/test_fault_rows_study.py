@@ -23,13 +23,13 @@ from sqlalchemy import exc as sqlalchemy_exc
 from tuner.config import RunConfig
 from tuner.errors import TrialFailed, UserError
 from tuner.fleet.worker import StaleTrialWatch
+from tuner.pipeline import measure_baseline
 from tuner.probe import read_host
 from tuner.progress import TuneProgress
 from tuner.search import Search
 from tuner.space import SearchSpace
 from tuner.study import StudyBinding, is_baseline, open_storage, open_study
 from tuner.trial.runner import TrialOutcome
-from tuner.tune import measure_baseline
 
 HOST = Path(__file__).resolve().parents[1] / "fixtures" / "hosts" / "epyc-kvm-2vcpu"
 BINDING = StudyBinding(host_fingerprint="0123456789abcdef", model_sha256="ab" * 32, objective="tg",

@@ -16,9 +16,10 @@ TUNER = Path(__file__).resolve().parents[2] / "tuner"
 LOWER = ("tuner.errors", "tuner.atomic", "tuner.paths", "tuner.durations", "tuner.proof_defaults",
          "tuner.yamlfile", "tuner.config", "tuner.build_knobs", "tuner.stats", "tuner.space", "tuner.probe",
          "tuner.model", "tuner.sizing", "tuner.cpu_lists", "tuner.host_sysfs")
-HIGHER = ("tuner.cli", "tuner.commands", "tuner.tune", "tuner.search", "tuner.study", "tuner.verify", "tuner.report",
-          "tuner.live", "tuner.fleet", "tuner.rollout", "tuner.lab", "tuner.trial.runner", "tuner.trial.worker",
-          "tuner.server", "tuner.writeback", "tuner.safe_change")  # tuner.trial.protocol is a data contract: lower
+# tuner.trial.protocol is a data contract: lower
+HIGHER = ("tuner.cli", "tuner.commands", "tuner.tune", "tuner.pipeline", "tuner.search", "tuner.study",
+          "tuner.verify", "tuner.report", "tuner.live", "tuner.fleet", "tuner.rollout", "tuner.lab",
+          "tuner.trial.runner", "tuner.trial.worker", "tuner.server", "tuner.writeback", "tuner.safe_change")
 
 
 def module_name(path: Path) -> str:

@@ -10,12 +10,12 @@ import optuna
 import pytest
 
 from tuner.config import RunConfig
+from tuner.pipeline import ProofSettings, verify_candidates
 from tuner.result import assemble_result
 from tuner.stats import StopRule
 from tuner.study import BASELINE, ROLE_ATTR, load_limit, load_within
 from tuner.summary import load_line
 from tuner.trial.runner import TrialOutcome
-from tuner.tune import ProofSettings, verify_candidates
 from tuner.verify import Verification
 
 BASE = RunConfig(threads=2, threads_batch=2)

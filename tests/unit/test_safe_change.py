@@ -91,8 +91,8 @@ def test_hostile_results_are_refused_and_the_file_stays_byte_identical(
 def test_a_poisoned_study_row_is_refused_before_anything_is_rendered() -> None:
     """A configuration read back from a (shared) study store is validated before it becomes a command line or a
     unit file: the candidates of a proof are rebuilt through RunConfig.from_dict."""
+    from tuner.pipeline import ProofSettings, verify_candidates
     from tuner.stats import StopRule
-    from tuner.tune import ProofSettings, verify_candidates
 
     study = optuna.create_study(study_name="poisoned", direction="maximize")
     trial = study.ask()

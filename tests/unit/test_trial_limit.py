@@ -17,12 +17,12 @@ from test_search_repeats import HOST, CountingMeasurer, a_study
 
 from tuner.commands.options import trials_limit
 from tuner.errors import UserError
+from tuner.pipeline import measure_baseline
 from tuner.probe import read_host
 from tuner.progress import TuneProgress
 from tuner.search import Search
 from tuner.space import SearchSpace
 from tuner.study import NEIGHBOUR_ATTR, REPEAT_ATTR, enqueue_baseline, is_baseline
-from tuner.tune import measure_baseline
 
 FAR = 3600.0
 

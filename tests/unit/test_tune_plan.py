@@ -69,7 +69,7 @@ def test_every_path_takes_the_proofs_defaults_from_one_place() -> None:
     from tuner import proof_defaults as proof
     from tuner.cli import build_parser
     from tuner.live.session import LiveRequest
-    from tuner.tune import ProofSettings
+    from tuner.pipeline import ProofSettings
     from tuner.verify import verify
 
     parser = build_parser()
@@ -92,8 +92,8 @@ def test_every_path_takes_the_proofs_defaults_from_one_place() -> None:
 
 def test_both_kinds_of_run_turn_their_options_into_the_same_proof_settings() -> None:
     from tuner.live.session import LiveRequest
+    from tuner.pipeline import ProofSettings
     from tuner.stats import StopRule
-    from tuner.tune import ProofSettings
 
     options = dict(alpha=0.01, min_effect=0.03, seed=7, max_load_factor=2.5, max_rounds=4)
     benchmark = ProofSettings.of(TuneRequest(budget_seconds=600, **options), StopRule(), samples=9)  # type: ignore[arg-type]

@@ -25,17 +25,11 @@ from tuner.fleet.session import GroupSession
 from tuner.fleet.status import counts, hosts
 from tuner.output import console
 from tuner.paths import trial_log_dir
+from tuner.pipeline import ProofSettings, verify_candidates
 from tuner.progress import TuneProgress
 from tuner.search import Interrupted, Measurer, sigterm_as_interrupt
 from tuner.study import baseline_trial, best_trials
-from tuner.tune import (
-    ProofSettings,
-    TuneOutcome,
-    build_result,
-    verify_candidates,
-    with_bandwidth,
-    write_outcome,
-)
+from tuner.tune import TuneOutcome, build_result, with_bandwidth, write_outcome
 
 
 def _reference_trial(session: GroupSession) -> FrozenTrial:

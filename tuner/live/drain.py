@@ -211,6 +211,12 @@ class RestartGuard:
         now = self.clock()
         return max(0.0, self.window.next_allowed(now) - now)
 
+    def hold_back_search(self) -> str:
+        """The search ended with time left because the cap holds the next restart back: the result says so."""
+        self.search_held_back = True
+        return (f"the restart cap ({self.policy.max_per_hour} per hour) allows no further trial before its part of "
+                "the budget ends")
+
     def _restart(self, reason: str, state: tuple[str, RunConfig | None] | None, call: Callable[[], None], *,
                  capped: bool) -> None:
         if state is not None and state == self._state and not self.downtime.down:

@@ -35,6 +35,7 @@ from tuner.live.space import LiveSearchSpace
 from tuner.live.workload import RequestMix
 from tuner.model.gguf_file import ModelInfo
 from tuner.paths import results_dir
+from tuner.pipeline import ProofSettings, RunSteps, search_and_prove
 from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
 from tuner.proof_defaults import ALPHA, CANDIDATES, LIVE_VERIFY_WINDOWS, MAX_LOAD_FACTOR, MAX_ROUNDS, MIN_EFFECT
@@ -54,14 +55,7 @@ from tuner.study import (
     open_storage,
     open_study,
 )
-from tuner.tune import (
-    MIN_BUDGET_S,
-    ProofSettings,
-    announce_numa_blocked,
-    measure_baseline,
-    plan_after_baseline,
-    verify_candidates,
-)
+from tuner.tune import MIN_BUDGET_S, announce_numa_blocked
 from tuner.verify import Verification
 from tuner.writeback import WriteBack, plan_vars
 
@@ -255,32 +249,22 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
                        f"{len(ctx.study.trials)} trials so far); baseline: {baseline_args}")
         announce_numa_blocked(ctx.space, progress)
         search = Search(ctx.study, ctx.space, measurer, progress, unit=req.objective.unit)
-        try:
-            base = measure_baseline(search, deadline, baseline_name="the deployed configuration",
-                                    fix=f"check that the baseline serves this workload; the server's log: "
-                                        f"{ctx.control.server_log()}")
+
+        def bound_latency_by(base: FrozenTrial) -> None:
             latency = base.user_attrs.get("latency_p95_s")
             measurer.baseline_latency_p95 = latency["median"] if latency else None
             measurer.baseline = ctx.space.baseline()
-            proof = ProofSettings.of(req, req.settings.stop, samples=req.verify_windows)
-            plan = plan_after_baseline(ctx.study, base, budget_s=req.budget_seconds, started=started,
-                                       candidates=req.candidates, proof=proof, searching=not req.verify_only,
-                                       eligible=eligible(req.objective))
-            progress.event(plan.describe())
-            if not req.verify_only:
-                search_end, trial_s = deadline - plan.reserve_s, 0.5 * plan.trial_s
-                restarts.deadline = search_end  # a trial's wait for the restart cap never eats the proof's time
-                search.run_until(lambda: search_end, lambda: trial_s + restarts.restart_wait_s(),
-                                 max_trials=req.trials)
-                restarts.deadline = deadline
-                if search_end - time.monotonic() > trial_s and restarts.restart_wait_s() > 0:
-                    restarts.search_held_back = True
-                    progress.event(f"the search ends: the restart cap ({req.restarts.max_per_hour} per hour) allows "
-                                   "no further trial before its part of the budget ends")
-            progress.update("verifying")
-            fail_stale_trials(ctx.study)
-            verification = verify_candidates(ctx.study, ctx.space.baseline(), measurer, progress, deadline,
-                                             plan.run_s, plan.candidates, proof, eligible=eligible(req.objective))
+
+        steps = RunSteps(baseline_name="the deployed configuration",
+                         baseline_fix=f"check that the baseline serves this workload; the server's log: "
+                                      f"{ctx.control.server_log()}",
+                         candidates=req.candidates, trials=req.trials, searching=not req.verify_only,
+                         eligible=eligible(req.objective))
+        try:
+            proven = search_and_prove(search, ProofSettings.of(req, req.settings.stop, samples=req.verify_windows),
+                                      steps, started=started, budget_s=req.budget_seconds, pacing=restarts,
+                                      on_baseline=bound_latency_by)
+            verification = proven.verification
             _disqualify_slow_starters(verification, req.objective)
             ctx.control.restore_baseline()
             fail_stale_trials(ctx.study)  # a trial cut off just before this run may only now be past its grace
@@ -291,7 +275,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             objective=objective_key(req.objective), unit=req.objective.unit,
             verification=verification, host=host_block(ctx.probe), model=model_block(ctx.model, ctx.model_sha256),
             workload={**ctx.mix.describe(), "ctx_per_slot": ctx.space.ctx_per_slot}, server=ctx.server,
-            search={**search.report.__dict__, "plan": plan.to_dict()}, wall_seconds=time.monotonic() - started,
+            search={**search.report.__dict__, "plan": proven.plan.to_dict()}, wall_seconds=time.monotonic() - started,
             measuring_seconds=measurer.measuring_seconds, roofline=None,
             baseline_name="the deployed configuration")
         result["server"] = ctx.control.describe()
