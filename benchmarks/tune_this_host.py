@@ -68,7 +68,7 @@ def ci(block: dict[str, Any] | None) -> str:
 
 
 def summarize(result: dict[str, Any], budget: str, *, live: bool) -> tuple[list[tuple[str, str]], bool]:
-    from tuner.result import METRIC_LABELS, metric_names
+    from tuner.result import METRIC_LABELS, TuneResult, metric_names
 
     search = result["search"]
     fraction = search["measuring_fraction"]
@@ -82,7 +82,7 @@ def summarize(result: dict[str, Any], budget: str, *, live: bool) -> tuple[list[
                    f"{search['failed']} failed)"),
         ("verdict", result["summary"]),
     ]
-    for name in metric_names(result):
+    for name in metric_names(TuneResult.from_dict(result, origin="the output of llamahost tune --json")):
         label = METRIC_LABELS.get(name, name)
         rows += [(f"baseline {label}", ci(result["baseline"].get(name))),
                  (f"tuned {label}", ci(result["chosen"].get(name)))]

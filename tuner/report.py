@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.atomic import write_atomic
 from tuner.cpu_lists import format_cpu_list
-from tuner.result import METRIC_LABELS, metric_names
+from tuner.result import METRIC_LABELS, TuneResult, metric_names
 from tuner.roofline import bandwidth_phrase
 from tuner.study import is_baseline, quiet_optuna
 from tuner.summary import CONFIG_COLUMNS, load_line
@@ -44,7 +44,7 @@ def _png(figure: Figure) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def history_figure(study: optuna.Study, unit: str, result: dict[str, Any] | None = None) -> Figure:
+def history_figure(study: optuna.Study, unit: str, result: TuneResult | None = None) -> Figure:
     """Every trial's median with its interval, pruned and failed trials marked, the baseline as a band, and
     the trials the proof measured again ringed (the chosen one as a star)."""
     figure, axes = plt.subplots(figsize=(9, 4))
@@ -78,12 +78,12 @@ def history_figure(study: optuna.Study, unit: str, result: dict[str, Any] | None
     return figure
 
 
-def _mark_verified(axes: Any, searched: dict[int, FrozenTrial], result: dict[str, Any] | None) -> None:
+def _mark_verified(axes: Any, searched: dict[int, FrozenTrial], result: TuneResult | None) -> None:
     """Ring the search trials whose configurations the proof measured again; star the one it chose."""
-    if not result:
+    if result is None:
         return
-    chosen = result.get("chosen", {}).get("label")
-    arms = [a for a in result.get("candidates") or [] if a.get("trial") in searched]
+    chosen = result.chosen.get("label")
+    arms = [a for a in result.candidates if a.get("trial") in searched]
     for chosen_only in (False, True):
         picked = [a for a in arms if (a["label"] == chosen) is chosen_only]
         if not picked:
@@ -93,7 +93,7 @@ def _mark_verified(axes: Any, searched: dict[int, FrozenTrial], result: dict[str
                   color=COLORS["chosen"], label="chosen by the proof" if chosen_only else "re-measured in the proof")
 
 
-def throughput_figure(result: dict[str, Any]) -> Figure:
+def throughput_figure(result: TuneResult) -> Figure:
     names = metric_names(result)[:4]
     figure, all_axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
     for ax, metric in zip(all_axes[0], names, strict=True):
@@ -102,7 +102,7 @@ def throughput_figure(result: dict[str, Any]) -> Figure:
         errs: list[list[float]] = [[], []]
         colors: list[str] = []
         for label in ("baseline", "chosen"):
-            block = result[label].get(metric)
+            block = result.block(label).get(metric)
             if not block:
                 continue
             labels.append(label)
@@ -116,14 +116,14 @@ def throughput_figure(result: dict[str, Any]) -> Figure:
     return figure
 
 
-def verification_figure(result: dict[str, Any]) -> Figure | None:
-    rounds = result["verification"]["baseline_round_values"]
-    if not result["candidates"]:
+def verification_figure(result: TuneResult) -> Figure | None:
+    rounds = result.verification["baseline_round_values"]
+    if not result.candidates:
         return None
     figure, axes = plt.subplots(figsize=(8, 3.2))
     x = list(range(1, len(rounds) + 1))
     axes.plot(x, rounds, "o-", color=COLORS["baseline"], label="baseline")
-    for arm in result["candidates"]:
+    for arm in result.candidates:
         values = arm["round_values"]
         axes.plot(list(range(1, len(values) + 1)), values, "o--", label=arm["label"])
     axes.set_xlabel("interleaved round")
@@ -274,29 +274,28 @@ def _build_phrase(llama_cpp: dict[str, Any]) -> str:
             f"({html.escape(str(server.get('system_info') or 'CPU features not reported'))})")
 
 
-def _context_line(result: dict[str, Any]) -> str:
-    host, model = result["host"], result["model"]
+def _context_line(result: TuneResult) -> str:
+    host, model = result.host, result.model
     synthetic = SYNTHETIC_PHRASE if model.get("synthetic") else ""
     return (f"<p>Host <b>{html.escape(str(host['hostname']))}</b> ({html.escape(str(host['cpu_model']))}, "
             f"fingerprint {host['fingerprint']}); model <b>{html.escape(str(model['name']))}</b> "
             f"({model['quantization']}, sha256 {model['sha256'][:12]}...{synthetic}); "
-            f"{_build_phrase(result['llama_cpp'])}; "
-            f"written {result['written']}.</p>")
+            f"{_build_phrase(result.llama_cpp)}; "
+            f"written {result.written}.</p>")
 
 
-def build_report(result: dict[str, Any], study: optuna.Study) -> str:
-    unit = str(result.get("unit", result["objective"]))
-    parts = [f"<h1>llamahost: {html.escape(result['study'])}</h1>",
-             f"<p class='verdict {'stands' if result['verdict'] != 'improved' else ''}'>"
-             f"{html.escape(result['summary'])}</p>",
+def build_report(result: TuneResult, study: optuna.Study) -> str:
+    unit = result.unit
+    parts = [f"<h1>llamahost: {html.escape(result.study)}</h1>",
+             f"<p class='verdict {'' if result.improved else 'stands'}'>{html.escape(result.summary)}</p>",
              _context_line(result)]
-    settings = result["settings"]
+    settings = result.settings
     parts.append("<h2>Settings to run</h2>")
-    parts.append(_table([(k, str(settings["config"].get(k)), str(result["baseline"]["config"].get(k)))
+    parts.append(_table([(k, str(settings.config.get(k)), str(result.baseline["config"].get(k)))
                          for k in CONFIG_COLUMNS], ("setting", "chosen", "baseline")))
-    parts.append(f"<p>llama-server: <code>{html.escape(' '.join(settings['server_args']))}</code></p>")
+    parts.append(f"<p>llama-server: <code>{html.escape(' '.join(settings.server_args))}</code></p>")
     parts.append("<h2>Measured</h2>")
-    parts.append(_table([(METRIC_LABELS.get(n, n), _ci(result["baseline"].get(n)), _ci(result["chosen"].get(n)))
+    parts.append(_table([(METRIC_LABELS.get(n, n), _ci(result.baseline.get(n)), _ci(result.chosen.get(n)))
                          for n in metric_names(result)], ("median [95% CI]", "baseline", "chosen")))
     load = load_line(result)
     if load:
@@ -309,35 +308,36 @@ def build_report(result: dict[str, Any], study: optuna.Study) -> str:
         ("Settings that mattered", lambda: importance_figure(complete, importances)),
         ("How each of them mattered", lambda: slice_figure(study, unit, importances)),
     ]
-    if result.get("roofline"):
-        figures.insert(1, (ROOFLINE_TITLE, lambda: roofline_figure(result["roofline"])))
+    roof = result.roofline
+    if roof:
+        figures.insert(1, (ROOFLINE_TITLE, lambda: roofline_figure(roof)))
     for title, make in figures:
         figure = make()
         if figure is not None:
             parts.append(f"<h2>{title}</h2><img alt='{title}' src='data:image/png;base64,{_png(figure)}'>")
-            if title == ROOFLINE_TITLE:
-                parts.append(_roofline_text(result["roofline"]))
-    if result["candidates"]:
+            if title == ROOFLINE_TITLE and roof:
+                parts.append(_roofline_text(roof))
+    if result.candidates:
         rows = []
-        for arm in result["candidates"]:
+        for arm in result.candidates:
             comp = arm["comparison"]
             rows.append((arm["label"], arm["failure"] or "",
                          f"{comp['ratio']:.3f} [{comp['ci_low']:.3f}, {comp['ci_high']:.3f}]" if comp else "-",
                          f"{comp['p_value']:.3g}" if comp else "-", "yes" if comp and comp["significant"] else "no"))
-        level = result["verification"].get("level", result["verification"]["alpha"])
+        level = result.verification.get("level", result.verification["alpha"])
         parts.append("<h2>Candidates</h2>" + _table(rows, (
             "candidate", "failure", f"speed vs baseline [{100 * (1 - level):.3g}% CI]",
             f"p (significant < {level:.3g})", "significant")))
     parts.append("<h2>Every trial</h2>" + _table(*trial_rows(study.get_trials(deepcopy=False))))
-    search = result["search"]
+    search = result.search
     parts.append(f"<p>{search['study_trials']} trials in the study; this run took {search['wall_seconds']:.0f} s, "
                  f"{100 * search['measuring_fraction']:.0f}% of it measuring.</p>")
     if search.get("plan"):
         parts.append(f"<p>{html.escape(search['plan']['text'])}.</p>")
     body = "\n".join(parts)
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>llamahost {html.escape(result['study'])}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>llamahost {html.escape(result.study)}"
             f"</title><style>{STYLE}</style></head><body>{body}</body></html>\n")
 
 
-def write_report(path: Path, result: dict[str, Any], study: optuna.Study) -> None:
+def write_report(path: Path, result: TuneResult, study: optuna.Study) -> None:
     write_atomic(path, build_report(result, study))

@@ -40,7 +40,7 @@ from tuner.config import RunConfig, RunKind, plain_scalar
 from tuner.errors import UserError
 from tuner.inventory import ResolvedInventory, files_setting, inventory_of, resolve_inventory
 from tuner.model.checksum import cached_sha256, combined_sha256
-from tuner.result import IMPROVED, run_kind, write_result
+from tuner.result import IMPROVED, TuneResult, run_kind, write_result
 from tuner.server.build import server_binary
 from tuner.writeback import PlannedWrite, WriteBack, load_vars_file, plan_vars, write_vars
 
@@ -311,11 +311,11 @@ def write_back(result: dict[str, Any], vars_file: Path, *, inventory: Path | Non
                             resolved_checked=source is not None and resolved is not None)
 
 
-def record_write_back(result_path: Path, result: dict[str, Any], vars_file: Path | None, state: str,
+def record_write_back(result_path: Path, result: TuneResult, vars_file: Path | None, state: str,
                       written: WriteBack | None = None, *, applied: bool = False, reason: str | None = None) -> None:
     """Save the result with the write-back's state: the proof is on disk before anything is changed, and the
     file says how far the change got."""
-    result["write_back"] = {
+    result.write_back = {
         "state": state,
         "host_vars": str(vars_file) if vars_file else None,
         "changed": {k: list(v) for k, v in written.changed.items()} if written else {},
@@ -325,17 +325,17 @@ def record_write_back(result_path: Path, result: dict[str, Any], vars_file: Path
     write_result(result_path, result)
 
 
-def save_and_write(result_path: Path, result: dict[str, Any], vars_file: Path | None, *,
+def save_and_write(result_path: Path, result: TuneResult, vars_file: Path | None, *,
                    inventory: Path | None, hardware: str | None) -> WriteBack | None:
     """What a tuning run does with its result: save it first (``proven, not yet written`` when it proved a
     winner), then write the winner into ``vars_file`` through :func:`write_back`, recording each step. Returns
     what was written (``None``: nothing to write, or no file asked for); a refusal is recorded, then raised."""
-    proven = result.get("verdict") == IMPROVED
+    proven = result.improved
     record_write_back(result_path, result, vars_file, STATE_PROVEN if proven else STATE_NOTHING_TO_WRITE)
     if not proven or vars_file is None:
         return None
     try:
-        written = write_back(result, vars_file, inventory=inventory, hardware=hardware).written
+        written = write_back(result.to_dict(), vars_file, inventory=inventory, hardware=hardware).written
     except UserError as exc:
         record_write_back(result_path, result, vars_file, STATE_REFUSED, reason=str(exc))
         raise

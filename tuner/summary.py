@@ -10,7 +10,7 @@ from rich.console import Console, Group
 from rich.table import Table
 
 from tuner.live.drain import downtime_line
-from tuner.result import METRIC_LABELS, metric_names
+from tuner.result import METRIC_LABELS, TuneResult, metric_names
 from tuner.roofline import bandwidth_phrase
 from tuner.study import is_baseline
 
@@ -94,51 +94,51 @@ def failures_table(study: optuna.Study, *, limit: int = 10) -> Table | None:
     return table
 
 
-def load_line(result: dict[str, Any]) -> str | None:
+def load_line(result: TuneResult) -> str | None:
     """``baseline 0.4 s   chosen 0.5 s (x1.25)``: how long each configuration's server took to come up healthy
     (median of the proof's runs), so a faster token rate never hides a slower start. None for a result file
     written before it was recorded."""
-    base, chosen = result["baseline"].get("load_seconds"), result["chosen"].get("load_seconds")
+    base, chosen = result.baseline.get("load_seconds"), result.chosen.get("load_seconds")
     if not base or not chosen:
         return None
     return f"baseline {base:.1f} s   chosen {chosen:.1f} s (x{chosen / base:.2f})"
 
 
-def result_table(result: dict[str, Any]) -> Group:
-    verdict = Table(title=f"result: {result['verdict']}", title_justify="left", show_header=False)
+def result_table(result: TuneResult) -> Group:
+    verdict = Table(title=f"result: {result.verdict}", title_justify="left", show_header=False)
     verdict.add_column("what")
     verdict.add_column("value")
-    verdict.add_row("summary", result["summary"])
+    verdict.add_row("summary", result.summary)
     for name in metric_names(result):
-        baseline, chosen = _ci(result["baseline"].get(name)), _ci(result["chosen"].get(name))
+        baseline, chosen = _ci(result.baseline.get(name)), _ci(result.chosen.get(name))
         verdict.add_row(METRIC_LABELS.get(name, name), f"baseline {baseline}   chosen {chosen}")
     load = load_line(result)
     if load:
         verdict.add_row("server start", load)
-    roof = result.get("roofline")
+    roof = result.roofline
     if roof:
         verdict.add_row("bandwidth roofline",
                         f"{100 * roof['fraction']:.0f}% of {roof['max_tg_tps']:.1f} tg tok/s "
                         f"({bandwidth_phrase(roof)} / {roof['bytes_per_token'] / 1e6:.1f} MB per token)")
         if roof.get("limit"):
             verdict.add_row("limit that binds", f"{roof['limit']['binds']}: {roof['limit']['reason']}")
-    search = result["search"]
+    search = result.search
     verdict.add_row("time", f"{search['wall_seconds']:.0f} s, {100 * search['measuring_fraction']:.0f}% of it "
                             "measuring")
     if search.get("plan"):
         verdict.add_row("budget", search["plan"]["text"])
-    if result.get("downtime"):  # a live run's restarts (tuner.live.drain)
-        verdict.add_row("downtime", downtime_line(result["downtime"]))
-    verdict.add_row("llama-server flags", " ".join(result["settings"]["server_args"]))
-    config = result["settings"]["config"]
+    if result.downtime:  # a live run's restarts (tuner.live.drain)
+        verdict.add_row("downtime", downtime_line(result.downtime))
+    verdict.add_row("llama-server flags", " ".join(result.settings.server_args))
+    config = result.settings.config
     settings = Table(title="settings to run", title_justify="left")
     settings.add_column("setting")
     settings.add_column("value")
     settings.add_column("baseline")
     for key in CONFIG_COLUMNS:
-        settings.add_row(key, str(config.get(key)), str(result["baseline"]["config"].get(key)))
+        settings.add_row(key, str(config.get(key)), str(result.baseline["config"].get(key)))
     return Group(verdict, settings)
 
 
-def print_result(console: Console, result: dict[str, Any]) -> None:
+def print_result(console: Console, result: TuneResult) -> None:
     console.print(result_table(result))

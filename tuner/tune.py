@@ -39,7 +39,7 @@ from tuner.proof_defaults import (
     MIN_EFFECT,
 )
 from tuner.report import write_report
-from tuner.result import assemble_result, host_block, model_block, write_result
+from tuner.result import TuneResult, assemble_result, host_block, model_block, write_result
 from tuner.roofline import Roofline, mean_context_depth, roofline
 from tuner.search import (
     Interrupted,
@@ -207,7 +207,7 @@ def with_bandwidth(probe: HostProbe) -> HostProbe:
 
 @dataclass
 class TuneOutcome:
-    result: dict[str, Any]
+    result: TuneResult
     result_path: Path
     verification: Verification
 
@@ -296,7 +296,7 @@ def announce_numa_blocked(space: SearchSpace, progress: TuneProgress) -> None:
         progress.event(f"NUMA mode and memory policy are not searched: {space.numa_blocked}")
 
 
-def write_outcome(ctx: TuneContext, result: dict[str, Any], progress: TuneProgress) -> None:
+def write_outcome(ctx: TuneContext, result: TuneResult, progress: TuneProgress) -> None:
     """The result file (atomic, previous kept) and the HTML report next to it."""
     write_result(ctx.result_path, result)
     report_path = ctx.result_path.with_suffix(".html")
@@ -305,7 +305,7 @@ def write_outcome(ctx: TuneContext, result: dict[str, Any], progress: TuneProgre
 
 
 def build_result(ctx: TuneContext, verification: Verification, search: dict[str, Any], wall_seconds: float,
-                 measuring_seconds: float) -> dict[str, Any]:
+                 measuring_seconds: float) -> TuneResult:
     """The result of a benchmark tuning run: the shared result layout plus the bandwidth roofline."""
     probe = ctx.probe
     chosen = verification.winner or verification.baseline

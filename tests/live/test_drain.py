@@ -300,7 +300,7 @@ def test_a_winner_applied_whose_undrain_fails_stays_in_the_vars_file_and_its_res
     """The adopt took effect (only the undrain failed): the inventory must keep naming what the host runs."""
     from types import SimpleNamespace
 
-    from result_support import DEPLOYS_MEASURED_SERVER, HOST_FINGERPRINT, MODEL_SHA, WINNER, proven_result
+    from result_support import DEPLOYS_MEASURED_SERVER, HOST_FINGERPRINT, MODEL_SHA, WINNER, proven_tune_result
 
     from tuner.live.session import LiveRequest, save_write_and_apply
 
@@ -313,7 +313,7 @@ def test_a_winner_applied_whose_undrain_fails_stays_in_the_vars_file_and_its_res
                                probe=SimpleNamespace(fingerprint=lambda: HOST_FINGERPRINT),
                                study=SimpleNamespace(study_name="live-s"))
     with pytest.raises(UndrainFailed, match="LEFT DRAINED"):
-        save_write_and_apply(ctx, proven_result(kind="live"), SimpleNamespace(event=lambda message: None),
+        save_write_and_apply(ctx, proven_tune_result(kind="live"), SimpleNamespace(event=lambda message: None),
                              downtime=restarts.report)
     assert calls == ["drain adopt", "adopt", "undrain adopt"]
     assert f"llama_server_threads: {WINNER.threads}" in host_vars.read_text()

@@ -94,6 +94,6 @@ def test_the_result_records_and_shows_both_load_times() -> None:
     result = assemble_result(kind="benchmark", study="s", study_trials=3, objective="tg", unit="tok/s",
                              verification=verification, host={}, model={}, workload={}, server=None, search={},
                              wall_seconds=10.0, measuring_seconds=5.0, roofline=None, baseline_name="defaults")
-    assert result["baseline"]["load_seconds"] == pytest.approx(4.0)
-    assert result["chosen"]["load_seconds"] == pytest.approx(4.5)
+    assert result.baseline["load_seconds"] == pytest.approx(4.0)
+    assert result.chosen["load_seconds"] == pytest.approx(4.5)
     assert load_line(result) == "baseline 4.0 s   chosen 4.5 s (x1.12)"

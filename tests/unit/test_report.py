@@ -11,6 +11,7 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState, create_trial
+from result_support import proven_tune_result
 
 from tuner.config import RunConfig
 from tuner.report import (
@@ -22,7 +23,7 @@ from tuner.report import (
     too_few_for_a_ranking,
     trial_rows,
 )
-from tuner.result import summary_line, verdict_of
+from tuner.result import TuneResult, summary_line, verdict_of
 from tuner.stats import compare_paired, summarize
 from tuner.study import BASELINE, ROLE_ATTR
 from tuner.verify import Arm, Verification
@@ -88,8 +89,9 @@ def test_the_slice_plot_shows_each_searched_setting_against_the_result() -> None
 def test_the_search_plot_rings_the_re_measured_trials_and_stars_the_chosen_one() -> None:
     study = study_of(6)
     searched = [t for t in study.get_trials() if t.state == TrialState.COMPLETE][1:3]
-    result = {"chosen": {"label": f"trial-{searched[0].number}"},
-              "candidates": [{"label": f"trial-{t.number}", "trial": t.number} for t in searched]}
+    result = proven_tune_result()
+    result.chosen = {"label": f"trial-{searched[0].number}"}
+    result.candidates = [{"label": f"trial-{t.number}", "trial": t.number} for t in searched]
     labels = history_figure(study, "tg tok/s", result).axes[0].get_legend_handles_labels()[1]
     assert "re-measured in the proof" in labels and "chosen by the proof" in labels
     plain = history_figure(study, "tg tok/s").axes[0].get_legend_handles_labels()[1]
@@ -132,15 +134,16 @@ def test_the_report_carries_every_trial_the_evaluator_and_the_tests_level() -> N
         "llama_cpp": {"llama_cpp_python": "0.3.36", "llama_server": {
             "path": "/bin/llama-server", "sha256": "5e480123fe9a" + "0" * 52, "version": "version: 1",
             "system_info": "CPU : AVX2 = 1 | <x> |"}},
-        "settings": {"config": config, "server_args": ["--threads", "8"]},
+        "settings": {"source": "trial-2", "config": config, "server_args": ["--threads", "8"], "role_vars": {}},
         "baseline": {"config": config, "tg_tps": block}, "chosen": {"label": f"trial-{searched[0].number}",
                                                                    "tg_tps": block},
         "verification": {"alpha": 0.05, "comparisons": 2, "level": 0.025, "baseline_round_values": [1.0, 1.1, 1.0]},
         "candidates": [{"label": f"trial-{t.number}", "trial": t.number, "round_values": [1.2, 1.3, 1.2],
                         "failure": None, "comparison": comparison} for t in searched],
         "search": {"study_trials": len(study.trials), "wall_seconds": 60.0, "measuring_fraction": 0.9},
+        "kind": "benchmark", "improvement": comparison, "workload": {},
     }
-    report = build_report(result, study)
+    report = build_report(TuneResult.from_dict(result, origin="the test's result"), study)
     assert "<h2>Every trial</h2>" in report and "<h2>How each of them mattered</h2>" in report
     assert report.count("<tr>") >= len(study.trials) + 1
     assert "the server did not come up healthy" in report and "pruned at sample 2" in report

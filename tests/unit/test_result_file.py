@@ -1,26 +1,63 @@
+"""The result file: written atomically with the previous kept, read back as the typed TuneResult, and refused
+block by block when it is damaged or foreign (tuner.result)."""
+
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from result_support import proven_result
 
 from tuner.atomic import previous_path
 from tuner.errors import UserError
-from tuner.result import FORMAT_VERSION, load_result, write_result
+from tuner.result import FORMAT_VERSION, TuneResult, load_result, load_result_data, write_result, write_result_data
 
 
 def test_result_round_trips_keeps_order_and_previous(tmp_path: Path) -> None:
     path = tmp_path / "r.yaml"
     first = {"format": FORMAT_VERSION, "verdict": "baseline-stands", "zeta": 1, "alpha": (1, 2), "x": 1.23456789}
-    write_result(path, first)
+    write_result_data(path, first)
     text = path.read_text()
     assert text.index("zeta") < text.index("alpha"), "fields keep the order they were written in"
-    loaded = load_result(path)
+    loaded = load_result_data(path)
     assert loaded["alpha"] == [1, 2]
     assert loaded["x"] == pytest.approx(1.2346)
-    write_result(path, {**first, "verdict": "improved"})
-    assert load_result(path)["verdict"] == "improved"
-    assert load_result(previous_path(path))["verdict"] == "baseline-stands"
+    write_result_data(path, {**first, "verdict": "improved"})
+    assert load_result_data(path)["verdict"] == "improved"
+    assert load_result_data(previous_path(path))["verdict"] == "baseline-stands"
+
+
+def test_a_typed_result_survives_its_file_and_keeps_blocks_it_does_not_know(tmp_path: Path) -> None:
+    data = {**proven_result(kind="live"), "a_newer_block": {"kept": True}}
+    result = TuneResult.from_dict(data, origin="r")
+    result.downtime = {"restarts": 3}
+    path = tmp_path / "r.yaml"
+    write_result(path, result)
+    again = load_result(path)
+    assert again == result and again.kind == "live" and again.improved
+    assert again.extra == {"a_newer_block": {"kept": True}} and again.downtime == {"restarts": 3}
+    assert list(again.to_dict())[:4] == ["format", "study", "written", "verdict"], "people read the verdict first"
+    assert "roofline" not in again.to_dict() and again.to_dict()["improvement"] is not None
+
+
+@pytest.mark.parametrize(("damage", "fragment"), [
+    (lambda r: r.pop("settings"), "r.yaml has no settings"),
+    (lambda r: r.update(settings={**r["settings"], "config": ["threads", 4]}),
+     "settings: config is a list, not a mapping"),
+    (lambda r: r.update(verdict="probably"), "verdict 'probably' is not one of improved, baseline-stands"),
+    (lambda r: r.update(summary=None), "has no summary"),
+    (lambda r: r.update(kind="vibes"), "kind 'vibes' is not one of"),
+    (lambda r: r.update(candidates={"0": "x"}), "candidates is a mapping, not a list"),
+])
+def test_a_damaged_result_is_refused_and_names_the_block(tmp_path: Path, damage: Any, fragment: str) -> None:
+    data = proven_result()
+    damage(data)
+    path = tmp_path / "r.yaml"
+    write_result_data(path, data)
+    with pytest.raises(UserError, match=r"r\.yaml") as refused:
+        load_result(path)
+    assert fragment in refused.value.problem and ".prev" in refused.value.fix
 
 
 def test_unreadable_results_are_user_errors(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from result_support import (
     MODEL_SHA,
     WINNER,
     proven_result,
+    proven_tune_result,
     write_result_file,
 )
 
@@ -313,7 +314,7 @@ def test_a_live_result_is_saved_before_the_write_and_a_failed_apply_restores_the
     host_vars = tmp_path / "h1.yml"
     host_vars.write_text(DEPLOYED)
     control = AdoptingControl(tmp_path / "result.yaml", fails=fails)
-    result = proven_result(kind="live")
+    result = proven_tune_result(kind="live")
     if not fails:
         written, applied = save_write_and_apply(live_context(tmp_path, host_vars, control), result, Events())
         assert applied and written is not None and written.wrote
@@ -338,7 +339,7 @@ def test_a_refused_live_write_back_keeps_the_proof(tmp_path: Path) -> None:
     control = AdoptingControl(tmp_path / "result.yaml", fails=False)
     with pytest.raises(UserError, match="measured on model"):
         save_write_and_apply(live_context(tmp_path, host_vars, control),
-                             proven_result(kind="live", model_sha="cd" * 32), Events())
+                             proven_tune_result(kind="live", model_sha="cd" * 32), Events())
     assert control.state_seen is None and host_vars.read_bytes() == DEPLOYED.encode()
     saved = yaml.safe_load(control.result_path.read_text())
     assert saved["write_back"]["state"] == "refused by the safety checks" and saved["verdict"] == "improved"

@@ -83,15 +83,15 @@ def test_a_handicapped_baseline_is_beaten_proven_and_written_as_the_result(tmp_p
     outcome = run(ctx, measurer)
 
     written = load_result(tmp_path / "result.yaml")
-    assert written["verdict"] == IMPROVED, written["summary"]
-    assert written["settings"]["config"]["flash_attn"] == "on"
-    assert written["settings"]["config"]["threads"] == 2
-    assert written["settings"]["role_vars"]["llama_server_flash_attn"] == "on"
+    assert written.verdict == IMPROVED, written.summary
+    assert written.settings.config["flash_attn"] == "on"
+    assert written.settings.config["threads"] == 2
+    assert written.settings.role_vars["llama_server_flash_attn"] == "on"
     # as Ansible (YAML 1.1) reads the file too, where a plain `on` would be True
     as_ansible_reads = yaml.safe_load((tmp_path / "result.yaml").read_text())
     assert as_ansible_reads["settings"]["role_vars"]["llama_server_flash_attn"] == "on"
-    assert written["improvement"]["ci_low"] > 0.2, written["improvement"]  # +30% proven, not just observed
-    assert written["baseline"]["config"] == ctx.space.baseline().to_dict()
+    assert written.improvement is not None and written.improvement["ci_low"] > 0.2, written.improvement  # +30%
+    assert written.baseline["config"] == ctx.space.baseline().to_dict()
     assert outcome.verification.winner is not None and outcome.verification.rounds >= 1
     assert (tmp_path / "result.html").stat().st_size > 0
     # the proof measured the baseline again, interleaved with the winner, after the search
@@ -102,7 +102,7 @@ def test_a_handicapped_baseline_is_beaten_proven_and_written_as_the_result(tmp_p
     vars_file = tmp_path / "llama_hosts.yml"
     vars_file.write_text(f"llama_server_binary_src: {ctx.server.path}\nllama_server_threads: 2\n"
                          "llama_server_flash_attn: auto\n")
-    write_back(written, vars_file)
+    write_back(written.to_dict(), vars_file)
     text = vars_file.read_text()
     assert "llama_server_flash_attn: 'on'" in text and "llama_server_threads: 2" in text, text
 
@@ -115,7 +115,7 @@ def test_max_rounds_ends_the_proof_before_the_budget_and_still_proves_a_clear_wi
     outcome = run(capped, measurer)
     assert outcome.verification.rounds == 3
     written = load_result(tmp_path / "result.yaml")
-    assert written["verdict"] == IMPROVED and written["verification"]["rounds"] == 3, written["summary"]
+    assert written.verdict == IMPROVED and written.verification["rounds"] == 3, written.summary
     (tmp_path / "uncapped").mkdir()
     uncapped = context(tmp_path / "uncapped", seed=3)
     assert run(uncapped, FakeMeasurer(flash_attention_wins)).verification.rounds > 3, "the budget buys more"
@@ -127,6 +127,6 @@ def test_when_nothing_is_faster_the_baseline_stands(tmp_path: Path, seed: int) -
     ctx = context(tmp_path, seed=seed)
     run(ctx, FakeMeasurer(lambda config: 10.0, seed=seed))
     written = load_result(tmp_path / "result.yaml")
-    assert written["verdict"] != IMPROVED, written["summary"]
-    assert written["settings"]["config"] == ctx.space.baseline().to_dict()
-    assert written["verdict"] == BASELINE_STANDS or written["verdict"] == "inconclusive"
+    assert written.verdict != IMPROVED, written.summary
+    assert written.settings.config == ctx.space.baseline().to_dict()
+    assert written.verdict in (BASELINE_STANDS, "inconclusive")

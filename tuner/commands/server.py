@@ -199,7 +199,7 @@ def result_config(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> 
     silently overruling what was measured."""
     from tuner.model.checksum import model_sha256
     from tuner.model.gguf_file import inspect_model
-    from tuner.result import IMPROVED, load_result
+    from tuner.result import load_result
 
     clashing = [f"--{name.replace('_', '-')}" for name, default in parser_defaults.items()
                 if getattr(args, name) != default]
@@ -207,11 +207,11 @@ def result_config(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> 
         raise UserError(f"--result sets the run configuration, and {', '.join(clashing)} would change it",
                         "drop those options to serve the result as measured, or drop --result")
     result = load_result(args.result)
-    settings, model = result.get("settings"), result.get("model")
-    if not isinstance(settings, dict) or not isinstance(model, dict) or not model.get("sha256"):
-        raise UserError(f"{args.result} names no configuration or model (settings.config, model.sha256)",
+    model = result.model
+    if not model.get("sha256"):
+        raise UserError(f"{args.result} does not name its model (model.sha256)",
                         "pass a result written by `llamahost tune`, `tune --live` or `fleet finish`")
-    config = RunConfig.from_dict(settings.get("config") or {}, origin=f"{args.result}: settings.config")
+    config = result.chosen_config(origin=f"{args.result}: settings.config")
     if config.ctx_size and args.ctx_size is not None and args.ctx_size != config.ctx_size:
         raise UserError(f"{args.result} was measured with a context of {config.ctx_size} tokens, and --ctx-size "
                         f"{args.ctx_size} would change it", "drop --ctx-size to serve the result as measured")
@@ -220,8 +220,8 @@ def result_config(args: argparse.Namespace, parser_defaults: dict[str, Any]) -> 
     if served != model["sha256"]:
         raise UserError(f"{path} is not the model {args.result} was measured on (sha256 {served[:12]}..., the "
                         f"result's {str(model['sha256'])[:12]}...)", "pass that model with --model, or tune this one")
-    what = "the proven winner" if result.get("verdict") == IMPROVED else "the baseline, which no candidate beat"
-    return config, path, f"serving {what} of study {result.get('study')}: {result.get('summary')}"
+    what = "the proven winner" if result.improved else "the baseline, which no candidate beat"
+    return config, path, f"serving {what} of study {result.study}: {result.summary}"
 
 
 def run_server(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from tuner.slice import add_slice_argument, enter_slice
 from tuner.trial.protocol import OBJECTIVES, Workload
 
 if TYPE_CHECKING:
+    from tuner.result import TuneResult
     from tuner.tune import TuneRequest
 
 # Optuna, the search and the report are imported by the handlers, not here: building the parser (``--help``
@@ -180,7 +181,7 @@ def run_tune(args: argparse.Namespace) -> int:
     if args.host_vars is not None:  # the same chain as `llamahost write-back`, checked against this host
         written = save_and_write(outcome.result_path, outcome.result, args.host_vars, inventory=None,
                                  hardware=ctx.probe.fingerprint())
-        console(stderr=True).print(written_message(args.host_vars, written, outcome.result["summary"]))
+        console(stderr=True).print(written_message(args.host_vars, written, outcome.result.summary))
     print_outcome(outcome.result, as_json=args.json)
     return 0
 
@@ -198,11 +199,11 @@ def run_live_and_report(args: argparse.Namespace, *, verify_only: bool) -> int:
     return 0
 
 
-def print_outcome(result: dict[str, Any], *, as_json: bool) -> None:
+def print_outcome(result: TuneResult, *, as_json: bool) -> None:
     """A result as JSON on stdout (for programs: a playbook, a benchmark) or as tables (for people)."""
     from tuner.summary import print_result
 
     if as_json:
-        print_json(result)
+        print_json(result.to_dict())
     else:
         print_result(console(), result)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.output import console, print_json
-from tuner.result import load_result, parse_result
+from tuner.result import load_result_data, parse_result_data
 from tuner.safe_change import write_back
 
 
@@ -47,9 +47,9 @@ def register(sub: Any) -> None:
 
 def run_write_back(args: argparse.Namespace) -> int:
     if args.result == "-":
-        result = parse_result(sys.stdin.read(), origin="the result on stdin")
+        result = parse_result_data(sys.stdin.read(), origin="the result on stdin")
     else:
-        result = load_result(Path(args.result))
+        result = load_result_data(Path(args.result))
     outcome = write_back(result, args.vars, inventory=args.inventory, hardware=args.hardware, dry_run=args.dry_run)
     written = outcome.written
     report = {

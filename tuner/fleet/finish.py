@@ -86,6 +86,6 @@ def finish_group(session: GroupSession) -> TuneOutcome:
         search = {"trials_run": tally["finished"], "complete": tally["complete"], "pruned": tally["pruned"],
                   "failed": tally["failed"], "interrupted": False}
         result = build_result(ctx, verification, search, time.monotonic() - started, measurer.measuring_seconds)
-        result["fleet"] = block
+        result.fleet = block
         write_outcome(ctx, result, progress)
     return TuneOutcome(result, ctx.result_path, verification)

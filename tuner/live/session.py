@@ -40,7 +40,7 @@ from tuner.probe.host import HostProbe
 from tuner.progress import TuneProgress
 from tuner.proof_defaults import ALPHA, CANDIDATES, LIVE_VERIFY_WINDOWS, MAX_LOAD_FACTOR, MAX_ROUNDS, MIN_EFFECT
 from tuner.report import write_report
-from tuner.result import IMPROVED, assemble_result, host_block, model_block
+from tuner.result import TuneResult, assemble_result, host_block, model_block
 from tuner.safe_change import STATE_APPLIED, STATE_APPLY_FAILED, record_write_back, save_and_write, written_message
 from tuner.search import Interrupted, Search, sigterm_as_interrupt
 from tuner.server.identity import ServerBinary
@@ -213,7 +213,7 @@ def prepare_live(request: LiveRequest, *, control: ServerControl, mix: RequestMi
 
 @dataclass
 class LiveOutcome:
-    result: dict[str, Any]
+    result: TuneResult
     result_path: Path
     verification: Verification
     write_back: WriteBack | None
@@ -278,10 +278,10 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             search={**search.report.__dict__, "plan": proven.plan.to_dict()}, wall_seconds=time.monotonic() - started,
             measuring_seconds=measurer.measuring_seconds, roofline=None,
             baseline_name="the deployed configuration")
-        result["server"] = ctx.control.describe()
-        result["heartbeat"] = heartbeat.report()
-        result["downtime"] = restarts.report()
-        progress.event(f"downtime: {downtime_line(result['downtime'])}")
+        result.server = ctx.control.describe()
+        result.heartbeat = heartbeat.report()
+        result.downtime = restarts.report()
+        progress.event(f"downtime: {downtime_line(result.downtime)}")
         written, applied = save_write_and_apply(ctx, result, progress, downtime=restarts.report)
         report = ctx.result_path.with_suffix(".html")
         write_report(report, result, ctx.study)
@@ -306,7 +306,7 @@ def _events_to(restarts: RestartGuard, progress: Events) -> Iterator[None]:
         restarts.events = before
 
 
-def save_write_and_apply(ctx: LiveContext, result: dict[str, Any], progress: Events, *,
+def save_write_and_apply(ctx: LiveContext, result: TuneResult, progress: Events, *,
                          downtime: Callable[[], dict[str, Any]] | None = None) -> tuple[WriteBack | None, bool]:
     """Result first, then the vars file (:mod:`tuner.safe_change`), then the apply; a failed apply puts the vars
     file back, so the inventory never names a winner the host does not run. ``downtime`` gives the result's
@@ -315,17 +315,17 @@ def save_write_and_apply(ctx: LiveContext, result: dict[str, Any], progress: Eve
     written = save_and_write(ctx.result_path, result, req.host_vars, inventory=req.inventory,
                              hardware=ctx.probe.fingerprint())
     if req.host_vars is not None:
-        progress.event(written_message(req.host_vars, written, result["summary"]))
-    if result["verdict"] != IMPROVED:
+        progress.event(written_message(req.host_vars, written, result.summary))
+    if not result.improved:
         return None, False
     if not req.apply:
         return written, False
-    winner = RunConfig.from_dict(result["settings"]["config"], origin="the proven winner")
+    winner = result.chosen_config(origin="the proven winner")
     try:
         ctx.control.adopt(winner)
     except (UserError, OSError, RuntimeError) as exc:
         if downtime is not None:
-            result["downtime"] = downtime()
+            result.downtime = downtime()
         if isinstance(exc, UndrainFailed):  # the winner runs (the host is left drained): the inventory keeps it
             record_write_back(ctx.result_path, result, req.host_vars, STATE_APPLIED, written, applied=True)
             raise
@@ -340,6 +340,6 @@ def save_write_and_apply(ctx: LiveContext, result: dict[str, Any], progress: Eve
                           f"`llamahost apply --study {ctx.study.study_name}`") from None
     progress.event(f"the server now runs the proven configuration: {' '.join(winner.server_args())}")
     if downtime is not None:
-        result["downtime"] = downtime()
+        result.downtime = downtime()
     record_write_back(ctx.result_path, result, req.host_vars, STATE_APPLIED, written, applied=True)
     return written, True
