@@ -15,8 +15,15 @@ from rich.table import Table
 
 
 def print_json(data: Any) -> None:
-    json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
+    json.dump(data, sys.stdout, indent=2, sort_keys=False, default=_as_json)
     sys.stdout.write("\n")
+
+
+def _as_json(value: Any) -> Any:
+    """What JSON cannot hold as it is: a typed value as its own plain data (``to_dict``, the same as its file:
+    a result, a report), anything else (a path, a timestamp) as its text."""
+    to_dict = getattr(value, "to_dict", None)
+    return to_dict() if callable(to_dict) else str(value)
 
 
 PIPED_WIDTH = 4096  # columns when the output is not a terminal: wide enough that no row wraps

@@ -172,10 +172,13 @@ class TuneResult:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, origin: str) -> TuneResult:
-        optional = frozenset(f.name for f in fields(cls) if f.default is not MISSING or f.name == "improvement")
+        # Optional: what only some runs write, and what results written before the field existed lack (their
+        # kind is told by the objective, their unit is the objective's name).
+        optional = frozenset(f.name for f in fields(cls) if f.default is not MISSING) | {"improvement", "kind", "unit"}
         values = _shaped(data, _SHAPES, origin=origin, optional=optional)
         values["settings"] = ResultSettings.from_dict(values["settings"], origin=origin)
         values.setdefault("improvement", None)
+        values.setdefault("unit", values["objective"])
         try:
             values["kind"] = run_kind(data)
         except UserError as foreign:
@@ -225,10 +228,6 @@ def write_result_data(path: Path, data: Mapping[str, Any]) -> None:
 
 def load_result(path: Path) -> TuneResult:
     return TuneResult.from_dict(load_result_data(path), origin=str(path))
-
-
-def parse_result(text: str, *, origin: str) -> TuneResult:
-    return TuneResult.from_dict(parse_result_data(text, origin=origin), origin=origin)
 
 
 def load_result_data(path: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@ block by block when it is damaged or foreign (tuner.result)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from result_support import proven_result
 
 from tuner.atomic import previous_path
 from tuner.errors import UserError
+from tuner.output import print_json
 from tuner.result import FORMAT_VERSION, TuneResult, load_result, load_result_data, write_result, write_result_data
 
 
@@ -39,6 +41,24 @@ def test_a_typed_result_survives_its_file_and_keeps_blocks_it_does_not_know(tmp_
     assert again.extra == {"a_newer_block": {"kept": True}} and again.downtime == {"restarts": 3}
     assert list(again.to_dict())[:4] == ["format", "study", "written", "verdict"], "people read the verdict first"
     assert "roofline" not in again.to_dict() and again.to_dict()["improvement"] is not None
+
+
+def test_json_output_holds_a_typed_result_as_its_file_does(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--json`` (tuner.output.print_json) prints a result nested in a report as its plain data, never as the
+    text of a Python object, and a path as its text."""
+    result = TuneResult.from_dict(proven_result(), origin="r")
+    print_json({"result": result, "at": Path("/srv/r.yaml")})
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["result"] == json.loads(json.dumps(result.to_dict())) and printed["at"] == "/srv/r.yaml"
+
+
+def test_a_result_written_before_kind_and_unit_existed_still_reads(tmp_path: Path) -> None:
+    old = proven_result(kind="live")
+    del old["kind"], old["unit"]
+    path = tmp_path / "old.yaml"
+    write_result_data(path, old)
+    result = load_result(path)
+    assert result.kind == "live" and result.unit == "live-throughput", "told by its objective"
 
 
 @pytest.mark.parametrize(("damage", "fragment"), [

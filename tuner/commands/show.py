@@ -55,7 +55,7 @@ def run_show(args: argparse.Namespace) -> int:
             "baseline": trial_row(base) if base else None,
             "best": best,
             "trials": study_rows(study),
-            "result": result,
+            "result": result.to_dict() if result is not None else None,
         })
         return 0
     out = console()
