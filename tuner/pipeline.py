@@ -85,9 +85,8 @@ class RunSteps:
 
 @dataclass
 class Proven:
-    """What the steps leave for the run to write: the baseline trial, the budget plan, the proof."""
+    """What the steps leave for the run to write: the budget plan and the proof."""
 
-    base: FrozenTrial
     plan: BudgetPlan
     verification: Verification
 
@@ -118,7 +117,7 @@ def search_and_prove(search: Search, proof: ProofSettings, steps: RunSteps, *, s
     fail_stale_trials(study)
     verification = verify_candidates(study, search.space.baseline(), search.measurer, progress, deadline,
                                      plan.run_s, plan.candidates, proof, eligible=steps.eligible)
-    return Proven(base, plan, verification)
+    return Proven(plan, verification)
 
 
 def measure_baseline(search: Search, deadline: float, *, baseline_name: str, fix: str) -> FrozenTrial:

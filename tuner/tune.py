@@ -63,6 +63,7 @@ from tuner.trial.protocol import Warmup, Workload
 from tuner.verify import Arm, Verification
 
 MIN_BUDGET_S = 30.0
+BASELINE_NAME = "llama.cpp's defaults"  # what a benchmark run measures every candidate against
 UNITS = {"tg": "tg tok/s", "pp": "pp tok/s", "both": "sqrt(pp*tg) tok/s"}
 
 
@@ -229,7 +230,7 @@ def run(ctx: TuneContext, measurer: MeasurerLike | None = None) -> TuneOutcome:
                        f"{len(ctx.study.trials)} trials so far)")
         announce_numa_blocked(ctx.space, progress)
         search = Search(ctx.study, ctx.space, measurer, progress, unit=unit)
-        steps = RunSteps(baseline_name="llama.cpp's defaults",
+        steps = RunSteps(baseline_name=BASELINE_NAME,
                          baseline_fix=f"read the trial logs in {log_dir}; on a busy host give a longer --budget "
                                       "or shorter --pp-tokens/--tg-tokens",
                          candidates=req.candidates, trials=req.trials)
@@ -317,4 +318,4 @@ def build_result(ctx: TuneContext, verification: Verification, search: dict[str,
         verification=verification, host=host_block(probe), model=model_block(ctx.model, ctx.model_sha256),
         workload={"pp_tokens": ctx.request.workload.pp_tokens, "tg_tokens": ctx.request.workload.tg_tokens},
         server=ctx.server, search=search, wall_seconds=wall_seconds, measuring_seconds=measuring_seconds,
-        roofline=roof, baseline_name="llama.cpp's defaults")
+        roofline=roof, baseline_name=BASELINE_NAME)

@@ -59,6 +59,7 @@ from tuner.tune import MIN_BUDGET_S, announce_numa_blocked
 from tuner.verify import Verification
 from tuner.writeback import WriteBack, plan_vars
 
+BASELINE_NAME = "the deployed configuration"  # what a live run measures every candidate against
 TOKENS_PER_WORD = 1.6  # generous: the built-in mixes' plain English words, and most user prompts
 
 
@@ -255,7 +256,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             measurer.baseline_latency_p95 = latency["median"] if latency else None
             measurer.baseline = ctx.space.baseline()
 
-        steps = RunSteps(baseline_name="the deployed configuration",
+        steps = RunSteps(baseline_name=BASELINE_NAME,
                          baseline_fix=f"check that the baseline serves this workload; the server's log: "
                                       f"{ctx.control.server_log()}",
                          candidates=req.candidates, trials=req.trials, searching=not req.verify_only,
@@ -277,7 +278,7 @@ def run_live(ctx: LiveContext) -> LiveOutcome:
             workload={**ctx.mix.describe(), "ctx_per_slot": ctx.space.ctx_per_slot}, server=ctx.server,
             search={**search.report.__dict__, "plan": proven.plan.to_dict()}, wall_seconds=time.monotonic() - started,
             measuring_seconds=measurer.measuring_seconds, roofline=None,
-            baseline_name="the deployed configuration")
+            baseline_name=BASELINE_NAME)
         result.server = ctx.control.describe()
         result.heartbeat = heartbeat.report()
         result.downtime = restarts.report()
