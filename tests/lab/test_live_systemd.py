@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -25,13 +26,20 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from control_contract import (
+    ControlUnderTest,
+    check_a_configuration_that_cannot_start_is_reported_and_the_baseline_comes_back,
+    check_a_second_tuner_is_refused_at_once,
+    check_a_trial_runs_and_the_baseline_comes_back,
+    check_the_dead_man_switch_restores_the_baseline,
+)
 from labkit import API_KEY, BIN, REPO, TUNED, Lab, short_tune_vars
 
 from tuner.cli import build_parser
 from tuner.config import RunConfig, parse_cpu_list
 from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
-from tuner.live.control import Target, TargetOptions, TrialStartFailed
+from tuner.live.control import ServerControl, Target, TargetOptions
 from tuner.live.measure import Heartbeat
 from tuner.live.unit import DEADMAN_LOG, DEADMAN_UNIT, dropin_path
 from tuner.live.unit_connection import InventoryConnection
@@ -85,6 +93,35 @@ def wait_for(lab: Lab, predicate: Callable[[dict[str, str]], bool], timeout_s: f
         time.sleep(2)
 
 
+def contract(lab: Lab, control: ServerControl, baseline: RunConfig, trial: RunConfig) -> ControlUnderTest:
+    """The systemd unit under tests/control_contract.py: a trial runs from its drop-in, the baseline without one."""
+
+    def host_runs(config: RunConfig) -> bool:
+        state = server_state(lab)
+        return state["health"] == "200" and runs(state, config) and \
+            state["dropin"] == ("absent" if config == baseline else "present")
+
+    @contextlib.contextmanager
+    def second_tuner() -> Iterator[None]:
+        second = InventoryConnection(TargetOptions.from_args(live_args(lab)))
+        second.control.connect()
+        try:
+            with second.control.lock():
+                yield
+        finally:
+            second.control.disconnect()
+
+    # a 16 GiB f32 KV cache: beyond the guest's RAM, even for the tiny model
+    unstartable = dataclasses.replace(baseline, parallel=64, ctx_size=16_777_216, cache_type_k="f32",
+                                      cache_type_v="f32")
+    # Refused at once rather than queued behind the first tuner's lock; under TCG one SSH round trip on the
+    # emulated guest alone can take about a second, so the bound only tells "refused" from "waited".
+    return ControlUnderTest(
+        name=f"{UNIT}.service on the lab", control=control, baseline=baseline, trial=trial, unstartable=unstartable,
+        runs=host_runs, second_tuner=second_tuner, refusal="another llamahost tune is already tuning",
+        refused_within_s=10.0, dead_man_within_s=DEADMAN_S + REVERT_SLACK_S)
+
+
 @pytest.fixture(scope="module")
 def served(lab: Lab) -> Lab:
     """The lab with the llama_server role converged. In the lab tier this module runs after
@@ -120,26 +157,28 @@ with connection.lock():
 def test_a_killed_controller_is_reverted_by_the_dead_man_unit_and_its_lock_released(served: Lab) -> None:
     args = ["tune", "--live", "--inventory", str(served.inventory / "hosts.yml"), "--host", served.state.alias,
             "--deadman", f"{DEADMAN_S}s"]
-    controller = subprocess.Popen([sys.executable, "-c", CONTROLLER, *args], stdout=subprocess.PIPE, text=True,
-                                  env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}, cwd=REPO)
-    assert controller.stdout is not None
-    line = controller.stdout.readline()
-    try:
-        assert line.strip() == "applied", f"the controller did not apply its trial: {line!r}"
-        trial = server_state(served)
-        assert trial["dropin"] == "present" and "--parallel 2" in trial["cmdline"]
-        assert served.ssh(f"systemctl is-active {DEADMAN_UNIT} || true").strip() == "active"
-    finally:
-        controller.send_signal(signal.SIGKILL)
-        controller.wait()
-    killed = time.monotonic()
-    wait_for(served, lambda s: s["dropin"] == "absent" and runs(s, TUNED) and s["health"] == "200",
-                        DEADMAN_S + REVERT_SLACK_S)
-    assert time.monotonic() - killed > DEADMAN_S - 5, "reverted before the controller was silent long enough"
+    connection = InventoryConnection(TargetOptions.from_args(live_args(served)))
+
+    def trial_then_killed_controller() -> None:
+        controller = subprocess.Popen([sys.executable, "-c", CONTROLLER, *args], stdout=subprocess.PIPE, text=True,
+                                      env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}, cwd=REPO)
+        assert controller.stdout is not None
+        line = controller.stdout.readline()
+        try:
+            assert line.strip() == "applied", f"the controller did not apply its trial: {line!r}"
+            trial = server_state(served)
+            assert trial["dropin"] == "present" and "--parallel 2" in trial["cmdline"]
+            assert served.ssh(f"systemctl is-active {DEADMAN_UNIT} || true").strip() == "active"
+        finally:
+            controller.send_signal(signal.SIGKILL)
+            controller.wait()
+
+    subject = contract(served, connection.control, TUNED, dataclasses.replace(TUNED, parallel=2, ctx_size=1024))
+    check_the_dead_man_switch_restores_the_baseline(subject, trial_then_killed_controller,
+                                                    silent_for_at_least_s=DEADMAN_S - 5)
     assert "controller silent" in served.ssh(f"sudo cat {DEADMAN_LOG}")
     assert served.ssh(f"systemctl is-active {DEADMAN_UNIT} || true").strip() != "active"
     # The dead controller's lock went with its SSH session: a new tuner gets it at once.
-    connection = InventoryConnection(TargetOptions.from_args(live_args(served)))
     with connection.lock():
         pass
 
@@ -321,19 +360,22 @@ def test_a_trial_drop_in_is_applied_and_removed(served: Lab, remote: tuple[Inven
     # The unit sets OMP_WAIT_POLICY=ACTIVE; a trial that leaves it unset must run without it (UnsetEnvironment=).
     trial = dataclasses.replace(target.deployed, threads=1, threads_batch=1, cpus=(2,), memory_policy="default",
                                 load_mode="mmap", parallel=2, ctx_size=1024, omp_wait_policy="default")
-    connection.control.apply(trial)
-    state = server_state(served)
-    assert state["dropin"] == "present" and runs(state, trial) and state["health"] == "200"
-    assert (state["CPUAffinity"], state["NUMAPolicy"]) == ("2", "default")
-    assert "--api-key-file" in state["cmdline"] and "--model" in state["cmdline"]
-    memory = connection.control.server_memory_bytes()
-    assert memory is not None and memory > 10 * 2**20
-    connection.control.restore_baseline()
-    state = server_state(served)
-    assert state["dropin"] == "absent" and runs(state, TUNED) and state["health"] == "200"
-    assert (state["CPUAffinity"], state["NUMAPolicy"], state["NUMAMask"]) == ("4 6", "bind", "1")
-    unit_file = served.ssh(f"cat /etc/systemd/system/{UNIT}.service")
-    assert "llamahost-trial" not in unit_file and "--parallel 2" not in unit_file
+
+    def on_trial() -> None:
+        state = server_state(served)
+        assert (state["CPUAffinity"], state["NUMAPolicy"]) == ("2", "default")
+        assert "--api-key-file" in state["cmdline"] and "--model" in state["cmdline"]
+        memory = connection.control.server_memory_bytes()
+        assert memory is not None and memory > 10 * 2**20
+
+    def on_baseline() -> None:
+        state = server_state(served)
+        assert (state["CPUAffinity"], state["NUMAPolicy"], state["NUMAMask"]) == ("4 6", "bind", "1")
+        unit_file = served.ssh(f"cat /etc/systemd/system/{UNIT}.service")
+        assert "llamahost-trial" not in unit_file and "--parallel 2" not in unit_file
+
+    check_a_trial_runs_and_the_baseline_comes_back(contract(served, connection.control, target.deployed, trial),
+                                                   on_trial=on_trial, on_baseline=on_baseline)
 
 
 def model_pages_on_host(lab: Lab, shards: list[str]) -> tuple[str, dict[int, int]]:
@@ -408,31 +450,17 @@ def test_a_trial_that_cannot_start_fails_with_the_journal_and_the_baseline_comes
         served: Lab, remote: tuple[InventoryConnection, Target]) -> None:
     connection, target = remote
     assert target.deployed is not None
-    # a 16 GiB f32 KV cache: beyond the guest's RAM, even for the tiny model
-    impossible = dataclasses.replace(target.deployed, parallel=64, ctx_size=16_777_216, cache_type_k="f32",
-                                     cache_type_v="f32")
+    subject = contract(served, connection.control, target.deployed, target.deployed)
     started = time.monotonic()
-    with pytest.raises(TrialStartFailed, match="did not come up") as failure:
-        connection.control.apply(impossible)
-    assert time.monotonic() - started < 300
-    assert f"journalctl -u {UNIT}" in str(failure.value) and "llama-server" in str(failure.value)
-    connection.control.restore_baseline()
-    state = server_state(served)
-    assert state["dropin"] == "absent" and runs(state, TUNED) and state["health"] == "200"
+    failure = check_a_configuration_that_cannot_start_is_reported_and_the_baseline_comes_back(subject)
+    assert time.monotonic() - started < 400
+    assert f"journalctl -u {UNIT}" in str(failure) and "llama-server" in str(failure)
 
 
 def test_a_second_tuner_is_refused_at_once(served: Lab, remote: tuple[InventoryConnection, Target]) -> None:
-    second = InventoryConnection(TargetOptions.from_args(live_args(served)))
-    second.control.connect()
-    try:
-        started = time.monotonic()
-        with pytest.raises(UserError, match="another llamahost tune is already tuning"), second.control.lock():
-            pass
-        # Refused at once rather than queued behind the first tuner's lock; under TCG one SSH round trip on the
-        # emulated guest alone can take about a second, so the bound only tells "refused" from "waited".
-        assert time.monotonic() - started < 10.0
-    finally:
-        second.control.disconnect()
+    connection, target = remote
+    assert target.deployed is not None
+    check_a_second_tuner_is_refused_at_once(contract(served, connection.control, target.deployed, target.deployed))
 
 
 def test_adopt_refuses_a_winner_missing_from_the_inventory_then_applies_it_with_the_role(

@@ -11,12 +11,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from control_contract import (
+    ControlUnderTest,
+    check_a_configuration_that_cannot_start_is_reported_and_the_baseline_comes_back,
+    check_a_second_tuner_is_refused_at_once,
+    check_a_trial_runs_and_the_baseline_comes_back,
+    check_the_dead_man_switch_restores_the_baseline,
+)
 from process_support import session_processes
 
 from tuner.config import RunConfig
 from tuner.cpu_lists import format_cpu_list
 from tuner.errors import TrialFailed, UserError
-from tuner.live.control import TrialStartFailed
 from tuner.live.local import LocalServer, ServerSpec
 from tuner.live.measure import Guards, Heartbeat, LiveMeasurer, LiveObjective, LiveSettings
 from tuner.live.workload import make_request_mix
@@ -55,15 +61,36 @@ def oom_score_adj(server: LocalServer) -> str:
     return Path(f"/proc/{server.server_pid()}/oom_score_adj").read_text().strip()
 
 
+def contract(server: LocalServer) -> ControlUnderTest:
+    def runs(config: RunConfig) -> bool:
+        pid = server.server_pid()
+        try:  # between a stop and a start there is no process to read
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return False
+        return pid is not None and f" {' '.join(config.server_args())} " in f" {args} "
+
+    return ControlUnderTest(
+        name="the local supervisor", control=server, baseline=BASE, trial=TRIAL,
+        unstartable=RunConfig(threads=1, threads_batch=1, parallel=64, ctx_size=16_777_216),  # KV far beyond RAM
+        runs=runs, second_tuner=server.lock, refusal="another llamahost run is already measuring on this host",
+        refused_within_s=1.0, dead_man_within_s=server.spec.deadman_s + 30)
+
+
 def test_trial_and_baseline_configurations_swap(server: LocalServer) -> None:
     """A trial's server is the out-of-memory killer's first choice; the baseline keeps the score it inherits."""
     inherited = Path("/proc/self/oom_score_adj").read_text().strip()
-    assert "--parallel 1" in running_args(server) and oom_score_adj(server) == inherited
-    server.apply(TRIAL)
-    assert "--parallel 2" in running_args(server) and "--ctx-size 2048" in running_args(server)
-    assert oom_score_adj(server) == "1000"
-    server.restore_baseline()
-    assert "--parallel 1" in running_args(server) and oom_score_adj(server) == inherited
+    assert oom_score_adj(server) == inherited
+
+    def on_trial() -> None:
+        assert "--ctx-size 2048" in running_args(server) and oom_score_adj(server) == "1000"
+
+    check_a_trial_runs_and_the_baseline_comes_back(
+        contract(server), on_trial=on_trial, on_baseline=lambda: assert_equal(oom_score_adj(server), inherited))
+
+
+def assert_equal(value: str, expected: str) -> None:
+    assert value == expected
 
 
 def test_a_strictly_placed_trial_is_placed_as_asked(server: LocalServer) -> None:
@@ -86,12 +113,8 @@ def test_a_strictly_placed_trial_is_placed_as_asked(server: LocalServer) -> None
 
 
 def test_dead_man_switch_restores_the_baseline_when_the_controller_goes_quiet(server: LocalServer) -> None:
-    server.apply(TRIAL)
-    time.sleep(server.spec.deadman_s + 2)  # no heartbeats
-    deadline = time.monotonic() + 30
-    while "--parallel 1" not in running_args(server) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert "--parallel 1" in running_args(server)
+    check_the_dead_man_switch_restores_the_baseline(contract(server), lambda: server.apply(TRIAL),
+                                                    silent_for_at_least_s=server.spec.deadman_s / 2)
     assert "baseline restored" in (server.state / "supervisor.log").read_text()
 
 
@@ -125,18 +148,11 @@ def supervisor_log(server: LocalServer) -> str:
 
 def test_a_second_tuner_is_refused_within_a_second(server: LocalServer) -> None:
     with server.lock():
-        started = time.monotonic()
-        with pytest.raises(UserError, match="another llamahost run is already measuring on this host"), server.lock():
-            pass
-        assert time.monotonic() - started < 1.0
+        check_a_second_tuner_is_refused_at_once(contract(server))
 
 
 def test_a_configuration_that_cannot_start_is_reported_and_the_baseline_comes_back(server: LocalServer) -> None:
-    impossible = RunConfig(threads=1, threads_batch=1, parallel=64, ctx_size=16_777_216)  # KV far beyond RAM
-    with pytest.raises(TrialStartFailed, match="did not come up"):
-        server.apply(impossible)
-    server.restore_baseline()
-    assert "--parallel 1" in running_args(server)
+    check_a_configuration_that_cannot_start_is_reported_and_the_baseline_comes_back(contract(server))
 
 
 def test_an_invalid_configuration_is_refused_before_the_supervisor_sees_it(server: LocalServer) -> None:
