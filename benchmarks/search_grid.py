@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Search efficiency, measured: record every point of the benchmark search space, then replay search methods.
 
-    python benchmarks/search_grid.py record [--model M.gguf] [--tg-tokens 16 --pp-tokens 64 --max-measure 4]
+    python benchmarks/search_grid.py record [--model M.gguf] [--passes 3] [--tg-tokens 16 --pp-tokens 64]
     python benchmarks/search_grid.py replay benchmarks/results/grid-*.json [--seeds 200]
 
 ``record`` measures every configuration the tuner could draw on this host (tuner.search_grid.grid_params), each
 with the same statistics as a search trial (the tuner's Measurer: warm-up, samples until the interval is
-narrow or the cap is reached), and writes benchmarks/results/grid-<model>-<objective>.json after every point
-(atomically), so an interrupted recording resumes where it stopped. The host and model descriptions go into
+narrow or the cap is reached), once per pass, each pass in its own random order, and writes
+benchmarks/results/grid-<model>-<objective>.json after every measurement (atomically), so an interrupted
+recording resumes where it stopped. The host and model descriptions go into
 the file, so the grid can be replayed anywhere.
 
 ``replay`` runs the tuner's sampler and pruner, random search, the grid in random order and llama-optimus's
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import random
 import statistics
 import sys
 import time
@@ -63,7 +65,28 @@ def space_of(grid_file: dict[str, Any]) -> SearchSpace:
                        grid_file["objective"], usable_cpus=grid_file["usable_cpus"])
 
 
+def measurer_for(data: dict[str, Any], model: ModelInfo) -> Measurer:
+    """The trial Measurer with the grid's workload and sampling cap: every pass of a grid measures alike."""
+    workload = data["workload"]
+    cap = data["max_measure_seconds"]
+    settings = MeasureSettings(objective=data["objective"], server_binary=deployed_server_binary(),
+                               workload=Workload(pp_tokens=workload["pp_tokens"], tg_tokens=workload["tg_tokens"]),
+                               warmup=Warmup(max_seconds=cap / 2), max_measure_seconds=cap)
+    return Measurer(model, settings, trial_log_dir("search-grid"), multi_node=space_of(data).multi_node,
+                    model_sha256=model_sha256(model.files))
+
+
 def record(args: argparse.Namespace) -> int:
+    """Measure every point of the grid in ``--passes`` passes, each in a fresh random order, pooling the samples.
+
+    This machine's speed drifts from minute to minute by more than the knobs move it (the same point read 150
+    tok/s in one minute and 125 in the next), and one pass reads each point in one stretch of a few seconds: a
+    point measured in a fast minute would be recorded as fast for good, and it is the top of the grid that
+    decides "within 2% of the best". Passes in independent orders read every point in several minutes, so the
+    drift lands on all points alike and a point's pooled median is its value, not its minute's. Each pass's
+    samples are kept apart too (``passes``); the file is written after every point, so a stopped recording
+    resumes where it stopped.
+    """
     model = inspect_model(args.model or default_model_path())
     probe = probe_host(bandwidth=False)
     space = SearchSpace(probe, model, args.objective, usable_cpus=probe.allowed_cpus)
@@ -73,36 +96,49 @@ def record(args: argparse.Namespace) -> int:
         "usable_cpus": list(probe.allowed_cpus) if probe.allowed_cpus is not None else None,
         "workload": {"pp_tokens": args.pp_tokens, "tg_tokens": args.tg_tokens},
         "max_measure_seconds": args.max_measure, "baseline_key": space.baseline().key(), "points": []}
-    done = {point["key"] for point in data["points"]}
-    settings = MeasureSettings(objective=args.objective, server_binary=deployed_server_binary(),
-                               workload=Workload(pp_tokens=args.pp_tokens, tg_tokens=args.tg_tokens),
-                               warmup=Warmup(max_seconds=args.max_measure / 2), max_measure_seconds=args.max_measure)
-    measurer = Measurer(model, settings, trial_log_dir("search-grid"), multi_node=space.multi_node,
-                        model_sha256=model_sha256(model.files))
-    todo = [params for params in grid_params(space) if space.config_from_params(params).key() not in done]
-    started = time.monotonic()
-    print(f"{len(done)} points recorded, {len(todo)} to measure -> {out}", flush=True)
-    for number, params in enumerate(todo, 1):
+    if data["points"] and "passes" not in data["points"][0]:
+        raise SystemExit(f"{out} was recorded in one pass by an older script: record to another --out")
+    points = {point["key"]: point for point in data["points"]}
+    for params in grid_params(space):
         config = space.config_from_params(params)
-        point: dict[str, Any] = {"params": params, "key": config.key(), "config": config.to_dict()}
+        points.setdefault(config.key(), {"params": params, "key": config.key(), "config": config.to_dict(),
+                                         "passes": []})
+    data["points"] = list(points.values())
+    data["passes"] = args.passes
+    measurer = measurer_for(data, model)
+    todo = [(number, point) for number in range(args.passes) for point in pass_order(data["points"], number)
+            if len(point["passes"]) <= number and "failure" not in point]
+    started = time.monotonic()
+    print(f"{len(data['points'])} points, {args.passes} passes: {len(todo)} measurements to take -> {out}",
+          flush=True)
+    for done, (number, point) in enumerate(todo, 1):
+        config = space.config_from_params(point["params"])
         try:
-            outcome = measurer.run(config, f"grid-{len(data['points']):04d}")
-            point["samples"] = outcome.values
+            values = measurer.run(config, f"grid-{number}-{data['points'].index(point):04d}").values
         except TrialFailed as failed:
             point["failure"] = failed.reason
-        data["points"].append(point)
+            values = []
+        else:
+            point["passes"].append(values)
+            point["samples"] = [value for pass_values in point["passes"] for value in pass_values]
         write_atomic(out, json.dumps(data, indent=1) + "\n", keep_previous=False)
-        elapsed = time.monotonic() - started
-        eta = elapsed / number * (len(todo) - number)
-        shown = f"{statistics.median(point['samples']):.1f}" if "samples" in point else point["failure"]
-        print(f"[{number}/{len(todo)} ETA {eta / 60:.0f} min] {shown}  {config.key()}", flush=True)
+        eta = (time.monotonic() - started) / done * (len(todo) - done)
+        shown = f"{statistics.median(values):.1f}" if values else point["failure"]
+        print(f"[pass {number + 1}, {done}/{len(todo)} ETA {eta / 60:.0f} min] {shown}  {point['key']}", flush=True)
     return 0
+
+
+def pass_order(points: list[dict[str, Any]], number: int) -> list[dict[str, Any]]:
+    """Pass ``number``'s order: a shuffle seeded by the pass, so a resumed recording keeps it."""
+    order = list(points)
+    random.Random(number).shuffle(order)
+    return order
 
 
 def replay(args: argparse.Namespace) -> int:
     for path in args.grids:
         data = json.loads(path.read_text())
-        points = tuple(GridPoint(p["params"], p["key"], tuple(p["samples"])) for p in data["points"] if "samples" in p)
+        points = tuple(GridPoint.from_record(p) for p in data["points"] if p.get("samples"))
         failed = len(data["points"]) - len(points)
         grid = Grid(points, data["baseline_key"])
         space = space_of(data)
@@ -132,12 +168,13 @@ def main() -> int:
     rec.add_argument("--pp-tokens", type=int, default=64)
     rec.add_argument("--tg-tokens", type=int, default=16)
     rec.add_argument("--max-measure", type=float, default=4.0)
+    rec.add_argument("--passes", type=int, default=3, help="passes over the grid, each in its own order")
     rec.add_argument("--out", type=Path)
     rep = sub.add_parser("replay")
     rep.add_argument("grids", type=Path, nargs="+")
     rep.add_argument("--seeds", type=int, default=200)
     args = parser.parse_args()
-    return record(args) if args.command == "record" else replay(args)
+    return {"record": record, "replay": replay}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -81,12 +81,24 @@ def _next_path(taken: Sequence[tuple[int, int]]) -> list[int] | None:
 class GridPoint:
     params: dict[str, Any]
     key: str
-    samples: tuple[float, ...]  # the values a trial recorded for this point (tok/s, one per request)
+    samples: tuple[float, ...]  # every value recorded for this point (tok/s, one per request), all passes pooled
+    draws: int | None = None  # how many samples one trial took (default: all of them, a one-pass recording)
 
     @property
     def value(self) -> float:
         """The point's true value, as far as the grid knows: the median of its recorded samples."""
         return statistics.median(self.samples)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> GridPoint:
+        """A point as benchmarks/search_grid.py records it: pooled ``samples`` and, per pass, that pass's.
+
+        A replayed trial draws as many samples as one pass took, not the pool's size: pooling three passes
+        must not make each trial three times as precise as the tuner's are.
+        """
+        passes = record.get("passes") or [record["samples"]]
+        draws = round(statistics.median(len(values) for values in passes))
+        return cls(record["params"], record["key"], tuple(record["samples"]), max(1, draws))
 
 
 @dataclass(frozen=True)
@@ -113,8 +125,8 @@ Method = Callable[[Grid, SearchSpace, random.Random, int, Measure], None]
 
 
 def observe(point: GridPoint, rng: random.Random) -> list[float]:
-    """A fresh measurement of ``point``: its recorded samples drawn again with replacement."""
-    return [rng.choice(point.samples) for _ in point.samples]
+    """A fresh measurement of ``point``: one trial's worth of its recorded samples, drawn with replacement."""
+    return [rng.choice(point.samples) for _ in range(point.draws or len(point.samples))]
 
 
 @dataclass

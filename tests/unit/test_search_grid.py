@@ -21,6 +21,7 @@ from tuner.search_grid import (
     Measure,
     Replay,
     grid_params,
+    observe,
     replay,
     replay_all,
     summarize_method,
@@ -121,3 +122,15 @@ def test_trials_to_within_reads_the_picks_against_the_true_values() -> None:
     assert statistics.median(p.value for p in grid.points) == 9.9
     with pytest.raises(ValueError, match="baseline"):
         Grid((GridPoint({}, "a", (1.0,)),), "missing")
+
+
+def test_a_point_recorded_in_passes_is_valued_on_the_pool_but_observed_one_trial_at_a_time() -> None:
+    """Three passes read a point in three minutes; a replayed trial still takes one pass's samples, so pooling
+    makes the grid's values steadier without making each trial more precise than the tuner's."""
+    record = {"params": {}, "key": "a", "passes": [[10.0, 10.0, 10.0], [13.0, 13.0, 13.0], [12.0, 12.0]],
+              "samples": [10.0, 10.0, 10.0, 13.0, 13.0, 13.0, 12.0, 12.0]}
+    point = GridPoint.from_record(record)
+    assert point.value == 12.0 and point.draws == 3
+    assert len(observe(point, random.Random(0))) == 3
+    one_pass = GridPoint.from_record({"params": {}, "key": "b", "samples": [1.0, 2.0, 3.0, 4.0]})
+    assert one_pass.draws == 4 and len(observe(one_pass, random.Random(0))) == 4
