@@ -79,12 +79,12 @@ def measurer_for(data: dict[str, Any], model: ModelInfo) -> Measurer:
 def record(args: argparse.Namespace) -> int:
     """Measure every point of the grid in ``--passes`` passes, each in a fresh random order, pooling the samples.
 
-    This machine's speed drifts from minute to minute by more than the knobs move it (the same point read 150
-    tok/s in one minute and 125 in the next), and one pass reads each point in one stretch of a few seconds: a
+    This machine's speed drifts from minute to minute by more than the knobs move it (one point read 121 tok/s
+    in one pass and 158 in the next), and one pass reads each point in one stretch of a few seconds: a
     point measured in a fast minute would be recorded as fast for good, and it is the top of the grid that
     decides "within 2% of the best". Passes in independent orders read every point in several minutes, so the
     drift lands on all points alike and a point's pooled median is its value, not its minute's. Each pass's
-    samples are kept apart too (``passes``); the file is written after every point, so a stopped recording
+    samples are kept apart too (``passes``); the file is written after every measurement, so a stopped recording
     resumes where it stopped.
     """
     model = inspect_model(args.model or default_model_path())

@@ -20,7 +20,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -82,19 +82,9 @@ def runs(state: dict[str, str], config: RunConfig) -> bool:
         state.get("omp", "") == config.server_environment().get("OMP_WAIT_POLICY", "")
 
 
-def wait_for(lab: Lab, predicate: Callable[[dict[str, str]], bool], timeout_s: float) -> tuple[dict[str, str], float]:
-    started = time.monotonic()
-    while True:
-        state = server_state(lab)
-        if predicate(state):
-            return state, time.monotonic() - started
-        if time.monotonic() - started > timeout_s:
-            raise AssertionError(f"not reached within {timeout_s} s: {state}")
-        time.sleep(2)
-
-
-def contract(lab: Lab, control: ServerControl, baseline: RunConfig, trial: RunConfig) -> ControlUnderTest:
-    """The systemd unit under tests/control_contract.py: a trial runs from its drop-in, the baseline without one."""
+def contract(lab: Lab, control: ServerControl, baseline: RunConfig, trial: RunConfig | None = None) -> ControlUnderTest:
+    """The systemd unit under tests/control_contract.py: a trial runs from its drop-in, the baseline without one.
+    The trial defaults to the one CONTROLLER applies."""
 
     def host_runs(config: RunConfig) -> bool:
         state = server_state(lab)
@@ -117,7 +107,8 @@ def contract(lab: Lab, control: ServerControl, baseline: RunConfig, trial: RunCo
     # Refused at once rather than queued behind the first tuner's lock; under TCG one SSH round trip on the
     # emulated guest alone can take about a second, so the bound only tells "refused" from "waited".
     return ControlUnderTest(
-        name=f"{UNIT}.service on the lab", control=control, baseline=baseline, trial=trial, unstartable=unstartable,
+        name=f"{UNIT}.service on the lab", control=control, baseline=baseline, unstartable=unstartable,
+        trial=trial or dataclasses.replace(baseline, threads=1, threads_batch=1, parallel=2, ctx_size=1024),
         runs=host_runs, second_tuner=second_tuner, refusal="another llamahost tune is already tuning",
         refused_within_s=10.0, dead_man_within_s=DEADMAN_S + REVERT_SLACK_S)
 
@@ -173,7 +164,7 @@ def test_a_killed_controller_is_reverted_by_the_dead_man_unit_and_its_lock_relea
             controller.send_signal(signal.SIGKILL)
             controller.wait()
 
-    subject = contract(served, connection.control, TUNED, dataclasses.replace(TUNED, parallel=2, ctx_size=1024))
+    subject = contract(served, connection.control, TUNED)
     check_the_dead_man_switch_restores_the_baseline(subject, trial_then_killed_controller,
                                                     silent_for_at_least_s=DEADMAN_S - 5)
     assert "controller silent" in served.ssh(f"sudo cat {DEADMAN_LOG}")
@@ -450,7 +441,7 @@ def test_a_trial_that_cannot_start_fails_with_the_journal_and_the_baseline_comes
         served: Lab, remote: tuple[InventoryConnection, Target]) -> None:
     connection, target = remote
     assert target.deployed is not None
-    subject = contract(served, connection.control, target.deployed, target.deployed)
+    subject = contract(served, connection.control, target.deployed)
     started = time.monotonic()
     failure = check_a_configuration_that_cannot_start_is_reported_and_the_baseline_comes_back(subject)
     assert time.monotonic() - started < 400
@@ -460,7 +451,7 @@ def test_a_trial_that_cannot_start_fails_with_the_journal_and_the_baseline_comes
 def test_a_second_tuner_is_refused_at_once(served: Lab, remote: tuple[InventoryConnection, Target]) -> None:
     connection, target = remote
     assert target.deployed is not None
-    check_a_second_tuner_is_refused_at_once(contract(served, connection.control, target.deployed, target.deployed))
+    check_a_second_tuner_is_refused_at_once(contract(served, connection.control, target.deployed))
 
 
 def test_adopt_refuses_a_winner_missing_from_the_inventory_then_applies_it_with_the_role(
