@@ -42,7 +42,7 @@ from tuner.paths import trial_log_dir
 from tuner.probe import probe_host
 from tuner.probe.host import HostProbe
 from tuner.search import Measurer, MeasureSettings
-from tuner.search_grid import Grid, GridPoint, grid_params, replay_all
+from tuner.search_grid import METHODS, Grid, GridPoint, grid_params, replay_all
 from tuner.server.build import deployed_server_binary
 from tuner.space import SearchSpace
 from tuner.trial.protocol import Warmup, Workload
@@ -135,6 +135,24 @@ def pass_order(points: list[dict[str, Any]], number: int) -> list[dict[str, Any]
     return order
 
 
+class ReplayProgress:
+    """One line on stderr every 20 seeds, with an ETA: a grid's replay takes 10 to 25 minutes here."""
+
+    def __init__(self, grid_name: str, seeds: int) -> None:
+        self.grid_name, self.seeds = grid_name, seeds
+        self.methods: list[str] = []
+        self.started = time.monotonic()
+
+    def __call__(self, method: str, done: int) -> None:
+        if method not in self.methods:
+            self.methods.append(method)
+        finished = (len(self.methods) - 1) * self.seeds + done
+        if done % 20 == 0 or done == self.seeds:
+            eta = (time.monotonic() - self.started) / finished * (len(METHODS) * self.seeds - finished)
+            print(f"[{self.grid_name}: {method} ({len(self.methods)}/{len(METHODS)}), seed {done}/{self.seeds}, "
+                  f"ETA {eta / 60:.0f} min]", file=sys.stderr, flush=True)
+
+
 def replay(args: argparse.Namespace) -> int:
     for path in args.grids:
         data = json.loads(path.read_text())
@@ -146,7 +164,7 @@ def replay(args: argparse.Namespace) -> int:
                  f"{grid.point(grid.baseline_key).value:.2f}, {args.seeds} seeds, 20% = "
                  f"{round(0.2 * len(points))} trials",
                  f"{'method':<28} {'median trials to 2%':>20} {'within 2% at 20%':>17} {'slower than baseline':>21}"]
-        summaries = list(replay_all(grid, space, args.seeds))
+        summaries = list(replay_all(grid, space, args.seeds, on_replayed=ReplayProgress(path.name, args.seeds)))
         for s in summaries:
             median = "never" if s.median_trials_to_within is None else f"{s.median_trials_to_within:.0f}"
             lines.append(f"{s.method:<28} {median:>20} {s.within_at_share:>17.0%} {s.slower_than_baseline:>21.0%}")

@@ -273,8 +273,13 @@ def summarize_method(name: str, runs: Sequence[Replay], grid: Grid, share: float
 
 
 def replay_all(grid: Grid, space: SearchSpace, seeds: int, *, share: float = 0.2,
-               methods: dict[str, Method] | None = None) -> Iterator[MethodSummary]:
-    """Every method over ``seeds`` seeds, each with the grid's size as its trial budget."""
+               methods: dict[str, Method] | None = None,
+               on_replayed: Callable[[str, int], None] = lambda method, done: None) -> Iterator[MethodSummary]:
+    """Every method over ``seeds`` seeds, each with the grid's size as its trial budget. ``on_replayed`` hears of
+    each finished seed (the method and how many of its seeds are done): a replay takes minutes per method."""
     for name, method in (methods or METHODS).items():
-        runs = [replay(method, grid, space, seed, len(grid.points)) for seed in range(seeds)]
+        runs = []
+        for seed in range(seeds):
+            runs.append(replay(method, grid, space, seed, len(grid.points)))
+            on_replayed(name, seed + 1)
         yield summarize_method(name, runs, grid, share)

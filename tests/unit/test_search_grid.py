@@ -89,8 +89,11 @@ def test_stage_wise_finds_the_optimum_of_a_separable_host_in_few_trials(space: S
 
 def test_every_method_is_scored_and_the_budget_caps_each_replay(space: SearchSpace) -> None:
     grid = recorded_grid(space)
-    summaries = {s.method: s for s in replay_all(grid, space, seeds=3)}
+    heard: list[tuple[str, int]] = []
+    summaries = {s.method: s for s in replay_all(grid, space, seeds=3,
+                                                 on_replayed=lambda method, done: heard.append((method, done)))}
     assert set(summaries) == set(METHODS)
+    assert heard == [(method, done) for method in METHODS for done in (1, 2, 3)], "each seed is reported, in order"
     for summary in summaries.values():
         assert summary.seeds == 3 and 0 <= summary.within_at_share <= 1 and summary.slower_than_baseline == 0
     run = replay(METHODS["random"], grid, space, 0, 7)
