@@ -62,6 +62,8 @@ def oom_score_adj(server: LocalServer) -> str:
 
 
 def contract(server: LocalServer) -> ControlUnderTest:
+    """The local supervisor under tests/control_contract.py: what runs is read from the server's /proc cmdline."""
+
     def runs(config: RunConfig) -> bool:
         pid = server.server_pid()
         try:  # between a stop and a start there is no process to read
@@ -85,12 +87,10 @@ def test_trial_and_baseline_configurations_swap(server: LocalServer) -> None:
     def on_trial() -> None:
         assert "--ctx-size 2048" in running_args(server) and oom_score_adj(server) == "1000"
 
-    check_a_trial_runs_and_the_baseline_comes_back(
-        contract(server), on_trial=on_trial, on_baseline=lambda: assert_equal(oom_score_adj(server), inherited))
+    def on_baseline() -> None:
+        assert oom_score_adj(server) == inherited
 
-
-def assert_equal(value: str, expected: str) -> None:
-    assert value == expected
+    check_a_trial_runs_and_the_baseline_comes_back(contract(server), on_trial=on_trial, on_baseline=on_baseline)
 
 
 def test_a_strictly_placed_trial_is_placed_as_asked(server: LocalServer) -> None:
