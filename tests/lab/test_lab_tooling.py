@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -176,16 +177,23 @@ def test_only_the_process_that_owns_this_labs_overlay_counts_and_down_stops_it(t
             process.wait()
 
 
-def test_a_boot_whose_console_goes_quiet_is_reported_as_stalled_but_a_talking_one_is_not(
+def test_a_boot_whose_console_goes_quiet_or_reports_a_stuck_cpu_is_stalled_but_a_talking_one_is_not(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(instance_module, "BOOT_STALL_S", 3.0)
     monkeypatch.setattr(LabInstance, "reachable", lambda self, state: False)
     instance = LabInstance(tmp_path)
     overlay = instance.directory / "overlay.qcow2"
     serial = instance.directory / "serial.log"
+    # A talking boot may have a short soft lockup (a busy host); a hung one reports the same CPU stuck for
+    # longer and longer, a line every few seconds, so its console never goes quiet.
     talker = ("import sys, time\n"
+              "open(sys.argv[1], 'a').write('[ 0.9] watchdog: BUG: soft lockup - CPU#1 stuck for 2s! [swapper]\\n')\n"
               "while True:\n"
               "    open(sys.argv[1], 'a').write('[ 1.0] still booting\\n'); time.sleep(0.5)\n")
+    stuck = ("import sys, time\n"
+             "for seconds in range(1, 100):\n"
+             "    open(sys.argv[1], 'a').write(f'[{seconds + 20}.8] watchdog: BUG: soft lockup - CPU#6 stuck for '\n"
+             "                                 f'{seconds}s! [cryptomgr_test:90]\\n'); time.sleep(0.5)\n")
     quiet = started_owner(overlay, "import time; time.sleep(60)")
     try:
         state = fake_state(instance, quiet.pid, tmp_path)
@@ -194,7 +202,8 @@ def test_a_boot_whose_console_goes_quiet_is_reported_as_stalled_but_a_talking_on
         with pytest.raises(instance_module._BootStalled) as stalled:
             instance.wait_for_ssh(state, deadline=time.monotonic() + 30)
         assert 3 <= time.monotonic() - started < 15
-        assert any("Marking stable" in line for line in stalled.value.args[0])
+        assert stalled.value.args[0] == "console quiet for 3 s"
+        assert any("Marking stable" in line for line in stalled.value.args[1])
     finally:
         quiet.kill()
         quiet.wait()
@@ -206,6 +215,20 @@ def test_a_boot_whose_console_goes_quiet_is_reported_as_stalled_but_a_talking_on
     finally:
         talking.kill()
         talking.wait()
+    serial.unlink()
+    locked = started_owner(overlay, stuck, str(serial))
+    try:
+        state = fake_state(instance, locked.pid, tmp_path)
+        started = time.monotonic()
+        with pytest.raises(instance_module._BootStalled) as stalled:
+            instance.wait_for_ssh(state, deadline=time.monotonic() + 30)
+        assert time.monotonic() - started < 8, "a stuck CPU is a hang before the console goes quiet"
+        why = re.fullmatch(r"CPU#6 stuck for (\d+) s", stalled.value.args[0])
+        assert why is not None and int(why.group(1)) >= 3, stalled.value.args[0]
+        assert any("cryptomgr_test" in line for line in stalled.value.args[1])
+    finally:
+        locked.kill()
+        locked.wait()
 
 
 def test_lab_names_are_checked() -> None:

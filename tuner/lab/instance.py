@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -39,15 +40,28 @@ STOP_TIMEOUT_S = 15.0
 # A clean guest shutdown under TCG: seconds to a minute.
 DEFAULT_SAVE_TIMEOUT_S = 300.0
 PORT_ATTEMPTS = 3
-# A boot whose console has printed nothing for this long, with SSH still silent, has hung: under TCG with
-# more vCPUs than host cores the guest kernel can livelock early (seen once in CI, at ~4 s kernel time,
-# never reproduced). A fresh QEMU boots normally, so ``up`` restarts it, at most BOOT_ATTEMPTS times.
+# A boot has hung, with SSH still silent, when its console has printed nothing for this long, or when the
+# kernel reports a CPU stuck for this long. Under TCG with more vCPUs than host cores the guest kernel
+# can livelock early: once the console went quiet at ~4 s kernel time; once (a landing CI, booting the
+# converged disk) CPU#6 stayed stuck in cryptomgr_test while the soft-lockup watchdog printed a line
+# every 28 s, so the console never went quiet and the boot used its whole 900 s. Neither reproduced: a
+# fresh QEMU boots normally, so ``up`` restarts it, at most BOOT_ATTEMPTS times.
 BOOT_STALL_S = 150.0
 BOOT_ATTEMPTS = 3
+_SOFT_LOCKUP = re.compile(r"soft lockup - CPU#(\d+) stuck for (\d+)s!")
 
 
 class _BootStalled(Exception):
-    """The guest console went quiet before SSH answered (internal: ``up`` retries)."""
+    """The boot hung before SSH answered: (why, last log lines). Internal: ``up`` retries."""
+
+
+def longest_lockup(console: str) -> tuple[int, int] | None:
+    """(CPU, seconds) of the longest soft lockup the guest kernel reported on its console, if any.
+
+    The watchdog's own measure of a CPU that has not scheduled: the console keeps printing its reports,
+    so only this tells a livelocked boot from a slow one."""
+    reports = [(int(cpu), int(seconds)) for cpu, seconds in _SOFT_LOCKUP.findall(console)]
+    return max(reports, key=lambda report: report[1]) if reports else None
 QEMU_TOOLS = ("qemu-system-x86_64", "qemu-img")
 
 
@@ -173,12 +187,12 @@ class LabInstance:
             except _BootStalled as stalled:
                 self.down()
                 if attempt == BOOT_ATTEMPTS or time.monotonic() + BOOT_STALL_S > deadline:
-                    raise UserError(f"the lab's boot hung {attempt} time(s); last console lines:\n    "
-                                    + "\n    ".join(stalled.args[0]),
+                    raise UserError(f"the lab's boot hung {attempt} time(s), the last time {stalled.args[0]}; "
+                                    "last console lines:\n    " + "\n    ".join(stalled.args[1]),
                                     f"see {self.directory / 'serial.log'}; on a busy machine raise --boot-timeout"
                                     ) from None
-                say(f"the boot stalled (console quiet for {BOOT_STALL_S:.0f} s at "
-                    f"{stalled.args[0][-1] if stalled.args[0] else 'the start'!r}); restarting QEMU")
+                why, tail = stalled.args
+                say(f"the boot hung ({why}, last console line {tail[-1] if tail else 'none'!r}); restarting QEMU")
                 self._clear_runtime_files(files)
                 _run_checked(new_overlay, "create the lab's disk overlay")
             except BaseException:
@@ -202,7 +216,8 @@ class LabInstance:
         return state
 
     def wait_for_ssh(self, state: LabState, *, deadline: float) -> None:
-        """Wait until SSH answers; raise ``_BootStalled`` when the console has gone quiet for too long."""
+        """Wait until SSH answers; raise ``_BootStalled`` when the console has gone quiet for too long, or the
+        kernel reports a CPU stuck for as long."""
         overlay = self.directory / "overlay.qcow2"
         serial = self.directory / "serial.log"
         started = time.monotonic()
@@ -218,8 +233,11 @@ class LabInstance:
             now = time.monotonic()
             if size != console_size:
                 console_size, console_moved = size, now
+                lockup = longest_lockup(serial.read_text(errors="replace")) if size else None
+                if lockup is not None and lockup[1] >= BOOT_STALL_S:
+                    raise _BootStalled(f"CPU#{lockup[0]} stuck for {lockup[1]} s", self.log_tail())
             elif now - console_moved > BOOT_STALL_S:
-                raise _BootStalled(self.log_tail())
+                raise _BootStalled(f"console quiet for {BOOT_STALL_S:.0f} s", self.log_tail())
             time.sleep(2)
         raise UserError(f"the lab did not answer on SSH within {deadline - started:.0f} s; last boot messages:\n    "
                         + "\n    ".join(self.log_tail()),
