@@ -8,7 +8,9 @@ rest) goes through :func:`converge`.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -39,9 +41,34 @@ def converge(inventory: Path, hosts: Sequence[str], *, extra_args: Sequence[str]
                            *extra_args], cwd=REPO, env=ansible_env(), capture_output=True, text=True, check=False,
                           timeout=timeout_s)
     if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-25:])
-        raise UserError(f"applying the settings to {limit} with the llama_server role failed:\n{tail}",
+        raise UserError(f"applying the settings to {limit} with the llama_server role failed:\n"
+                        + why_it_failed(done.stdout + done.stderr),
                         f"the role rolled the unit back; fix the cause above and run `{command}` again")
+
+
+_FAILED_TASK = re.compile(r"^(?:fatal|failed): \[(?P<host>[^\]]+)\]: (?:FAILED|UNREACHABLE)! => (?P<result>.*)$")
+_RECAP = re.compile(r"^(?:PLAY|TASKS) RECAP ")
+MESSAGE_CHARS = 1500
+
+
+def why_it_failed(output: str, *, tail_lines: int = 25) -> str:
+    """What each failed task said (``host: msg``), in the order Ansible printed them; without one (Ansible
+    itself failed), the last lines before the recaps, which say nothing but the tasks' times."""
+    failures = []
+    for line in output.splitlines():
+        if (match := _FAILED_TASK.match(line)) is None:
+            continue
+        try:
+            said = json.loads(match["result"]).get("msg", match["result"])
+        except (json.JSONDecodeError, AttributeError):
+            said = match["result"]
+        text = f"{match['host']}: {' '.join(str(said).split())}"
+        failures.append(text if len(text) <= MESSAGE_CHARS else text[:MESSAGE_CHARS] + " [...]")
+    if failures:
+        return "\n".join(failures)
+    lines = output.splitlines()
+    end = next((index for index, line in enumerate(lines) if _RECAP.match(line)), len(lines))
+    return "\n".join(lines[max(0, end - tail_lines):end])
 
 
 def converge_host(inventory: Path, host: str, *, timeout_s: float = 7200) -> None:
