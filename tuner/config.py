@@ -43,6 +43,8 @@ CACHE_TYPES: tuple[str, ...] = ("f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "
 QUANTIZED_CACHE_TYPES = frozenset({"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"})
 
 ROLE_PREFIX = "llama_server_"
+# llama-server's slots when --parallel is -1 (tools/server/server.cpp: "n_parallel is set to auto, using 4").
+AUTO_SLOTS = 4
 # What only a live server measures: a benchmark trial serves one sequence with its own context, so a benchmark
 # result says nothing about slots, continuous batching or context size and must leave them as deployed.
 LIVE_ONLY_FIELDS: tuple[str, ...] = ("parallel", "cont_batching", "ctx_size")
@@ -101,6 +103,11 @@ def _as_typed(name: str, value: Any) -> Any:
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def slots_of(parallel: int) -> int:
+    """The server slots a --parallel value gives (-1: llama-server's automatic choice)."""
+    return AUTO_SLOTS if parallel == -1 else parallel
 
 
 @dataclass(frozen=True)
@@ -170,6 +177,9 @@ class RunConfig:
             out.append("batch_size and ubatch_size must be at least 1")
         if self.ubatch_size > self.batch_size:
             out.append(f"ubatch_size {self.ubatch_size} is larger than batch_size {self.batch_size}")
+        if self.batch_size < (least := self.least_batch_size()):
+            out.append(f"batch_size {self.batch_size} is below {least}: llama-server decodes two tokens at start, "
+                       "and one per slot at once, and aborts with a smaller batch")
         if self.cpus and max(self.threads, self.threads_batch) > len(self.cpus):
             out.append(f"{max(self.threads, self.threads_batch)} threads on {len(self.cpus)} pinned CPUs "
                        "would oversubscribe them")
@@ -189,6 +199,12 @@ class RunConfig:
         if self.ctx_size < 0:
             out.append("ctx_size must be positive (or 0 to leave it unset)")
         return out
+
+    def least_batch_size(self) -> int:
+        """The smallest batch llama-server starts with: two tokens (its start-up check decodes two) and one per
+        slot. A smaller one aborts llama.cpp at start (get_sub_batch for one token, the n_outputs_max assertion
+        below the slots), which tests/server/test_tiny_model_serves.py holds the pinned build to."""
+        return max(2, slots_of(self.parallel))
 
     def validate(self, *, origin: str = "") -> RunConfig:
         """This configuration, or a :class:`UserError` naming every problem (and ``origin``: where it came from)."""

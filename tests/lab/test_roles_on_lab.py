@@ -8,7 +8,7 @@ Under TCG every module an Ansible task runs on the guest costs seconds, so a pla
 run proves as much as it can: the two converges of the clean image are kept with the converged disk they leave
 (conftest.py), so a session with unchanged inputs starts from that disk; one verify.yml run reports both a drift
 made by hand and the 1 GiB pages still waiting for a reboot; one --check run covers the converged host and
-six bad inputs (seven inventory names for the one lab); verify.yml after the reboot proves it kept everything.
+seven bad inputs (eight inventory names for the one lab); verify.yml after the reboot proves it kept everything.
 """
 
 from __future__ import annotations
@@ -144,6 +144,9 @@ BAD_INPUTS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "open-bind-without-key": ({"llama_server_host": "0.0.0.0", "llama_server_api_key": "",
                                "llama_server_api_key_generate": False},
                               ["llama_server_host 0.0.0.0 is not loopback", "llama_server_api_key_generate"]),
+    "batch-below-the-slots": ({"llama_server_batch_size": 2, "llama_server_ubatch_size": 2,
+                               "llama_server_parallel": 4},
+                              ["llama_server_batch_size (2)", "at least the slots (llama_server_parallel 4"]),
 }
 
 
@@ -160,7 +163,7 @@ def failure_of(output: str, host: str) -> str:
 
 def test_check_mode_changes_nothing_and_bad_variables_fail_in_validation(lab: Lab, converged: PlaybookRun,
                                                                          tmp_path: Path) -> None:
-    """One ``site.yml --check --diff`` run over seven inventory names for the one lab: the good one reports no
+    """One ``site.yml --check --diff`` run over eight inventory names for the one lab: the good one reports no
     change on the converged host; each bad one fails in the validation play, naming its variables."""
     good = "good-vars"
     connection = yaml.safe_load(lab.instance.inventory.read_text())["llama_hosts"]["hosts"][lab.state.alias]
@@ -184,7 +187,7 @@ def test_check_mode_changes_nothing_and_bad_variables_fail_in_validation(lab: La
     lab.ssh("echo madvise | sudo tee /sys/kernel/mm/transparent_hugepage/enabled")  # the drift made above
     before = probe(lab)
     run = Lab(lab.instance, lab.state, inventory, lab.timings).playbook(
-        SITE, "--check", "--diff", stage="--check --diff, with six bad inputs beside the good host")
+        SITE, "--check", "--diff", stage="--check --diff, with seven bad inputs beside the good host")
     after = probe(lab)
     recaps = {match["host"]: match for match in RECAP.finditer(run.output)}
     assert run.rc != 0 and sorted(recaps) == sorted([good, *bad_inputs]), tail(run)

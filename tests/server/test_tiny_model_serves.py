@@ -6,15 +6,20 @@ these tests prove that the real llama.cpp accepts it and generates exactly the r
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tuner.config import RunConfig
+from tuner.errors import UserError
 from tuner.model.gguf_file import inspect_model
 from tuner.server.client import complete, health
-from tuner.server.process import ServerProcess
+from tuner.server.process import ServerProcess, free_port, server_environment
 
 pytestmark = pytest.mark.server
 
@@ -57,3 +62,27 @@ def test_llama_server_serves_a_split_model_from_its_first_shard(llama_server_bin
         server.wait_healthy(60)
         result = complete(server.base_url, "The capital of France is", 4, ignore_eos=True, cache_prompt=False)
     assert result.timings.predicted_n == 4
+
+
+@pytest.mark.parametrize("parallel", [1, 3, -1])
+def test_the_least_batch_size_is_the_one_llama_server_starts_with(llama_server_binary: Path, tiny: Path,
+                                                                  small_config: RunConfig, parallel: int) -> None:
+    """RunConfig.least_batch_size, held against the real llama-server: with it the server starts and answers;
+    with one token less it aborts at start, and llamahost refuses that configuration before starting anything."""
+    least = dataclasses.replace(small_config, parallel=parallel, ubatch_size=1, batch_size=2).least_batch_size()
+    fits = dataclasses.replace(small_config, parallel=parallel, ubatch_size=1, batch_size=least)
+    with ServerProcess(llama_server_binary, tiny, fits, ctx_size=256 * max(parallel, 4)) as server:
+        server.wait_healthy(60)
+        assert complete(server.base_url, "The capital of France is", 2, ignore_eos=True,
+                        cache_prompt=False).timings.predicted_n == 2
+    too_small = dataclasses.replace(fits, batch_size=least - 1)
+    with pytest.raises(UserError, match=f"batch_size {least - 1} is below {least}"):
+        ServerProcess(llama_server_binary, tiny, too_small)
+    unchecked = [str(llama_server_binary), "--model", str(tiny), "--host", "127.0.0.1", "--port", str(free_port()),
+                 "--ctx-size", str(256 * max(parallel, 4)), *too_small.server_args()]
+    aborted = subprocess.run(unchecked, capture_output=True, text=True, timeout=120, check=False,
+                             env=server_environment(dict(os.environ)))
+    # llama.cpp aborts: a one-token batch cannot hold its start-up check's two tokens (get_sub_batch), and a
+    # batch below the slots fails its n_outputs_max assertion
+    assert aborted.returncode == -signal.SIGABRT, aborted.stderr[-2000:]
+    assert "get_sub_batch" in aborted.stderr or "n_outputs_max" in aborted.stderr, aborted.stderr[-2000:]

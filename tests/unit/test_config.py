@@ -30,6 +30,9 @@ def test_malformed_cpu_list_is_a_user_error(bad: str) -> None:
 
 @pytest.mark.parametrize(("changes", "fragment"), [
     ({"ubatch_size": 1024, "batch_size": 512}, "ubatch_size 1024 is larger"),
+    ({"batch_size": 1, "ubatch_size": 1}, "batch_size 1 is below 2"),
+    ({"batch_size": 2, "ubatch_size": 2, "parallel": 4}, "batch_size 2 is below 4"),
+    ({"batch_size": 3, "ubatch_size": 1, "parallel": -1}, "batch_size 3 is below 4"),
     ({"threads": 4, "cpus": (0, 1), "placement": "compact"}, "oversubscribe"),
     ({"cache_type_v": "q8_0", "flash_attn": "off"}, "quantized V cache needs flash attention"),
     ({"numa": "distribute", "cpus": (0, 1), "placement": "compact"}, "cannot be combined with a CPU list"),

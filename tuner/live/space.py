@@ -15,25 +15,23 @@ from collections.abc import Iterable
 from typing import Any
 
 from tuner.build_knobs import BuildKnobs
-from tuner.config import RunConfig
+from tuner.config import RunConfig, slots_of
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
-from tuner.space import SearchSpace, TrialLike
+from tuner.space import UBATCH_LOG2, SearchSpace, TrialLike
 
-AUTO_SLOTS = 4  # what llama-server's --parallel -1 resolves to
+# No more slots than the smallest batch the space draws: llama-server aborts at start with a batch below its
+# slots (RunConfig.least_batch_size), so a larger slot count could only ever be a failed trial.
+MAX_SLOTS = 2 ** UBATCH_LOG2[0]
 
 
 def slot_choices(concurrency: int) -> tuple[int, ...]:
-    """Slot counts worth trying for a client concurrency: powers of two up to twice the concurrency,
-    plus llama-server's automatic setting."""
+    """Slot counts worth trying for a client concurrency: powers of two up to twice the concurrency (at most
+    MAX_SLOTS), plus llama-server's automatic setting."""
     choices = [1]
-    while choices[-1] < 2 * concurrency and choices[-1] < 64:
+    while choices[-1] < 2 * concurrency and choices[-1] < MAX_SLOTS:
         choices.append(choices[-1] * 2)
     return (-1, *choices)
-
-
-def slots_of(parallel: int) -> int:
-    return AUTO_SLOTS if parallel == -1 else parallel
 
 
 class LiveSearchSpace(SearchSpace):
