@@ -22,6 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -34,6 +35,7 @@ from control_contract import (
     check_the_dead_man_switch_restores_the_baseline,
 )
 from labkit import API_KEY, BIN, REPO, TUNED, Lab, short_tune_vars
+from result_support import proven_result
 
 from tuner.cli import build_parser
 from tuner.config import RunConfig, parse_cpu_list
@@ -41,8 +43,11 @@ from tuner.cpu_lists import format_cpu_list
 from tuner.errors import UserError
 from tuner.live.control import ServerControl, Target, TargetOptions
 from tuner.live.measure import Heartbeat
+from tuner.live.session import LiveRequest, save_write_and_apply
 from tuner.live.unit import DEADMAN_LOG, DEADMAN_UNIT, dropin_path
 from tuner.live.unit_connection import InventoryConnection
+from tuner.result import TuneResult
+from tuner.safe_change import STATE_APPLY_FAILED
 from tuner.server.identity import identify
 from tuner.writeback import write_vars
 
@@ -129,6 +134,7 @@ CONTROLLER = """
 import sys, time, dataclasses
 from tuner.cli import build_parser
 from tuner.live.measure import Heartbeat
+from tuner.live.session import LiveRequest, save_write_and_apply
 from tuner.live.control import TargetOptions
 from tuner.live.unit_connection import InventoryConnection
 args = build_parser().parse_args(sys.argv[1:])
@@ -452,6 +458,49 @@ def test_a_second_tuner_is_refused_at_once(served: Lab, remote: tuple[InventoryC
     connection, target = remote
     assert target.deployed is not None
     check_a_second_tuner_is_refused_at_once(contract(served, connection.control, target.deployed))
+
+
+def test_a_failed_apply_leaves_the_vars_file_as_it_was_before_the_run(
+        served: Lab, remote: tuple[InventoryConnection, Target], tmp_path: Path) -> None:
+    """The end of a live run with --host-vars --apply, on the real host: the proof is saved first, the winner is
+    written through the safety chain, and when the role refuses it (here: CPU 0, the housekeeping CPU the cpu
+    role keeps for the system) the host_vars file is put back byte for byte and the result says so. (Before the
+    adopt test, which leaves the host running a winner the restored host_vars do not name.)"""
+    connection, target = remote
+    assert target.deployed is not None
+    refused_by_the_role = dataclasses.replace(target.deployed, cpus=(0, 2))
+    host_vars = served.inventory / "host_vars" / f"{served.state.alias}.yml"
+    original = host_vars.read_bytes()
+    proven = proven_result(refused_by_the_role, kind="live", model_sha=target.model_sha256)
+    proven["host"]["fingerprint"] = target.probe.fingerprint()
+    result = TuneResult.from_dict(proven, origin="the lab test's proof")
+    result_path = tmp_path / "result.yaml"
+    context = SimpleNamespace(
+        request=LiveRequest(budget_seconds=3600, host_vars=host_vars, inventory=served.inventory / "hosts.yml",
+                            apply=True),
+        result_path=result_path, control=connection.control, probe=target.probe,
+        study=SimpleNamespace(study_name="lab-live"))
+    try:
+        with pytest.raises(UserError, match="could not be applied") as failure:
+            save_write_and_apply(context, result, PrintedEvents())  # type: ignore[arg-type]
+        assert "was put back as it was" in failure.value.fix
+        assert f"{served.state.alias}: llama_server_cpus (0,2) must be CPUs that are online" in failure.value.problem, \
+            "the role's own reason, not the tasks' timings"
+        assert host_vars.read_bytes() == original
+        saved = yaml.safe_load(result_path.read_text())
+        assert saved["write_back"]["state"] == STATE_APPLY_FAILED
+        assert saved["write_back"]["changed"]["llama_server_cpus"] == [format_cpu_list(TUNED.cpus), "0,2"]
+        state = server_state(served)
+        assert runs(state, TUNED) and state["health"] == "200", "the host still runs what the inventory says"
+    finally:
+        host_vars.write_bytes(original)
+
+
+class PrintedEvents:
+    """A live run's progress display, printed."""
+
+    def event(self, message: str) -> None:
+        print(message)
 
 
 def test_adopt_refuses_a_winner_missing_from_the_inventory_then_applies_it_with_the_role(
