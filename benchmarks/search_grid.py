@@ -122,10 +122,15 @@ def record(args: argparse.Namespace) -> int:
             point["passes"].append(values)
             point["samples"] = [value for pass_values in point["passes"] for value in pass_values]
         write_atomic(out, json.dumps(data, indent=1) + "\n", keep_previous=False)
-        eta = (time.monotonic() - started) / done * (len(todo) - done)
         shown = f"{statistics.median(values):.1f}" if values else point["failure"]
-        print(f"[pass {number + 1}, {done}/{len(todo)} ETA {eta / 60:.0f} min] {shown}  {point['key']}", flush=True)
+        print(f"[pass {number + 1}, {done}/{len(todo)} ETA {eta_minutes(started, done, len(todo)):.0f} min] "
+              f"{shown}  {point['key']}", flush=True)
     return 0
+
+
+def eta_minutes(started: float, done: int, total: int) -> float:
+    """Minutes left at the pace so far (``started``: a time.monotonic() reading; ``done`` of ``total``)."""
+    return (time.monotonic() - started) / done * (total - done) / 60
 
 
 def pass_order(points: list[dict[str, Any]], number: int) -> list[dict[str, Any]]:
@@ -148,9 +153,9 @@ class ReplayProgress:
             self.methods.append(method)
         finished = (len(self.methods) - 1) * self.seeds + done
         if done % 20 == 0 or done == self.seeds:
-            eta = (time.monotonic() - self.started) / finished * (len(METHODS) * self.seeds - finished)
+            eta = eta_minutes(self.started, finished, len(METHODS) * self.seeds)
             print(f"[{self.grid_name}: {method} ({len(self.methods)}/{len(METHODS)}), seed {done}/{self.seeds}, "
-                  f"ETA {eta / 60:.0f} min]", file=sys.stderr, flush=True)
+                  f"ETA {eta:.0f} min]", file=sys.stderr, flush=True)
 
 
 def replay(args: argparse.Namespace) -> int:
