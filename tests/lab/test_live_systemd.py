@@ -134,7 +134,6 @@ CONTROLLER = """
 import sys, time, dataclasses
 from tuner.cli import build_parser
 from tuner.live.measure import Heartbeat
-from tuner.live.session import LiveRequest, save_write_and_apply
 from tuner.live.control import TargetOptions
 from tuner.live.unit_connection import InventoryConnection
 args = build_parser().parse_args(sys.argv[1:])

@@ -62,6 +62,8 @@ def longest_lockup(console: str) -> tuple[int, int] | None:
     so only this tells a livelocked boot from a slow one."""
     reports = [(int(cpu), int(seconds)) for cpu, seconds in _SOFT_LOCKUP.findall(console)]
     return max(reports, key=lambda report: report[1]) if reports else None
+
+
 QEMU_TOOLS = ("qemu-system-x86_64", "qemu-img")
 
 

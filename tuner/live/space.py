@@ -21,7 +21,7 @@ from tuner.probe.host import HostProbe
 from tuner.space import UBATCH_LOG2, SearchSpace, TrialLike
 
 # No more slots than the smallest batch the space draws: llama-server aborts at start with a batch below its
-# slots (RunConfig.least_batch_size), so a larger slot count could only ever be a failed trial.
+# slots, so RunConfig refuses such a pair (least_batch_size) and draw() would fail on it.
 MAX_SLOTS = 2 ** UBATCH_LOG2[0]
 
 
