@@ -339,11 +339,12 @@ class RunConfig:
 
     @classmethod
     def from_role_vars(cls, variables: Mapping[str, Any], *, smt: bool = True,
-                       physical_cores: int | None = None) -> RunConfig:
+                       physical_cores: int | None = None, source: str = "") -> RunConfig:
         """Read the configuration a host runs today back from its role variables (the baseline).
 
         The role reads ``threads: 0`` (or no threads at all) as "the physical cores", and
-        ``threads_batch: 0`` as "the same as threads"; ``physical_cores`` resolves them."""
+        ``threads_batch: 0`` as "the same as threads"; ``physical_cores`` resolves them. Settings llama-server
+        cannot run are refused naming ``source``, where the user corrects them."""
         data: dict[str, Any] = {}
         for name in ("threads", "threads_batch", "batch_size", "ubatch_size", "numa", "load_mode",
                      "flash_attn", "cache_type_k", "cache_type_v", "parallel", "cont_batching", "ctx_size",
@@ -363,4 +364,8 @@ class RunConfig:
             data["threads"] = physical_cores
         if not data.get("threads_batch"):
             data["threads_batch"] = data["threads"]
-        return cls(**data).validate()
+        config = cls(**data)
+        if source and (problems := config.problems()):
+            raise UserError(f"the llama_server_* settings in {source} cannot run: " + "; ".join(problems),
+                            f"correct them in {source} (the llama_server role refuses them too), then run again")
+        return config.validate()

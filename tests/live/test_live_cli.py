@@ -244,11 +244,12 @@ def test_a_killed_controller_leaves_the_baseline_running_and_the_next_run_resume
         server.shutdown()
 
 
-def test_a_deployed_configuration_that_does_not_start_is_a_clear_error_and_changes_nothing(
+def test_a_deployed_configuration_that_cannot_start_is_a_clear_error_and_changes_nothing(
         tmp_path: Path, model_path: Path, llama_server_binary: Path) -> None:
     """The pinned llama-server aborts at start when its batch holds a single token (llama.cpp's
-    get_sub_batch needs two). With no baseline there is nothing to judge trials against: the run must stop with
-    a usage error that names the settings file to correct, not a traceback, and leave that file alone."""
+    get_sub_batch needs two; RunConfig.least_batch_size). With no baseline there is nothing to judge trials
+    against: the run must stop, before any server starts, with a usage error that names the problem and the
+    settings file to correct, not a traceback, and leave that file alone."""
     home = tmp_path / "home"
     deployed = tmp_path / "h1.yml"
     broken = DEPLOYED.replace("llama_server_batch_size: 2", "llama_server_batch_size: 1")
@@ -260,8 +261,8 @@ def test_a_deployed_configuration_that_does_not_start_is_a_clear_error_and_chang
                    "--budget", "4m", *WORKLOAD, "--baseline-vars", str(deployed), "--host-vars", str(deployed),
                    timeout=300)
         assert done.returncode == 2, done.stderr[-3000:]
-        assert "the deployed configuration (--threads 1" in done.stderr and "does not start" in done.stderr
-        assert f"correct the llama_server_* settings in {deployed}" in done.stderr
+        assert f"the llama_server_* settings in {deployed} cannot run: batch_size 1 is below 2" in done.stderr
+        assert f"correct them in {deployed}" in done.stderr
         assert "Traceback" not in done.stderr
         assert deployed.read_text() == broken and not deployed.with_name("h1.yml.prev").exists()
         assert not (home / "data" / "results").exists()

@@ -85,3 +85,12 @@ def test_dict_round_trip_and_unknown_keys() -> None:
     assert RunConfig.from_dict(config.to_dict()) == config
     with pytest.raises(UserError, match="unknown configuration keys: colour"):
         RunConfig.from_dict({"threads": 1, "threads_batch": 1, "colour": "red"})
+
+
+def test_role_variables_llama_server_cannot_run_are_refused_naming_their_file() -> None:
+    variables = {"llama_server_threads": 1, "llama_server_batch_size": 1, "llama_server_ubatch_size": 1}
+    with pytest.raises(UserError, match=r"the llama_server_\* settings in h1\.yml cannot run: batch_size 1 is below 2"
+                       ) as refused:
+        RunConfig.from_role_vars(variables, source="h1.yml")
+    assert "correct them in h1.yml" in refused.value.fix
+    assert RunConfig.from_role_vars({**variables, "llama_server_batch_size": 2}, source="h1.yml").batch_size == 2

@@ -149,7 +149,8 @@ class LocalConnection:
         model = inspect_model(self.options.model or default_model_path())
         probe = probe_host(bandwidth=False)
         check_fits_in_memory(model, probe.memory_available_bytes)
-        deployed = RunConfig.from_role_vars(self.role_vars, physical_cores=probe.topology.physical_core_count) \
+        deployed = RunConfig.from_role_vars(self.role_vars, physical_cores=probe.topology.physical_core_count,
+                                            source=str(self.options.baseline_vars)) \
             if self.role_vars is not None else None
         self.control.spec = dataclasses.replace(self.control.spec, model=str(model.path))
         binary = Path(self.control.spec.binary)
