@@ -365,7 +365,9 @@ class RunConfig:
         if not data.get("threads_batch"):
             data["threads_batch"] = data["threads"]
         config = cls(**data)
-        if source and (problems := config.problems()):
+        if not source:
+            return config.validate()
+        if problems := config.problems():
             raise UserError(f"the llama_server_* settings in {source} cannot run: " + "; ".join(problems),
                             f"correct them in {source} (the llama_server role refuses them too), then run again")
-        return config.validate()
+        return config

@@ -208,3 +208,12 @@ class Lab:
             self.timings[stage] = seconds
         assert API_KEY not in output, f"the API key leaked into the output of {playbook}"
         return PlaybookRun(done.returncode, output, seconds, recap)
+
+
+GUEST_PROBE = (Path(__file__).parent / "guest_probe.py").read_text()
+
+
+def probe(lab: Lab) -> dict[str, Any]:
+    """What the lab host runs, read from its live kernel and systemd (guest_probe.py, run there as root)."""
+    data: dict[str, Any] = json.loads(lab.ssh("sudo python3 -", stdin=GUEST_PROBE))
+    return data

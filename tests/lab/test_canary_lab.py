@@ -14,10 +14,11 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
-from labkit import API_KEY, BIN, REPO, TUNED, Lab
+from labkit import API_KEY, BIN, REPO, TUNED, Lab, probe
 
 from tuner.writeback import write_vars
 
@@ -26,14 +27,15 @@ pytestmark = [pytest.mark.lab, pytest.mark.timeout(2400)]
 SLOWER = {"llama_server_batch_size": 2, "llama_server_ubatch_size": 1}
 
 
-def server_flags(lab: Lab) -> list[str]:
-    pid = lab.ssh("systemctl show -p MainPID --value llama-server.service").strip()
-    assert pid.isdigit() and int(pid) > 0, "the server runs"
-    return lab.ssh(f"tr '\\0' '\\n' < /proc/{pid}/cmdline").split("\n")
-
-
 def flag(args: list[str], name: str) -> str:
     return args[args.index(name) + 1]
+
+
+def serves_tuned(host: dict[str, Any]) -> bool:
+    """The lab's server (read by guest_probe) runs TUNED's batch sizes."""
+    args = host["server_cmdline"]
+    return "--batch-size" in args and (flag(args, "--batch-size"), flag(args, "--ubatch-size")) == (
+        str(TUNED.batch_size), str(TUNED.ubatch_size))
 
 
 def rack_of_two(lab: Lab, root: Path) -> tuple[Path, str]:
@@ -56,7 +58,7 @@ def test_a_slower_canary_is_reverted_and_the_rollout_stops_before_the_next_host(
     alias = lab.state.alias
     root = tmp_path / "inventory"
     group_vars, twin = rack_of_two(lab, root)
-    assert flag(server_flags(lab), "--ubatch-size") == str(TUNED.ubatch_size), "the lab serves TUNED"
+    assert serves_tuned(probe(lab)), "the lab serves TUNED"
 
     write_vars(group_vars, SLOWER, note="a deliberately slower 'winner'")  # what write-back does: .prev kept
     before_write = (root / "group_vars" / "llama_hosts.yml.prev").read_bytes()
@@ -78,20 +80,11 @@ def test_a_slower_canary_is_reverted_and_the_rollout_stops_before_the_next_host(
         assert f"canary {alias} failed" in done.stderr and "no other host was touched" in done.stderr
 
         assert group_vars.read_bytes() == before_write, "the group's vars were put back byte for byte"
-        assert serves_tuned(lab), f"the canary runs the previous settings again: {server_flags(lab)}"
-        status = lab.ssh("python3 -c \"import urllib.request; print(urllib.request.urlopen("
-                         "'http://127.0.0.1:8080/health', timeout=10).status)\"").strip()
-        assert status == "200", "the reverted canary serves again"
+        host = probe(lab)
+        assert serves_tuned(host), f"the canary runs the previous settings again: {host['server_cmdline']}"
+        assert host["health"]["status"] == 200, "the reverted canary serves again"
     finally:  # the lab as the other lab tests know it, when the rollout left it otherwise
-        if not serves_tuned(lab):
+        if not serves_tuned(probe(lab)):
             back = lab.playbook("playbooks/llama_server.yml", "--limit", alias, stage="canary: back to TUNED")
             assert back.rc == 0, back.output[-3000:]
 
-
-def serves_tuned(lab: Lab) -> bool:
-    try:
-        args = server_flags(lab)
-    except AssertionError:
-        return False
-    return (flag(args, "--batch-size"), flag(args, "--ubatch-size")) == (str(TUNED.batch_size),
-                                                                          str(TUNED.ubatch_size))

@@ -46,6 +46,7 @@ from tuner.live.measure import Heartbeat
 from tuner.live.session import LiveRequest, save_write_and_apply
 from tuner.live.unit import DEADMAN_LOG, DEADMAN_UNIT, dropin_path
 from tuner.live.unit_connection import InventoryConnection
+from tuner.progress import TuneProgress
 from tuner.result import TuneResult
 from tuner.safe_change import STATE_APPLY_FAILED
 from tuner.server.identity import identify
@@ -480,8 +481,9 @@ def test_a_failed_apply_leaves_the_vars_file_as_it_was_before_the_run(
         result_path=result_path, control=connection.control, probe=target.probe,
         study=SimpleNamespace(study_name="lab-live"))
     try:
-        with pytest.raises(UserError, match="could not be applied") as failure:
-            save_write_and_apply(context, result, PrintedEvents())  # type: ignore[arg-type]
+        with (pytest.raises(UserError, match="could not be applied") as failure,
+              TuneProgress(3600, title="lab: the end of a live run") as progress):
+            save_write_and_apply(context, result, progress)  # type: ignore[arg-type]
         assert "was put back as it was" in failure.value.fix
         assert f"{served.state.alias}: llama_server_cpus (0,2) must be CPUs that are online" in failure.value.problem, \
             "the role's own reason, not the tasks' timings"
@@ -493,13 +495,6 @@ def test_a_failed_apply_leaves_the_vars_file_as_it_was_before_the_run(
         assert runs(state, TUNED) and state["health"] == "200", "the host still runs what the inventory says"
     finally:
         host_vars.write_bytes(original)
-
-
-class PrintedEvents:
-    """A live run's progress display, printed."""
-
-    def event(self, message: str) -> None:
-        print(message)
 
 
 def test_adopt_refuses_a_winner_missing_from_the_inventory_then_applies_it_with_the_role(

@@ -14,7 +14,6 @@ seven bad inputs (eight inventory names for the one lab); verify.yml after the r
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
-from labkit import API_KEY, GROUP_VARS, RECAP, TUNED, Lab, PlaybookRun
+from labkit import API_KEY, GROUP_VARS, RECAP, TUNED, Lab, PlaybookRun, probe
 
 from tuner.config import parse_cpu_list
 from tuner.lab.spec import LAB_KERNEL_ARGS
@@ -31,14 +30,8 @@ from tuner.lab.spec import LAB_KERNEL_ARGS
 # a converge takes minutes, so each test gets more than the suite's default 15 minutes.
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(2400)]
 
-PROBE = (Path(__file__).parent / "guest_probe.py").read_text()
 SITE = "playbooks/site.yml"
 VERIFY = "playbooks/verify.yml"
-
-
-def probe(lab: Lab) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(lab.ssh("sudo python3 -", stdin=PROBE))
-    return data
 
 
 def cpus(text: str) -> tuple[int, ...]:
