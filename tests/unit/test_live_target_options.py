@@ -5,15 +5,21 @@ or file is touched."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
+from model_support import a_model
 
 from tuner.cli import build_parser
 from tuner.errors import UserError
 from tuner.live.control import TargetOptions
 from tuner.live.local import DEFAULT_LOCAL_PORT
 from tuner.live.setup import connection_from_args
-from tuner.live.unit_connection import InventoryConnection, OnHostConnection
+from tuner.live.systemd import SystemdServer
+from tuner.live.unit_connection import InventoryConnection, OnHostConnection, describe_unit
+from tuner.probe import read_host
+
+HOST_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hosts"
 
 
 def test_the_command_lines_live_options_become_typed_values() -> None:
@@ -57,3 +63,23 @@ def test_a_live_run_names_exactly_one_server(argv: list[str]) -> None:
     args = build_parser().parse_args(["apply", *argv])
     with pytest.raises(UserError, match="needs one of --local, --inventory FILE --host NAME, or --unit NAME"):
         connection_from_args(args)
+
+
+class _NoServerRunning:
+    """The one part of a unit's control that describe_unit asks before it reads the deployed settings."""
+
+    def server_memory_bytes(self) -> int | None:
+        return None
+
+
+def test_deployed_settings_that_cannot_run_are_refused_naming_where_they_come_from() -> None:
+    """On the host (playbooks/tune.yml) the settings come from the --baseline-vars file; from the controller,
+    from the host's inventory variables: the refusal names the one the user reads."""
+    probe = read_host(HOST_FIXTURES / "xeon-8480-1s")
+    broken = {"llama_server_batch_size": 1, "llama_server_ubatch_size": 1}
+    source = "/var/lib/llamahost/tune/run-1/role-vars.yml"
+    with pytest.raises(UserError, match=r"settings in /var/lib/llamahost/tune/run-1/role-vars\.yml cannot run: "
+                                        r"batch_size 1 is below 2") as refused:
+        describe_unit(cast(SystemdServer, _NoServerRunning()), broken, a_model(1024**3), "ab" * 32, probe,
+                      source=source)
+    assert f"correct them in {source}" in refused.value.fix

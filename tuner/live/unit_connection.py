@@ -46,11 +46,12 @@ def connected_and_locked(control: SystemdServer) -> Iterator[None]:
 
 
 def describe_unit(control: SystemdServer, variables: Mapping[str, Any], model: ModelInfo, model_digest: str,
-                  probe: HostProbe) -> Target:
-    """The target a unit is: its model, hardware, deployed settings, build and the CPUs a trial may pin."""
+                  probe: HostProbe, *, source: str) -> Target:
+    """The target a unit is: its model, hardware, deployed settings, build and the CPUs a trial may pin.
+    ``source`` names where the deployed settings come from, for the refusal of settings that cannot run."""
     check_fits_in_memory(model, probe.memory_available_bytes + (control.server_memory_bytes() or 0))
     cpus = parse_cpu_list(str(variables.get("llama_server_cpus", "") or ""))
-    deployed = RunConfig.from_role_vars(variables, physical_cores=serving_cores(probe.topology, cpus))
+    deployed = RunConfig.from_role_vars(variables, physical_cores=serving_cores(probe.topology, cpus), source=source)
     server = control.binary_identity()
     return Target(model, model_digest, probe, deployed, server=server, knobs=control.binary_knobs(server),
                   numa_blocked=control.numa_blocked(), usable_cpus=usable_cpus(control, variables, probe))
@@ -119,7 +120,8 @@ class InventoryConnection:
             raise UserError(f"the model {self.host} serves ({remote}, sha256 {remote_digest[:12]}...) is not "
                             f"{model.path} (sha256 {local_digest[:12]}...)",
                             "converge the host with playbooks/site.yml, or pass --model with the file it serves")
-        return describe_unit(self.control, self.variables, model, local_digest, probe)
+        return describe_unit(self.control, self.variables, model, local_digest, probe,
+                             source=f"{self.host}'s variables in the inventory {self.options.inventory}")
 
 
 class OnHostConnection:
@@ -155,4 +157,5 @@ class OnHostConnection:
         probe = self.control.probe()
         model = inspect_model(Path(self.control.server_command().model))
         self.control.model_files = [str(path) for path in model.files]
-        return describe_unit(self.control, self.variables, model, model_sha256(model.files), probe)
+        return describe_unit(self.control, self.variables, model, model_sha256(model.files), probe,
+                             source=str(self.options.baseline_vars))
