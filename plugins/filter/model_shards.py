@@ -4,10 +4,17 @@ A split model is named by its first shard (``name-00001-of-00003.gguf``, a contr
 other shards have the same name with their own number, as ``tuner.model.gguf_file.split_files`` expects.
 ``llama_server_model_sha256`` is one sha256 for one file, or a list with one sha256 per shard in shard order.
 The server is started on the first shard; llama.cpp finds the others beside it.
+
+Each model lives in its own version directory, ``<llama_server_model_dir>/<version>/``, named by its content
+(:func:`model_version`), so a new model never overwrites the one that serves: the role's rollback restores a
+unit that still finds its files, and older versions are pruned only once a new one serves. Models placed by
+earlier releases of the role lay flat in the directory: each shard's ``earlier_path`` says where such a file
+would be, so the role moves it into its version directory instead of fetching it again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 
@@ -91,32 +98,47 @@ def model_url_problems(url, s3_prefix="", s3_region=""):
     return problems
 
 
-def model_shards(source, sha256, directory, name=""):
-    """The files to place: ``[{name, source, sha256, path}]`` in shard order, the first one served.
+def model_version(sha256):
+    """The name of a model's version directory: a one-file model's own sha256, or the sha256 of a split
+    model's digests in shard order (one per line), cut to 16 hex digits either way. Any change to any shard is
+    a new version; the same files are always the same version."""
+    digests = [d.lower() for d in _digests(sha256)]
+    whole = digests[0] if len(digests) == 1 else hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    return whole[:16]
 
-    ``name`` renames the file on the host (a split model keeps its shard numbers: llama.cpp needs them).
-    Names and paths depend only on the source, so the unit's model path renders before validation; the
-    sha256 values are checked by :func:`model_shard_problems` in validation (a missing one is "").
+
+def model_shards(source, sha256, directory, name=""):
+    """The files to place: ``[{name, source, sha256, path, earlier_path}]`` in shard order, the first one
+    served.
+
+    ``path`` lies in the model's version directory (:func:`model_version`); ``earlier_path`` is where the flat
+    layout of earlier releases kept the same file. ``name`` renames the file on the host (a split model keeps
+    its shard numbers: llama.cpp needs them). The sha256 values are checked by :func:`model_shard_problems` in
+    validation (a missing one is "", and the paths then render without failing, for validation to refuse).
     """
     count = _shard_count(source)
     path, suffix = _split_source(source)
     base = name or path.rstrip("/").rsplit("/", 1)[-1]
-    digests = _digests(sha256) + [""] * count
+    digests = [str(d).lower() for d in _digests(sha256)] + [""] * count
+    directory = str(directory).rstrip("/")
+    version = f"{directory}/{model_version(digests[:count])}"
     shards = []
     for number in range(1, count + 1):
         tag = f"-{number:05d}-of-{count:05d}.gguf"
         this_source = _FIRST_SHARD.sub(tag, path) + suffix if count > 1 else str(source)
         this_name = _FIRST_SHARD.sub(tag, base) if count > 1 else base
-        shards.append({"name": this_name, "source": this_source, "sha256": str(digests[number - 1]).lower(),
-                       "path": f"{str(directory).rstrip('/')}/{this_name}"})
+        shards.append({"name": this_name, "source": this_source, "sha256": digests[number - 1],
+                       "path": f"{version}/{this_name}", "earlier_path": f"{directory}/{this_name}"})
     return shards
 
 
 def model_fetch_files(shards, sizes=None):
-    """The ``files`` of the model_fetch module: each shard's URL, or its size when the controller copies it."""
+    """The ``files`` of the model_fetch module: each shard's URL, or its size when the controller copies it,
+    with the flat path of earlier releases (a file there is moved into place, so it needs no room)."""
+    common = [{"path": s["path"], "sha256": s["sha256"], "earlier_path": s["earlier_path"]} for s in shards]
     if sizes:
-        return [{"path": s["path"], "sha256": s["sha256"], "size": int(n)} for s, n in zip(shards, sizes)]
-    return [{"path": s["path"], "sha256": s["sha256"], "url": s["source"]} for s in shards]
+        return [{**c, "size": int(n)} for c, n in zip(common, sizes)]
+    return [{**c, "url": s["source"]} for c, s in zip(common, shards)]
 
 
 class FilterModule:

@@ -31,6 +31,7 @@ import os
 
 from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.urls import open_url
+from ansible_collections.llamahost.host.plugins.module_utils.model_files import CHUNK, fsync_directory, sha256_of
 from ansible_collections.llamahost.host.plugins.module_utils.gguf_reader import model_file_problem
 
 DOCUMENTATION = r"""
@@ -38,7 +39,9 @@ module: model_fetch
 short_description: Check room for, and resumably download and verify, a model's GGUF files
 options:
   files:
-    description: The files, in shard order; each has path and sha256, and url (to download) or size (bytes).
+    description: >-
+      The files, in shard order; each has path and sha256, and url (to download) or size (bytes), and may have
+      earlier_path (the same file in the flat layout of earlier releases, which needs no room when checking).
     type: list
     elements: dict
     required: true
@@ -59,7 +62,6 @@ unchecked: {description: "Paths of s3:// files whose size is unknown without bot
             returned: always, type: list}
 """
 
-CHUNK = 4 * 1024 * 1024
 S3_SCHEME = "s3://"
 # Long enough for one request to start; a resumed or later request is signed again.
 PRESIGNED_SECONDS = 900
@@ -126,20 +128,6 @@ def size_on_disk(path):
         return 0
 
 
-def sha256_of(path, digest=None, limit=None):
-    digest = digest or hashlib.sha256()
-    left = limit
-    with open(path, "rb") as handle:
-        while left is None or left > 0:
-            block = handle.read(CHUNK if left is None else min(CHUNK, left))
-            if not block:
-                break
-            digest.update(block)
-            if left is not None:
-                left -= len(block)
-    return digest
-
-
 def remote_size(module, url, timeout):
     try:
         response = open_url(presign(module, url, "HEAD"), method="HEAD", timeout=timeout, follow_redirects="all")
@@ -151,14 +139,6 @@ def remote_size(module, url, timeout):
         module.fail_json(msg=f"{url} does not say its size (no Content-Length on HEAD), so the free space on the "
                              "model volume cannot be checked before downloading; serve it with a Content-Length")
     return int(length)
-
-
-def fsync_directory(directory):
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def download(module, entry, place, timeout):
@@ -240,10 +220,12 @@ def main():
             module.fail_json(msg=f"each file needs a path and a url or a size, got {entry}")
     directory = os.path.dirname(files[0]["path"])
     # A file in place stays: when checking, on trust (its sha256 is checked when it is placed); when
-    # placing, only if its sha256 is the pinned one. The others need room: a partial download only the rest.
+    # placing, only if its sha256 is the pinned one. A file of the earlier flat layout needs no room either:
+    # the model_versions module links it into place. The others need room: a partial download only the rest.
     pending = [entry for entry in files
                if not (os.path.exists(entry["path"])
-                       and (state == "checked" or sha256_of(entry["path"]).hexdigest() == entry["sha256"].lower()))]
+                       and (state == "checked" or sha256_of(entry["path"]).hexdigest() == entry["sha256"].lower()))
+               and not (state == "checked" and entry.get("earlier_path") and os.path.isfile(entry["earlier_path"]))]
     needed = 0
     # Checking only: without botocore an S3 file's size waits for the download, which checks room first.
     unchecked = [entry["path"] for entry in pending

@@ -272,7 +272,9 @@ def test_the_model_the_stack_names_is_what_the_role_fetches_and_may_read() -> No
     assert shards["model_url_problems"](url, variables["llama_server_model_s3_prefix"],
                                         variables["llama_server_model_s3_region"]) == []
     files = shards["model_shards"](url, digests, variables["llama_server_model_dir"])
-    assert [f["path"] for f in files] == [f"/srv/models/Llama-3.1-70B-Q4_K_M-0000{i}-of-00002.gguf" for i in (1, 2)]
+    version = shards["model_version"](digests)
+    assert [f["path"] for f in files] == [f"/srv/models/{version}/Llama-3.1-70B-Q4_K_M-0000{i}-of-00002.gguf"
+                                          for i in (1, 2)]
     policy = json.loads(run.one("aws:iam/rolePolicy:RolePolicy").inputs["policy"])
     granted = policy["Statement"][0]["Resource"].removeprefix("arn:aws:s3:::").removesuffix("*")
     assert all(f["source"].removeprefix("s3://").startswith(granted) for f in files)

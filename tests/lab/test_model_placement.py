@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -38,6 +39,7 @@ from tuner.model.gguf_file import inspect_model
 
 SHARDS = load_plugin(PLUGINS / "filter" / "model_shards.py")
 FETCH = PLUGINS / "modules" / "model_fetch.py"
+VERSIONS = PLUGINS / "modules" / "model_versions.py"
 MIB = 1024 * 1024
 
 
@@ -52,11 +54,24 @@ def test_a_split_model_is_named_by_its_first_shard_and_keeps_a_urls_query() -> N
     shards = SHARDS.model_shards(url, ["AA" * 32, "bb" * 32, "cc" * 32], "/srv/models")
     assert [s["name"] for s in shards] == [f"Llama-70B-Q4_K_M-0000{i}-of-00003.gguf" for i in (1, 2, 3)]
     assert shards[1]["source"] == "https://mirror.example/m/Llama-70B-Q4_K_M-00002-of-00003.gguf?download=true"
-    assert shards[0]["path"] == "/srv/models/Llama-70B-Q4_K_M-00001-of-00003.gguf"
+    version = SHARDS.model_version(["aa" * 32, "bb" * 32, "cc" * 32])
+    assert [s["path"] for s in shards] == [f"/srv/models/{version}/{s['name']}" for s in shards]
+    assert shards[0]["earlier_path"] == "/srv/models/Llama-70B-Q4_K_M-00001-of-00003.gguf"
     assert shards[0]["sha256"] == "aa" * 32
-    (single,) = SHARDS.model_shards("/models/m.gguf", "ab" * 32, "/srv/models/", "served.gguf")
+    (single,) = SHARDS.model_shards("/models/m.gguf", "AB" * 32, "/srv/models/", "served.gguf")
     assert single == {"name": "served.gguf", "source": "/models/m.gguf", "sha256": "ab" * 32,
-                      "path": "/srv/models/served.gguf"}
+                      "path": f"/srv/models/{'ab' * 8}/served.gguf", "earlier_path": "/srv/models/served.gguf"}
+
+
+def test_each_model_has_its_own_version_directory_named_by_its_content() -> None:
+    """A one-file model's version is its own sha256 (cut to 16 digits); a split model's changes with any shard,
+    and with their order; the same digests in any case are the same version."""
+    first, second = "ab" * 32, "cd" * 32
+    assert SHARDS.model_version(first) == SHARDS.model_version([first.upper()]) == first[:16]
+    split = SHARDS.model_version([first, second])
+    assert len(split) == 16 and split not in (first[:16], second[:16])
+    assert split != SHARDS.model_version([second, first]) and split != SHARDS.model_version([first, "ce" * 32])
+    assert split == SHARDS.model_version([first.upper(), second])
 
 
 @pytest.mark.parametrize(
@@ -264,6 +279,91 @@ def test_room_is_checked_before_the_first_byte(mirror: ModelMirror, tmp_path: Pa
     assert not target.exists() and mirror.gets == 0
 
 
+def test_a_file_of_the_earlier_flat_layout_needs_no_room(mirror: ModelMirror, tmp_path: Path) -> None:
+    """The role links such a file into its version directory: counting it would refuse an upgrade of a host
+    whose volume holds the one model it serves."""
+    target = tmp_path / "models" / ("ab" * 8)
+    files = split_model(mirror, target)
+    flat = tmp_path / "models" / Path(files[0]["path"]).name
+    flat.parent.mkdir(parents=True)
+    flat.write_bytes(mirror.files[flat.name])
+    checked = run_module(FETCH, {"files": [{**f, "earlier_path": str(tmp_path / "models" / Path(f["path"]).name)}
+                                           for f in files], "state": "checked"}, tmp_path)
+    assert not checked.get("failed") and checked["needed_bytes"] == 1 * MIB, checked  # the second shard only
+
+
+# ---- model versions: the flat layout adopted, the versions that no longer serve pruned ----------------------
+
+def flat_model(directory: Path, data: bytes, name: str = "m.gguf") -> dict[str, str]:
+    """A model file placed flat in ``directory`` as earlier releases did; its entry for the adopted state."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_bytes(data)
+    version = directory / sha(data)[:16]
+    version.mkdir()
+    return {"path": str(version / name), "sha256": sha(data), "earlier_path": str(directory / name)}
+
+
+def test_a_flat_model_with_its_pinned_sha256_is_linked_into_its_version(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    entry = flat_model(models, b"GGUF the served model")
+    dry = run_module(VERSIONS, {"state": "adopted", "files": [entry]}, tmp_path, check_mode=True)
+    assert dry["changed"] and dry["adopted"] == [entry["path"]] and not Path(entry["path"]).exists()
+    done = run_module(VERSIONS, {"state": "adopted", "files": [entry]}, tmp_path)
+    assert done["changed"] and done["adopted"] == [entry["path"]], done
+    assert Path(entry["path"]).samefile(entry["earlier_path"])  # one copy on disk, both names (a rollback's too)
+    again = run_module(VERSIONS, {"state": "adopted", "files": [entry]}, tmp_path)
+    assert not again["changed"] and again["adopted"] == []
+
+
+def test_a_flat_file_with_another_sha256_is_not_adopted(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    entry = {**flat_model(models, b"GGUF an older model, same name"), "sha256": sha(b"GGUF the pinned model")}
+    done = run_module(VERSIONS, {"state": "adopted", "files": [entry]}, tmp_path)
+    assert not done["changed"] and not Path(entry["path"]).exists()
+    assert Path(entry["earlier_path"]).read_bytes() == b"GGUF an older model, same name"
+
+
+def versions_dir(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A model directory with three versions, oldest first (the last serves), the serving file's flat name,
+    and one file that no version holds."""
+    models = tmp_path / "models"
+    versions = []
+    for age, name in enumerate(("1111111111111111", "2222222222222222", "3333333333333333")):
+        version = models / name
+        version.mkdir(parents=True)
+        (version / "m.gguf").write_bytes(name.encode())
+        os.utime(version, (1_000_000 + age * 1000, 1_000_000 + age * 1000))
+        versions.append(version)
+    os.link(versions[-1] / "m.gguf", models / "m.gguf")
+    (models / "notes.gguf").write_bytes(b"someone else's file")
+    return models, versions
+
+
+@pytest.mark.parametrize(("keep", "kept"), [(0, []), (1, ["2222222222222222"]), (5, ["2222222222222222",
+                                                                                      "1111111111111111"])])
+def test_versions_beyond_the_count_and_the_flat_links_go_once_a_new_one_serves(tmp_path: Path, keep: int,
+                                                                               kept: list[str]) -> None:
+    models, versions = versions_dir(tmp_path)
+    args = {"state": "pruned", "directory": str(models), "serving": str(versions[-1]), "keep": keep}
+    dry = run_module(VERSIONS, args, tmp_path, check_mode=True)
+    assert dry["changed"] and all(v.exists() for v in versions) and (models / "m.gguf").exists()
+    done = run_module(VERSIONS, args, tmp_path)
+    assert [Path(p).name for p in done["kept"]] == kept, done
+    assert sorted(p.name for p in models.iterdir()) == sorted([*kept, "3333333333333333", "notes.gguf"])
+    assert (versions[-1] / "m.gguf").read_bytes() == b"3333333333333333"
+    assert done["left_alone"] == [str(models / "notes.gguf")]
+    assert "left alone: " + str(models / "notes.gguf") in json.dumps(done["warnings"])  # shown by Ansible
+    assert not run_module(VERSIONS, args, tmp_path)["changed"]
+
+
+def test_pruning_refuses_a_serving_directory_outside_the_models(tmp_path: Path) -> None:
+    models, versions = versions_dir(tmp_path)
+    refused = run_module(VERSIONS, {"state": "pruned", "directory": str(models), "serving": str(tmp_path),
+                                    "keep": 0}, tmp_path)
+    assert refused.get("failed") and "not a version directory" in refused["msg"]
+    assert all(v.exists() for v in versions) and (models / "m.gguf").exists()
+
+
 S3_KEY_ID = "AKIALLAMAHOSTTEST000"
 
 
@@ -381,8 +481,10 @@ def test_the_role_places_a_split_model_from_the_controller_or_a_url(
         model_play(fetched, {"llama_server_model_url": mirror.url(shards[0].name),
                              "llama_server_model_sha256": digests})])
     assert rc == 0, output
+    version = SHARDS.model_version(digests)
     for directory in (copied, fetched):
-        placed = sorted((directory / "models").iterdir())
+        assert [p.name for p in (directory / "models").iterdir()] == [version]
+        placed = sorted((directory / "models" / version).iterdir())
         assert [p.name for p in placed] == [s.name for s in shards]
         assert [cached_sha256(p) for p in placed] == digests
     rc, report, output = run_playbook([model_play(refused, {"llama_server_model_src": str(tiny_split_model_path),
@@ -400,3 +502,25 @@ def test_the_role_places_a_split_model_from_the_controller_or_a_url(
               if task["hosts"]["localhost"].get("failed")]
     assert rc != 0 and "lies outside s3://acme-models/llama/" in failed[0]["msg"], output
     assert not (refused / "models").exists() and mirror.queries == []
+
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the role gives the model files to root, which needs root")
+def test_the_role_links_a_model_of_the_flat_layout_into_its_version_instead_of_fetching_it(
+        mirror: ModelMirror, tmp_path: Path, tiny_split_model_path: Path) -> None:
+    """A host prepared by an earlier release keeps its model flat in the model directory: the upgrade links it
+    into the version directory (one copy on disk, under both names) and downloads nothing."""
+    shards = inspect_model(tiny_split_model_path).files
+    digests = [cached_sha256(shard) for shard in shards]
+    models = tmp_path / "models"
+    models.mkdir()
+    for shard in shards:
+        mirror.files[shard.name] = shard.read_bytes()
+        shutil.copyfile(shard, models / shard.name)
+    rc, _, output = run_playbook([model_play(tmp_path, {"llama_server_model_url": mirror.url(shards[0].name),
+                                                        "llama_server_model_sha256": digests})])
+    assert rc == 0, output
+    assert mirror.gets == 0
+    version = models / SHARDS.model_version(digests)
+    for shard in shards:
+        assert (version / shard.name).samefile(models / shard.name)

@@ -25,6 +25,7 @@ from labkit import API_KEY, GROUP_VARS, RECAP, TUNED, Lab, PlaybookRun, probe
 
 from tuner.config import parse_cpu_list
 from tuner.lab.spec import LAB_KERNEL_ARGS
+from tuner.model.gguf_file import inspect_model
 
 # A fresh machine builds the image and boots the lab inside the first test's fixtures; under emulation
 # a converge takes minutes, so each test gets more than the suite's default 15 minutes.
@@ -230,6 +231,31 @@ def test_a_build_that_crashes_at_start_is_rolled_back_to_the_previous_build(lab:
     assert after["health"]["status"] == 200 and after["server_cmdline"][0] == serving
     assert lab.ssh("readlink /opt/llama-server/bin/llama-server").strip() == serving
     assert lab.ssh(f"test -x {crashing_path} && echo kept").strip() == "kept"
+
+
+def test_a_model_that_does_not_load_is_rolled_back_to_the_previous_model(lab: Lab, converged: PlaybookRun,
+                                                                       tmp_path: Path, tiny_model_path: Path,
+                                                                       tiny_split_model_path: Path) -> None:
+    """Only the model changes. The new one passes every check before it is placed (its pinned sha256, a whole
+    GGUF with its architecture and layers) but llama.cpp cannot load it (a tensor it needs is renamed). It lands
+    in its own version directory beside the serving one, so the restored unit serves the previous model again,
+    its files untouched; the new version stays until a model serves (pruning waits for a healthy unit)."""
+    broken = tmp_path / "renamed-tensor.gguf"
+    broken.write_bytes(tiny_model_path.read_bytes().replace(b"output_norm.weight", b"output_norX.weight"))
+    digest = hashlib.sha256(broken.read_bytes()).hexdigest()
+    before = probe(lab)
+    served = before["server_cmdline"][before["server_cmdline"].index("--model") + 1]
+    assert re.fullmatch(r"/var/lib/llama-server/models/[0-9a-f]{16}/[^/]+-00001-of-00002\.gguf", served), served
+    run = lab.playbook("tests/lab/playbooks/llama_server_only.yml", stage="rollback of a model that does not load",
+                       extra_vars={"llama_server_model_src": str(broken), "llama_server_model_sha256": digest})
+    after = probe(lab)
+    assert run.rc != 0 and run.recap["rescued"] == 1, tail(run)
+    assert "did not come up healthy" in run.output and "previous unit was restored" in run.output
+    assert after["health"]["status"] == 200 and after["server_cmdline"] == before["server_cmdline"]
+    first_shard = inspect_model(tiny_split_model_path).files[0]
+    assert lab.ssh(f"sha256sum {served}").split()[0] == hashlib.sha256(first_shard.read_bytes()).hexdigest()
+    new_version = f"/var/lib/llama-server/models/{digest[:16]}/{broken.name}"
+    assert lab.ssh(f"test -f {new_version} && echo kept").strip() == "kept"
 
 
 def test_everything_persists_across_a_reboot(lab: Lab, converged: PlaybookRun) -> None:
