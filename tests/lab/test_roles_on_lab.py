@@ -253,9 +253,9 @@ def test_a_model_that_does_not_load_is_rolled_back_to_the_previous_model(lab: La
     assert "did not come up healthy" in run.output and "previous unit was restored" in run.output
     assert after["health"]["status"] == 200 and after["server_cmdline"] == before["server_cmdline"]
     first_shard = inspect_model(tiny_split_model_path).files[0]
-    assert lab.ssh(f"sha256sum {served}").split()[0] == hashlib.sha256(first_shard.read_bytes()).hexdigest()
+    assert lab.ssh(f"sudo sha256sum {served}").split()[0] == hashlib.sha256(first_shard.read_bytes()).hexdigest()
     new_version = f"/var/lib/llama-server/models/{digest[:16]}/{broken.name}"
-    assert lab.ssh(f"test -f {new_version} && echo kept").strip() == "kept"
+    assert lab.ssh(f"sudo test -f {new_version} && echo kept").strip() == "kept"
 
 
 def test_everything_persists_across_a_reboot(lab: Lab, converged: PlaybookRun) -> None:
