@@ -9,7 +9,8 @@ Each model lives in its own version directory, ``<llama_server_model_dir>/<versi
 (:func:`model_version`), so a new model never overwrites the one that serves: the role's rollback restores a
 unit that still finds its files, and older versions are pruned only once a new one serves. Models placed by
 earlier releases of the role lay flat in the directory: each shard's ``earlier_path`` says where such a file
-would be, so the role moves it into its version directory instead of fetching it again.
+would be, so the role links it into its version directory (the model_versions module) instead of fetching it
+again.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def model_shards(source, sha256, directory, name=""):
 
 def model_fetch_files(shards, sizes=None):
     """The ``files`` of the model_fetch module: each shard's URL, or its size when the controller copies it,
-    with the flat path of earlier releases (a file there is moved into place, so it needs no room)."""
+    with the flat path of earlier releases (a file there is linked into place, so it needs no room)."""
     common = [{"path": s["path"], "sha256": s["sha256"], "earlier_path": s["earlier_path"]} for s in shards]
     if sizes:
         return [{**c, "size": int(n)} for c, n in zip(common, sizes)]
