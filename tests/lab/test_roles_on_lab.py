@@ -25,6 +25,7 @@ from labkit import API_KEY, GROUP_VARS, RECAP, TUNED, Lab, PlaybookRun, probe
 
 from tuner.config import parse_cpu_list
 from tuner.lab.spec import LAB_KERNEL_ARGS
+from tuner.model.checksum import cached_sha256, sha256_of
 from tuner.model.gguf_file import inspect_model
 
 # A fresh machine builds the image and boots the lab inside the first test's fixtures; under emulation
@@ -242,7 +243,7 @@ def test_a_model_that_does_not_load_is_rolled_back_to_the_previous_model(lab: La
     its files untouched; the new version stays until a model serves (pruning waits for a healthy unit)."""
     broken = tmp_path / "renamed-tensor.gguf"
     broken.write_bytes(tiny_model_path.read_bytes().replace(b"output_norm.weight", b"output_norX.weight"))
-    digest = hashlib.sha256(broken.read_bytes()).hexdigest()
+    digest = sha256_of(broken)
     before = probe(lab)
     served = before["server_cmdline"][before["server_cmdline"].index("--model") + 1]
     assert re.fullmatch(r"/var/lib/llama-server/models/[0-9a-f]{16}/[^/]+-00001-of-00002\.gguf", served), served
@@ -253,7 +254,7 @@ def test_a_model_that_does_not_load_is_rolled_back_to_the_previous_model(lab: La
     assert "did not come up healthy" in run.output and "previous unit was restored" in run.output
     assert after["health"]["status"] == 200 and after["server_cmdline"] == before["server_cmdline"]
     first_shard = inspect_model(tiny_split_model_path).files[0]
-    assert lab.ssh(f"sudo sha256sum {served}").split()[0] == hashlib.sha256(first_shard.read_bytes()).hexdigest()
+    assert lab.ssh(f"sudo sha256sum {served}").split()[0] == cached_sha256(first_shard)
     new_version = f"/var/lib/llama-server/models/{digest[:16]}/{broken.name}"
     assert lab.ssh(f"sudo test -f {new_version} && echo kept").strip() == "kept"
 
