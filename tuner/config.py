@@ -51,12 +51,13 @@ LIVE_ONLY_FIELDS: tuple[str, ...] = ("parallel", "cont_batching", "ctx_size")
 RunKind = Literal["benchmark", "live"]
 RUN_KINDS: tuple[str, ...] = get_args(RunKind)
 
+MAX_CTX_SIZE = 1 << 24
 # Bounds on every integer setting. They are far past any real host (the kernel allows 8192 CPUs), and they keep a
 # value read from a result file or a shared study store from reaching a unit file or a command line unchecked.
 _INT_BOUNDS: dict[str, tuple[int, int]] = {
     "threads": (1, MAX_CPU_ID + 1), "threads_batch": (1, MAX_CPU_ID + 1),
     "batch_size": (1, 1 << 20), "ubatch_size": (1, 1 << 20),
-    "parallel": (-1, 4096), "ctx_size": (0, 1 << 24),
+    "parallel": (-1, 4096), "ctx_size": (0, MAX_CTX_SIZE),
 }
 _BOOL_FIELDS = ("smt", "cont_batching", "repack", "cpu_strict")
 _CHOICE_FIELDS: dict[str, tuple[str, ...]] = {

@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 from model_support import a_model
 
-from tuner.config import slots_of
+from tuner.config import MAX_CTX_SIZE, RunConfig, slots_of
 from tuner.live.space import MAX_SLOTS, LiveSearchSpace, slot_choices
 from tuner.probe import read_host
 
@@ -29,3 +29,38 @@ def test_every_drawn_configuration_has_a_batch_of_at_least_its_slots() -> None:
     assert max(slots_of(config.parallel) for config in configs) == MAX_SLOTS
     assert min(config.batch_size for config in configs) == MAX_SLOTS, "the smallest batch was drawn too"
     assert all(config.batch_size >= config.least_batch_size() for config in configs)
+
+
+def drawn_configs(space: LiveSearchSpace, n: int = 200) -> list[RunConfig]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    return [space.draw(study.ask()) for _ in range(n)]
+
+
+def test_no_configuration_shortens_the_deployed_context() -> None:
+    """A deployment of 16M tokens over llama-server's automatic 4 slots keeps 16M in its baseline and in every
+    candidate; a candidate with more slots gives each the deployed share (4M), up to llama-server's bound. A
+    workload of short requests asks for 512 per slot and once wrote back 2048 over the deployed 16M."""
+    deployed = RunConfig(threads=4, threads_batch=4, ctx_size=1 << 24)
+    space = LiveSearchSpace(read_host(HOST), a_model(), concurrency=16, ctx_per_slot=512, baseline=deployed)
+    assert space.baseline().ctx_size == 1 << 24
+    configs = drawn_configs(space)
+    assert {slots_of(c.parallel) for c in configs} >= {1, 2, 4, 8}
+    assert all(c.ctx_size == MAX_CTX_SIZE for c in configs)
+
+    one_slot = RunConfig(threads=4, threads_batch=4, parallel=1, ctx_size=2048)
+    space = LiveSearchSpace(read_host(HOST), a_model(), concurrency=4, ctx_per_slot=512, baseline=one_slot)
+    assert space.baseline().ctx_size == 2048
+    by_slots = {slots_of(c.parallel): c.ctx_size for c in drawn_configs(space)}
+    assert by_slots == {1: 2048, 2: 4096, 4: 8192, 8: 16384}, "each slot keeps the deployed slot's 2048"
+
+
+def test_a_deployed_context_of_zero_is_the_models_trained_context_and_the_workload_can_raise_it() -> None:
+    deployed = RunConfig(threads=4, threads_batch=4, parallel=2, ctx_size=0)
+    space = LiveSearchSpace(read_host(HOST), a_model(), concurrency=1, ctx_per_slot=512, baseline=deployed)
+    assert a_model().context_length == 8192
+    assert space.baseline().ctx_size == 8192
+    assert {c.ctx_size for c in drawn_configs(space) if c.parallel == 1} == {8192}
+
+    long_requests = LiveSearchSpace(read_host(HOST), a_model(), concurrency=1, ctx_per_slot=6144, baseline=deployed)
+    assert long_requests.baseline().ctx_size == 2 * 6144, "a workload longer than the deployed share raises it"
+    assert LiveSearchSpace(read_host(HOST), a_model(), concurrency=1, ctx_per_slot=512).baseline().ctx_size == 4 * 512

@@ -3,9 +3,13 @@
 A live server processes prompts and generates at once, so both thread counts and the batch sizes matter
 (the benchmark space with the ``both`` objective). On top of that come the server's slots
 (``--parallel``; ``-1`` is llama-server's automatic choice: 4 slots sharing one KV cache) and continuous
-batching (only meaningful with more than one slot, so only searched then). Every slot keeps the
-context a request needs, so the total context is ``slots x context per slot``: a configuration with
-more slots never silently shortens the context the deployment promised.
+batching (only meaningful with more than one slot, so only searched then).
+
+The context is not searched: it is a promise to the deployment's users, not a speed knob. Every slot gets at
+least the context the workload's longest request needs and at least the share each slot had on the deployment
+(its context over its slots; a context of 0 is the model's trained context), and the whole context never falls
+below the deployed one. So a winner written back never shortens what the deployment served: a deployment with
+16M tokens of context over 4 slots keeps 16M with 4 or fewer slots and gets 4M per slot with more.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from tuner.build_knobs import BuildKnobs
-from tuner.config import RunConfig, slots_of
+from tuner.config import MAX_CTX_SIZE, RunConfig, slots_of
 from tuner.model.gguf_file import ModelInfo
 from tuner.probe.host import HostProbe
 from tuner.space import UBATCH_LOG2, SearchSpace, TrialLike
@@ -42,12 +46,15 @@ class LiveSearchSpace(SearchSpace):
         super().__init__(probe, model, "both", search_kv_cache=search_kv_cache, usable_cpus=usable_cpus,
                          numa_blocked=numa_blocked, knobs=knobs)
         self.concurrency = concurrency
-        self.ctx_per_slot = ctx_per_slot
+        self.deployed_ctx_size = deployed_ctx_size(baseline, model)
+        self.ctx_per_slot = max(ctx_per_slot, self.deployed_ctx_size // slots_of(baseline.parallel)
+                                if baseline is not None else 0)
         self.slots = slot_choices(concurrency)
         self._deployed = baseline
 
     def ctx_size_for(self, parallel: int) -> int:
-        return self.ctx_per_slot * slots_of(parallel)
+        """The context a configuration with ``parallel`` slots runs with (see the module's docstring)."""
+        return min(MAX_CTX_SIZE, max(self.ctx_per_slot * slots_of(parallel), self.deployed_ctx_size))
 
     def draw(self, trial: TrialLike) -> RunConfig:
         config = super().draw(trial)
@@ -83,6 +90,13 @@ class LiveSearchSpace(SearchSpace):
             return super().baseline_params()
         params = params_for(self, self.baseline())
         return params if params is not None else {}
+
+
+def deployed_ctx_size(deployed: RunConfig | None, model: ModelInfo) -> int:
+    """The context the deployment serves with (its 0 is the model's trained context); 0 when none is given."""
+    if deployed is None:
+        return 0
+    return deployed.ctx_size if deployed.ctx_size > 0 else model.context_length
 
 
 def params_for(space: SearchSpace, config: RunConfig) -> dict[str, Any] | None:
