@@ -244,15 +244,24 @@ def test_a_killed_controller_leaves_the_baseline_running_and_the_next_run_resume
         server.shutdown()
 
 
+@pytest.mark.parametrize(("change", "refusals"), [
+    (("llama_server_batch_size: 2", "llama_server_batch_size: 1"),
+     ["the llama_server_* settings in {deployed} cannot run: batch_size 1 is below 2", "correct them in {deployed}"]),
+    (("llama_server_parallel: 1", "llama_server_parallel: 1\nllama_server_ctx_size: 16777216"),
+     ["does not start, so there is nothing to tune against",
+      "correct the llama_server_* settings in {deployed} until llama-server starts with them"]),
+], ids=["refused-before-start", "fails-at-start"])
 def test_a_deployed_configuration_that_cannot_start_is_a_clear_error_and_changes_nothing(
-        tmp_path: Path, model_path: Path, llama_server_binary: Path) -> None:
-    """The pinned llama-server aborts at start when its batch holds a single token (llama.cpp's
-    get_sub_batch needs two; RunConfig.least_batch_size). With no baseline there is nothing to judge trials
-    against: the run must stop, before any server starts, with a usage error that names the problem and the
-    settings file to correct, not a traceback, and leave that file alone."""
+        tmp_path: Path, model_path: Path, llama_server_binary: Path, change: tuple[str, str],
+        refusals: list[str]) -> None:
+    """With no baseline there is nothing to judge trials against, so the run must stop with a usage error that
+    names the problem and the settings file to correct, not a traceback, and leave that file alone. The
+    pinned llama-server aborts at start when its batch holds a single token (llama.cpp's get_sub_batch needs
+    two; RunConfig.least_batch_size): refused before any server starts. A context of 16M tokens passes every
+    check and fails when llama-server allocates its KV cache, far beyond this machine's memory."""
     home = tmp_path / "home"
     deployed = tmp_path / "h1.yml"
-    broken = DEPLOYED.replace("llama_server_batch_size: 2", "llama_server_batch_size: 1")
+    broken = DEPLOYED.replace(*change)
     assert broken != DEPLOYED
     deployed.write_text(broken)
     port = free_port()
@@ -261,8 +270,8 @@ def test_a_deployed_configuration_that_cannot_start_is_a_clear_error_and_changes
                    "--budget", "4m", *WORKLOAD, "--baseline-vars", str(deployed), "--host-vars", str(deployed),
                    timeout=300)
         assert done.returncode == 2, done.stderr[-3000:]
-        assert f"the llama_server_* settings in {deployed} cannot run: batch_size 1 is below 2" in done.stderr
-        assert f"correct them in {deployed}" in done.stderr
+        for refusal in refusals:
+            assert refusal.format(deployed=deployed) in done.stderr, done.stderr[-3000:]
         assert "Traceback" not in done.stderr
         assert deployed.read_text() == broken and not deployed.with_name("h1.yml.prev").exists()
         assert not (home / "data" / "results").exists()
