@@ -45,6 +45,7 @@ from tuner.errors import UserError
 from tuner.probe import read_host
 from tuner.safe_change import TUNED_BINARY_VAR
 from tuner.server.build import cmake_flags
+from tuner.server.identity import identify, probe_commands
 from tuner.server.source import SDIST_SHA256, download_sdist, pinned_version
 
 BIN = Path(sys.executable).parent
@@ -574,3 +575,30 @@ def test_example_inventory_targets_llama_hosts_with_a_valid_tuned_configuration(
     host_vars = inventory["_meta"]["hostvars"]["epyc-01"]
     tuned = RunConfig.from_role_vars(host_vars)  # what the tuner would read back as this host's baseline
     assert tuned.role_vars().items() <= host_vars.items()
+
+
+CPU_FEATURES = load_plugin(PLUGINS / "filter" / "cpu_features.py").FilterModule().filters()["llama_cpu_features"]
+
+
+def test_verify_names_the_fast_cpu_features_the_served_build_leaves_unused(llama_server_binary: Path) -> None:
+    """verify.yml reads what the serving build prints at debug verbosity (the tuner's identity probe) and the
+    host's /proc/cpuinfo. The portable x86-64-v3 build leaves a Sapphire Rapids host's AVX-512, VNNI and AMX
+    kernels unused, and a Genoa host's AVX-512 ones; a build that runs them leaves nothing unused."""
+    debug = subprocess.run(probe_commands(str(llama_server_binary), "/nonexistent/model.gguf")[1],
+                           capture_output=True, text=True, check=False, timeout=60)
+    portable = CPU_FEATURES(debug.stdout + debug.stderr, "")
+    assert portable["system_info"] == identify(llama_server_binary).system_info
+    assert {"AVX2", "FMA", "F16C"} <= set(portable["features"]) and "AVX512" not in portable["features"]
+
+    def unused(host: str, output: str) -> list[str]:
+        cpuinfo = (FIXTURE_HOSTS / host / "proc" / "cpuinfo").read_text()
+        return list(CPU_FEATURES(output, cpuinfo)["unused_host_features"])
+
+    assert unused("xeon-8480-1s", debug.stderr) == ["AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16",
+                                                    "AMX_INT8", "AVX_VNNI"]
+    assert unused("epyc-9654-2s-nps4", debug.stderr) == ["AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16"]
+    native = ("system_info: n_threads = 8 | CPU : SSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | AVX512 = 1 | "
+              "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 1 | OPENMP = 1 |")
+    assert unused("xeon-8480-1s", native) == []
+    graviton = "system_info: n_threads = 64 | CPU : NEON = 1 | ARM_FMA = 1 | DOTPROD = 1 | OPENMP = 1 |"
+    assert unused("graviton3-64c", graviton) == ["MATMUL_INT8", "SVE"]

@@ -27,6 +27,7 @@ from tuner.config import parse_cpu_list
 from tuner.lab.spec import LAB_KERNEL_ARGS
 from tuner.model.checksum import cached_sha256, sha256_of
 from tuner.model.gguf_file import inspect_model
+from tuner.server.identity import identify
 
 # A fresh machine builds the image and boots the lab inside the first test's fixtures; under emulation
 # a converge takes minutes, so each test gets more than the suite's default 15 minutes.
@@ -276,6 +277,10 @@ def test_everything_persists_across_a_reboot(lab: Lab, converged: PlaybookRun) -
     assert {node: pages["1g"] for node, pages in state["nodes"].items()} == {"0": 1, "1": 1}
 
 
-def test_verify_passes_on_the_converged_rebooted_host(lab: Lab, converged: PlaybookRun) -> None:
+def test_verify_passes_on_the_converged_rebooted_host(lab: Lab, converged: PlaybookRun,
+                                                     llama_server_binary: Path) -> None:
+    """It also names the CPU features the serving build runs with, as the tuner names that build."""
     verify = lab.playbook(VERIFY, stage="verify.yml after the reboot")
     assert verify.rc == 0, tail(verify)
+    served = identify(llama_server_binary).system_info
+    assert "AVX2 = 1" in served and " ".join(served.split()) in " ".join(verify.output.split()), tail(verify)

@@ -13,7 +13,8 @@ import pytest
 from tuner.errors import UserError
 from tuner.model.checksum import sha256_of
 from tuner.server.build import deployed_server_binary
-from tuner.server.identity import identify, parse_system_info
+from tuner.server.cpu_features import parse_system_info
+from tuner.server.identity import identify
 
 LOG = ("0.00.001.676 I srv  llama_server: initializing ...\n"
        "0.00.003.540 I cmn  common_param: system_info: n_threads = 2 (n_threads_batch = 2) / 2 | "

@@ -21,8 +21,8 @@ from typing import Any
 
 from tuner.errors import UserError
 from tuner.model.checksum import cached_sha256
+from tuner.server.cpu_features import parse_system_info
 
-_SYSTEM_INFO_MARK = "system_info:"
 _TIMEOUT_S = 30.0
 
 
@@ -37,16 +37,6 @@ class ServerBinary:
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": self.path, "sha256": self.sha256, "version": self.version, "system_info": self.system_info}
-
-
-def parse_system_info(log: str) -> str:
-    """The feature list of llama.cpp's ``system_info`` log line (thread counts, which vary per run, removed)."""
-    for line in log.splitlines():
-        _, mark, rest = line.partition(_SYSTEM_INFO_MARK)
-        if mark:
-            _threads, bar, features = rest.partition("| ")
-            return (features if bar else rest).strip()
-    return ""
 
 
 def probe_commands(binary: str, missing_model: str) -> tuple[list[str], list[str]]:

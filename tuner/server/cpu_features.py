@@ -1,0 +1,1 @@
+../../plugins/module_utils/llama_cpu_features.py
