@@ -64,3 +64,19 @@ def test_a_deployed_context_of_zero_is_the_models_trained_context_and_the_worklo
     long_requests = LiveSearchSpace(read_host(HOST), a_model(), concurrency=1, ctx_per_slot=6144, baseline=deployed)
     assert long_requests.baseline().ctx_size == 2 * 6144, "a workload longer than the deployed share raises it"
     assert LiveSearchSpace(read_host(HOST), a_model(), concurrency=1, ctx_per_slot=512).baseline().ctx_size == 4 * 512
+
+
+def test_slot_counts_whose_kv_cache_cannot_fit_beside_the_model_are_not_offered() -> None:
+    """On a 23.5 GiB host, a 4 GiB model serving 32K tokens in one slot (128 KiB of f16 KV per token): 2 and
+    4 slots of 32K (8 and 16 GiB of KV) fit beside the model in 90% of RAM, 8 slots (32 GiB) do not and are
+    never drawn, which would otherwise be a failed trial each time."""
+    host = read_host(HOST.parent / "epyc-kvm-2vcpu")
+    model = a_model()
+    assert model.kv_bytes_per_token() == 128 * 1024
+    deployed = RunConfig(threads=2, threads_batch=2, parallel=1, ctx_size=32768)
+    space = LiveSearchSpace(host, model, concurrency=4, ctx_per_slot=512, baseline=deployed)
+    assert space.slots == (-1, 1, 2, 4)
+    assert {slots_of(c.parallel) for c in drawn_configs(space)} == {1, 2, 4}
+    assert space.baseline().ctx_size == 32768
+    roomy = LiveSearchSpace(read_host(HOST), model, concurrency=4, ctx_per_slot=512, baseline=deployed)
+    assert roomy.slots == (-1, 1, 2, 4, 8), "509 GiB hold 8 slots of 32K"

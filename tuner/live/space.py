@@ -9,7 +9,9 @@ The context is not searched: it is a promise to the deployment's users, not a sp
 least the context the workload's longest request needs and at least the share each slot had on the deployment
 (its context over its slots; a context of 0 is the model's trained context), and the whole context never falls
 below the deployed one. So a winner written back never shortens what the deployment served: a deployment with
-16M tokens of context over 4 slots keeps 16M with 4 or fewer slots and gets 4M per slot with more.
+16M tokens of context over 4 slots keeps 16M with 4 or fewer slots and gets 4M per slot with more. A slot count
+whose context would need more memory than the deployed one is offered only when its KV cache fits beside the
+model (KV_MEMORY_SHARE of RAM).
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ from tuner.space import UBATCH_LOG2, SearchSpace, TrialLike
 # No more slots than the smallest batch the space draws: llama-server aborts at start with a batch below its
 # slots, so RunConfig refuses such a pair (least_batch_size) and draw() would fail on it.
 MAX_SLOTS = 2 ** UBATCH_LOG2[0]
+# The share of RAM the model and a candidate's KV cache may take together (the rest: the OS, the server's
+# buffers, page cache for everything else).
+KV_MEMORY_SHARE = 0.9
 
 
 def slot_choices(concurrency: int) -> tuple[int, ...]:
@@ -49,12 +54,23 @@ class LiveSearchSpace(SearchSpace):
         self.deployed_ctx_size = deployed_ctx_size(baseline, model)
         self.ctx_per_slot = max(ctx_per_slot, self.deployed_ctx_size // slots_of(baseline.parallel)
                                 if baseline is not None else 0)
-        self.slots = slot_choices(concurrency)
         self._deployed = baseline
+        self.slots = tuple(slots for slots in slot_choices(concurrency) if self._kv_cache_fits(slots)) or (1,)
 
     def ctx_size_for(self, parallel: int) -> int:
         """The context a configuration with ``parallel`` slots runs with (see the module's docstring)."""
         return min(MAX_CTX_SIZE, max(self.ctx_per_slot * slots_of(parallel), self.deployed_ctx_size))
+
+    def _kv_cache_fits(self, parallel: int) -> bool:
+        """Whether a slot count's context is worth a trial: no larger than the deployed one (it costs no more
+        memory than what serves now), or its f16 KV cache fits beside the model in KV_MEMORY_SHARE of RAM. A
+        deployment with a long context would otherwise draw slot counts whose KV cache cannot be allocated
+        (32 slots x 32K tokens of a 70B is 335 GB), each a failed trial."""
+        ctx = self.ctx_size_for(parallel)
+        if self.deployed_ctx_size and ctx <= self.deployed_ctx_size:
+            return True
+        kv_bytes = ctx * self.model.kv_bytes_per_token()
+        return kv_bytes + self.model.size_bytes <= KV_MEMORY_SHARE * self.probe.memory_total_bytes
 
     def draw(self, trial: TrialLike) -> RunConfig:
         config = super().draw(trial)
