@@ -55,15 +55,6 @@ def enabled_features(system_info: str) -> list[str]:
     return names
 
 
-def host_cpu_flags(cpuinfo: str) -> list[str]:
-    """The CPU flags of the first processor in ``/proc/cpuinfo`` text (x86 ``flags``, arm64 ``Features``)."""
-    for line in cpuinfo.splitlines():
-        key, colon, value = line.partition(":")
-        if colon and key.strip() in ("flags", "Features"):
-            return value.split()
-    return []
-
-
 def unused_fast_features(system_info: str, host_flags: Iterable[str]) -> list[str]:
     """llama.cpp's names of the fast features the host has and the build does not run with."""
     enabled = set(enabled_features(system_info))

@@ -33,6 +33,7 @@ from ansible_collections.llamahost.host.plugins.module_utils.host_sysfs import (
     read_topology,
     tolerant_cpu_list,
 )
+from ansible_collections.llamahost.host.plugins.module_utils.llama_cpu_features import FAST_FEATURES
 
 DOCUMENTATION = r"""
 module: host_topology
@@ -58,8 +59,10 @@ topology:
 """
 
 THP = "/sys/kernel/mm/transparent_hugepage"
-# ISA flags that decide whether a binary runs (x86-64-v3) and whether 1 GiB pages exist (pdpe1gb).
-INTERESTING_FLAGS = ("pdpe1gb", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f")
+# ISA flags that decide whether a binary runs (x86-64-v3) and whether 1 GiB pages exist (pdpe1gb), and the fast
+# ones llama.cpp has kernels for (x86 and arm64), which verify reports when the serving build leaves them unused.
+INTERESTING_FLAGS = tuple(dict.fromkeys(("pdpe1gb", "avx", "avx2", "fma", "f16c", "bmi2")
+                                        + tuple(flag for flag, _ in FAST_FEATURES)))
 OS_RELEASE = "/etc/os-release"
 FILES = HostFiles("/")
 # os-release IDs (ID or ID_LIKE) -> the family whose package manager and boot tooling the roles would use.
@@ -141,7 +144,9 @@ def read_cpufreq(online):
 
 
 def cpu_flags(blocks):
-    flags = set(blocks[0].get("flags", "").split()) if blocks else set()
+    """The interesting flags of the first processor: x86's ``flags``, arm64's ``Features``."""
+    first = blocks[0] if blocks else {}
+    flags = set((first.get("flags") or first.get("Features") or "").split())
     return sorted(flag for flag in INTERESTING_FLAGS if flag in flags)
 
 

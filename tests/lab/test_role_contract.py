@@ -582,17 +582,22 @@ CPU_FEATURES = load_plugin(PLUGINS / "filter" / "cpu_features.py").FilterModule(
 
 def test_verify_names_the_fast_cpu_features_the_served_build_leaves_unused(llama_server_binary: Path) -> None:
     """verify.yml reads what the serving build prints at debug verbosity (the tuner's identity probe) and the
-    host's /proc/cpuinfo. The portable x86-64-v3 build leaves a Sapphire Rapids host's AVX-512, VNNI and AMX
-    kernels unused, and a Genoa host's AVX-512 ones; a build that runs them leaves nothing unused."""
+    host's CPU flags as host_topology reads them from /proc/cpuinfo (x86 flags, arm64 Features). The portable
+    x86-64-v3 build leaves a Sapphire Rapids host's AVX-512, VNNI and AMX kernels unused, and a Genoa host's
+    AVX-512 ones; a build that runs them leaves nothing unused."""
     debug = subprocess.run(probe_commands(str(llama_server_binary), "/nonexistent/model.gguf")[1],
                            capture_output=True, text=True, check=False, timeout=60)
-    portable = CPU_FEATURES(debug.stdout + debug.stderr, "")
+    portable = CPU_FEATURES(debug.stdout + debug.stderr, [])
     assert portable["system_info"] == identify(llama_server_binary).system_info
     assert {"AVX2", "FMA", "F16C"} <= set(portable["features"]) and "AVX512" not in portable["features"]
 
+    topology_module = load_plugin(PLUGINS / "modules" / "host_topology.py")
+
     def unused(host: str, output: str) -> list[str]:
+        """The host's flags as host_topology reads them (verify passes its cpu_flags on)."""
         cpuinfo = (FIXTURE_HOSTS / host / "proc" / "cpuinfo").read_text()
-        return list(CPU_FEATURES(output, cpuinfo)["unused_host_features"])
+        flags = topology_module.cpu_flags(topology_module.parse_cpuinfo_blocks(cpuinfo))
+        return list(CPU_FEATURES(output, flags)["unused_host_features"])
 
     assert unused("xeon-8480-1s", debug.stderr) == ["AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16",
                                                     "AMX_INT8", "AVX_VNNI"]
