@@ -51,7 +51,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "lab"))  # the lab's wanted host and its playbook runner
 
-from labkit import Lab, converged_disks_dir, converged_record, short_tune_vars, wanted_lab_vars  # noqa: E402
+from labkit import Lab, LabVars, converged_disks_dir, converged_record, short_tune_vars, wanted_lab_vars  # noqa: E402
 
 from tuner.atomic import write_atomic  # noqa: E402
 from tuner.lab.image import lab_cache_dir  # noqa: E402
@@ -71,36 +71,36 @@ INSTALL_PLAYBOOK = """\
 """
 
 
-def lab_vars(disk: Path | None) -> tuple[dict[str, Any], dict[str, Any], Path]:
-    """The lab's group_vars and host_vars (as tests/lab/conftest.py makes them) and the converged disk they key
-    (or ``disk``: one saved for other playbooks, when only playbooks that site.yml does not run changed)."""
+def lab_vars(disk: Path | None, workdir: Path) -> tuple[LabVars, Path]:
+    """The lab's variables (as tests/lab/conftest.py makes them: the stack's host vars, group_vars, host_vars) and
+    the converged disk they key (or ``disk``: one saved for other playbooks, when only playbooks that site.yml does
+    not run changed)."""
     split = tiny_model(models_dir() / "tiny", source=default_model_path(), shards=2)
-    group_vars, host_vars, key = wanted_lab_vars(split, ensure_server("portable").binary)
+    wanted = wanted_lab_vars(split, ensure_server("portable").binary, workdir)
     if disk is not None:
         if not disk.is_file():
             sys.exit(f"no lab disk at {disk}: name one in {converged_disks_dir()}, or leave --disk out")
-        return group_vars, host_vars, disk
-    if converged_record(key) is None:
-        sys.exit(f"no converged lab disk for the current roles ({key}) in {converged_disks_dir()}: run "
+        return wanted, disk
+    if converged_record(wanted.key) is None:
+        sys.exit(f"no converged lab disk for the current roles ({wanted.key}) in {converged_disks_dir()}: run "
                  "`pytest tests/lab/test_roles_on_lab.py` once to converge and save it, then run this again")
-    return group_vars, host_vars, converged_disks_dir() / f"{key}.qcow2"
+    return wanted, converged_disks_dir() / f"{wanted.key}.qcow2"
 
 
-def boot(names: tuple[str, ...], disk: Path, inventory: Path, group_vars: dict[str, Any],
-         host_vars: dict[str, Any]) -> list[Lab]:
-    """Boot each lab host from ``disk`` and write one inventory holding all of them."""
-    hosts: dict[str, Any] = {}
+def boot(names: tuple[str, ...], disk: Path, inventory: Path, wanted: LabVars) -> list[Lab]:
+    """Boot each lab host from ``disk`` and write one inventory holding all of them, as hosts of the lab's stack."""
+    connections: dict[str, Any] = {}
     labs = []
     (inventory / "group_vars").mkdir(parents=True)
     (inventory / "host_vars").mkdir()
-    (inventory / "group_vars" / "llama_hosts.yml").write_text(yaml.safe_dump(group_vars))
+    (inventory / "group_vars" / "llama_hosts.yml").write_text(yaml.safe_dump(wanted.group_vars))
     for name in names:
         instance = LabInstance(lab_cache_dir(), name)
         state = instance.up(ImageRecipe(), MachineSpec(), disk=disk, progress=lambda m: print(f"lab: {m}", flush=True))
-        hosts.update(yaml.safe_load(instance.inventory.read_text())["llama_hosts"]["hosts"])
-        (inventory / "host_vars" / f"{state.alias}.yml").write_text(yaml.safe_dump(host_vars))
-        labs.append(Lab(instance, state, inventory, {}))
-    (inventory / "hosts.yml").write_text(yaml.safe_dump({"llama_hosts": {"hosts": hosts}}))
+        connections.update(yaml.safe_load(instance.inventory.read_text())["llama_hosts"]["hosts"])
+        (inventory / "host_vars" / f"{state.alias}.yml").write_text(yaml.safe_dump(wanted.host_vars))
+        labs.append(Lab(instance, state, inventory, {}, lab_vars=wanted))
+    (inventory / "hosts.yml").write_text(wanted.hosts_yaml(yaml.safe_dump({"llama_hosts": {"hosts": connections}})))
     return labs
 
 
@@ -184,11 +184,11 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("qemu-system-x86_64") is None:
         sys.exit("qemu-system-x86_64 is missing: `make system-deps` installs it")
-    group_vars, host_vars, disk = lab_vars(args.disk)
     work = Path(tempfile.mkdtemp(prefix="tune-hosts-at-once-"))
+    wanted, disk = lab_vars(args.disk, work)
     labs: list[Lab] = []
     try:
-        labs = boot(HOSTS, disk, work / "inventory", group_vars, host_vars)
+        labs = boot(HOSTS, disk, work / "inventory", wanted)
         wheelhouse = work / "wheelhouse"
         subprocess.run([str(Path(sys.executable).parent / "llamahost"), "wheelhouse", str(wheelhouse)], check=True)
         (work / "install.yml").write_text(INSTALL_PLAYBOOK)

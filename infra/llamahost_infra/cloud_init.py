@@ -5,7 +5,8 @@ requests for a model in the granted S3 prefix with the instance's own role, so t
 check the volume's room for it before any change), and the model volume formatted (once) and mounted at
 :data:`~llamahost_infra.plan.MODEL_DIR`, so the playbook finds a filesystem where the facts say. The data
 volume is found as the one blank "Amazon Elastic Block Store" NVMe disk: on Nitro instances EBS volumes
-appear as /dev/nvme*n1 in no guaranteed order, and instance-store disks carry a different model name.
+appear as /dev/nvme*n1 in no guaranteed order, and instance-store disks carry a different model name. (The
+script's second argument names another disk model: the lab tests run this very script on a QEMU NVMe disk.)
 Packages, kernel settings and llama-server are the playbook's job; SSH keys are never written (access
 is through SSM unless the stack asks for SSH).
 """
@@ -18,18 +19,22 @@ from ruamel.yaml.scalarstring import LiteralScalarString
 
 DATA_VOLUME_LABEL = "llamahost-models"
 DATA_VOLUME_SCRIPT_PATH = "/usr/local/sbin/llamahost-data-volume"
+# What /sys/block/nvme*n1/device/model says for an EBS volume; instance-store disks say something else.
+EBS_DISK_MODEL = "Amazon Elastic Block Store"
 
 DATA_VOLUME_SCRIPT = f"""#!/bin/sh
 # Format (once) and mount the llamahost model volume: the only blank EBS disk of this host.
 # Idempotent: a labelled filesystem is reused, never formatted again.
+# Usage: llamahost-data-volume MOUNT_POINT [DISK_MODEL] (default: EBS's NVMe model name)
 set -eu
 mount_point="$1"
+disk_model="${{2:-{EBS_DISK_MODEL}}}"
 label={DATA_VOLUME_LABEL}
 if ! blkid -L "$label" >/dev/null 2>&1; then
   for dev in /dev/nvme*n1; do
     [ -b "$dev" ] || continue
     case "$(cat "/sys/block/${{dev#/dev/}}/device/model" 2>/dev/null || true)" in
-      "Amazon Elastic Block Store"*) ;;
+      "$disk_model"*) ;;
       *) continue ;;
     esac
     [ "$(lsblk -nro NAME "$dev" | wc -l)" -eq 1 ] || continue  # partitioned: the root disk
@@ -38,7 +43,7 @@ if ! blkid -L "$label" >/dev/null 2>&1; then
     break
   done
 fi
-blkid -L "$label" >/dev/null 2>&1 || {{ echo "llamahost: no blank EBS data volume found" >&2; exit 1; }}
+blkid -L "$label" >/dev/null 2>&1 || {{ echo "llamahost: no blank '$disk_model' data volume found" >&2; exit 1; }}
 mkdir -p "$mount_point"
 entry="LABEL=$label $mount_point ext4 defaults,noatime,nofail 0 2"
 grep -q "^LABEL=$label " /etc/fstab || echo "$entry" >> /etc/fstab

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import yaml
-from labkit import Lab, converged_disks_dir, converged_record, wanted_lab_vars
+from labkit import Lab, LabVars, converged_disks_dir, converged_record, wanted_lab_vars
 from role_support import BIN, build_collection
 
 from tuner.lab.image import lab_cache_dir
@@ -62,21 +62,23 @@ def built_collection(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 
 
 @pytest.fixture(scope="session")
-def lab_vars(tiny_split_model_path: Path, llama_server_binary: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """The lab's wanted variables and the key of their converged disk (labkit.wanted_lab_vars)."""
-    return wanted_lab_vars(tiny_split_model_path, llama_server_binary)
+def lab_vars(tiny_split_model_path: Path, llama_server_binary: Path, tmp_path_factory: pytest.TempPathFactory
+             ) -> LabVars:
+    """The lab's wanted variables, the stack's among them, and the key of their converged disk
+    (labkit.wanted_lab_vars)."""
+    return wanted_lab_vars(tiny_split_model_path, llama_server_binary, tmp_path_factory.mktemp("stack"))
 
 
 @pytest.fixture(scope="session")
-def lab_host(shared_lab_cache: None, lab_vars: tuple[dict[str, Any], dict[str, Any], str]
+def lab_host(shared_lab_cache: None, lab_vars: LabVars
              ) -> Iterator[tuple[LabInstance, LabState, dict[str, float], bool, bool]]:
     """(instance, state, stage timings, started by this session, booted from a converged disk)."""
     instance = LabInstance(lab_cache_dir())
     timings: dict[str, float] = {}
     state = instance.running()
     reused = state is not None and instance.reachable(state)
-    disk = converged_disks_dir() / f"{lab_vars[2]}.qcow2"
-    from_disk = not reused and converged_record(lab_vars[2]) is not None
+    disk = converged_disks_dir() / f"{lab_vars.key}.qcow2"
+    from_disk = not reused and converged_record(lab_vars.key) is not None
     if not reused:
         started = time.monotonic()
         state = instance.up(ImageRecipe(), MachineSpec(), progress=lambda message: print(f"lab: {message}"),
@@ -95,20 +97,25 @@ def lab_host(shared_lab_cache: None, lab_vars: tuple[dict[str, Any], dict[str, A
 
 @pytest.fixture(scope="session")
 def lab(lab_host: tuple[LabInstance, LabState, dict[str, float], bool, bool],
-        lab_vars: tuple[dict[str, Any], dict[str, Any], str], tmp_path_factory: pytest.TempPathFactory) -> Lab:
-    """The lab with an inventory like a user's: hosts, group_vars, and host_vars written from a RunConfig.
+        lab_vars: LabVars, tmp_path_factory: pytest.TempPathFactory) -> Lab:
+    """The lab as a host of a Pulumi stack, with an inventory like its user's: hosts.yml written from the stack
+    (labkit.stack_host_vars), group_vars, and host_vars written from a RunConfig. The stack's first boot (its
+    user data: the data volume formatted and mounted) has run before Ansible connects, as cloud-init runs it.
     It serves the tiny generated model: under TCG every byte copied, hashed and locked costs, and a request to
     the 135M model takes minutes."""
     instance, state, timings, started_here, from_disk = lab_host
-    group_vars, host_vars, key = lab_vars
     inventory = tmp_path_factory.mktemp("lab-inventory")
-    (inventory / "hosts.yml").write_text(instance.inventory.read_text())
     (inventory / "group_vars").mkdir()
-    (inventory / "group_vars" / "llama_hosts.yml").write_text(yaml.safe_dump(group_vars))
+    (inventory / "group_vars" / "llama_hosts.yml").write_text(yaml.safe_dump(lab_vars.group_vars))
     (inventory / "host_vars").mkdir()
-    (inventory / "host_vars" / f"{state.alias}.yml").write_text(yaml.safe_dump(host_vars))
-    return Lab(instance, state, inventory, timings, disk_key=key, started_here=started_here,
-               from_converged_disk=from_disk)
+    (inventory / "host_vars" / f"{state.alias}.yml").write_text(yaml.safe_dump(lab_vars.host_vars))
+    lab = Lab(instance, state, inventory, timings, disk_key=lab_vars.key, started_here=started_here,
+              from_converged_disk=from_disk, lab_vars=lab_vars)
+    lab.write_hosts()
+    started = time.monotonic()
+    lab.ssh("sudo sh -s", stdin=lab_vars.first_boot_script())  # idempotent: a formatted volume is kept
+    timings["the stack's first boot (data volume)"] = round(time.monotonic() - started, 1)
+    return lab
 
 
 _REPORT: dict[str, Any] = {}

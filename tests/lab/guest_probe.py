@@ -53,14 +53,33 @@ def unit_properties() -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def health() -> dict[str, object]:
+def served_at(argv: list[str]) -> tuple[str, int]:
+    """The address and port the server listens on, from its command line (llama-server's defaults otherwise)."""
+    return value_after(argv, "--host") or "127.0.0.1", int(value_after(argv, "--port") or 8080)
+
+
+def health(address: tuple[str, int]) -> dict[str, object]:
     try:
-        with urllib.request.urlopen("http://127.0.0.1:8080/health", timeout=10) as response:
+        with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/health", timeout=10) as response:
             return {"status": response.status, "body": response.read().decode()}
     except urllib.error.HTTPError as exc:
         return {"status": exc.code, "body": ""}
     except OSError as exc:
         return {"status": None, "body": str(exc)}
+
+
+def value_after(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else ""
+
+
+def findmnt(path: str) -> dict[str, str]:
+    """The mount that holds ``path``: its target, source device, type and label."""
+    if not path:
+        return {}
+    out = subprocess.run(["findmnt", "--json", "-o", "TARGET,SOURCE,FSTYPE,LABEL", "-T", path],
+                         capture_output=True, text=True, check=False).stdout
+    mounts = json.loads(out or '{"filesystems": [{}]}')["filesystems"]
+    return {key: str(value) for key, value in mounts[0].items()}
 
 
 def file_digest(path: str) -> str:
@@ -80,6 +99,8 @@ def main() -> None:
         }
     unit = unit_properties()
     pid = unit.get("MainPID", "0")
+    argv = read(f"/proc/{pid}/cmdline").split("\0") if pid != "0" else []
+    address = served_at(argv)
     key_file = Path("/etc/llama-server/api-key")
     key_stat = key_file.stat() if key_file.exists() else None
     report = {
@@ -99,11 +120,14 @@ def main() -> None:
         "unit": unit,
         "server_cpus": status_line(f"/proc/{pid}/status", "Cpus_allowed_list") if pid != "0" else "",
         "server_uid": status_line(f"/proc/{pid}/status", "Uid").split()[:1] if pid != "0" else [],
-        "server_cmdline": read(f"/proc/{pid}/cmdline").split("\0") if pid != "0" else [],
+        "server_cmdline": argv,
+        "served_at": list(address),
+        # Which filesystem holds the model the server was started on: the data volume, on a stack's host.
+        "model_filesystem": findmnt(value_after(argv, "--model")),
         "server_environ": [item for item in read(f"/proc/{pid}/environ").split("\0") if item.startswith("OMP_")]
         if pid != "0" else [],
         "server_vmlck_kb": status_line(f"/proc/{pid}/status", "VmLck") if pid != "0" else "",
-        "health": health(),
+        "health": health(address),
         "facts": json.loads(read("/etc/ansible/facts.d/llamahost.fact") or "{}"),
         "api_key_file": {"mode": oct(key_stat.st_mode & 0o777), "uid": key_stat.st_uid, "gid": key_stat.st_gid}
         if key_stat else None,

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -18,11 +19,14 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tuner.atomic import write_atomic
 from tuner.config import RunConfig
-from tuner.lab.access import ssh_command
+from tuner.lab.access import INVENTORY_GROUP, ssh_command
 from tuner.lab.image import lab_cache_dir
 from tuner.lab.instance import LabInstance, LabState
+from tuner.lab.machine import DATA_DISK_MODEL, GUEST_ADDRESS, saved_data_disk
 from tuner.lab.recipe import image_key
 from tuner.lab.spec import ImageRecipe, MachineSpec, content_key
 from tuner.model.checksum import cached_sha256
@@ -103,15 +107,99 @@ def converged_disk_key(group_vars: dict[str, Any], host_vars: dict[str, Any], *,
                        asdict(MachineSpec()))
 
 
-def wanted_lab_vars(split_model: Path, binary: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
-    """group_vars and host_vars like a user's (host_vars as written from a RunConfig), and the key of the disk
-    that converging them leaves. The lab serves ``split_model`` (the tiny model split in two, as big models are
-    published: one sha256 per shard) with ``binary``."""
+# The stack the lab stands for (issue 12's path from `pulumi up` to a serving host): one x86 host sized for the
+# lab's own model, reached over SSH, with the server port opened to clients on a port that is not the role's
+# default, so a test can tell the stack's port from the role's.
+STACK_PORT = 8081
+_STACK_OUTPUTS = """
+import base64, json, sys
+sys.path[:0] = sys.argv[3:]
+from infra_mocks import X86_AMI, deploy
+config = {"amiId": X86_AMI, "instanceType": "r7i.2xlarge", "model": sys.argv[1], "access": "ssh",
+          "keyName": "lab", "serverPort": int(sys.argv[2])}
+stack = deploy(config)
+(instance,) = stack.resources("aws:ec2/instance:Instance")
+print(json.dumps({"outputs": stack.outputs,
+                  "user_data": base64.b64decode(instance.inputs["userDataBase64"]).decode()}))
+"""
+# How Ansible reaches the stack's host: replaced by how it reaches the lab.
+STACK_CONNECTION_VARS = ("ansible_host", "ansible_user", "ansible_port")
+
+
+@dataclass(frozen=True)
+class LabVars:
+    """The lab's inventory as a user of the stack has it: the host's variables in the inventory written from the
+    stack (``stack``), group_vars the user writes, host_vars as the tuner writes them (from a RunConfig), and the
+    key of the disk that converging them leaves."""
+
+    stack: dict[str, Any]
+    first_boot: str  # the stack's user data (cloud-config): what its hosts run before Ansible ever connects
+    group_vars: dict[str, Any]
+    host_vars: dict[str, Any]
+    key: str
+
+    def hosts_yaml(self, lab_inventory: str) -> str:
+        """hosts.yml: the stack's inventory (its layout and host variables) with each host of ``lab_inventory``
+        (the lab's own, connection only) for the stack's host."""
+        hosts = yaml.safe_load(lab_inventory)[INVENTORY_GROUP]["hosts"]
+        return yaml.safe_dump({"all": {"children": {INVENTORY_GROUP: {"hosts": {
+            alias: {**self.stack, **connection} for alias, connection in hosts.items()}}}}})
+
+    def first_boot_script(self) -> str:
+        """A shell script that does on the lab what cloud-init does with the stack's user data at first boot: its
+        files written, its commands run, the data-volume script told the lab's disk model (QEMU's NVMe, not EBS).
+        Its packages are not installed (the lab has no network): the image has python3, and botocore serves only
+        S3 model sources, which the lab does not use."""
+        document = yaml.safe_load(self.first_boot)
+        scripts = {item["path"] for item in document["write_files"]}
+        lines = ["set -eu"]
+        for item in document["write_files"]:
+            lines.append(f"install -D -m {item['permissions']} /dev/stdin {shlex.quote(item['path'])} <<'END_OF_FILE'\n"
+                         f"{item['content']}END_OF_FILE")
+        for command in document["runcmd"]:
+            assert command[0] in scripts, f"a first-boot command the lab cannot stand for: {command}"
+            lines.append(shlex.join([*command, DATA_DISK_MODEL]))
+        return "\n".join(lines) + "\n"
+
+
+def stack_host_vars(split_model: Path, workdir: Path) -> tuple[dict[str, Any], str]:
+    """The one host's variables in the inventory that infra/write_inventory.py writes from the outputs of the real
+    Pulumi program under the infra tests' mocks (sized for ``split_model``), as a user runs it after `pulumi up`,
+    with the lab for the instance: no connection variables (the lab's are added), and the guest's address for the
+    host's private IP, which the server binds; and the host's user data."""
+    outputs = workdir / "stack-outputs.json"
+    inventory = workdir / "stack-inventory.yml"
+    paths = [str(REPO / "tests" / "infra"), str(REPO / "infra"), str(REPO / "infra" / "policy")]
+    done = subprocess.run([sys.executable, "-c", _STACK_OUTPUTS, str(split_model), str(STACK_PORT), *paths],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stack = json.loads(done.stdout)
+    outputs.write_text(json.dumps(stack["outputs"]))
+    done = subprocess.run([sys.executable, str(REPO / "infra" / "write_inventory.py"), "--stack-output", str(outputs),
+                           "--output", str(inventory)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    (host,) = yaml.safe_load(inventory.read_text())["all"]["children"][INVENTORY_GROUP]["hosts"].values()
+    private_ip = host["llamahost_private_ip"]
+    host_vars = {name: (GUEST_ADDRESS if value == private_ip else value) for name, value in host.items()
+                 if name not in STACK_CONNECTION_VARS}
+    assert host_vars["llama_server_host"] == GUEST_ADDRESS and host_vars["llama_server_port"] == STACK_PORT, host_vars
+    return host_vars, str(stack["user_data"])
+
+
+def wanted_lab_vars(split_model: Path, binary: Path, workdir: Path) -> LabVars:
+    """The lab's variables: the stack's host vars, group_vars like a user's and the tuned host_vars, and the key of
+    the disk that converging them leaves. The lab serves ``split_model`` (the tiny model split in two, as big
+    models are published: one sha256 per shard) with ``binary``; the stack does not name the model source (its
+    host would fetch it from S3 or a mirror, which the lab cannot reach), so group_vars give the controller's
+    copy, as an on-prem inventory does."""
+    stack, first_boot = stack_host_vars(split_model, workdir)
     group_vars = {**GROUP_VARS, "llama_server_model_src": str(split_model),
                   "llama_server_model_sha256": [cached_sha256(shard) for shard in inspect_model(split_model).files],
                   "llama_server_binary_src": str(binary)}
     host_vars = TUNED.role_vars()
-    return group_vars, host_vars, converged_disk_key(group_vars, host_vars, binary_sha256=cached_sha256(binary))
+    key = converged_disk_key({**stack, **group_vars, "first_boot": first_boot}, host_vars,
+                             binary_sha256=cached_sha256(binary))
+    return LabVars(stack, first_boot, group_vars, host_vars, key)
 
 
 def converged_record(key: str) -> tuple[PlaybookRun, PlaybookRun] | None:
@@ -150,6 +238,20 @@ class Lab:
     disk_key: str = ""
     started_here: bool = False  # booted by this test session (not a lab someone left running)
     from_converged_disk: bool = False
+    lab_vars: LabVars | None = None
+
+    def write_hosts(self) -> None:
+        """hosts.yml for this lab: the stack's inventory with the lab's connection (LabVars.hosts_yaml), or the
+        lab's own inventory when the lab stands for no stack."""
+        connection = self.instance.inventory.read_text()
+        (self.inventory / "hosts.yml").write_text(self.lab_vars.hosts_yaml(connection) if self.lab_vars
+                                                  else connection)
+
+    def host_entry(self) -> dict[str, Any]:
+        """This lab's host variables in hosts.yml: the stack's and the connection."""
+        hosts = yaml.safe_load((self.inventory / "hosts.yml").read_text())
+        group = hosts["all"]["children"] if "all" in hosts else hosts
+        return dict(group[INVENTORY_GROUP]["hosts"][self.state.alias])
 
     @property
     def converged_disk(self) -> Path:
@@ -169,12 +271,13 @@ class Lab:
         self.instance.save_disk(self.state, self.converged_disk)
         write_atomic(self.converged_disk.with_suffix(".json"),
                      json.dumps({"converge": asdict(converge), "again": asdict(again)}), keep_previous=False)
-        for stale in sorted(converged_disks_dir().glob("*.qcow2"), key=lambda p: p.stat().st_mtime,
-                            reverse=True)[CONVERGED_DISKS_KEPT:]:
+        saved = [disk for disk in converged_disks_dir().glob("*.qcow2") if not disk.name.endswith(".data.qcow2")]
+        for stale in sorted(saved, key=lambda p: p.stat().st_mtime, reverse=True)[CONVERGED_DISKS_KEPT:]:
             stale.unlink(missing_ok=True)
+            saved_data_disk(stale).unlink(missing_ok=True)
             stale.with_suffix(".json").unlink(missing_ok=True)
         self.state = self.instance.up(ImageRecipe(), MachineSpec(), disk=self.converged_disk)
-        (self.inventory / "hosts.yml").write_text(self.instance.inventory.read_text())
+        self.write_hosts()
         self.from_converged_disk = True
         self.timings["save the converged disk and boot from it"] = round(time.monotonic() - started, 1)
 

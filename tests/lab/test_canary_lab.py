@@ -43,7 +43,7 @@ def rack_of_two(lab: Lab, root: Path) -> tuple[Path, str]:
     with TUNED in them, and no host_vars; (the group's vars file, the twin's name)."""
     alias = lab.state.alias
     twin = f"{alias}-twin"  # sorts after the lab
-    connection = dict(yaml.safe_load(lab.instance.inventory.read_text())["llama_hosts"]["hosts"][alias])
+    connection = lab.host_entry()  # the stack's host variables and the connection
     (root / "group_vars").mkdir(parents=True)
     (root / "hosts.yml").write_text(yaml.safe_dump({"all": {"children": {"llama_hosts": {"hosts": {
         alias: connection, twin: connection}}}}}))

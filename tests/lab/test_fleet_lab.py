@@ -26,8 +26,7 @@ GROUP = "cpu_fleet"
 
 
 def lab_host_vars(lab: Lab) -> dict[str, object]:
-    hosts = yaml.safe_load(lab.instance.inventory.read_text())["llama_hosts"]["hosts"]
-    return dict(hosts[lab.state.alias])
+    return lab.host_entry()
 
 
 def closed_port() -> int:

@@ -20,7 +20,13 @@ from tuner.lab import instance as instance_module
 from tuner.lab.access import SshAccess, inventory_text, known_hosts_line, ssh_command, ssh_config_text
 from tuner.lab.image import LabImage
 from tuner.lab.instance import LabInstance, LabState
-from tuner.lab.machine import MachineFiles, overlay_command, qemu_command
+from tuner.lab.machine import (
+    MachineFiles,
+    data_disk_command,
+    overlay_command,
+    qemu_command,
+    saved_data_disk,
+)
 from tuner.lab.recipe import customize_hook, essential_hook, image_key, mkfs_command, mmdebstrap_command
 from tuner.lab.spec import ImageRecipe, MachineSpec, root_uuid
 
@@ -28,7 +34,8 @@ BIN = Path(sys.executable).parent
 
 
 def machine_files(tmp_path: Path) -> MachineFiles:
-    return MachineFiles(overlay=tmp_path / "overlay.qcow2", bootloader=tmp_path / "grub.lnx",
+    return MachineFiles(overlay=tmp_path / "overlay.qcow2", data_disk=tmp_path / "data.qcow2",
+                        bootloader=tmp_path / "grub.lnx",
                         serial_log=tmp_path / "serial.log", qemu_log=tmp_path / "qemu.log",
                         pid_file=tmp_path / "qemu.pid")
 
@@ -44,14 +51,19 @@ def test_qemu_command_emulates_two_numa_sockets_with_smt_and_forwards_ssh_on_loo
     assert "restrict=on" in netdev and "hostfwd=tcp:127.0.0.1:40022-:22" in netdev
     assert "max-ram-below-4g=1G" in cmd[cmd.index("-machine") + 1]
     assert "-daemonize" in cmd and cmd[cmd.index("-kernel") + 1].endswith("grub.lnx")
+    # The data disk is NVMe, as an EBS volume is on Nitro; without one, no such device.
+    assert f"file={tmp_path / 'data.qcow2'},if=none,id=data,format=qcow2,cache=unsafe" in cmd
+    assert any(arg.startswith("nvme,drive=data,") for arg in cmd)
+    assert "nvme" not in " ".join(qemu_command(MachineSpec(data_disk_gib=0), machine_files(tmp_path), ssh_port=1))
 
 
 def test_machine_spec_numbers_cpus_socket_by_socket_and_rejects_nonsense() -> None:
     machine = MachineSpec(sockets=2, cores_per_socket=4, threads_per_core=2, memory_per_node_mib=2048)
     assert (machine.cpus, machine.memory_mib) == (16, 4096)
     assert [machine.node_cpus(n) for n in (0, 1)] == ["0-7", "8-15"]
-    problems = MachineSpec(sockets=0, memory_per_node_mib=512).problems()
+    problems = MachineSpec(sockets=0, memory_per_node_mib=512, data_disk_gib=-1).problems()
     assert any("sockets" in p for p in problems) and any("memory_per_node_mib" in p for p in problems)
+    assert any("data_disk_gib" in p for p in problems)
 
 
 def test_overlay_keeps_the_cached_base_as_an_absolute_read_only_backing_file(tmp_path: Path) -> None:
@@ -73,6 +85,23 @@ def test_a_saved_disk_is_a_backing_file_that_later_overlays_leave_as_it_is(tmp_p
                                      capture_output=True, text=True, check=True).stdout)
     assert [(Path(layer["filename"]).name, layer["format"]) for layer in info] == [
         ("overlay.qcow2", "qcow2"), ("converged.qcow2", "qcow2"), ("disk.img", "raw")]
+
+
+def test_a_saved_data_disk_sits_beside_its_root_disk_and_later_data_disks_grow_on_it(tmp_path: Path) -> None:
+    """A blank data disk is sparse qcow2 of the asked size; one on a saved lab's data disk keeps it as is."""
+    blank = tmp_path / "data.qcow2"
+    subprocess.run(data_disk_command(blank, 2), check=True)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(blank)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert info["virtual-size"] == 2 << 30 and info["actual-size"] < 1 << 20 and "backing-filename" not in info
+    saved = saved_data_disk(tmp_path / "0123abcd.qcow2")
+    assert saved == tmp_path / "0123abcd.data.qcow2"
+    blank.rename(saved)
+    on_saved = tmp_path / "again.qcow2"
+    subprocess.run(data_disk_command(on_saved, 2, saved=saved), check=True)
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(on_saved)], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert Path(info["backing-filename"]) == saved.resolve() and info["virtual-size"] == 2 << 30
 
 
 def test_image_key_follows_the_recipe_and_nothing_else() -> None:

@@ -69,13 +69,18 @@ def live_args(lab: Lab, *extra: str) -> argparse.Namespace:
 def server_state(lab: Lab) -> dict[str, str]:
     """What systemd and the kernel say the unit runs right now."""
     script = f"""
-HEALTH='import urllib.request as u; print(u.urlopen("http://127.0.0.1:8080/health", timeout=5).status)'
 pid=$(systemctl show -p MainPID --value {UNIT})
+HEALTH='import sys, urllib.request as u
+argv = open(sys.argv[1]).read().split("\\0")
+flag = lambda name, default: argv[argv.index(name) + 1] if name in argv[:-1] else default
+url = "http://%s:%s/health" % (flag("--host", "127.0.0.1"), flag("--port", "8080"))
+print(u.urlopen(url, timeout=5).status)'
+
 systemctl show -p ActiveState -p SubState -p CPUAffinity -p NUMAPolicy -p NUMAMask {UNIT}
 echo "cmdline=$(tr '\\0' ' ' < /proc/$pid/cmdline 2>/dev/null)"
 echo "omp=$(tr '\\0' '\\n' < /proc/$pid/environ 2>/dev/null | sed -n 's/^OMP_WAIT_POLICY=//p')"
 echo "dropin=$(test -e {dropin_path(UNIT)} && echo present || echo absent)"
-echo "health=$(python3 -c "$HEALTH" 2>/dev/null || echo down)"
+echo "health=$(python3 -c "$HEALTH" /proc/$pid/cmdline 2>/dev/null || echo down)"
 """
     out = lab.ssh("sudo sh -s", stdin=script)
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)

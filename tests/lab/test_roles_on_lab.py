@@ -14,16 +14,19 @@ seven bad inputs (eight inventory names for the one lab); verify.yml after the r
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from labkit import API_KEY, GROUP_VARS, RECAP, TUNED, Lab, PlaybookRun, probe
+from labkit import API_KEY, GROUP_VARS, RECAP, STACK_PORT, TUNED, Lab, PlaybookRun, probe
 
 from tuner.config import parse_cpu_list
+from tuner.lab.machine import GUEST_ADDRESS
 from tuner.lab.spec import LAB_KERNEL_ARGS
 from tuner.model.checksum import cached_sha256, sha256_of
 from tuner.model.gguf_file import inspect_model
@@ -118,6 +121,55 @@ def test_live_host_matches_the_variables(lab: Lab, converged: PlaybookRun) -> No
     assert_host_matches_variables(probe(lab))
 
 
+# Run on the lab as its login user: a completion with the key, one without it, and one on loopback. The key comes
+# on standard input (never on a command line).
+REQUESTS = """
+import json, sys, urllib.error, urllib.request
+key, address, port = sys.stdin.readline().strip(), sys.argv[1], sys.argv[2]
+def post(host, headers):
+    body = json.dumps({"prompt": "Memory bandwidth", "n_predict": 4}).encode()
+    request = urllib.request.Request(f"http://{host}:{port}/completion", body, headers)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return [response.status, json.load(response).get("content", None) is not None]
+    except urllib.error.HTTPError as exc:
+        return [exc.code, False]
+    except OSError as exc:  # urllib's URLError carries the socket's error as its reason
+        return [type(getattr(exc, "reason", exc)).__name__, False]
+print(json.dumps({"with_key": post(address, {"Authorization": "Bearer " + key, "Content-Type": "application/json"}),
+                  "without_key": post(address, {"Content-Type": "application/json"}),
+                  "loopback": post("127.0.0.1", {"Authorization": "Bearer " + key})}))
+"""
+
+
+def test_the_stack_s_host_serves_its_split_model_from_the_data_volume_on_the_stack_s_port_with_a_key(
+        lab: Lab, converged: PlaybookRun) -> None:
+    """From `pulumi up` to a serving host (issue 12), end to end: the lab's hosts.yml is the inventory that
+    infra/write_inventory.py writes from the real Pulumi program's outputs (under the infra tests' mocks, the lab's
+    address for the instance's private IP), the stack's user data ran at first boot (its data-volume script
+    formatted and mounted the lab's blank NVMe disk), and site.yml converged it with nothing else about the stack
+    typed by hand. The server serves the split model from the data volume, on the stack's port, on the private
+    address the stack opens to clients (not loopback), and a request without the key is refused."""
+    stack = lab.host_entry()
+    state = probe(lab)
+    assert state["served_at"] == [stack["llama_server_host"], stack["llama_server_port"]] == [GUEST_ADDRESS,
+                                                                                              STACK_PORT]
+    volume = state["model_filesystem"]
+    assert (volume["target"], volume["fstype"], volume["label"]) == (stack["llama_server_model_dir"], "ext4",
+                                                                     "llamahost-models"), volume
+    assert volume["source"].startswith("/dev/nvme"), volume  # the data disk, not the root disk
+    served = state["server_cmdline"][state["server_cmdline"].index("--model") + 1]
+    assert served.endswith("-00001-of-00002.gguf"), served  # the unit names the first shard
+    on_host = {path: digest for digest, path in (line.split() for line in lab.ssh(
+        f"sudo sh -c 'sha256sum {Path(served).parent}/*.gguf'").splitlines())}
+    wanted = yaml.safe_load((lab.inventory / "group_vars" / "llama_hosts.yml").read_text())
+    assert sorted(on_host.values()) == sorted(wanted["llama_server_model_sha256"]), on_host  # every shard, pinned
+    answers = json.loads(lab.ssh(f"python3 -c {shlex.quote(REQUESTS)} {GUEST_ADDRESS} {STACK_PORT}",
+                                 stdin=f"{API_KEY}\n", timeout=600))
+    assert answers == {"with_key": [200, True], "without_key": [401, False],
+                       "loopback": ["ConnectionRefusedError", False]}, answers
+
+
 def test_verify_reports_drift_by_variable_and_the_pages_that_wait_for_a_reboot(lab: Lab,
                                                                                converged: PlaybookRun) -> None:
     booted_with_pages = "hugepagesz=1G hugepages=0:1,1:1" in probe(lab)["cmdline"]
@@ -163,7 +215,7 @@ def test_check_mode_changes_nothing_and_bad_variables_fail_in_validation(lab: La
     """One ``site.yml --check --diff`` run over eight inventory names for the one lab: the good one reports no
     change on the converged host; each bad one fails in the validation play, naming its variables."""
     good = "good-vars"
-    connection = yaml.safe_load(lab.instance.inventory.read_text())["llama_hosts"]["hosts"][lab.state.alias]
+    connection = lab.host_entry()  # the stack's host variables and the connection
     # A split model whose second shard is missing: its first shard alone in a directory of its own.
     group_vars = yaml.safe_load((lab.inventory / "group_vars" / "llama_hosts.yml").read_text())
     served = Path(group_vars["llama_server_model_src"])
@@ -247,7 +299,8 @@ def test_a_model_that_does_not_load_is_rolled_back_to_the_previous_model(lab: La
     digest = sha256_of(broken)
     before = probe(lab)
     served = before["server_cmdline"][before["server_cmdline"].index("--model") + 1]
-    assert re.fullmatch(r"/var/lib/llama-server/models/[0-9a-f]{16}/[^/]+-00001-of-00002\.gguf", served), served
+    model_dir = lab.host_entry()["llama_server_model_dir"]  # the stack's data volume
+    assert re.fullmatch(rf"{model_dir}/[0-9a-f]{{16}}/[^/]+-00001-of-00002\.gguf", served), served
     run = lab.playbook("tests/lab/playbooks/llama_server_only.yml", stage="rollback of a model that does not load",
                        extra_vars={"llama_server_model_src": str(broken), "llama_server_model_sha256": digest})
     after = probe(lab)
@@ -256,7 +309,7 @@ def test_a_model_that_does_not_load_is_rolled_back_to_the_previous_model(lab: La
     assert after["health"]["status"] == 200 and after["server_cmdline"] == before["server_cmdline"]
     first_shard = inspect_model(tiny_split_model_path).files[0]
     assert lab.ssh(f"sudo sha256sum {served}").split()[0] == cached_sha256(first_shard)
-    new_version = f"/var/lib/llama-server/models/{digest[:16]}/{broken.name}"
+    new_version = f"{model_dir}/{digest[:16]}/{broken.name}"
     assert lab.ssh(f"sudo test -f {new_version} && echo kept").strip() == "kept"
 
 

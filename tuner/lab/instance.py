@@ -28,7 +28,7 @@ from tuner.atomic import write_atomic
 from tuner.errors import UserError
 from tuner.lab.access import SshAccess, inventory_text, known_hosts_line, ssh_command, ssh_config_text
 from tuner.lab.image import LabImage, ensure_image, images_dir
-from tuner.lab.machine import MachineFiles, overlay_command, qemu_command
+from tuner.lab.machine import MachineFiles, data_disk_command, overlay_command, qemu_command, saved_data_disk
 from tuner.lab.spec import ImageRecipe, MachineSpec
 
 Progress = Callable[[str], None]
@@ -115,7 +115,8 @@ class LabInstance:
         return self.directory / "known_hosts"
 
     def machine_files(self, image: LabImage) -> MachineFiles:
-        return MachineFiles(overlay=self.directory / "overlay.qcow2", bootloader=image.bootloader,
+        return MachineFiles(overlay=self.directory / "overlay.qcow2", data_disk=self.directory / "data.qcow2",
+                            bootloader=image.bootloader,
                             serial_log=self.directory / "serial.log", qemu_log=self.directory / "qemu.log",
                             pid_file=self.directory / "qemu.pid")
 
@@ -174,9 +175,9 @@ class LabInstance:
         self._clear_runtime_files(files)
         if disk is not None and not disk.is_file():
             raise UserError(f"no saved lab disk at {disk}", "start from the clean image: leave the disk out")
-        backing, backing_format = (disk, "qcow2") if disk is not None else (image.disk, "raw")
-        new_overlay = overlay_command(backing, files.overlay, base_format=backing_format)
-        _run_checked(new_overlay, "create the lab's disk overlay")
+        new_disks = self._disk_commands(machine, files, image, disk)
+        for command in new_disks:
+            _run_checked(command, "create the lab's disks")
         boot_started = time.monotonic()
         deadline = boot_started + boot_timeout
         for attempt in range(1, BOOT_ATTEMPTS + 1):
@@ -196,7 +197,8 @@ class LabInstance:
                 why, tail = stalled.args
                 say(f"the boot hung ({why}, last console line {tail[-1] if tail else 'none'!r}); restarting QEMU")
                 self._clear_runtime_files(files)
-                _run_checked(new_overlay, "create the lab's disk overlay")
+                for command in new_disks:
+                    _run_checked(command, "create the lab's disks")
             except BaseException:
                 self.down()
                 raise
@@ -266,11 +268,17 @@ class LabInstance:
                                 f"see {self.directory / 'serial.log'}")
             time.sleep(1)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staged = target.with_name(f".{target.name}.partial")
-        shutil.copyfile(overlay, staged)
-        with staged.open("rb+") as handle:
-            os.fsync(handle.fileno())
-        staged.replace(target)
+        data_disk = self.directory / "data.qcow2"
+        # The data disk first: the root disk's presence is what says a saved lab is complete.
+        for source, saved in ((data_disk, saved_data_disk(target)), (overlay, target)):
+            if not source.is_file():
+                saved.unlink(missing_ok=True)
+                continue
+            staged = saved.with_name(f".{saved.name}.partial")
+            shutil.copyfile(source, staged)
+            with staged.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            staged.replace(saved)
         self.down()
         return target
 
@@ -281,7 +289,7 @@ class LabInstance:
         was_running = state is not None and _is_our_qemu(state.pid, overlay)
         if state is not None and was_running:
             _stop(state.pid, overlay)
-        for leftover in (overlay, self.state_file, self.directory / "qemu.pid"):
+        for leftover in (overlay, self.directory / "data.qcow2", self.state_file, self.directory / "qemu.pid"):
             leftover.unlink(missing_ok=True)
         return was_running
 
@@ -298,8 +306,22 @@ class LabInstance:
 
     # ---- internals --------------------------------------------------------------------------------
 
+    @staticmethod
+    def _disk_commands(machine: MachineSpec, files: MachineFiles, image: LabImage, disk: Path | None
+                       ) -> list[list[str]]:
+        """The commands that create a boot's disks: the root overlay on the image or on the saved ``disk``, and
+        the data disk (blank, or on the saved disk's data disk when it has one)."""
+        backing, backing_format = (disk, "qcow2") if disk is not None else (image.disk, "raw")
+        commands = [overlay_command(backing, files.overlay, base_format=backing_format)]
+        if machine.data_disk_gib:
+            saved = saved_data_disk(disk) if disk is not None else None
+            commands.append(data_disk_command(files.data_disk, machine.data_disk_gib,
+                                              saved=saved if saved is not None and saved.is_file() else None))
+        return commands
+
     def _clear_runtime_files(self, files: MachineFiles) -> None:
-        for stale in (files.overlay, files.pid_file, files.serial_log, files.qemu_log, self.state_file):
+        for stale in (files.overlay, files.data_disk, files.pid_file, files.serial_log, files.qemu_log,
+                      self.state_file):
             stale.unlink(missing_ok=True)
 
     def _start_qemu(self, machine: MachineSpec, files: MachineFiles) -> tuple[int, int]:

@@ -11,6 +11,9 @@ Decisions, and why:
   small file. A lab may also start from a saved disk (a converged host, see ``LabInstance.save_disk``): the
   overlay then sits on that qcow2, which sits on the base image. ``cache=unsafe`` skips host flushes: the
   overlay is thrown away with the lab (a disk is saved only after a clean guest shutdown).
+* The data disk is an NVMe device (QEMU's model name: :data:`DATA_DISK_MODEL`), a qcow2 of its own: blank, or
+  an overlay on a saved lab's data disk. It stands for the stack's EBS model volume, which Nitro instances
+  show as NVMe, so the stack's first-boot script finds it the way it finds EBS (by the disk's model name).
 * ``max-ram-below-4g=1G``: below 4 GiB QEMU's ``pc`` machine has RAM up to just under 3 GiB (the top
   pages are firmware's), so no gigabyte there is whole RAM and the first holds the kernel and initrd.
   Mapping only 1 GiB low moves the rest of node 0 above 4 GiB as three whole gigabytes; the image turns
@@ -30,6 +33,13 @@ GUEST_SSH_PORT = 22
 # Only the first GiB of guest RAM below 4 GiB: node 0 then continues above 4 GiB with whole, aligned
 # gigabytes, so the kernel can reserve its 1 GiB page there (see tuner.lab.spec).
 LOW_RAM = "1G"
+# /sys/block/nvme0n1/device/model of QEMU's emulated NVMe controller.
+DATA_DISK_MODEL = "QEMU NVMe Ctrl"
+DATA_DISK_SERIAL = "llamahost-data"
+# The guest's one address, from the user-mode stack's DHCP (pinned here rather than left to QEMU's defaults):
+# the lab's stand-in for a cloud host's private IP, which a server open to clients binds.
+GUEST_NETWORK = "10.0.2.0/24"
+GUEST_ADDRESS = "10.0.2.15"
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,7 @@ class MachineFiles:
     """Where one running lab keeps its disk, bootloader and logs."""
 
     overlay: Path
+    data_disk: Path
     bootloader: Path
     serial_log: Path
     qemu_log: Path
@@ -47,6 +58,18 @@ def overlay_command(base: Path, overlay: Path, *, base_format: str = "raw") -> l
     """A copy-on-write disk on top of ``base`` (absolute path: QEMU resolves it later): the cached raw image,
     or a saved lab disk (qcow2, itself on top of the image) that a boot should start from."""
     return ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base.resolve()), "-F", base_format, str(overlay)]
+
+
+def data_disk_command(data_disk: Path, size_gib: int, *, saved: Path | None = None) -> list[str]:
+    """The lab's data disk: blank (``size_gib``, sparse), or an overlay on a saved lab's data disk."""
+    if saved is not None:
+        return overlay_command(saved, data_disk, base_format="qcow2")
+    return ["qemu-img", "create", "-q", "-f", "qcow2", str(data_disk), f"{size_gib}G"]
+
+
+def saved_data_disk(saved_disk: Path) -> Path:
+    """Where a saved lab disk's data disk is kept: beside it, ``<name>.data.qcow2``."""
+    return saved_disk.with_name(f"{saved_disk.stem}.data.qcow2")
 
 
 def qemu_command(machine: MachineSpec, files: MachineFiles, *, ssh_port: int) -> list[str]:
@@ -67,7 +90,15 @@ def qemu_command(machine: MachineSpec, files: MachineFiles, *, ssh_port: int) ->
         ]
     cmd += [
         "-drive", f"file={files.overlay},if=virtio,format=qcow2,cache=unsafe",
-        "-netdev", f"user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:{ssh_port}-:{GUEST_SSH_PORT}",
+    ]
+    if machine.data_disk_gib:
+        cmd += [
+            "-drive", f"file={files.data_disk},if=none,id=data,format=qcow2,cache=unsafe",
+            "-device", f"nvme,drive=data,serial={DATA_DISK_SERIAL}",
+        ]
+    cmd += [
+        "-netdev", (f"user,id=net0,restrict=on,net={GUEST_NETWORK},dhcpstart={GUEST_ADDRESS},"
+                    f"hostfwd=tcp:127.0.0.1:{ssh_port}-:{GUEST_SSH_PORT}"),
         "-device", "virtio-net-pci,netdev=net0",
         "-kernel", str(files.bootloader),
         "-display", "none",

@@ -8,6 +8,8 @@ Why these defaults:
 
 * ``Skylake-Server`` with ``sockets=2,cores=2,threads=2``: under TCG it keeps SMT siblings visible to the
   guest (``EPYC`` loses them) and offers ``pdpe1gb``, so 1 GiB pages can be tested.
+* A blank NVMe data disk (``data_disk_gib``) beside the virtio root disk: it stands for the stack's EBS model
+  volume, which the stack's own first-boot script formats and mounts (NVMe, as on Nitro instances).
 * 4 GiB per node: the kernel reserves 1 GiB pages at boot from free, whole, 1 GiB-aligned ranges of each
   node, and node 0 also holds the kernel (anywhere, with KASLR), the initrd and the node's NODE_DATA (at
   its top). With 2 or 3 GiB per node, or 4 GiB with QEMU's default 3 GiB below 4 GiB, node 0 had no
@@ -48,6 +50,9 @@ ROLE_PACKAGES: tuple[str, ...] = (
     "irqbalance",  # cpu role
     "libgomp1",  # llama-server (OpenMP); see the build manifest's debian_packages
 )
+# What the Pulumi stack's first-boot script needs to format the data volume (infra/llamahost_infra/cloud_init.py);
+# Ubuntu's cloud images have it, a minimal Debian does not.
+STACK_BOOT_PACKAGES: tuple[str, ...] = ("e2fsprogs",)
 # Lab-only kernel arguments, in GRUB_CMDLINE_LINUX: a serial console for the boot log; no CPU
 # vulnerability mitigations because page-table isolation makes every system call flush TCG's TLB; and
 # no KASLR, so the kernel image sits at 16 MiB in the low gigabyte on every boot. With KASLR it lands at a
@@ -66,7 +71,7 @@ class ImageRecipe:
     """What goes on the lab disk. Every field is part of the image cache key."""
 
     suite: str = "bookworm"
-    packages: tuple[str, ...] = BASE_PACKAGES + ROLE_PACKAGES
+    packages: tuple[str, ...] = BASE_PACKAGES + ROLE_PACKAGES + STACK_BOOT_PACKAGES
     disk_gib: int = 6
     user: str = "lab"
     hostname: str = "llamahost-lab"
@@ -85,6 +90,7 @@ class MachineSpec:
     threads_per_core: int = 2
     memory_per_node_mib: int = 4096
     cpu_model: str = "Skylake-Server"
+    data_disk_gib: int = 2  # sparse: costs the host only what the guest writes; 0 leaves the disk out
 
     @property
     def cpus(self) -> int:
@@ -104,6 +110,8 @@ class MachineSpec:
         for name in ("sockets", "cores_per_socket", "threads_per_core"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1")
+        if self.data_disk_gib < 0:
+            out.append("data_disk_gib must be 0 (no data disk) or more")
         if self.memory_per_node_mib < 1024:
             out.append("memory_per_node_mib must be at least 1024 (the guest, the server and its model)")
         return out
