@@ -115,6 +115,8 @@ def lab(lab_host: tuple[LabInstance, LabState, dict[str, float], bool, bool],
     started = time.monotonic()
     lab.ssh("sudo sh -s", stdin=lab_vars.first_boot_script())  # idempotent: a formatted volume is kept
     timings["the stack's first boot (data volume)"] = round(time.monotonic() - started, 1)
+    if from_disk:
+        lab.wait_until_serving()
     return lab
 
 

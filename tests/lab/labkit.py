@@ -280,6 +280,18 @@ class Lab:
         self.write_hosts()
         self.from_converged_disk = True
         self.timings["save the converged disk and boot from it"] = round(time.monotonic() - started, 1)
+        self.wait_until_serving()
+
+    def wait_until_serving(self, timeout: float = 240) -> None:
+        """After a boot of a converged disk: wait until the server answers its health check. The lab image masks
+        systemd-networkd-wait-online (tuner.lab.recipe), so network-online.target does not wait for the DHCP
+        lease, and a server bound to the private address can start before the address exists, fail to bind,
+        and come back on its unit's 5 s restart (a cloud host's image waits for the network)."""
+        started = time.monotonic()
+        while probe(self)["health"]["status"] != 200:
+            assert time.monotonic() - started < timeout, f"the lab's server did not serve within {timeout:.0f} s"
+            time.sleep(5)
+        self.timings["server serving after the boot"] = round(time.monotonic() - started, 1)
 
     def put_short_workload(self) -> None:
         """Write SHORT_REQUESTS to the host, where short_tune_vars' tune_workload names it."""
