@@ -114,8 +114,13 @@ class LabInstance:
     def known_hosts(self) -> Path:
         return self.directory / "known_hosts"
 
+    @property
+    def data_disk(self) -> Path:
+        """The running lab's data disk (a throw-away qcow2, like the root overlay)."""
+        return self.directory / "data.qcow2"
+
     def machine_files(self, image: LabImage) -> MachineFiles:
-        return MachineFiles(overlay=self.directory / "overlay.qcow2", data_disk=self.directory / "data.qcow2",
+        return MachineFiles(overlay=self.directory / "overlay.qcow2", data_disk=self.data_disk,
                             bootloader=image.bootloader,
                             serial_log=self.directory / "serial.log", qemu_log=self.directory / "qemu.log",
                             pid_file=self.directory / "qemu.pid")
@@ -268,9 +273,8 @@ class LabInstance:
                                 f"see {self.directory / 'serial.log'}")
             time.sleep(1)
         target.parent.mkdir(parents=True, exist_ok=True)
-        data_disk = self.directory / "data.qcow2"
         # The data disk first: the root disk's presence is what says a saved lab is complete.
-        for source, saved in ((data_disk, saved_data_disk(target)), (overlay, target)):
+        for source, saved in ((self.data_disk, saved_data_disk(target)), (overlay, target)):
             if not source.is_file():
                 saved.unlink(missing_ok=True)
                 continue
@@ -289,7 +293,7 @@ class LabInstance:
         was_running = state is not None and _is_our_qemu(state.pid, overlay)
         if state is not None and was_running:
             _stop(state.pid, overlay)
-        for leftover in (overlay, self.directory / "data.qcow2", self.state_file, self.directory / "qemu.pid"):
+        for leftover in (overlay, self.data_disk, self.state_file, self.directory / "qemu.pid"):
             leftover.unlink(missing_ok=True)
         return was_running
 
